@@ -1,0 +1,331 @@
+"""Measured speed and memory: our backbones against diffusers', the 4-step student against the 50-step
+teacher, and one DCM training step (issue: bench). Prints a table and writes JSON.
+
+    python bench.py                      # GPU: real sizes, random bf16 weights
+    python bench.py --device cpu         # tiny presets: the ours/diffusers ratio only
+    python bench.py --rows forward --compile
+
+diffusers is the reference we race, so it is needed here (and in the tests), never in the library.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+import experts
+import losses
+import model as M
+import solver
+from teacher import Teacher
+
+# --- settings: the shapes of DESIGN.md section 4 -------------------------------------------------
+# preset -> (batch, latent frames, latent H, latent W, text tokens); CogVideoX batch 2 = CFG
+GPU_SHAPES = {
+    "cogvideox-2b": (2, 13, 60, 90, 226),   # 49 frames 480x720 -> 17,776 tokens
+    "cogvideox-5b": (2, 13, 60, 90, 226),
+    "hunyuan-video": (1, 9, 68, 120, 256),  # 33 frames 544x960 -> 18,616 tokens
+}
+CPU_SHAPES = {
+    "tiny-cogvideox": (2, 3, 12, 16, 8),
+    "tiny-cogvideox-rope": (2, 3, 12, 16, 8),
+    "tiny-hunyuan": (2, 3, 12, 16, 8),
+}
+TRAIN_SHAPE = (1, 8, 60, 90, 226)  # CogVideoX-2B, 29 frames 480x720 -> 11,026 tokens (paper's setting)
+TEXT_REAL = 60  # HunyuanVideo prompt tokens that are not padding (a typical prompt)
+WARMUP, REPEAT = 2, 5
+
+
+def make_inputs(cfg, shape, device, dtype, seed=0):
+    """Random latents, timesteps and conditioning for one forward; our keyword names."""
+    B, n_f, H, W, L = shape
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    x = rnd(B, cfg.in_channels, n_f, H, W)
+    cond = {"text": rnd(B, L, cfg.text_embed_dim)}
+    if isinstance(cfg, M.CogVideoXConfig):
+        t = torch.randint(0, 1000, (B,), generator=g).to(device).float()
+    else:
+        t = (torch.rand(B, generator=g) * 1000).to(device, dtype)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        mask[:, :min(TEXT_REAL, L)] = 1
+        cond.update(text_mask=mask.to(device), pooled=rnd(B, cfg.pooled_projection_dim),
+                    guidance=torch.full((B,), 6016.0, device=device, dtype=dtype))
+    return x, t, cond
+
+
+def diffusers_twin(ours, cfg, device, dtype):
+    """diffusers' model with our weights (same config keys, same state-dict keys)."""
+    import diffusers
+    cls = (diffusers.CogVideoXTransformer3DModel if isinstance(cfg, M.CogVideoXConfig)
+           else diffusers.HunyuanVideoTransformer3DModel)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            ref = cls(**asdict(cfg))
+    finally:
+        torch.set_default_dtype(old)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    return ref.eval().requires_grad_(False)
+
+
+def diffusers_call(ref, cfg, x, t, cond):
+    """Call a diffusers transformer with our inputs; output back to [B, C, F, H, W]."""
+    if isinstance(cfg, M.CogVideoXConfig):  # diffusers CogVideoX wants [B, F, C, H, W]
+        rope = None
+        if cfg.use_rotary_positional_embeddings:  # diffusers takes the 5B RoPE from its pipeline
+            n_f, H, W = x.shape[2:]
+            p, n_text = cfg.patch_size, cond["text"].shape[1]
+            cos, sin = M.cogvideox_rope(cfg, (n_f, H // p, W // p), n_text, x.device)
+            rope = (cos[n_text:], sin[n_text:])  # video rows only
+        return ref(hidden_states=x.transpose(1, 2), encoder_hidden_states=cond["text"], timestep=t,
+                   image_rotary_emb=rope, return_dict=False)[0].transpose(1, 2)
+    return ref(hidden_states=x, timestep=t, encoder_hidden_states=cond["text"],
+               encoder_attention_mask=cond["text_mask"], pooled_projections=cond["pooled"],
+               guidance=cond["guidance"], return_dict=False)[0]
+
+
+# --- timing ----------------------------------------------------------------------------------------
+def timed(fn, device):
+    """Seconds of one call of fn (CUDA events on the GPU) and the peak memory it added, in GiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3, (torch.cuda.max_memory_allocated() - base) / 2**30, out
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, float("nan"), out
+
+
+def race(fns, device, warmup=WARMUP, repeat=REPEAT):
+    """Median seconds and max added peak memory per named fn, calls alternating between them."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            timed(fn, device)
+    secs = {k: [] for k in fns}
+    mem = dict.fromkeys(fns, 0.0)
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            s, m, _ = timed(fn, device)
+            secs[k].append(s)
+            mem[k] = max(mem[k], m)
+    return {k: statistics.median(v) for k, v in secs.items()}, mem
+
+
+def forward_flops(model, x, t, cond):
+    """FLOPs of one forward (matmuls, convolutions, attention) counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x, t, **cond)
+    return fc.get_total_flops()
+
+
+def param_gib(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+
+
+# --- rows ------------------------------------------------------------------------------------------
+def row_forward(name, shape, device, dtype, compile_too, peak_tflops):
+    """Ours vs diffusers: median forward seconds, added peak memory, achieved TFLOP/s."""
+    cfg = M.PRESETS[name]
+    torch.manual_seed(0)
+    ours = M.build_transformer(name, device=device, dtype=dtype).eval().requires_grad_(False)
+    ref = diffusers_twin(ours, cfg, device, dtype)
+    x, t, cond = make_inputs(cfg, shape, device, dtype)
+    with torch.no_grad():
+        v_ref = diffusers_call(ref, cfg, x, t, cond).float()
+        err = ((ours(x, t, **cond).float() - v_ref).norm() / v_ref.norm()).item()
+        del v_ref
+        fns = {"ours": lambda: ours(x, t, **cond), "diffusers": lambda: diffusers_call(ref, cfg, x, t, cond)}
+        if compile_too:
+            for block in ours.modules():
+                if type(block).__name__.endswith("Block"):
+                    block.compile()
+            fns["ours+compile"] = lambda: ours(x, t, **cond)
+        secs, mem = race(fns, device)
+    flops = forward_flops(ours, x, t, cond)
+    weights = param_gib(ours)
+    row = {"preset": name, "shape": list(shape), "rel_err_vs_diffusers": err, "flops": flops,
+           "weights_gib": weights}
+    for k in fns:
+        row[k] = {"s": secs[k], "peak_gib": weights + mem[k], "tflops": flops / secs[k] / 1e12}
+        if peak_tflops:
+            row[k]["mfu"] = flops / secs[k] / 1e12 / peak_tflops
+    row["ratio"] = secs["ours"] / secs["diffusers"]
+    if compile_too:
+        row["ratio_compiled"] = secs["ours+compile"] / secs["diffusers"]
+    del ours, ref
+    return row
+
+
+def row_end_to_end(name, shape, device, dtype, kappa=37, steps=4):
+    """Teacher 50 DDIM steps with CFG vs the dual-expert student at 4 steps (no CFG), batch 1."""
+    cfg = M.PRESETS[name]
+    backbone = M.build_transformer(name, device=device, dtype=dtype).eval().requires_grad_(False)
+    grid = solver.grid_for(cfg)
+    x, _, cond = make_inputs(cfg, (1,) + shape[1:], device, dtype)
+    teacher = Teacher(backbone, grid, guidance_scale=6.0, uncond={"text": torch.zeros_like(cond["text"])})
+    student = experts.DualExpert(backbone, solver.boundary_t(grid, kappa)).to(device=device, dtype=dtype)
+    student.eval().requires_grad_(False)
+    ks = solver.student_schedule(grid, [kappa], steps)
+    t, alpha, sigma = solver.sample_points(grid, ks)
+    run_student = lambda: solver.sample(lambda xx, tt: student(xx, tt.to(xx.dtype), **cond), x, t, alpha, sigma,  # noqa: E731
+                                        grid.kind, progress=False)
+    with torch.no_grad():
+        timed(run_student, device)  # warm-up
+        s_student, m_student, _ = timed(run_student, device)
+        s_teacher, m_teacher, _ = timed(lambda: teacher.sample(x, cond, progress=False), device)
+    return {"preset": name, "teacher_steps": grid.N, "student_steps": steps, "teacher_s": s_teacher,
+            "student_s": s_student, "speedup": s_teacher / s_student,
+            "student_forwards": len(ks), "teacher_forwards": grid.N}
+
+
+def row_train_semantic(name, shape, device, peak_tflops, kappa=37, steps=6):
+    """One semantic-stage CD step (DESIGN sec. 1 steps 1-6 + TC), grad ckpt, bf16 autocast: s, peak GiB, MFU."""
+    cfg = M.PRESETS[name]
+    torch.manual_seed(0)
+    student = M.build_transformer(name, device=device, dtype=torch.float32).train()  # fp32 master weights
+    student.gradient_checkpointing = True
+    teacher_model = M.build_transformer(name, device=device, dtype=torch.bfloat16)
+    teacher_model.load_state_dict(student.state_dict())
+    grid = solver.grid_for(cfg)
+    x0, _, cond = make_inputs(cfg, shape, device, torch.bfloat16)
+    teacher = Teacher(teacher_model, grid, guidance_scale=6.0, uncond={"text": torch.zeros_like(cond["text"])})
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.9, 0.999), weight_decay=1e-3,
+                            fused=device.type == "cuda")
+    B = x0.shape[0]
+    lo, hi, k_end = solver.phase_ranges(grid.N, [kappa])[0]
+
+    def step():
+        k = torch.randint(lo, hi + 1, (B,), device=device)
+        eps = torch.randn_like(x0, dtype=torch.float32)
+        _, a, s = grid.at(k)
+        x_k = a.float().view(-1, 1, 1, 1, 1) * x0.float() + s.float().view(-1, 1, 1, 1, 1) * eps  # [B, C, F, H, W]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            x_prev = teacher.step(x_k, k, cond)
+            with torch.no_grad():
+                t_prev = grid.at(k - 1)[0].float()
+                x_tgt = losses.consistency_target(x_prev, student(x_prev, t_prev, **cond).float(), k - 1,
+                                                  torch.full_like(k, k_end), grid)
+            out = student(x_k, grid.at(k)[0].float(), **cond).float()
+        xhat = solver.jump(x_k, out, k, torch.full_like(k, k_end), grid)
+        loss = losses.consistency_loss(xhat, x_tgt) + losses.temporal_coherence_loss(xhat, x_tgt)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    secs = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(steps):
+        s, _, loss = timed(step, device)
+        if i >= 2:
+            secs.append(s)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    x, t, c = make_inputs(cfg, shape, device, torch.bfloat16)
+    f1 = forward_flops(teacher_model, x, t, c)  # one batch-1 forward
+    flops = 2 * f1 + f1 + 3 * f1  # teacher CFG (batch 2) + target + student fwd/bwd (recompute not counted)
+    sec = statistics.median(secs)
+    return {"preset": name, "shape": list(shape), "s": sec, "peak_gib": peak,
+            "model_flops": flops, "mfu": flops / sec / 1e12 / peak_tflops if peak_tflops else None,
+            "loss": float(loss)}
+
+
+def matmul_ceiling(device):
+    """Measured bf16 matmul TFLOP/s (8192^3), the MFU denominator."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    secs, _ = race({"mm": lambda: a @ b}, device, warmup=3, repeat=10)
+    return 2 * 8192**3 / secs["mm"] / 1e12
+
+
+# --- main ------------------------------------------------------------------------------------------
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rows", default="forward,e2e,train", help="comma list of forward, e2e, train")
+    p.add_argument("--presets", default=None, help="comma list (default: the real ones on GPU, tiny on CPU)")
+    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile per block")
+    p.add_argument("--out", default="bench.json")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    shapes = GPU_SHAPES if gpu else CPU_SHAPES
+    presets = args.presets.split(",") if args.presets else list(shapes)
+    rows = set(args.rows.split(","))
+    dtype = torch.bfloat16 if gpu else torch.float32
+    info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if gpu else f"cpu ({os.cpu_count()} cores)"}
+    try:
+        import diffusers
+        info["diffusers"] = diffusers.__version__
+    except ImportError:
+        sys.exit("bench.py races diffusers' models: pip install -r requirements-dev.txt")
+    peak = matmul_ceiling(device) if gpu else None
+    info["bf16_matmul_tflops"] = peak
+    result = {"info": info, "forward": [], "e2e": None, "train": None}
+    for name in presets if "forward" in rows else []:
+        if name not in shapes:
+            sys.exit(f"no benchmark shape for preset {name!r}; known: {sorted(shapes)}")
+        r = row_forward(name, shapes[name], device, dtype, args.compile, peak)
+        result["forward"].append(r)
+        print(json.dumps(r), flush=True)
+        if gpu:
+            torch.cuda.empty_cache()
+    # the end-to-end and training rows are CogVideoX-2B on the GPU; on the CPU a tiny smoke run
+    small = ("cogvideox-2b", GPU_SHAPES["cogvideox-2b"], TRAIN_SHAPE) if gpu else \
+        ("tiny-cogvideox", CPU_SHAPES["tiny-cogvideox"], (1, 3, 12, 16, 8))
+    if "e2e" in rows:
+        result["e2e"] = row_end_to_end(small[0], small[1], device, dtype)
+        print(json.dumps(result["e2e"]), flush=True)
+        if gpu:
+            torch.cuda.empty_cache()
+    if "train" in rows:
+        result["train"] = row_train_semantic(small[0], small[2], device, peak)
+        print(json.dumps(result["train"]), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(table(result))
+    return result
+
+
+def table(result):
+    """Markdown table of a bench result (the README's copy is regenerated from this)."""
+    i = result["info"]
+    lines = [f"device: {i['device']}, torch {i['torch']}, diffusers {i['diffusers']}, {i['date']}", "",
+             "| model, shape | ours s | diffusers s | ours/diffusers | ours peak GiB | diffusers peak GiB | ours TFLOP/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["forward"]:
+        lines.append(f"| {r['preset']} {r['shape']} | {r['ours']['s']:.3f} | {r['diffusers']['s']:.3f} | "
+                     f"{r['ratio']:.3f} | {r['ours']['peak_gib']:.2f} | {r['diffusers']['peak_gib']:.2f} | "
+                     f"{r['ours']['tflops']:.0f} |")
+        if "ours+compile" in r:
+            lines.append(f"| ... with torch.compile | {r['ours+compile']['s']:.3f} | | {r['ratio_compiled']:.3f} | "
+                         f"{r['ours+compile']['peak_gib']:.2f} | | {r['ours+compile']['tflops']:.0f} |")
+    if result["e2e"]:
+        e = result["e2e"]
+        lines += ["", f"end to end ({e['preset']}): teacher {e['teacher_steps']} steps + CFG {e['teacher_s']:.2f} s, "
+                  f"student {e['student_steps']} steps {e['student_s']:.2f} s: speed-up {e['speedup']:.1f}x"]
+    if result["train"]:
+        r = result["train"]
+        lines += ["", f"semantic CD step ({r['preset']} {r['shape']}, grad ckpt, bf16 autocast, fp32 master): "
+                  f"{r['s']:.3f} s, peak {r['peak_gib']:.1f} GiB, MFU {r['mfu'] or float('nan'):.2f}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""The on-disk dataset format train.py reads, and (below) the tools that fill it from real videos.
+
+A dataset is a folder:
+
+    DIR/manifest.json            what is inside (see `write_manifest`)
+    DIR/shard_00000.safetensors  "latents" [n, C, F, H, W] (already multiplied by the VAE scaling
+                                 factor, as the backbone consumes them), "text" [n, L, D_text],
+                                 optional "text_mask" [n, L] (1 = real token), "pooled" [n, D_pool],
+                                 optional extra per-sample tensors (e.g. the toy's "label" [n])
+    DIR/uncond.safetensors       the unconditional (empty prompt) conditioning, stored once:
+                                 "text" [1, L, D_text] (+ "text_mask", "pooled" where the model has them)
+
+A conditioning file for sample.py is one safetensors file with the same conditioning keys and a
+leading batch dimension (`save_cond` / `load_cond`).
+"""
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "dcm-latents-v1"
+COND_KEYS = ("text", "text_mask", "pooled")
+
+
+class DataError(ValueError):
+    """A dataset or conditioning file that does not match what was asked of it."""
+
+
+def shard_name(i):
+    return f"shard_{i:05d}.safetensors"
+
+
+def atomic_save_file(tensors, path, metadata=None):
+    """safetensors save via a temp file + rename, so a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_shard(dir, index, tensors, metadata=None):
+    """Write one shard; every tensor must have the same leading (sample) dimension. `metadata`: str -> str."""
+    n = {v.shape[0] for v in tensors.values()}
+    if len(n) != 1:
+        raise DataError(f"shard {index}: tensors disagree on the number of samples: "
+                        f"{ {k: tuple(v.shape) for k, v in tensors.items()} }")
+    if "latents" not in tensors or "text" not in tensors:
+        raise DataError(f"shard {index}: needs 'latents' and 'text', got {sorted(tensors)}")
+    os.makedirs(dir, exist_ok=True)
+    atomic_save_file(tensors, os.path.join(dir, shard_name(index)), metadata=metadata)
+    return n.pop()
+
+
+def write_manifest(dir, *, model, latent_shape, vae_scaling_factor, shards, uncond, extra=None):
+    """manifest.json: the model preset the latents are for, their shape [C, F, H, W], the VAE scaling
+    factor already applied to them, the shards [{"file", "num"}], and the unconditional conditioning."""
+    os.makedirs(dir, exist_ok=True)
+    atomic_save_file(uncond, os.path.join(dir, "uncond.safetensors"))
+    manifest = {
+        "format": FORMAT,
+        "model": model,
+        "latent_shape": list(latent_shape),
+        "vae_scaling_factor": vae_scaling_factor,
+        "cond_keys": sorted(k for k in uncond if k in COND_KEYS),
+        "shards": list(shards),
+        "num_samples": sum(s["num"] for s in shards),
+        "uncond": "uncond.safetensors",
+        **(extra or {}),
+    }
+    atomic_write_json(manifest, os.path.join(dir, "manifest.json"))
+    return manifest
+
+
+def read_manifest(dir):
+    path = os.path.join(dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{dir} is not a dataset: no manifest.json (see data.py for the format)")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for s in manifest["shards"]:
+        if not os.path.isfile(os.path.join(dir, s["file"])):
+            raise DataError(f"{dir}: shard {s['file']} named in manifest.json is missing")
+    return manifest
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """All shards of a dataset folder, loaded into memory once; item i -> dict of per-sample tensors."""
+
+    def __init__(self, dir):
+        self.dir = dir
+        self.manifest = read_manifest(dir)
+        parts = [load_file(os.path.join(dir, s["file"])) for s in self.manifest["shards"]]
+        keys = set(parts[0]) if parts else set()
+        for s, p in zip(self.manifest["shards"], parts):
+            if set(p) != keys:
+                raise DataError(f"{dir}/{s['file']}: keys {sorted(p)} differ from the first shard's {sorted(keys)}")
+        self.tensors = {k: torch.cat([p[k] for p in parts]) for k in keys}
+        self.uncond = load_file(os.path.join(dir, self.manifest["uncond"]))
+        n = len(self.tensors["latents"]) if parts else 0
+        if n != self.manifest["num_samples"]:
+            raise DataError(f"{dir}: manifest says {self.manifest['num_samples']} samples, shards hold {n}")
+        if parts and list(self.tensors["latents"].shape[1:]) != self.manifest["latent_shape"]:
+            raise DataError(f"{dir}: latents are {list(self.tensors['latents'].shape[1:])}, "
+                            f"manifest says {self.manifest['latent_shape']}")
+
+    def __len__(self):
+        return len(self.tensors["latents"])
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+def save_cond(cond, path):
+    """A conditioning file for sample.py: the COND_KEYS tensors with a leading batch dim."""
+    atomic_save_file({k: v for k, v in cond.items() if k in COND_KEYS}, path)
+
+
+def load_cond(path):
+    if not os.path.isfile(path):
+        raise DataError(f"conditioning file {path} does not exist")
+    cond = load_file(path)
+    if "text" not in cond:
+        raise DataError(f"{path}: a conditioning file needs a 'text' tensor, has {sorted(cond)}")
+    unknown = set(cond) - set(COND_KEYS)
+    if unknown:
+        raise DataError(f"{path}: unexpected keys {sorted(unknown)} (allowed: {COND_KEYS})")
+    return cond
+
+
+# ------------------------------------------------------------------------------------------------------
+# Filling a dataset from real videos: `python data.py encode ...` and `python data.py encode-prompts ...`.
+# The VAE/text-encoder work lives in video_io.py (optional packages: pip install -r requirements-video.txt).
+
+VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_captions(path, names):
+    """One caption per video: a .json object {file name: caption}, or text with one caption per line in
+    the order of the sorted video file names."""
+    if not os.path.isfile(path):
+        raise DataError(f"captions file {path} does not exist")
+    if path.endswith(".json"):
+        with open(path) as f:
+            table = json.load(f)
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise DataError(f"{path}: must be a JSON object {{video file name: caption}}")
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise DataError(f"{path}: no caption for {len(missing)} of the videos, e.g. {missing[:3]}")
+        return [table[n] for n in names]
+    with open(path) as f:
+        lines = f.read().rstrip("\n").split("\n")
+    if len(lines) != len(names):
+        raise DataError(f"{path} has {len(lines)} captions (one per line) for {len(names)} videos; they are "
+                        f"matched by line to the sorted file names ({names[0]} ... {names[-1]})")
+    return lines
+
+
+def shard_info(dir, index):
+    """(num samples, metadata) of a finished shard, without loading its tensors."""
+    from safetensors import safe_open
+    with safe_open(os.path.join(dir, shard_name(index)), "pt") as f:
+        return f.get_slice("latents").get_shape()[0], f.metadata() or {}
+
+
+def _device_dtype(device, dtype):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, DTYPES[dtype] if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def encode_dataset(videos, captions, model, weights, out, frames=None, height=None, width=None, shard_size=32,
+                   stride=1, fps=None, posterior="sample", seed=0, device=None, dtype=None,
+                   save_dtype="float32", tiling=False, progress=True):
+    """Encode a folder of videos + captions into a dataset folder (format above); resumable; -> manifest."""
+    import video_io
+    from tqdm import tqdm
+    if not os.path.isdir(videos):
+        raise DataError(f"videos folder {videos} does not exist")
+    names = sorted(n for n in os.listdir(videos) if n.lower().endswith(VIDEO_EXTS))
+    if not names:
+        raise DataError(f"{videos} holds no videos ({', '.join(VIDEO_EXTS)})")
+    caps = read_captions(captions, names)
+    if shard_size < 1 or stride < 1:
+        raise DataError(f"shard_size ({shard_size}) and stride ({stride}) must be >= 1")
+    cfg = video_io.vae_config(model, weights)
+    frames, height, width = video_io.clip_size(model, cfg, frames, height, width)
+    shape = video_io.latent_shape(cfg, frames, height, width)
+    settings = dict(model=model, frames=frames, height=height, width=width, stride=stride, fps=fps,
+                    posterior=posterior, seed=seed, shard_size=shard_size, save_dtype=save_dtype, videos=names)
+    os.makedirs(out, exist_ok=True)
+    settings_path = os.path.join(out, "encode.json")
+    if os.path.isfile(settings_path):  # resuming: finished shards are only valid for the same inputs
+        with open(settings_path) as f:
+            old = json.load(f)
+        diff = sorted(k for k in settings if old.get(k) != settings[k])
+        if diff:
+            raise DataError(f"{out} was encoded with other settings ({', '.join(diff)} differ); "
+                            f"use a new --out folder or delete {out}")
+    atomic_write_json(settings, settings_path)
+
+    n_shards = -(-len(names) // shard_size)
+    todo = [s for s in range(n_shards) if not os.path.isfile(os.path.join(out, shard_name(s)))]
+    uncond_path = os.path.join(out, "uncond.safetensors")
+    device, dtype = _device_dtype(device, dtype)
+    sdtype = DTYPES[save_dtype]
+    cast = lambda d: {k: v.to(sdtype) if v.is_floating_point() else v for k, v in d.items()}  # noqa: E731
+    if todo or not os.path.isfile(uncond_path):
+        text_encoder = video_io.TextEncoder(model, weights, device, dtype)
+        uncond = {k: v.cpu() for k, v in cast(text_encoder([""])).items()}
+        atomic_save_file(uncond, uncond_path)
+    else:
+        uncond = load_file(uncond_path)
+    vae = video_io.load_vae(model, weights, device, dtype, tiling) if todo else None
+
+    bar = tqdm(total=sum(min(shard_size, len(names) - s * shard_size) for s in todo), unit="video",
+               disable=not progress, desc=f"encoding {len(todo)}/{n_shards} shards")
+    for s in todo:
+        latents, kept, skipped = [], [], []
+        for i in range(s * shard_size, min((s + 1) * shard_size, len(names))):
+            bar.update()
+            try:
+                clip = video_io.read_clip(os.path.join(videos, names[i]), frames, height, width, stride, fps)
+            except video_io.VideoError as e:
+                skipped.append({"video": names[i], "reason": str(e)})
+                bar.write(f"skipping {names[i]}: {e}")
+                continue
+            g = torch.Generator(device).manual_seed(seed + i)  # per video: a resumed run draws the same noise
+            z = video_io.encode_latents(vae, clip[None], posterior, g)[0].cpu()  # [C, F, H, W]
+            if list(z.shape) != shape:
+                raise DataError(f"{names[i]}: VAE gave latents {list(z.shape)}, expected {shape}")
+            latents.append(z)
+            kept.append(i)
+        if kept:
+            tensors = {"latents": torch.stack(latents), **text_encoder([caps[i] for i in kept])}
+        else:  # every video failed: an empty shard still records that they were tried
+            tensors = {"latents": torch.zeros(0, *shape), **{k: v[:0] for k, v in uncond.items()}}
+        meta = {"videos": json.dumps([names[i] for i in kept]), "skipped": json.dumps(skipped)}
+        write_shard(out, s, {k: v.cpu() for k, v in cast(tensors).items()}, metadata=meta)
+    bar.close()
+
+    shards, skipped = [], []
+    for s in range(n_shards):
+        num, meta = shard_info(out, s)
+        shards.append({"file": shard_name(s), "num": num})
+        skipped += json.loads(meta.get("skipped", "[]"))
+    manifest = write_manifest(out, model=model, latent_shape=shape, vae_scaling_factor=cfg["scaling_factor"],
+                              shards=shards, uncond=uncond, extra={"skipped": skipped, "encode": settings})
+    print(f"{out}: {manifest['num_samples']} videos in {n_shards} shards, {len(skipped)} skipped"
+          + "".join(f"\n  skipped {x['video']}: {x['reason']}" for x in skipped))
+    return manifest
+
+
+def encode_prompts(prompts, model, weights, out, device=None, dtype=None):
+    """A conditioning file for sample.py from a text file with one prompt per line (an empty line = uncond)."""
+    import video_io
+    if not os.path.isfile(prompts):
+        raise DataError(f"prompts file {prompts} does not exist")
+    with open(prompts) as f:
+        lines = f.read().rstrip("\n").split("\n")
+    cond = video_io.TextEncoder(model, weights, *_device_dtype(device, dtype))(lines)
+    save_cond({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in cond.items()}, out)
+    print(f"{out}: {len(lines)} prompts, " + ", ".join(f"{k} {list(v.shape)}" for k, v in cond.items()))
+    return cond
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(prog="data.py", description="Encode real videos/prompts for DCM.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("encode", help="videos + captions -> latent dataset folder")
+    e.add_argument("--videos", required=True, help="folder of video files (sorted by name)")
+    e.add_argument("--captions", required=True, help=".txt one caption per line (sorted video order) or .json")
+    e.add_argument("--out", required=True, help="dataset folder (resumes if it exists)")
+    e.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default: 49 CogVideoX, 33 HunyuanVideo)")
+    e.add_argument("--height", type=int, help="default: 480 CogVideoX, 544 HunyuanVideo")
+    e.add_argument("--width", type=int, help="default: 720 CogVideoX, 960 HunyuanVideo")
+    e.add_argument("--shard-size", type=int, default=32)
+    e.add_argument("--stride", type=int, default=1, help="take every stride-th frame")
+    e.add_argument("--fps", type=float, help="resample videos to this frame rate first (CogVideoX: 8)")
+    e.add_argument("--posterior", choices=["sample", "mode"], default="sample",
+                   help="latent_dist.sample() (seeded per video) or its mean")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--save-dtype", choices=sorted(DTYPES), default="float32")
+    e.add_argument("--tiling", action="store_true", help="tiled VAE encode (less memory, seams)")
+    q = sub.add_parser("encode-prompts", help="prompts file -> conditioning file for sample.py")
+    q.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    q.add_argument("--out", required=True, help="FILE.safetensors")
+    for a in (e, q):
+        a.add_argument("--model", required=True, help="cogvideox-2b | cogvideox-5b | hunyuan-video")
+        a.add_argument("--weights", required=True, help="local hub-layout folder: vae/, text_encoder/, tokenizer/...")
+        a.add_argument("--device", help="default: cuda if available")
+        a.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bfloat16 on cuda, else float32)")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "encode":
+            encode_dataset(args.videos, args.captions, args.model, args.weights, args.out, args.frames, args.height,
+                           args.width, args.shard_size, args.stride, args.fps, args.posterior, args.seed,
+                           args.device, args.dtype, args.save_dtype, args.tiling)
+        else:
+            encode_prompts(args.prompts, args.model, args.weights, args.out, args.device, args.dtype)
+    except (DataError, ValueError, FileNotFoundError, ImportError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

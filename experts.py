@@ -1,0 +1,440 @@
+"""Parameter-efficient dual expert (paper sec. 3.3, Fig. 4): one frozen semantic backbone, plus LoRA
+on the attention linears and trainable copies of the timestep-dependent layers for the detail expert.
+
+Routing design. The detail path is a *second module tree* (`expert.detail`) that shares every module
+and parameter of the backbone except the LoRA-wrapped linears and the copied layers, which are grafted
+in. Which path a sample takes is decided by which tree is called, never by a flag that a later call
+could flip: a flag breaks under activation checkpointing, because the backward pass re-runs each
+checkpointed block after the forward has returned (and after e.g. a no-grad target forward has set the
+flag the other way). With two trees the recomputation always calls the same block objects as the
+forward did. A batch straddling the boundary is split into two sub-batches, each run through its tree,
+and scattered back, so it equals running the two halves separately bit for bit.
+
+Only `backbone`, `lora` and `copies` are registered submodules: state_dict/parameters hold every
+weight once; `.to()`/`.float()` update the shared tensors in place so both trees see them.
+"""
+import copy
+import json
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+import checkpoint
+import model as model_lib
+from data import atomic_save_file
+
+FORMAT = "dcm-detail-v1"
+QKVO = ("to_q", "to_k", "to_v", "to_out.0")
+# where the detail expert differs from the semantic one, per architecture; `*` = one name component.
+# "lora": attention linears (authors: to_q/to_k/to_v/to_out.0 of every attention; we add the
+# double blocks' text-stream projections, which are the same attention's linears under other names;
+# single blocks' fused proj_out is an MLP+attention output, not an attention linear: left out).
+# "copy": timestep-dependent layers, trainable copies. "adaln": per-block modulation linears,
+# copied only with copy_adaln=True.
+TARGETS = {
+    "CogVideoX": {
+        "lora": [f"transformer_blocks.*.attn1.{n}" for n in QKVO],
+        "copy": ["time_embedding", "norm_out", "proj_out"],
+        "adaln": ["transformer_blocks.*.norm1.linear", "transformer_blocks.*.norm2.linear"],
+    },
+    "HunyuanVideo": {
+        "lora": [f"transformer_blocks.*.attn.{n}" for n in
+                 QKVO + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")]
+                + [f"single_transformer_blocks.*.attn.{n}" for n in QKVO[:3]]
+                + [f"context_embedder.token_refiner.refiner_blocks.*.attn.{n}" for n in QKVO],
+        "copy": ["time_text_embed", "context_embedder.time_text_embed", "norm_out", "proj_out"],
+        "adaln": ["transformer_blocks.*.norm1.linear", "transformer_blocks.*.norm1_context.linear",
+                  "single_transformer_blocks.*.norm.linear",
+                  "context_embedder.token_refiner.refiner_blocks.*.norm_out.linear"],
+    },
+}
+
+
+class LoRA(nn.Module):
+    """The trainable low-rank pair of one linear: delta W = (alpha / rank) * B @ A (Hu et al. 2021)."""
+
+    def __init__(self, in_features, out_features, rank, alpha, device=None, dtype=None):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """A like nn.Linear's default init, B = 0: a fresh adapter changes nothing."""
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.zeros_(self.B)
+
+    def forward(self, x):
+        return F.linear(F.linear(x, self.A), self.B) * self.scale
+
+    def weight_delta(self):
+        """scale * B @ A in float32 (what merge adds to the base weight)."""
+        return (self.B.float() @ self.A.float()) * self.scale
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scale * B A x for the samples where `enabled` (a bool, or a bool tensor [B]).
+
+    merge() folds the delta into base.weight and keeps the original weight, so unmerge() restores it
+    bit for bit (costs one weight copy while merged; merged vs unmerged outputs agree to round-off).
+    """
+
+    def __init__(self, base, rank, alpha, lora=None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
+        self.base = base
+        w = base.weight
+        self.lora = lora if lora is not None else LoRA(
+            base.in_features, base.out_features, rank, alpha, device=w.device, dtype=w.dtype)
+        self.enabled = True
+        self._unmerged_weight = None
+
+    @property
+    def merged(self):
+        return self._unmerged_weight is not None
+
+    def forward(self, x):
+        if self.merged:
+            if self.enabled is not True:
+                raise RuntimeError("LoRALinear is merged; unmerge() before disabling it per sample")
+            return self.base(x)
+        y = self.base(x)
+        if self.enabled is False:
+            return y
+        delta = self.lora(x)
+        if isinstance(self.enabled, torch.Tensor):
+            m = self.enabled
+            if m.dtype != torch.bool or m.shape != (x.shape[0],):
+                raise ValueError(f"LoRALinear.enabled must be a bool or a bool tensor [B={x.shape[0]}], "
+                                 f"got {m.dtype} {tuple(m.shape)}")
+            delta = delta * m.view(-1, *[1] * (delta.dim() - 1)).to(delta.dtype)  # [B, 1, ..., 1]
+        return y + delta
+
+    @torch.no_grad()
+    def merge(self):
+        if self.merged:
+            raise RuntimeError("LoRALinear is already merged")
+        w = self.base.weight
+        self._unmerged_weight = w.detach().clone()
+        w.copy_((w.float() + self.lora.weight_delta()).to(w.dtype))
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            raise RuntimeError("LoRALinear is not merged")
+        self.base.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+
+
+def arch_of(backbone):
+    """The TARGETS key of a backbone from model.py, from its config class (e.g. CogVideoXConfig)."""
+    names = [type(getattr(backbone, "config", None)).__name__.removesuffix("Config"), type(backbone).__name__]
+    for name in names:
+        for arch in TARGETS:
+            if name.startswith(arch):
+                return arch
+    raise ValueError(f"no DualExpert targets for a backbone of class {names[1]} (config {names[0]}); "
+                     f"known architectures: {sorted(TARGETS)} (or pass targets=)")
+
+
+def _matches(pattern, names):
+    rx = re.compile(r"\.".join(r"[^.]+" if p == "*" else re.escape(p) for p in pattern.split(".")))
+    return [n for n in names if rx.fullmatch(n)]
+
+
+def _key(name):
+    return name.replace(".", "__")  # ModuleDict keys cannot hold dots
+
+
+def _graft(root, replacements):
+    """A shallow copy of the module tree `root` with modules swapped in at dotted names.
+
+    Only the modules on the paths to the replaced names are copied (their own params/buffers dicts
+    stay shared with the original); everything else is the very same object in both trees.
+    """
+    copied = {"": copy.copy(root)}
+    copied[""]._modules = dict(root._modules)
+    for name, new in replacements.items():
+        *path, leaf = name.split(".")
+        parent, prefix = copied[""], ""
+        for part in path:
+            prefix = f"{prefix}.{part}" if prefix else part
+            if prefix not in copied:
+                c = copy.copy(parent._modules[part])
+                c._modules = dict(c._modules)
+                copied[prefix] = parent._modules[part] = c
+            parent = copied[prefix]
+        parent._modules[leaf] = new
+    return copied[""]
+
+
+def _take(kwargs, idx, B):
+    """The sub-batch `idx` of every per-sample tensor in kwargs (batch-1 / 0-dim tensors broadcast)."""
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] != 1:
+            if v.shape[0] != B:
+                raise ValueError(f"'{k}' has leading dim {v.shape[0]}, expected the batch size {B} (or 1)")
+            v = v[idx]
+        out[k] = v
+    return out
+
+
+def _join(a, b, inv):
+    """Concatenate two sub-batch results (tensors, or tuples/lists of them) and undo the split order."""
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])[inv]
+    if isinstance(a, (tuple, list)):
+        return type(a)(_join(x, y, inv) for x, y in zip(a, b, strict=True))
+    raise TypeError(f"cannot scatter a backbone result of type {type(a).__name__}")
+
+
+class DualExpert(nn.Module):
+    """Semantic expert (the backbone) + detail expert (LoRA + copied layers), routed per sample by t."""
+
+    def __init__(self, backbone, boundary_t, rank=128, alpha=256, copy_adaln=False, targets=None):
+        super().__init__()
+        self.backbone = backbone
+        self.boundary_t = float(boundary_t)
+        self.rank, self.alpha, self.copy_adaln = int(rank), float(alpha), bool(copy_adaln)
+        self.arch = arch_of(backbone) if targets is None else "custom"
+        spec = TARGETS[self.arch] if targets is None else targets
+        if not {"lora", "copy"} <= set(spec) or not set(spec) <= {"lora", "copy", "adaln"}:
+            raise ValueError(f"targets must have keys 'lora', 'copy' (and optionally 'adaln'), got {sorted(spec)}")
+        self.targets = {k: list(spec.get(k, [])) for k in ("lora", "copy", "adaln")}
+
+        modules = dict(backbone.named_modules())
+        names = list(modules)
+
+        def resolve(patterns):
+            found = []
+            for p in patterns:
+                hit = _matches(p, names)
+                if not hit:
+                    raise ValueError(f"DualExpert target '{p}' matches no module of the {self.arch} backbone")
+                found += [n for n in hit if n not in found]
+            return sorted(found, key=names.index)
+
+        self.lora_names = resolve(self.targets["lora"])
+        self.copy_names = resolve(self.targets["copy"] + (self.targets["adaln"] if copy_adaln else []))
+        everything = self.lora_names + self.copy_names
+        for a in everything:
+            for b in everything:
+                if a != b and b.startswith(a + "."):
+                    raise ValueError(f"DualExpert targets overlap: '{b}' lies inside '{a}'")
+            if len([n for n in everything if n == a]) > 1:
+                raise ValueError(f"'{a}' is both a LoRA target and a copied layer")
+        for n in self.lora_names:
+            if not isinstance(modules[n], nn.Linear):
+                raise ValueError(f"LoRA target '{n}' is a {type(modules[n]).__name__}, not nn.Linear")
+
+        self.lora, self.copies, graft = nn.ModuleDict(), nn.ModuleDict(), {}
+        for n in self.lora_names:
+            graft[n] = LoRALinear(modules[n], self.rank, self.alpha)
+            self.lora[_key(n)] = graft[n].lora
+        for n in self.copy_names:
+            graft[n] = self.copies[_key(n)] = copy.deepcopy(modules[n])
+        self.__dict__["detail"] = _graft(backbone, graft)  # plain attribute: not a second registration
+        self.mode = None
+        self.set_mode("detail")
+
+    # --- the backbone's interface ---------------------------------------------------------------
+    @property
+    def semantic(self):
+        return self.backbone
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    @property
+    def prediction(self):
+        return self.backbone.prediction
+
+    def default_taps(self):
+        return self.backbone.default_taps()
+
+    @property
+    def gradient_checkpointing(self):
+        return self.backbone.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on):
+        self.backbone.gradient_checkpointing = self.detail.gradient_checkpointing = bool(on)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.detail.train(mode)  # the grafted path copies are not registered here
+        return self
+
+    def detail_mask(self, t, B=None):
+        """[B] bool, True where t <= boundary_t (detail sub-trajectory), compared in t's own dtype."""
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or (B is not None and t.shape[0] != B):
+            raise ValueError(f"t must be a 1-D tensor [B{'' if B is None else f'={B}'}], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        # rounding the boundary like t was rounded keeps a float32 grid timestep on its own side
+        return t <= torch.tensor(self.boundary_t, dtype=t.dtype, device=t.device)
+
+    def _route(self, mask, call):
+        """call(tree, idx) on each path's sub-batch (idx None = whole batch), results scattered back."""
+        self.detail.gradient_checkpointing = self.backbone.gradient_checkpointing
+        if bool(mask.all()):
+            return call(self.detail, None)
+        if not bool(mask.any()):
+            return call(self.backbone, None)
+        idx_d, idx_s = mask.nonzero()[:, 0], (~mask).nonzero()[:, 0]
+        out_d, out_s = call(self.detail, idx_d), call(self.backbone, idx_s)
+        return _join(out_d, out_s, torch.argsort(torch.cat([idx_d, idx_s])))
+
+    def forward(self, x, t, taps=None, **cond):
+        """Backbone call signature; per-sample routing (returns v, or (v, feats) with taps)."""
+        B = x.shape[0]
+        extra = {} if taps is None else {"taps": taps}
+
+        def call(tree, idx):
+            if idx is None:
+                return tree(x, t, **extra, **cond)
+            return tree(x[idx], t[idx], **extra, **_take(cond, idx, B))
+        return self._route(self.detail_mask(t, B), call)
+
+    def time_embed(self, t, **cond):
+        mask = self.detail_mask(t)
+        B = t.shape[0]
+        return self._route(mask,
+                           lambda tree, idx: tree.time_embed(t if idx is None else t[idx],
+                                                            **(cond if idx is None else _take(cond, idx, B))))
+
+    def head(self, h, temb, grid, t=None):
+        """Backbone head, routed per sample by t (needed: norm_out/proj_out differ between experts)."""
+        if t is None:
+            raise ValueError("DualExpert.head needs t to pick the expert (or call .semantic.head / .detail.head)")
+        B = h.shape[0]
+        return self._route(self.detail_mask(t, B), lambda tree, idx: tree.head(
+            h if idx is None else h[idx], temb if idx is None else temb[idx], grid))
+
+    # --- training -------------------------------------------------------------------------------
+    def set_mode(self, mode):
+        """semantic: backbone trainable, adapter frozen; detail: only LoRA + copies trainable."""
+        if mode not in ("semantic", "detail"):
+            raise ValueError(f"mode must be 'semantic' or 'detail', got {mode!r}")
+        self.backbone.requires_grad_(mode == "semantic")
+        self.lora.requires_grad_(mode == "detail")
+        self.copies.requires_grad_(mode == "detail")
+        self.mode = mode
+
+    @torch.no_grad()
+    def reset_detail(self):
+        """Fresh adapter from the current semantic weights (LoRA B = 0, copies re-copied)."""
+        modules = dict(self.backbone.named_modules())
+        for n in self.lora_names:
+            self.lora[_key(n)].reset_parameters()
+        for n in self.copy_names:
+            self.copies[_key(n)].load_state_dict(modules[n].state_dict())
+
+    def param_counts(self):
+        count = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
+        c = {"backbone": count(self.backbone.parameters()), "lora": count(self.lora.parameters()),
+             "copies": count(self.copies.parameters())}
+        c["adapter"] = c["lora"] + c["copies"]
+        c["total"] = c["backbone"] + c["adapter"]
+        c["trainable"] = count(p for p in self.parameters() if p.requires_grad)
+        return c
+
+    # --- files ----------------------------------------------------------------------------------
+    def semantic_state(self):
+        return self.backbone.state_dict()
+
+    def save_semantic(self, folder, max_shard_size="5GB"):
+        checkpoint.save_transformer(self.backbone, folder, max_shard_size=max_shard_size)
+
+    def detail_meta(self):
+        return {"format": FORMAT, "arch": self.arch, "boundary_t": self.boundary_t, "rank": self.rank,
+                "alpha": self.alpha, "copy_adaln": self.copy_adaln, "targets": self.targets}
+
+    def detail_state(self):
+        """Adapter tensors under backbone names: '<linear>.lora_A.weight' / '.lora_B.weight' (PEFT
+        naming) for LoRA, and the copied layers' own backbone keys (e.g. 'proj_out.weight')."""
+        sd = {}
+        for n in self.lora_names:
+            sd[f"{n}.lora_A.weight"] = self.lora[_key(n)].A
+            sd[f"{n}.lora_B.weight"] = self.lora[_key(n)].B
+        for n in self.copy_names:
+            sd.update({f"{n}.{k}": v for k, v in self.copies[_key(n)].state_dict().items()})
+        return sd
+
+    def save_detail(self, path, meta=None):
+        """The detail adapter as one small safetensors file; `meta` adds e.g. kappa, grid name."""
+        info = self.detail_meta()
+        clash = set(info) & set(meta or {})
+        if clash:
+            raise ValueError(f"meta may not override the adapter's own fields {sorted(clash)}")
+        info.update(meta or {})
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.detail_state().items()}
+        atomic_save_file(tensors, path, metadata={"dcm": json.dumps(info)})
+
+    @staticmethod
+    def read_detail_meta(path):
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if "dcm" not in meta:
+            raise ValueError(f"{path} is not a DCM detail-adapter file (no 'dcm' metadata)")
+        info = json.loads(meta["dcm"])
+        if info.get("format") != FORMAT:
+            raise ValueError(f"{path}: format {info.get('format')!r}, expected {FORMAT!r}")
+        return info
+
+    @classmethod
+    def from_detail(cls, backbone, path):
+        """A DualExpert built with the file's rank/alpha/boundary/targets, its adapter loaded."""
+        info = cls.read_detail_meta(path)
+        targets = None if info["arch"] != "custom" else info["targets"]
+        expert = cls(backbone, info["boundary_t"], info["rank"], info["alpha"], info["copy_adaln"], targets)
+        expert.load_detail(path)
+        return expert
+
+    @torch.no_grad()
+    def load_detail(self, path):
+        """Strict load of a save_detail file into this expert; returns its metadata."""
+        info = self.read_detail_meta(path)
+        mine = self.detail_meta()
+        bad = [f"{k}: file {info.get(k)!r} vs expert {v!r}" for k, v in mine.items() if info.get(k) != v]
+        if bad:
+            raise ValueError(f"{path} was saved for a different detail expert: " + "; ".join(bad))
+        dst = self.detail_state()
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+            missing, unexpected = sorted(set(dst) - keys), sorted(keys - set(dst))
+            if missing or unexpected:
+                raise ValueError(f"{path}: missing keys {missing[:10]} ({len(missing)} in all), "
+                                 f"unexpected keys {unexpected[:10]} ({len(unexpected)} in all)")
+            for k, d in dst.items():
+                v = f.get_tensor(k)
+                if v.shape != d.shape:
+                    raise ValueError(f"{path}: '{k}' has shape {tuple(v.shape)}, expected {tuple(d.shape)}")
+                d.copy_(v)
+        return info
+
+    @torch.no_grad()
+    def merged_state(self):
+        """The detail expert as a plain backbone state dict: LoRA merged (fp32 sum, cast back), copies in place."""
+        sd = dict(self.backbone.state_dict())
+        for n in self.lora_names:
+            w = sd[f"{n}.weight"]
+            sd[f"{n}.weight"] = (w.float() + self.lora[_key(n)].weight_delta()).to(w.dtype)
+        for n in self.copy_names:
+            sd.update({f"{n}.{k}": v for k, v in self.copies[_key(n)].state_dict().items()})
+        return sd
+
+    def export_merged(self, folder, max_shard_size="5GB"):
+        """The detail expert as a full backbone checkpoint, loadable by checkpoint.load_transformer."""
+        merged = model_lib.build_transformer(self.backbone.config, device="meta")
+        merged.load_state_dict(self.merged_state(), strict=True, assign=True)
+        checkpoint.save_transformer(merged, folder, max_shard_size=max_shard_size)

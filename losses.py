@@ -1,0 +1,170 @@
+"""DCM training losses: consistency (paper eq. 4), temporal coherence (eq. 8), GAN hinge and
+feature matching for the detail expert (eqs. 9-10), and the re-noising that feeds the GAN.
+
+Losses are computed in float32 whatever the input dtype (bf16 autocast outputs included).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from solver import jump
+
+
+def _same_shape(a, b, what):
+    if a.shape != b.shape:
+        raise ValueError(f"{what}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
+
+
+def consistency_loss(xhat, x_tgt, kind="huber", c=1e-3):
+    """Consistency loss (eq. 4): pseudo-Huber mean(sqrt(d^2 + c^2) - c), or "l2" mean(d^2)."""
+    _same_shape(xhat, x_tgt, "consistency_loss")
+    d = xhat.float() - x_tgt.float()
+    if kind == "huber":
+        if not c > 0:
+            raise ValueError(f"pseudo-Huber c must be > 0, got {c}")
+        d2 = d * d
+        return (d2 / (torch.sqrt(d2 + c * c) + c)).mean()  # = sqrt(d^2+c^2) - c without the cancellation
+    if kind == "l2":
+        return (d * d).mean()
+    raise ValueError(f"consistency loss kind must be 'huber' or 'l2', got {kind!r}")
+
+
+def _per_sample(k, B, what):
+    k = torch.as_tensor(k)
+    if k.dim() == 0:
+        k = k.expand(B)
+    if k.shape != (B,) or k.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{what} must be an int or an integer tensor [B={B}], got {k.dtype} {tuple(k.shape)}")
+    return k.long()
+
+
+@torch.no_grad()
+def consistency_target(x_prev, out_target, k_prev, k_end, grid):
+    """Target of eq. 4 (DESIGN sec. 1 step 5): jump(x_prev, out_target, k-1 -> k_end), per sample;
+    x_prev itself where k-1 already is the phase endpoint. No gradient (a target)."""
+    B = x_prev.shape[0]
+    k_prev, k_end = _per_sample(k_prev, B, "k_prev"), _per_sample(k_end, B, "k_end")
+    if bool((k_prev < k_end).any()):
+        raise ValueError(f"k_prev must be >= k_end (a target lies below its endpoint): {k_prev.tolist()} vs {k_end.tolist()}")
+    x_tgt = jump(x_prev, out_target, k_prev.to(x_prev.device), k_end.to(x_prev.device), grid)
+    at_end = (k_prev == k_end).to(x_prev.device).view(-1, *[1] * (x_prev.dim() - 1))  # [B, 1, 1, 1, 1]
+    # where(), not arithmetic: the vpred jump k -> k is only approximately the identity
+    return torch.where(at_end, x_prev.to(x_tgt.dtype), x_tgt)
+
+
+def temporal_coherence_loss(xhat, x_tgt, d=3):
+    """Temporal coherence (eq. 8, authors' form): MSE between frame differences at stride d."""
+    _same_shape(xhat, x_tgt, "temporal_coherence_loss")
+    if xhat.dim() != 5:
+        raise ValueError(f"temporal_coherence_loss wants [B, C, F, H, W], got {tuple(xhat.shape)}")
+    if not (isinstance(d, int) and d >= 1):
+        raise ValueError(f"frame stride d must be an int >= 1, got {d!r}")
+    if xhat.shape[2] <= d:
+        return xhat[:, :, :0].float().sum()  # exact 0, still attached to xhat's graph
+    dx = xhat[:, :, d:].float() - xhat[:, :, :-d].float()
+    dt = x_tgt[:, :, d:].float() - x_tgt[:, :, :-d].float()
+    return ((dx - dt) ** 2).mean()
+
+
+class _ConvBlock(nn.Sequential):
+    """1x1 conv, GroupNorm, LeakyReLU(0.2): the discriminator's unit."""
+
+    def __init__(self, c_in, c_out, groups):
+        super().__init__(nn.Conv2d(c_in, c_out, 1), nn.GroupNorm(groups, c_out), nn.LeakyReLU(0.2))
+
+
+class DiscriminatorHead(nn.Module):
+    """Per-token logits for one tapped feature map [B*F, C, h, w]."""
+
+    def __init__(self, dim, hidden, groups):
+        super().__init__()
+        self.inp = _ConvBlock(dim, hidden, groups)
+        self.res = _ConvBlock(hidden, hidden, groups)
+        self.out = nn.Conv2d(hidden, 1, 1)
+
+    def forward(self, x):
+        x = self.inp(x)
+        return self.out(x + self.res(x))  # [B*F, 1, h, w]
+
+
+class Discriminator(nn.Module):
+    """GAN discriminator on the frozen teacher's tapped video tokens (eq. 9): one head per tap.
+
+    GroupNorm(groups) needs hidden % groups == 0 (authors: hidden 1024, groups 32); tiny test
+    discriminators pass e.g. hidden=32, groups=8.
+    """
+
+    def __init__(self, dim, n_taps, hidden=1024, groups=32):
+        super().__init__()
+        if hidden % groups:
+            raise ValueError(f"GroupNorm({groups}) needs hidden % {groups} == 0, got hidden={hidden}")
+        self.dim, self.n_taps = dim, n_taps
+        self.heads = nn.ModuleList([DiscriminatorHead(dim, hidden, groups) for _ in range(n_taps)])
+
+    def forward(self, feats, grid):
+        """feats: n_taps tensors [B, L, C] of tokens in (F, h, w) order, grid=(F, h, w) -> logits [B, L] each."""
+        if len(feats) != self.n_taps:
+            raise ValueError(f"Discriminator has {self.n_taps} heads, got {len(feats)} features")
+        n_f, h, w = grid
+        logits = []
+        for feat, head in zip(feats, self.heads):
+            B, L, C = feat.shape
+            if L != n_f * h * w or C != self.dim:
+                raise ValueError(f"feature [B, L, C] = {tuple(feat.shape)} does not match the token grid "
+                                 f"(F, h, w) = {tuple(grid)} (L = {n_f * h * w}) and dim = {self.dim}")
+            x = feat.to(head.out.weight.dtype).view(B, n_f, h, w, C)  # [B, F, h, w, C]
+            x = x.permute(0, 1, 4, 2, 3).reshape(B * n_f, C, h, w)  # [B*F, C, h, w]
+            logits.append(head(x).view(B, L))  # [B*F, 1, h, w] -> [B, L], same token order as feat
+        return logits
+
+
+def d_hinge_loss(real_logits, fake_logits):
+    """Discriminator hinge loss (eq. 9): mean(relu(1 + D(fake))) + mean(relu(1 - D(real))), averaged over heads."""
+    if len(real_logits) != len(fake_logits) or not real_logits:
+        raise ValueError(f"need the same, non-zero number of real and fake heads, got {len(real_logits)}, {len(fake_logits)}")
+    per_head = [F.relu(1 + f.float()).mean() + F.relu(1 - r.float()).mean() for r, f in zip(real_logits, fake_logits)]
+    return torch.stack(per_head).mean()
+
+
+def g_hinge_loss(fake_logits):
+    """Generator hinge loss (eq. 9): mean(relu(1 - D(fake))), averaged over heads."""
+    if not fake_logits:
+        raise ValueError("g_hinge_loss needs at least one head's logits")
+    return torch.stack([F.relu(1 - f.float()).mean() for f in fake_logits]).mean()
+
+
+def feature_matching_loss(model, fake_feats, real_feats, temb, grid):
+    """Feature matching (eq. 10): MSE of model.head(fake_i) vs model.head(real_i), mean over taps;
+    grid = latent (F, H, W). The real side is the target (no gradient)."""
+    if len(fake_feats) != len(real_feats) or not fake_feats:
+        raise ValueError(f"need the same, non-zero number of fake and real features, got {len(fake_feats)}, {len(real_feats)}")
+    losses = []
+    for f, r in zip(fake_feats, real_feats):
+        _same_shape(f, r, "feature_matching_loss")
+        with torch.no_grad():
+            r_out = model.head(r, temb, grid)
+        losses.append(F.mse_loss(model.head(f, temb, grid).float(), r_out.float()))
+    return torch.stack(losses).mean()
+
+
+def renoise(x_end, n, k_end, k_adv, grid):
+    """Re-noise the endpoint from k_end up to k_adv with shared noise n (eq. 9 inputs), per sample.
+
+    flow (authors): ((1 - s_adv) x + (s_adv - s_end) n) / (1 - s_end);
+    vpred: the exact Gaussian forward transition, (a_adv / a_end) x + sqrt(s_adv^2 - (a_adv s_end / a_end)^2) n.
+    """
+    _same_shape(x_end, n, "renoise")
+    B = x_end.shape[0]
+    k_end, k_adv = _per_sample(k_end, B, "k_end"), _per_sample(k_adv, B, "k_adv")
+    if bool((k_adv < k_end).any()):
+        raise ValueError(f"renoise goes up in noise: k_adv must be >= k_end, got {k_adv.tolist()} vs {k_end.tolist()}")
+    _, a_e, s_e = grid.at(k_end.cpu())
+    _, a_a, s_a = grid.at(k_adv.cpu())
+    if grid.kind == "flow":
+        c_x, c_n = (1 - s_a) / (1 - s_e), (s_a - s_e) / (1 - s_e)
+    else:
+        c_x = a_a / a_e
+        c_n = (s_a ** 2 - (c_x * s_e) ** 2).clamp(min=0).sqrt()  # clamp: round-off at k_adv == k_end
+    shape = (-1,) + (1,) * (x_end.dim() - 1)  # [B, 1, 1, 1, 1]
+    c_x, c_n = (c.float().to(x_end.device).view(shape) for c in (c_x, c_n))
+    return (c_x * x_end.float() + c_n * n.float()).to(x_end.dtype)

@@ -1,0 +1,306 @@
+"""Noise schedules, the teacher's N-step grid, phases, and the one multi-step sampler (DESIGN sec. 1, 3).
+
+Notation (EDM / k-diffusion style): a point on the trajectory is x = alpha * x0 + sigma * eps.
+- "flow" (HunyuanVideo): alpha = 1 - sigma, the model predicts the velocity v = eps - x0,
+  model-native time t = 1000 * sigma; one solver step is Euler (DESIGN 3.2).
+- "vpred" (CogVideoX): alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t), the model predicts
+  v = alpha * eps - sigma * x0 at the integer timestep t; one solver step is DDIM (DESIGN 3.1).
+
+Grid index k counts teacher steps from the clean end: k = N-1 is pure noise, k = 0 the last teacher
+step, k = -1 the endpoint below index 0. Everything schedule-like is float64; the updates on latents
+run in float32 (or float64 when given float64 latents, for exactness tests).
+"""
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+KINDS = ("flow", "vpred")
+T_TRAIN = 1000  # number of training timesteps of both backbones
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def shift_sigma(s, shift):
+    """Timestep shift sigma' = shift*s / (1 + (shift-1)*s) (DESIGN 2, HunyuanVideo scheduler)."""
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def flow_sigmas(n, shift):
+    """Flow sampling sigmas [n+1] float64, noisiest first, ending in 0 (diffusers FlowMatchEuler, DESIGN 3.2)."""
+    if n < 1:
+        raise ValueError(f"flow_sigmas needs n >= 1 steps, got {n}")
+    s = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)[:-1]
+    return torch.cat([shift_sigma(s, shift), s.new_zeros(1)])
+
+
+def cogvideox_alphas_cumprod(snr_shift_scale=3.0):
+    """abar_t [1000] float64: scaled-linear betas, SNR shift, zero-terminal-SNR rescale (DESIGN 3.1)."""
+    if snr_shift_scale <= 0:
+        raise ValueError(f"snr_shift_scale must be > 0, got {snr_shift_scale}")
+    beta = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T_TRAIN, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - beta, dim=0)
+    abar = abar / (snr_shift_scale + (1 - snr_shift_scale) * abar)
+    r = abar.sqrt()
+    r = (r - r[-1]) * r[0] / (r[0] - r[-1])  # r[-1] -> 0: zero SNR at t = 999
+    return r ** 2
+
+
+def ddim_timesteps(n):
+    """Trailing DDIM timesteps [n] long, noisiest first: round(1000 - i*1000/n) - 1 (DESIGN 3.1)."""
+    if not 1 <= n <= T_TRAIN:
+        raise ValueError(f"ddim_timesteps needs 1 <= n <= {T_TRAIN}, got {n}")
+    # i * (1000/n) rather than arange with a float step: the length of a float arange is fragile
+    t = T_TRAIN - torch.arange(n, dtype=torch.float64) * (T_TRAIN / n)
+    return torch.round(t).long() - 1
+
+
+# ----------------------------------------------------------------------------- the grid
+
+@dataclass(eq=False)
+class Grid:
+    """The teacher's N-step grid plus its endpoint; t/alpha/sigma hold index k at position k+1."""
+    kind: str
+    N: int
+    t: torch.Tensor      # float64 [N+1], model-native time
+    alpha: torch.Tensor  # float64 [N+1]
+    sigma: torch.Tensor  # float64 [N+1]
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Grid kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("t", "alpha", "sigma"):
+            v = getattr(self, name)
+            if v.shape != (self.N + 1,):
+                raise ValueError(f"Grid.{name} must have shape [N+1] = [{self.N + 1}], got {tuple(v.shape)}")
+        if not bool((self.sigma[1:] > self.sigma[:-1]).all()):
+            raise ValueError("Grid sigmas must increase strictly with the grid index k")
+
+    def at(self, k):
+        """(t, alpha, sigma) float64 at grid index k: an int (0-dim results) or a LongTensor [B] (k may be -1)."""
+        if isinstance(k, torch.Tensor):
+            if k.dtype not in (torch.int64, torch.int32) or k.dim() > 1:
+                raise ValueError(f"grid index tensor must be an integer tensor [B], got {k.dtype} {tuple(k.shape)}")
+            if k.numel() and (int(k.min()) < -1 or int(k.max()) > self.N - 1):
+                raise ValueError(f"grid index out of range -1..{self.N - 1}: {k.tolist()}")
+            i = k.long().cpu() + 1
+            return tuple(v[i].to(k.device) for v in (self.t, self.alpha, self.sigma))
+        k = int(k)
+        if not -1 <= k <= self.N - 1:
+            raise ValueError(f"grid index {k} out of range -1..{self.N - 1}")
+        return self.t[k + 1], self.alpha[k + 1], self.sigma[k + 1]
+
+
+def flow_grid(n=50, shift=17.0, eps=0.001):
+    """Authors' distillation grid: sigma[k] = sigma'((k+1)/n), endpoint sigma'(eps) or 0 (DESIGN 2)."""
+    if n < 1:
+        raise ValueError(f"flow_grid needs n >= 1, got {n}")
+    if eps is not None and not 0 <= eps < 1 / n:
+        raise ValueError(f"flow_grid eps must lie in [0, 1/n) = [0, {1 / n}), got {eps}")
+    s = torch.arange(n + 1, dtype=torch.float64) / n
+    s[0] = 0.0 if eps is None else eps
+    sigma = shift_sigma(s, shift)
+    # t as the float32 the model receives, so t-threshold routing (boundary_t) agrees in any precision
+    t = (T_TRAIN * sigma).float().double()
+    return Grid("flow", n, t, 1 - sigma, sigma)
+
+
+def cogvideox_grid(n=50, snr_shift_scale=3.0):
+    """Trailing DDIM grid on CogVideoX's abar, endpoint abar = 1 at t = 0 (DESIGN 3.1).
+
+    The endpoint's t is 0 (the model's lowest timestep) so any model call there stays in range;
+    its alpha/sigma are those of abar = 1 (diffusers' set_alpha_to_one). For n dividing 1000 every
+    step equals diffusers' CogVideoXDDIMScheduler; for other n diffusers steps to t - 1000//n, which
+    is not the next grid timestep, while this grid always steps to the next grid point.
+    """
+    abar = cogvideox_alphas_cumprod(snr_shift_scale)
+    ts = ddim_timesteps(n).flip(0)  # [n], index k -> ts[k], ascending
+    a = torch.cat([abar.new_ones(1), abar[ts]])
+    t = torch.cat([ts.new_zeros(1), ts]).to(torch.float64)
+    return Grid("vpred", n, t, a.sqrt(), (1 - a).clamp(min=0).sqrt())
+
+
+def grid_for(model_config, n=50, snr_shift_scale=None):
+    """Default teacher grid per architecture; duck-typed on the config class name (or diffusers `_class_name`)."""
+    if isinstance(model_config, dict):
+        name = model_config.get("_class_name", "")
+        get = model_config.get
+    else:
+        name = type(model_config).__name__
+        get = lambda key, default=None: getattr(model_config, key, default)  # noqa: E731
+    if "Hunyuan" in name:
+        if snr_shift_scale is not None:
+            raise ValueError("snr_shift_scale applies to CogVideoX only, not to a HunyuanVideo config")
+        return flow_grid(n, 17.0, 0.001)
+    if "CogVideoX" in name:
+        if snr_shift_scale is None:
+            # the transformer config holds no SNR shift: 5B-style (RoPE) models use 1.0, 2B-style 3.0
+            snr_shift_scale = 1.0 if get("use_rotary_positional_embeddings", False) else 3.0
+        return cogvideox_grid(n, snr_shift_scale)
+    raise ValueError(f"grid_for: unknown model config {name or type(model_config).__name__!r}; "
+                     "expected a CogVideoX or HunyuanVideo config")
+
+
+def boundary_t(grid, kappa):
+    """Model-native t at grid index kappa; the dual expert routes t <= boundary_t to the detail expert."""
+    if not 0 <= kappa <= grid.N - 2:
+        raise ValueError(f"kappa must lie in 0..N-2 = 0..{grid.N - 2}, got {kappa}")
+    return float(grid.t[kappa + 1])
+
+
+# ----------------------------------------------------------------------------- one solver step
+
+def _bcast(c, x):
+    """A scalar or per-sample [B] coefficient as a tensor broadcastable against x [B, ...]."""
+    c = torch.as_tensor(c, dtype=torch.float64).to(device=x.device)
+    if c.dim() == 1:
+        if c.shape[0] != x.shape[0]:
+            raise ValueError(f"per-sample coefficient has {c.shape[0]} entries for a batch of {x.shape[0]}")
+        c = c.view(-1, *([1] * (x.dim() - 1)))  # [B] -> [B, 1, ..., 1]
+    elif c.dim() != 0:
+        raise ValueError(f"coefficient must be a scalar or [B], got shape {tuple(c.shape)}")
+    return c
+
+
+def _work_dtype(*xs):
+    """float32 for half/float inputs, float64 when any input is float64."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _check_kind(kind):
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def to_x0_eps(x, out, alpha, sigma, kind):
+    """(x0, eps) from the model output: flow v = eps - x0; vpred v = alpha*eps - sigma*x0 (DESIGN 3.1)."""
+    _check_kind(kind)
+    if x.shape != out.shape:
+        raise ValueError(f"model output shape {tuple(out.shape)} != x shape {tuple(x.shape)}")
+    dt = _work_dtype(x, out)
+    x, out = x.to(dt), out.to(dt)
+    a, s = _bcast(alpha, x).to(dt), _bcast(sigma, x).to(dt)
+    if kind == "flow":
+        return x - s * out, x + (1 - s) * out
+    return a * x - s * out, a * out + s * x  # uses alpha^2 + sigma^2 = 1
+
+
+def ode_step(x, out, alpha, sigma, alpha_dst, sigma_dst, kind):
+    """Move x from (alpha, sigma) to (alpha_dst, sigma_dst) with model output `out`: Euler or DDIM (DESIGN 3)."""
+    _check_kind(kind)
+    if kind == "flow":
+        if x.shape != out.shape:
+            raise ValueError(f"model output shape {tuple(out.shape)} != x shape {tuple(x.shape)}")
+        dt = _work_dtype(x, out)
+        ds = (_bcast(sigma_dst, x) - _bcast(sigma, x)).to(dt)  # difference in float64, then cast
+        return x.to(dt) + ds * out.to(dt)
+    x0, eps = to_x0_eps(x, out, alpha, sigma, kind)
+    return _bcast(alpha_dst, x0).to(x0.dtype) * x0 + _bcast(sigma_dst, x0).to(x0.dtype) * eps
+
+
+def jump(x, out, k_src, k_dst, grid):
+    """Point at grid index k_dst from x at k_src using model output `out` (per-sample [B] indices ok).
+
+    One teacher step is jump(x, out, k, k-1, grid); the student's consistency function
+    is jump(x, out_student, k, k_end, grid) (DESIGN sec. 1, step 3).
+    """
+    _, a, s = grid.at(k_src)
+    _, a_dst, s_dst = grid.at(k_dst)
+    return ode_step(x, out, a, s, a_dst, s_dst, grid.kind)
+
+
+# ----------------------------------------------------------------------------- phases
+
+def _check_boundaries(boundaries, N=None):
+    b = [int(v) for v in boundaries]
+    if any(b0 <= b1 for b0, b1 in zip(b, b[1:])):
+        raise ValueError(f"boundaries must be strictly descending grid indices, got {b}")
+    hi = N - 2 if N is not None else None
+    if b and (b[-1] < 0 or (hi is not None and b[0] > hi)):
+        raise ValueError(f"boundaries must lie in 0..N-2{'' if N is None else f' = 0..{hi}'}, got {b}")
+    return b
+
+
+def phase_end(k, boundaries):
+    """Endpoint index of the phase holding k: the largest boundary below k, else -1 (DESIGN sec. 1)."""
+    b = _check_boundaries(boundaries)
+    if isinstance(k, torch.Tensor):
+        if k.numel() and int(k.min()) < 0:
+            raise ValueError(f"phase_end: grid indices must be >= 0 (k = -1 is an endpoint), got {k.tolist()}")
+        end = torch.full_like(k, -1)
+        for v in reversed(b):  # ascending: the last boundary below k wins
+            end = torch.where(k > v, torch.full_like(k, v), end)
+        return end
+    k = int(k)
+    if k < 0:
+        raise ValueError(f"phase_end: grid index must be >= 0 (k = -1 is an endpoint), got {k}")
+    return next((v for v in b if v < k), -1)
+
+
+def phase_ranges(N, boundaries):
+    """[(lo, hi, end)] per phase, noisy to clean; lo..hi partition 0..N-1 and end = lo - 1."""
+    b = _check_boundaries(boundaries, N)
+    tops = [N - 1] + b
+    ends = b + [-1]
+    return [(e + 1, h, e) for h, e in zip(tops, ends)]
+
+
+def student_schedule(grid, boundaries, steps):
+    """Student sampling indices, noisiest first, clean end excluded (paper supp. 6).
+
+    Steps are split evenly between phases; the remainder goes to the noisiest phases first, so with
+    fewer steps than phases the cleaner phases get none (1 step = one jump from k = N-1 to the clean
+    end through the first phase's expert). Inside a phase (lo, hi, end) with m steps the points are
+    hi - floor(j * (hi - end) / m), j = 0..m-1: uniform from the phase's start down towards its end.
+    """
+    if steps < 1:
+        raise ValueError(f"student_schedule needs steps >= 1, got {steps}")
+    ranges = phase_ranges(grid.N, boundaries)
+    P = len(ranges)
+    ks = []
+    for p, (lo, hi, end) in enumerate(ranges):
+        m = steps // P + (1 if p < steps % P else 0)
+        if m > hi - end:
+            raise ValueError(f"{m} steps do not fit phase {p} (grid indices {lo}..{hi}, {hi - end} points)")
+        ks += [hi - (j * (hi - end)) // m for j in range(m)]
+    return ks
+
+
+def sample_points(grid, ks, end="zero"):
+    """(t, alpha, sigma) float64 [len(ks)+1] at grid indices ks plus the clean end ("zero": sigma 0; "grid": k=-1)."""
+    ks = [int(k) for k in ks]
+    if not ks or any(a <= b for a, b in zip(ks, ks[1:])) or ks[-1] < 0 or ks[0] > grid.N - 1:
+        raise ValueError(f"sample_points needs strictly descending grid indices in 0..{grid.N - 1}, got {ks}")
+    if end not in ("zero", "grid"):
+        raise ValueError(f"end must be 'zero' or 'grid', got {end!r}")
+    idx = torch.tensor(ks + [-1]) + 1
+    t, alpha, sigma = grid.t[idx].clone(), grid.alpha[idx].clone(), grid.sigma[idx].clone()
+    if end == "zero":
+        t[-1], alpha[-1], sigma[-1] = 0.0, 1.0, 0.0
+    return t, alpha, sigma
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+def sample(model_fn, x, t, alpha, sigma, kind, callback=None, progress=True):
+    """Multi-step sampler: at each point call model_fn(x, t[B]) and Euler/DDIM-step to the next (DESIGN 3).
+
+    The running state is float32 (float64 if x is); model_fn sees it in x's dtype, with t as
+    float32 [B]. callback(i, x_next, x0_pred) after step i. Returns the last point in x's dtype.
+    """
+    _check_kind(kind)
+    n = len(t) - 1
+    if n < 1 or len(alpha) != n + 1 or len(sigma) != n + 1:
+        raise ValueError(f"sample needs t, alpha, sigma of equal length >= 2, got {len(t)}, {len(alpha)}, {len(sigma)}")
+    in_dtype, B = x.dtype, x.shape[0]
+    x = x.to(_work_dtype(x))
+    for i in tqdm(range(n), disable=not progress, desc="sampling"):
+        tb = torch.full((B,), float(t[i]), dtype=torch.float32, device=x.device)
+        out = model_fn(x.to(in_dtype), tb)
+        x0, _ = to_x0_eps(x, out, alpha[i], sigma[i], kind)
+        x = ode_step(x, out, alpha[i], sigma[i], alpha[i + 1], sigma[i + 1], kind).to(x.dtype)
+        if callback is not None:
+            callback(i, x, x0)
+    return x.to(in_dtype)

@@ -1,0 +1,149 @@
+"""Checkpoint IO: diffusers layout round trips, strict key checks, atomic directories."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import checkpoint
+import model as M
+
+torch.set_num_threads(1)
+
+
+def tiny(preset="tiny-cogvideox-rope", seed=0, dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    m = M.build_transformer(preset, dtype=dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + 0.5)
+    return m.eval()
+
+
+def assert_same_tensors(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("shard", ["5GB", "50KB"])
+def test_save_load_bit_exact(tmp_path, shard):
+    m = tiny(dtype=torch.bfloat16)
+    checkpoint.save_transformer(m, tmp_path / "transformer", max_shard_size=shard)
+    files = sorted(os.listdir(tmp_path / "transformer"))
+    if shard == "5GB":
+        assert files == ["config.json", checkpoint.WEIGHTS]
+    else:
+        shards = [f for f in files if f.startswith("diffusion_pytorch_model-")]
+        assert len(shards) > 2 and checkpoint.INDEX in files
+        assert all(os.path.getsize(tmp_path / "transformer" / f) < 50_000 + 20_000 for f in shards)
+    cfg = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    assert cfg["_class_name"] == "CogVideoXTransformer3DModel" and "_diffusers_version" in cfg
+    back = checkpoint.load_transformer(tmp_path)  # parent folder accepted
+    assert back.config == m.config
+    assert_same_tensors(back, m)
+    assert all(p.requires_grad for p in back.parameters())
+    f32 = checkpoint.load_transformer(tmp_path / "transformer", dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in f32.parameters())
+    assert torch.equal(f32.proj_out.weight, m.proj_out.weight.float())
+
+
+def test_saved_folder_loads_in_diffusers(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    m = tiny("tiny-cogvideox")
+    checkpoint.save_transformer(m, tmp_path / "t", max_shard_size="50KB")
+    ref = diffusers.CogVideoXTransformer3DModel.from_pretrained(tmp_path / "t").eval()
+    sd = ref.state_dict()
+    assert sd.keys() == m.state_dict().keys()
+    assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+    x, t, text = torch.randn(2, 4, 3, 6, 8), torch.tensor([3, 700]), torch.randn(2, 8, 32)
+    with torch.no_grad():
+        want = ref(x.transpose(1, 2), text, t, return_dict=False)[0].transpose(1, 2)
+        got = m(x, t, text=text)
+    err = (got - want).abs().max().item()
+    print(f"save_transformer -> diffusers from_pretrained: max abs err {err:.3e}")
+    assert err <= 1e-5 * want.abs().max()
+
+
+def test_strict_key_error_lists_everything(tmp_path):
+    m = tiny()
+    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+    del sd["proj_out.bias"]
+    sd["extra.weight"] = torch.zeros(3)
+    sd["norm_final.weight"] = torch.zeros(7)
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(M.config_to_dict(m.config)))
+    save_file(sd, folder / checkpoint.WEIGHTS)
+    with pytest.raises(ValueError) as e:
+        checkpoint.load_transformer(folder)
+    msg = str(e.value)
+    assert "missing keys: ['proj_out.bias']" in msg
+    assert "unexpected keys: ['extra.weight']" in msg
+    assert "norm_final.weight: stored (7,) vs model (32,)" in msg
+
+
+def test_index_problems_are_named(tmp_path):
+    m = tiny()
+    folder = tmp_path / "t"
+    checkpoint.save_transformer(m, folder, max_shard_size="50KB")
+    index = json.loads((folder / checkpoint.INDEX).read_text())
+    shard = index["weight_map"]["proj_out.weight"]
+    index["weight_map"]["proj_out.weight"] = "nowhere.safetensors"
+    (folder / checkpoint.INDEX).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="missing: \\['nowhere.safetensors'\\]"):
+        checkpoint.load_transformer(folder)
+    index["weight_map"]["proj_out.weight"] = shard
+    del index["weight_map"]["proj_out.bias"]
+    (folder / checkpoint.INDEX).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="not in index: \\['proj_out.bias'\\]"):
+        checkpoint.load_transformer(folder)
+    with pytest.raises(ValueError, match="no config.json"):
+        checkpoint.load_transformer(tmp_path / "nothing")
+    (tmp_path / "weights.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="no converter for 'weights.pt'"):
+        checkpoint.load_transformer(tmp_path / "weights.pt")
+
+
+def test_meta_build_then_load_keeps_meta_free(tmp_path):
+    m = tiny("tiny-cogvideox")
+    checkpoint.save_transformer(m, tmp_path / "t")
+    back = checkpoint.load_transformer(tmp_path / "t", device="cpu")
+    assert not any(t.is_meta for t in [*back.parameters(), *back.buffers()])
+    x, t, text = torch.randn(1, 4, 2, 4, 4), torch.tensor([10]), torch.randn(1, 8, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x, t, text=text), m(x, t, text=text))
+
+
+def test_parse_size():
+    assert checkpoint.parse_size("5GB") == 5 * 10**9
+    assert checkpoint.parse_size("200KB") == 200_000
+    assert checkpoint.parse_size("1GiB") == 2**30
+    assert checkpoint.parse_size(123) == 123
+    with pytest.raises(ValueError, match="max_shard_size"):
+        checkpoint.parse_size("lots")
+
+
+def test_atomic_dir(tmp_path):
+    final = tmp_path / "out"
+    with checkpoint.atomic_dir(final) as d:
+        (open(os.path.join(d, "a"), "w")).write("1")
+        assert not final.exists()
+    assert (final / "a").read_text() == "1"
+    with pytest.raises(RuntimeError):
+        with checkpoint.atomic_dir(final) as d:
+            (open(os.path.join(d, "b"), "w")).write("2")
+            raise RuntimeError("boom")
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # temp dir removed, old result intact
+    assert sorted(os.listdir(final)) == ["a"]
+    with checkpoint.atomic_dir(final) as d:  # replacing an existing result
+        (open(os.path.join(d, "c"), "w")).write("3")
+    assert sorted(os.listdir(final)) == ["c"] and sorted(os.listdir(tmp_path)) == ["out"]
+    # saving over an old sharded folder leaves no stale shards behind
+    checkpoint.save_transformer(tiny(), final, max_shard_size="50KB")
+    checkpoint.save_transformer(tiny(), final)
+    assert sorted(os.listdir(final)) == ["config.json", checkpoint.WEIGHTS]
+    assert set(load_file(final / checkpoint.WEIGHTS)) == set(tiny().state_dict())

@@ -1,0 +1,138 @@
+"""losses.py: consistency / temporal-coherence / GAN / feature-matching losses and re-noising."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import model
+import solver
+from losses import (Discriminator, consistency_loss, consistency_target, d_hinge_loss, feature_matching_loss,
+                    g_hinge_loss, renoise, temporal_coherence_loss)
+
+
+def test_pseudo_huber_is_quadratic_for_small_and_linear_for_large_errors():
+    c, x = 1e-3, torch.zeros(2, 3, 4, 5, 6)
+    small = torch.full_like(x, 1e-5)
+    assert consistency_loss(x + small, x, c=c).item() == pytest.approx(1e-10 / (2 * c), rel=1e-4)  # ~ d^2 / 2c (exact: 4.999875e-8)
+    large = torch.full_like(x, 10.0)
+    assert consistency_loss(x + large, x, c=c).item() == pytest.approx(10.0 - c, rel=1e-6)  # ~ |d| - c
+    d = torch.randn_like(x)
+    assert consistency_loss(x + d, x, kind="l2").item() == pytest.approx(d.square().mean().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="kind"):
+        consistency_loss(x, x, kind="l1")
+
+
+@pytest.mark.parametrize("grid", [solver.flow_grid(50, 17.0), solver.cogvideox_grid(50)], ids=["flow", "vpred"])
+def test_consistency_target_is_per_sample_with_boundary_identity(grid):
+    torch.manual_seed(0)
+    x, out = torch.randn(4, 2, 3, 2, 2), torch.randn(4, 2, 3, 2, 2)
+    k_prev, k_end = torch.tensor([37, 20, 45, 37]), torch.tensor([-1, -1, 37, 37])  # last: k-1 is the end
+    tgt = consistency_target(x, out, k_prev, k_end, grid)
+    assert torch.equal(tgt[3], x[3])
+    for i in range(3):
+        torch.testing.assert_close(tgt[i:i + 1], solver.jump(x[i:i + 1], out[i:i + 1], int(k_prev[i]), int(k_end[i]), grid))
+    assert not torch.allclose(tgt[:3], x[:3])
+
+
+def test_temporal_coherence_zero_for_frame_constant_offset_positive_otherwise():
+    torch.manual_seed(0)
+    x_tgt = torch.randn(2, 3, 7, 4, 4)
+    offset = torch.randn(2, 3, 1, 4, 4)  # the same in every frame
+    assert temporal_coherence_loss(x_tgt + offset, x_tgt).item() < 1e-12
+    ramp = torch.arange(7.0).view(1, 1, 7, 1, 1) * 0.1  # grows frame by frame
+    assert temporal_coherence_loss(x_tgt + ramp, x_tgt, d=3).item() == pytest.approx(0.09, rel=1e-4)
+    short = torch.randn(1, 2, 3, 2, 2, requires_grad=True)  # F <= d: exactly 0, backward still works
+    loss = temporal_coherence_loss(short, short.detach() + 1, d=3)
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(short.grad, torch.zeros_like(short))
+
+
+@settings(max_examples=15, deadline=None)
+@given(B=st.integers(1, 2), F=st.integers(1, 4), h=st.integers(1, 5), w=st.integers(1, 5))
+def test_discriminator_heads_accept_any_token_grid(B, F, h, w):
+    # GroupNorm(groups) needs hidden % groups == 0: the authors' hidden 1024 / 32 groups; tiny: 32 / 8
+    D = Discriminator(dim=8, n_taps=2, hidden=32, groups=8)
+    feats = [torch.randn(B, F * h * w, 8) for _ in range(2)]
+    logits = D(feats, (F, h, w))
+    assert [tuple(lg.shape) for lg in logits] == [(B, F * h * w)] * 2
+    # token order kept: changing the last token's feature moves only its own frame's logits
+    # (GroupNorm mixes the tokens of one frame), never another frame's
+    feats2 = [f.clone() for f in feats]
+    feats2[0][:, -1] += 1
+    diff = (D(feats2, (F, h, w))[0] - logits[0]).abs()
+    assert bool((diff[:, : (F - 1) * h * w] == 0).all()) and diff[:, -1].min() > 0
+    with pytest.raises(ValueError, match="token grid"):
+        D(feats, (F, h, w + 1))
+
+
+def test_discriminator_rejects_bad_groups():
+    with pytest.raises(ValueError, match="hidden % 32"):
+        Discriminator(dim=8, n_taps=1, hidden=48)
+
+
+def test_hinge_losses_send_grads_to_the_right_side():
+    torch.manual_seed(0)
+    gen = torch.nn.Linear(8, 8)  # stands in for the student + frozen teacher feature path
+    D = Discriminator(dim=8, n_taps=2, hidden=32, groups=8)
+    z, real = torch.randn(2, 12, 8), [torch.randn(2, 12, 8) for _ in range(2)]
+    grid = (3, 2, 2)
+    # D step: fake features detached
+    fake = [gen(z) for _ in range(2)]
+    d_loss = d_hinge_loss(D(real, grid), D([f.detach() for f in fake], grid))
+    d_loss.backward()
+    # (not every single grad is nonzero: the out bias gets mean(1[fake>-1]) - mean(1[real<1]) = 0 here)
+    assert all(p.grad is not None for p in D.parameters()) and sum(p.grad.abs().sum() for p in D.parameters()) > 0
+    assert all(p.grad is None for p in gen.parameters())
+    # G step: D frozen
+    D.zero_grad(set_to_none=True)
+    D.requires_grad_(False)
+    g_loss = g_hinge_loss(D([gen(z) for _ in range(2)], grid))
+    g_loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
+    assert all(p.grad is None for p in D.parameters())
+    # values: hinge at logits +-1 margins
+    assert d_hinge_loss([torch.full((1, 4), 2.0)], [torch.full((1, 4), -2.0)]).item() == 0
+    assert d_hinge_loss([torch.zeros(1, 4)] * 3, [torch.zeros(1, 4)] * 3).item() == 2.0  # averaged over heads
+    assert g_hinge_loss([torch.full((1, 4), -1.0)]).item() == 2.0
+
+
+def test_feature_matching_zero_for_identical_and_positive_otherwise():
+    torch.manual_seed(0)
+    m = model.build_transformer("tiny-cogvideox")
+    grid, D = (3, 4, 4), 32
+    feats = [torch.randn(2, 3 * 2 * 2, D) for _ in range(2)]
+    temb = m.time_embed(torch.tensor([500.0, 900.0]))
+    assert feature_matching_loss(m, feats, [f.clone() for f in feats], temb, grid).item() == 0
+    fake = [(f + 0.1 * torch.randn_like(f)).requires_grad_() for f in feats]
+    loss = feature_matching_loss(m, fake, feats, temb, grid)
+    loss.backward()
+    assert loss.item() > 0 and all(f.grad.abs().sum() > 0 for f in fake)
+
+
+def test_renoise_flow_matches_authors_formula():
+    grid = solver.flow_grid(50, 17.0)
+    torch.manual_seed(0)
+    x, n = torch.randn(3, 2, 2, 2, 2), torch.randn(3, 2, 2, 2, 2)
+    k_end, k_adv = torch.tensor([-1, -1, 37]), torch.tensor([10, -1, 45])
+    out = renoise(x, n, k_end, k_adv, grid)
+    for i in range(3):
+        s_e, s_a = float(grid.at(int(k_end[i]))[2]), float(grid.at(int(k_adv[i]))[2])
+        torch.testing.assert_close(out[i], ((1 - s_a) * x[i] + (s_a - s_e) * n[i]) / (1 - s_e))
+    assert torch.equal(out[1], x[1])  # k_adv == k_end: unchanged
+
+
+def test_renoise_vpred_is_the_exact_gaussian_transition():
+    grid = solver.cogvideox_grid(50, 3.0)
+    g = torch.Generator().manual_seed(0)
+    x0, eps, n = (torch.randn(2, 1, 64, 64, 64, generator=g) for _ in range(3))
+    k_end, k_adv = torch.tensor([5, -1]), torch.tensor([30, 20])
+    _, a_e, s_e = grid.at(k_end)
+    x_end = a_e.float().view(-1, 1, 1, 1, 1) * x0 + s_e.float().view(-1, 1, 1, 1, 1) * eps
+    out = renoise(x_end, n, k_end, k_adv, grid)
+    _, a_a, s_a = grid.at(k_adv)
+    # x_adv must be a_adv * x0 + (Gaussian noise of std sigma_adv)
+    resid = out - a_a.float().view(-1, 1, 1, 1, 1) * x0
+    for i in range(2):
+        assert resid[i].std().item() == pytest.approx(float(s_a[i]), rel=0.01)
+    with pytest.raises(ValueError, match="k_adv must be >= k_end"):
+        renoise(x_end, n, k_adv, k_end, grid)

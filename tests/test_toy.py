@@ -1,0 +1,125 @@
+"""The toy study: synthetic data, the toy bench metrics, and (slow part) the end-to-end quick run."""
+import os
+
+import pytest
+import torch
+
+from toy import data as toy_data
+from toy import metrics as tm
+
+import data
+
+
+def test_make_batch_is_deterministic_and_well_formed():
+    spec = toy_data.ToySpec()
+    a, b = toy_data.make_batch(16, seed=3), toy_data.make_batch(16, seed=3)
+    c = toy_data.make_batch(16, seed=4)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a["latents"], c["latents"])
+    x = a["latents"]
+    assert x.shape == (16, *spec.latent_shape) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    assert a["text"].shape == (16, spec.text_len, spec.text_dim) and a["pooled"].shape == (16, spec.pooled_dim)
+    # the conditioning is a fixed function of the class: same class -> same embedding, across batches
+    cond = toy_data.cond_for_labels(c["label"])
+    assert torch.equal(cond["text"], c["text"]) and torch.equal(cond["pooled"], c["pooled"])
+    assert not torch.equal(toy_data.cond_for_labels(torch.tensor([0]))["text"],
+                           toy_data.cond_for_labels(torch.tensor([1]))["text"])
+
+
+def test_shapes_move_at_the_known_velocity():
+    b = toy_data.make_batch(64, seed=0)
+    c, found = tm.centroids(b["latents"])
+    assert found.all()
+    disp = c[:, 1:] - c[:, :-1]  # [n, F-1, 2]
+    torch.testing.assert_close(disp, b["velocity"][:, None].expand_as(disp), atol=1e-4, rtol=0)
+    assert set(map(tuple, b["velocity"].tolist())) <= {(0.0, 1.0), (0.0, -1.0), (1.0, 0.0), (-1.0, 0.0)}
+    torch.testing.assert_close(b["velocity"], toy_data.velocity_of(b["label"]))
+
+
+def test_labels_round_trip_and_bad_labels_are_rejected():
+    labels = torch.arange(toy_data.NUM_CLASSES)
+    assert torch.equal(toy_data.join_label(*toy_data.split_label(labels)), labels)
+    with pytest.raises(ValueError, match="class indices"):
+        toy_data.cond_for_labels(torch.tensor([toy_data.NUM_CLASSES]))
+    with pytest.raises(ValueError, match="does not fit"):
+        toy_data.make_batch(2, 0, toy_data.ToySpec(frames=12))
+
+
+def test_write_dataset_reads_back(tmp_path):
+    manifest = toy_data.write_dataset(str(tmp_path), n=10, seed=1, shard_size=4)
+    assert manifest["num_samples"] == 10 and len(manifest["shards"]) == 3
+    ds = data.LatentDataset(str(tmp_path))
+    assert len(ds) == 10
+    item = ds[7]
+    assert item["latents"].shape == toy_data.ToySpec().latent_shape
+    assert {"text", "pooled", "label", "velocity"} <= set(item)
+    assert torch.equal(ds.uncond["text"], torch.zeros(1, 4, 32))
+    again = toy_data.write_dataset(str(tmp_path / "again"), n=10, seed=1, shard_size=4)
+    assert again == manifest
+    assert torch.equal(data.LatentDataset(str(tmp_path / "again")).tensors["latents"], ds.tensors["latents"])
+
+
+@pytest.fixture(scope="module")
+def clf():
+    torch.manual_seed(0)
+    return tm.train_classifier(seed=0)
+
+
+@pytest.fixture(scope="module")
+def real():
+    return toy_data.make_batch(256, seed=11), toy_data.make_batch(256, seed=12)
+
+
+def test_classifier_recognises_real_videos(clf, real):
+    feats, logits = tm.classifier_features(clf, real[0]["latents"])
+    assert feats.shape == (256, 64)
+    assert tm.condition_accuracy(logits, real[0]["label"]) > 0.85
+    # a wrong conditioning label must score near chance
+    wrong = (real[0]["label"] + 1) % toy_data.NUM_CLASSES
+    assert tm.condition_accuracy(logits, wrong) < 0.2
+
+
+def test_frechet_distance_separates_real_from_noise(clf, real):
+    fa, _ = tm.classifier_features(clf, real[0]["latents"])
+    fb, _ = tm.classifier_features(clf, real[1]["latents"])
+    noise = torch.randn_like(real[0]["latents"]).clamp(-1, 1)
+    fn, _ = tm.classifier_features(clf, noise)
+    same, far = tm.frechet_distance(fa, fb), tm.frechet_distance(fa, fn)
+    assert same < 0.05 * far, (same, far)
+    assert tm.frechet_distance(fa, fa) < 1e-6 * far
+    # closed form for Gaussians with diagonal covariances: |mu|^2 + sum (sqrt(s1) - sqrt(s2))^2
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5])
+    b = torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 1.0, 1.0]) + 1.0
+    expect = 3 * 1.0 + (2.0 - 1.0) ** 2 + (0.5 - 1.0) ** 2
+    assert abs(tm.frechet_distance(a, b) - expect) < 0.1
+
+
+def test_motion_error_zero_on_real_and_large_when_frames_are_shuffled(real):
+    x, v = real[0]["latents"], real[0]["velocity"]
+    assert tm.motion_error(x, v) < 1e-4
+    shuffled = x[:, :, torch.tensor([3, 0, 6, 1, 7, 2, 5, 4])]
+    assert tm.motion_error(shuffled, v) > 1.0
+    assert tm.motion_error(x[:, :, :1].expand_as(x), v) == pytest.approx(1.0, abs=1e-4)  # frozen video
+    assert tm.motion_error(x, -v) == pytest.approx(2.0, abs=1e-4)  # wrong direction
+    empty = torch.full_like(x, -0.7)  # background only: no shape found, penalised by |v| = 1
+    assert tm.motion_error(empty, v) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_hf_ratio_is_one_on_real_and_low_when_blurred(real):
+    a, b = real[0]["latents"], real[1]["latents"]
+    assert tm.hf_ratio(b, a) == pytest.approx(1.0, abs=0.05)
+    blurred = torch.nn.functional.avg_pool3d(a, (1, 3, 3), 1, (0, 1, 1), count_include_pad=False)
+    assert tm.hf_ratio(blurred, a) < 0.3
+    assert tm.hf_ratio(torch.randn_like(a), a) > 2.0  # white noise puts most energy at high frequency
+
+
+def test_evaluate_and_aggregate(clf, real):
+    r = real[0]
+    m = tm.evaluate(r["latents"], r["label"], r["velocity"], real[1]["latents"], clf, x_ref=r["latents"])
+    assert m["traj_mse"] == 0 and m["traj_l1"] == 0 and m["motion_err"] < 1e-4 and m["cond_acc"] > 0.85
+    agg = tm.aggregate([{"a": 1.0, "b": 2.0}, {"a": 3.0}])
+    assert agg == {"a": {"mean": 2.0, "std": pytest.approx(2 ** 0.5), "n": 2}}
+    assert tm.mean_std([5.0]) == (5.0, 0.0)
