@@ -198,7 +198,11 @@ def _join(a, b, inv):
 
 
 class DualExpert(nn.Module):
-    """Semantic expert (the backbone) + detail expert (LoRA + copied layers), routed per sample by t."""
+    """Semantic expert (the backbone) + detail expert (LoRA + copied layers), routed per sample by t.
+
+    Built in "detail" mode (backbone frozen, adapter trainable): building one starts stage 2, from the
+    trained semantic expert. The copies are taken at construction (reset_detail() re-takes them).
+    """
 
     def __init__(self, backbone, boundary_t, rank=128, alpha=256, copy_adaln=False, targets=None):
         super().__init__()

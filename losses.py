@@ -40,8 +40,7 @@ def _per_sample(k, B, what):
 
 @torch.no_grad()
 def consistency_target(x_prev, out_target, k_prev, k_end, grid):
-    """Target of eq. 4 (DESIGN sec. 1 step 5): jump(x_prev, out_target, k-1 -> k_end), per sample;
-    x_prev itself where k-1 already is the phase endpoint. No gradient (a target)."""
+    """Target of eq. 4: jump(x_prev, out_target, k-1 -> k_end) per sample; x_prev where k-1 == k_end (no grad)."""
     B = x_prev.shape[0]
     k_prev, k_end = _per_sample(k_prev, B, "k_prev"), _per_sample(k_end, B, "k_end")
     if bool((k_prev < k_end).any()):

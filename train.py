@@ -6,18 +6,17 @@
     torchrun --nproc_per_node=8 train.py ... [--fsdp] [--dtype bf16] [--grad-ckpt]
 
 Stages (k = index on the teacher's N-step grid, kappa = the DCM cut):
-  teacher   diffusion training from data. flow: s = sigmoid(z), z ~ N(0, 1) (logit-normal),
-            x_s = s*eps + (1-s)*x0, target v = eps - x0, t = 1000*s; vpred: t ~ U{0..999},
-            x_t = alpha*x0 + sigma*eps on CogVideoX's DDIM alphas, target v = alpha*eps - sigma*x0;
-            MSE. CFG models see the dataset's uncond conditioning with prob. --cond-drop.
-  vcm       one student, one phase k in 0..N-1 -> clean end.  pcm: --phases P even phases.
-  semantic  student on k in kappa+1..N-1 -> x_kappa, + temporal coherence (--w-tc).
-  detail    DualExpert on the semantic expert (--init): LoRA + copied layers on k in 0..kappa,
-            + GAN/feature matching on teacher features; --detail-full: ablation "OD", a fully
-            fine-tuned separate copy instead of LoRA.
-The consistency step is DESIGN sec. 1 steps 1-6 with per-sample k, boundaries and targets.
-Per-sample noise, k and drops come from a generator keyed by (seed, step, sample index), so a
-global batch trains the same however it is split over ranks and micro-steps.
+  teacher   diffusion training. flow: sigma = sigmoid(z), z ~ N(0, 1) (logit-normal), x = sigma*eps +
+            (1-sigma)*x0, target v = eps - x0, t = 1000*sigma; vpred: t ~ U{0..999} on CogVideoX's
+            DDIM alphas, target v = alpha*eps - sigma*x0; MSE. CFG models train on the dataset's
+            uncond conditioning with probability --cond-drop.
+  vcm       one student, one phase k in 0..N-1 -> clean end;  pcm: --phases P even phases.
+  semantic  k in kappa+1..N-1 -> x_kappa, + temporal coherence (--w-tc).
+  detail    DualExpert on the semantic expert (--init): LoRA + copied layers, k in 0..kappa -> clean
+            end, + GAN / feature matching on teacher features; --detail-full = ablation "OD" (a fully
+            fine-tuned separate copy instead of LoRA).
+Per-sample noise, k and drops come from a generator keyed by (seed, step, sample index): a global
+batch trains the same however it is split over ranks and micro-steps.
 """
 import argparse
 import contextlib
@@ -33,6 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from tqdm.auto import tqdm
 
 import checkpoint
@@ -43,40 +44,37 @@ import model as models
 import solver
 from teacher import Teacher
 
-# --- run settings: the defaults of the command-line flags (per-stage dicts where stages differ)
+# --- run settings: defaults of the command-line flags (dicts where the stages differ)
 STAGES = ("teacher", "vcm", "pcm", "semantic", "detail")
 max_steps = {"teacher": 10000, "vcm": 1500, "pcm": 1500, "semantic": 1500, "detail": 1000}
-lr = {"teacher": 1e-4, "vcm": 1e-6, "pcm": 1e-6, "semantic": 1e-6, "detail": 5e-6}  # authors: constant
-w_tc = {"semantic": 1.0}   # temporal coherence weight, 0 in other stages
-w_gan = {"detail": 0.5}    # DESIGN: L_cd + 0.1 * (5 L_G + 1 L_fm)
-w_fm = {"detail": 0.1}
-batch_size, grad_accum = 1, 1  # micro-batch per process; global = batch x accum x world
-weight_decay, grad_clip = 1e-3, 1.0
+lr = {"teacher": 1e-4, "vcm": 1e-6, "pcm": 1e-6, "semantic": 1e-6, "detail": 5e-6}  # constant (authors)
+w_tc = {"semantic": 1.0}                # temporal coherence; 0 in the other stages
+w_gan, w_fm = {"detail": 0.5}, {"detail": 0.1}  # DESIGN: L_cd + 0.1 * (5 L_G + 1 L_fm)
+batch_size, grad_accum = 1, 1           # per process; global batch = batch x accum x world
+weight_decay, grad_clip = 1e-3, 1.0     # AdamW (0.9, 0.999)
 d_lr, d_betas, d_weight_decay = 1e-5, (0.0, 0.999), 1e-3
 grid_steps, shift, phases = 50, 17.0, 4
-kappa = None               # default 37 at N = 50 (authors), 38N//50 - 1 in general
-guidance = 6.0             # CFG scale (CogVideoX) or embedded guidance 1000*g (HunyuanVideo)
-cond_drop = 0.1
-target_ema = 0.0           # 0: target = the student under no_grad (authors); > 0: EMA decay
-loss = "huber"
+kappa = None                            # 37 at N = 50 (authors), 38N//50 - 1 in general
+guidance = 6.0                          # CFG scale (CogVideoX) / embedded guidance 1000*g (HunyuanVideo)
+cond_drop, target_ema, loss = 0.1, 0.0, "huber"
 lora_rank, disc_hidden = 128, 1024
 seed, probe_every, save_every = 0, 50, 500
+CKPT = re.compile(r"step_\d{7}")
 
 
 class TrainError(Exception):
-    """A run that cannot start or go on; main's caller prints it as one line."""
+    """A run that cannot start or go on; the command line prints it as one line."""
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--config", help=f"model preset ({', '.join(models.PRESETS)}) or a config.json (diffusers or a run's); "
-                       "default: the --teacher's")
+    a("--config", help=f"model preset ({', '.join(models.PRESETS)}) or config.json (diffusers or a run's); default: the teacher's")
     a("--stage", default="teacher", choices=STAGES)
     a("--data", help="dataset folder (format: data.py)")
     a("--out", help="run folder (default out/<stage>)")
-    a("--teacher", help="teacher transformer folder (or a step folder); stage teacher: optional init")
-    a("--init", help="student init; detail: the semantic expert (required), else default the teacher")
+    a("--teacher", help="teacher transformer or step folder (stage teacher: optional init)")
+    a("--init", help="student init: detail needs the semantic expert; others default to the teacher")
     a("--max-steps", type=int, help=f"default per stage {max_steps}")
     a("--batch-size", type=int, default=batch_size, help="micro-batch per process")
     a("--grad-accum", type=int, default=grad_accum)
@@ -87,10 +85,10 @@ def parse_args(argv):
     a("--seed", type=int, default=seed)
     a("--resume", action="store_true", help="go on from the newest complete checkpoint in --out")
     a("--target-ema", type=float, default=target_ema, help="0 = stop-grad student (authors), >0 = EMA decay")
-    a("--w-tc", type=float, help=f"temporal coherence weight, default {w_tc} else 0")
-    a("--w-gan", type=float, help=f"generator hinge weight, default {w_gan} else 0")
-    a("--w-fm", type=float, help=f"feature matching weight, default {w_fm} else 0")
-    a("--loss", default=loss, choices=("huber", "l2"), help="consistency loss (pseudo-Huber c=1e-3 or L2)")
+    a("--w-tc", type=float, help=f"temporal coherence weight (default {w_tc}, else 0)")
+    a("--w-gan", type=float, help=f"generator hinge weight (default {w_gan}, else 0)")
+    a("--w-fm", type=float, help=f"feature matching weight (default {w_fm}, else 0)")
+    a("--loss", default=loss, choices=("huber", "l2"), help="consistency loss: pseudo-Huber c=1e-3 or L2")
     a("--detail-full", action="store_true", help="detail: full fine-tuned copy instead of LoRA (ablation OD)")
     a("--lora-rank", type=int, default=lora_rank, help="detail LoRA rank (alpha = 2 x rank)")
     a("--disc-hidden", type=int, default=disc_hidden, help="discriminator width (multiple of 32)")
@@ -100,7 +98,7 @@ def parse_args(argv):
     a("--shift", type=float, default=shift, help="flow grid shift")
     a("--probe-every", type=int, default=probe_every, help="high/low-noise probe interval (0 = off)")
     a("--save-every", type=int, default=save_every)
-    a("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast, fp32 master weights")
+    a("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast with fp32 master weights")
     a("--fsdp", action="store_true", help="FSDP2: shard student and teacher per block")
     a("--grad-ckpt", action="store_true", help="activation checkpointing per block")
     a("--compile", action="store_true", help="torch.compile the student")
@@ -117,7 +115,7 @@ def parse_args(argv):
         raise TrainError("--stage detail needs --init: the semantic expert checkpoint to build on")
     if args.stage not in ("teacher", "detail") and not (args.teacher or args.dry_run):
         raise TrainError(f"--stage {args.stage} needs --teacher (the model to distil)")
-    if not args.data and not args.dry_run:
+    if not (args.data or args.dry_run):
         raise TrainError("--data is required (a dataset folder, see data.py)")
     if not 0 <= args.kappa <= args.grid_steps - 2:
         raise TrainError(f"--kappa {args.kappa} must lie in 0..N-2 = 0..{args.grid_steps - 2}")
@@ -132,10 +130,8 @@ def transformer_dir(path):
 
 def model_config(args):
     """The model config: the --teacher's config.json, else --config (preset or file); both must agree."""
-    cfg = None
-    if args.config in models.PRESETS:
-        cfg = models.PRESETS[args.config]
-    elif args.config:
+    cfg = models.PRESETS.get(args.config)
+    if args.config and cfg is None:
         path = os.path.join(args.config, "config.json") if os.path.isdir(args.config) else args.config
         if not os.path.isfile(path):
             raise TrainError(f"--config {args.config!r} is neither a preset ({', '.join(models.PRESETS)}) nor a config file")
@@ -153,15 +149,13 @@ def model_config(args):
     return cfg
 
 
-def check_data(ds, cfg, per_rank_batch, world):
+def check_data(ds, cfg, batch, world):
     """Data vs model: channels, text/pooled widths, patch divisibility, conditioning keys, size."""
     C, n_f, H, W = ds.manifest["latent_shape"]
     p, pt = cfg.patch_size, getattr(cfg, "patch_size_t", None) or 1
     keys, pooled = set(ds.tensors) & set(data.COND_KEYS), getattr(cfg, "pooled_projection_dim", None)
     want = {"text", "pooled"} | ({"text_mask"} & keys) if pooled else {"text"}
-    bad = []
-    if C != cfg.in_channels:
-        bad.append(f"latents have {C} channels, the model takes {cfg.in_channels}")
+    bad = [f"latents have {C} channels, the model takes {cfg.in_channels}"] if C != cfg.in_channels else []
     if n_f % pt or H % p or W % p:
         bad.append(f"latent F, H, W = {n_f}, {H}, {W} not divisible by the patch ({pt}, {p}, {p})")
     if keys != want:
@@ -172,19 +166,18 @@ def check_data(ds, cfg, per_rank_batch, world):
         bad.append(f"pooled width {ds.tensors['pooled'].shape[-1]}, the model takes {pooled}")
     if set(ds.uncond) != keys:
         bad.append(f"uncond keys {sorted(ds.uncond)} differ from the samples' {sorted(keys)}")
-    if len(ds) // world < per_rank_batch:
-        bad.append(f"{len(ds)} samples are fewer than batch {per_rank_batch} x world {world}")
+    if len(ds) // world < batch:
+        bad.append(f"{len(ds)} samples are fewer than batch {batch} x world {world}")
     if bad:
         raise data.DataError(f"{ds.dir} does not fit model {type(cfg).__name__}: " + "; ".join(bad))
     return sorted(keys)
 
 
 def build_student(args, cfg, grid, ckpt=None, device="cpu"):
-    """The trained model: backbone, or DualExpert for detail; from the checkpoint `ckpt` when resuming."""
-    if args.stage == "teacher" and not (ckpt or args.teacher):
-        return models.build_transformer(cfg, device=device, dtype=torch.float32)
-    src = ckpt or (args.init if args.stage == "detail" or args.init else args.teacher)
-    m = checkpoint.load_transformer(transformer_dir(src), dtype=torch.float32, device=device)
+    """The trained model (DualExpert for detail) from ckpt, --init or --teacher; fresh when none or meta."""
+    src = ckpt or args.init or args.teacher
+    m = (models.build_transformer(cfg, device=device, dtype=torch.float32) if device == "meta" or not src
+         else checkpoint.load_transformer(transformer_dir(src), dtype=torch.float32, device=device))
     if args.stage == "detail" and not args.detail_full:
         m = experts.DualExpert(m, solver.boundary_t(grid, args.kappa), args.lora_rank, 2 * args.lora_rank)
         if ckpt:
@@ -192,28 +185,24 @@ def build_student(args, cfg, grid, ckpt=None, device="cpu"):
     return m
 
 
-def blocks(m):
-    """Every transformer block (the FSDP2 sharding unit)."""
-    return [b for mod in m.modules() for name in ("transformer_blocks", "single_transformer_blocks")
-            if isinstance(getattr(mod, name, None), torch.nn.ModuleList) for b in getattr(mod, name)]
-
-
 def shard(m, mesh):
+    """FSDP2: every transformer block its own unit, the rest in the root's."""
     from torch.distributed.fsdp import fully_shard
-    for b in blocks(m):
-        fully_shard(b, mesh=mesh)
-    return fully_shard(m, mesh=mesh)
+    for mod in list(m.modules()):
+        for name in ("transformer_blocks", "single_transformer_blocks"):
+            for block in getattr(mod, name, None) or ():
+                fully_shard(block, mesh=mesh)
+    fully_shard(m, mesh=mesh)
 
 
 def draws(index, step, seed_, shape, gan):
-    """Per-sample eps [B, ...], uniforms u [B, 3] (k or s, k_adv, cond drop) and GAN noise n, keyed
-    by (seed, step, dataset index): independent of how the global batch is split."""
+    """Per-sample eps [B, ...], uniforms u [B, 3] (k or sigma, k_adv, cond drop), GAN noise n [B, ...] or None."""
     eps, u, n = [], [], []
     for i in index.tolist():
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed_, step, i]).generate_state(1, np.uint64)[0]))
         eps.append(torch.randn(shape, generator=g))
         u.append(torch.rand(3, generator=g, dtype=torch.float64))
-        n.append(torch.randn(shape, generator=g) if gan else torch.zeros(0))
+        n.append(torch.randn(shape, generator=g) if gan else None)
     return torch.stack(eps), torch.stack(u), torch.stack(n) if gan else None
 
 
@@ -222,28 +211,20 @@ def k_between(u, lo, hi):
     return (lo + (u * (hi - lo + 1)).long()).clamp(max=hi)
 
 
-def unet_call(m, x, t, cond, **kw):
-    """Model output in float32 at float32 t [B] (autocast may leave it bf16)."""
-    out = m(x, t.float(), **kw, **cond)
-    return (out[0].float(), out[1]) if "taps" in kw else out.float()
-
-
-def teacher_loss(student, x0, eps, t, alpha, sigma, kind, cond):
-    """Diffusion loss: MSE of the prediction vs v (flow: eps - x0; vpred: alpha*eps - sigma*x0)."""
-    a, s = alpha.float().view(-1, 1, 1, 1, 1), sigma.float().view(-1, 1, 1, 1, 1)  # [B] -> [B, 1, 1, 1, 1]
-    v = unet_call(student, a * x0 + s * eps, t, cond)
-    return F.mse_loss(v, eps - x0 if kind == "flow" else a * eps - s * x0)
+def col(c, x):
+    """A per-sample coefficient [B] as float32 [B, 1, 1, 1, 1] against x."""
+    return c.to(device=x.device, dtype=torch.float32).view(-1, *[1] * (x.dim() - 1))
 
 
 def consistency(student, target, teacher, grid, boundaries, x0, eps, k, cond, scond, loss_kind):
-    """DESIGN sec. 1 steps 2-6 with per-sample k: (loss, xhat, x_tgt, k_end)."""
+    """DESIGN sec. 1 steps 2-6 with per-sample k -> (loss, xhat, x_tgt, k_end)."""
     k_end = solver.phase_end(k, boundaries)
     t_k, a_k, s_k = grid.at(k)
-    x_k = a_k.float().view(-1, 1, 1, 1, 1) * x0 + s_k.float().view(-1, 1, 1, 1, 1) * eps  # [B] -> [B, 1, 1, 1, 1]
-    xhat = solver.jump(x_k, unet_call(student, x_k, t_k, scond), k, k_end, grid)
+    x_k = col(a_k, x0) * x0 + col(s_k, x0) * eps
+    xhat = solver.jump(x_k, student(x_k, t_k.float(), **scond).float(), k, k_end, grid)
     with torch.no_grad():
         x_prev = teacher.step(x_k, k, cond)
-        out_tgt = unet_call(target, x_prev, grid.at(k - 1)[0], scond)
+        out_tgt = target(x_prev, grid.at(k - 1)[0].float(), **scond).float()
         x_tgt = losses.consistency_target(x_prev, out_tgt, k - 1, k_end, grid)
     return losses.consistency_loss(xhat, x_tgt, loss_kind), xhat, x_tgt, k_end
 
@@ -254,210 +235,158 @@ def rng_state():
 
 
 def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def find_checkpoint(out, lora):
+def find_checkpoint(out, lora, quiet=False):
     """Newest complete OUT/step_*/ as (path, train_state); incomplete ones are skipped, saying so."""
-    names = sorted((d for d in os.listdir(out) if re.fullmatch(r"step_\d{7}", d)), reverse=True) if os.path.isdir(out) else []
+    names = sorted((d for d in os.listdir(out) if CKPT.fullmatch(d)), reverse=True) if os.path.isdir(out) else []
     need = ["config.json", "train_state.pt", "transformer/config.json"] + (["detail.safetensors"] if lora else [])
     for name in names:
         path = os.path.join(out, name)
-        missing = [f for f in need if not os.path.isfile(os.path.join(path, f))]
         try:
+            missing = [f for f in need if not os.path.isfile(os.path.join(path, f))]
             if missing:
                 raise TrainError(f"missing {missing}")
             return path, torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, named
-            print(f"skipping incomplete checkpoint {path}: {str(e).splitlines()[0]}", file=sys.stderr)
-    if names:
+        except Exception as e:  # noqa: BLE001 - whatever makes it unreadable, it is skipped by name
+            if not quiet:
+                print(f"skipping incomplete checkpoint {path}: {str(e).splitlines()[0]}", file=sys.stderr)
+    if names and not quiet:
         raise TrainError(f"--resume: no complete checkpoint in {out} (all {len(names)} are incomplete)")
     return None, None
 
 
-class FromPosition(torch.utils.data.Sampler):
-    """The wrapped sampler's order for this epoch from position `start` on (exact data resume)."""
-
-    def __init__(self, sampler, start):
-        self.sampler, self.start = sampler, start
-
-    def __iter__(self):
-        return iter(list(self.sampler)[self.start:])
-
-    def __len__(self):
-        return len(self.sampler) - self.start
-
-
-class Indexed(torch.utils.data.Dataset):
-    """Dataset items with their index (the key of the per-sample draws)."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return {**self.ds[i], "index": i}
-
-
 def dry_run(args, cfg, grid):
-    """Parameter counts and per-GPU memory of weights/grads/optimizer/teacher/discriminator (meta device)."""
+    """Parameter counts and per-GPU memory of weights/grads/AdamW/EMA/teacher/discriminator (meta device)."""
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
-    student = build_student_meta(args, cfg, grid)
-    train = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in student.parameters())
-    teach = 0 if args.stage == "teacher" else sum(p.numel() for p in models.build_transformer(cfg, device="meta").parameters())
+    count = lambda m, train=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not train)  # noqa: E731
+    student = build_student(args, cfg, grid, device="meta")
+    total, train = count(student), count(student, True)
+    teach = 0 if args.stage == "teacher" else count(models.build_transformer(cfg, device="meta"))
     disc = 0
     if args.stage == "detail" and (args.w_gan or args.w_fm):
         with torch.device("meta"):
-            disc = sum(p.numel() for p in losses.Discriminator(cfg.num_attention_heads * cfg.attention_head_dim,
-                                                               len(student.default_taps()), args.disc_hidden).parameters())
-    sh, gib = (world if args.fsdp else 1), 2 ** 30
+            disc = count(losses.Discriminator(cfg.num_attention_heads * cfg.attention_head_dim,
+                                              len(student.default_taps()), args.disc_hidden))
+    sh = world if args.fsdp else 1
     mem = {"student weights (fp32)": 4 * total / sh, "grads (fp32)": 4 * train / sh, "AdamW states (fp32)": 8 * train / sh,
-           "EMA target (fp32)": 4 * total / sh if args.target_ema > 0 else 0,
-           f"teacher ({args.dtype})": (2 if args.dtype == "bf16" else 4) * teach / sh,
+           "EMA target (fp32)": 4 * total / sh * (args.target_ema > 0), f"teacher ({args.dtype})": (2 if args.dtype == "bf16" else 4) * teach / sh,
            "discriminator + grads + AdamW": 16 * disc}
-    print(f"stage {args.stage}, model {type(cfg).__name__}, world {world}{' FSDP' if args.fsdp else ''}")
-    print(f"student params: {total / 1e9:.3f} B total, {train / 1e9:.4f} B trainable; teacher {teach / 1e9:.3f} B; "
+    print(f"stage {args.stage}, {type(cfg).__name__}, world {world}{' FSDP' if args.fsdp else ''}, {args.dtype}")
+    print(f"params: student {total / 1e9:.3f} B ({train / 1e9:.4f} B trainable), teacher {teach / 1e9:.3f} B, "
           f"discriminator {disc / 1e6:.1f} M")
     for k, v in mem.items():
-        print(f"  {k:32s} {v / gib:9.2f} GiB per GPU")
-    print(f"  {'total (activations not included)':32s} {sum(mem.values()) / gib:9.2f} GiB per GPU")
+        print(f"  {k:32s} {v / 2**30:9.2f} GiB per GPU")
+    print(f"  {'total (without activations)':32s} {sum(mem.values()) / 2**30:9.2f} GiB per GPU")
     print(f"global batch {args.batch_size} x {args.grad_accum} x {world} = {args.batch_size * args.grad_accum * world}")
     return {"params": total, "trainable": train, "teacher": teach, "disc": disc, "memory": mem, "world": world}
 
 
-def build_student_meta(args, cfg, grid):
-    m = models.build_transformer(cfg, device="meta")
-    if args.stage == "detail" and not args.detail_full:
-        m = experts.DualExpert(m, solver.boundary_t(grid, args.kappa), args.lora_rank, 2 * args.lora_rank)
-    return m
-
-
 def main(argv=None):
+    """One run; returns {"step", "losses", "out", "checkpoint"} (dry run: the sizes)."""
     args = parse_args(argv)
     cfg = model_config(args)
     kind = models.build_transformer(cfg, device="meta").prediction
     grid = solver.flow_grid(args.grid_steps, args.shift) if kind == "flow" else solver.grid_for(cfg, args.grid_steps)
-    N, kap = grid.N, args.kappa
-    boundaries = {"teacher": [], "vcm": [], "semantic": [kap], "detail": [kap],
-                  "pcm": [(N * j + args.phases // 2) // args.phases - 1 for j in range(args.phases - 1, 0, -1)]}[args.stage]
-    k_lo, k_hi = {"semantic": (kap + 1, N - 1), "detail": (0, kap)}.get(args.stage, (0, N - 1))
-    lora = args.stage == "detail" and not args.detail_full
-    gan = args.stage == "detail" and bool(args.w_gan or args.w_fm)
     if args.dry_run:
         return dry_run(args, cfg, grid)
-
-    # --- distributed setup: torchrun sets RANK/WORLD_SIZE; --fsdp alone runs a 1-process group
+    # torchrun sets RANK/WORLD_SIZE; --fsdp in a plain process runs a 1-process group
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if dev == "cuda":
-        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         torch.cuda.set_device(dev)
     device = torch.device(dev)
-    distributed = world > 1 or args.fsdp
-    if distributed and not dist.is_initialized():
+    own_group = (world > 1 or args.fsdp) and not dist.is_initialized()
+    if own_group:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "RANK" in os.environ:
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
-        return _train(args, cfg, kind, grid, boundaries, k_lo, k_hi, lora, gan, world, rank, device, distributed)
+        return train(args, cfg, kind, grid, world, rank, device)
     finally:
-        if distributed and dist.is_initialized():
+        if own_group:
             dist.destroy_process_group()
 
 
-def _train(args, cfg, kind, grid, boundaries, k_lo, k_hi, lora, gan, world, rank, device, distributed):
-    log0 = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+def train(args, cfg, kind, grid, world, rank, device):
+    distributed, out, B, accum, N, kap = dist.is_initialized(), args.out, args.batch_size, args.grad_accum, grid.N, args.kappa
+    log0 = print if rank == 0 else (lambda *a, **k: None)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")  # noqa: E731
-    out, B, accum = args.out, args.batch_size, args.grad_accum
+    boundaries = {"teacher": [], "vcm": [], "semantic": [kap], "detail": [kap],
+                  "pcm": [(N * j + args.phases // 2) // args.phases - 1 for j in range(args.phases - 1, 0, -1)]}[args.stage]
+    k_lo, k_hi = {"semantic": (kap + 1, N - 1), "detail": (0, kap)}.get(args.stage, (0, N - 1))
+    lora, gan = args.stage == "detail" and not args.detail_full, args.stage == "detail" and bool(args.w_gan or args.w_fm)
 
-    # --- data
+    # --- data: the DistributedSampler's seeded order, resumable at a micro-batch position
     ds = data.LatentDataset(args.data)
     cond_keys = check_data(ds, cfg, B, world)
-    sampler = torch.utils.data.DistributedSampler(Indexed(ds), world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     uncond = {k: v.to(device) for k, v in ds.uncond.items()}
 
-    # --- checkpoint to resume from
+    # --- checkpoint to go on from
     ckpt, state = find_checkpoint(out, lora) if args.resume else (None, None)
-    if ckpt is None and os.path.isdir(out) and any(re.fullmatch(r"step_\d{7}", d) for d in os.listdir(out)):
+    if ckpt is None and os.path.isdir(out) and any(CKPT.fullmatch(d) for d in os.listdir(out)):
         raise TrainError(f"{out} already holds checkpoints: pass --resume or choose another --out")
     if ckpt:
         with open(os.path.join(ckpt, "config.json")) as f:
-            old = json.load(f)
-        now = {**vars(args), "boundaries": boundaries}
+            old, now = json.load(f), {**vars(args), "boundaries": boundaries}
         for key in ("stage", "boundaries", "detail_full", "grid_steps", "shift", "lora_rank"):
             if old.get(key) != now[key]:
-                raise TrainError(f"{ckpt}: saved {key}={old.get(key)!r} differs from this run's")
+                raise TrainError(f"{ckpt} was saved with {key}={old.get(key)!r}, this run has {now[key]!r}")
         log0(f"resuming from {ckpt} (step {state['step']})")
 
-    # --- models: init with the same seed on every rank, then per-rank streams for anything else
+    # --- models: the same init seed on every rank
     torch.manual_seed(args.seed)
     student = build_student(args, cfg, grid, ckpt, device).to(device).train()
-    ema = None
-    if args.target_ema > 0 and args.stage != "teacher":
-        ema = deepcopy(student).requires_grad_(False)
-        if state:
-            ema.load_state_dict(state["ema"])
+    ema = deepcopy(student).requires_grad_(False) if args.target_ema > 0 and args.stage != "teacher" else None
     teacher, disc = None, None
-    teacher_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.stage != "teacher":
-        tmodel = checkpoint.load_transformer(transformer_dir(args.teacher), dtype=teacher_dtype, device=device)
+        tdtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        tmodel = checkpoint.load_transformer(transformer_dir(args.teacher), dtype=tdtype, device=device)
         teacher = Teacher(tmodel, grid, args.guidance, uncond if kind == "vpred" else None)
     if gan:
-        dim = cfg.num_attention_heads * cfg.attention_head_dim
-        disc = losses.Discriminator(dim, len(student.default_taps()), args.disc_hidden).to(device)
-        if state:
-            disc.load_state_dict(state["disc"])
-    if args.grad_ckpt:
-        for m in (student, teacher and teacher.model):
-            if m is not None:
-                m.gradient_checkpointing = True
+        disc = losses.Discriminator(cfg.num_attention_heads * cfg.attention_head_dim, len(student.default_taps()),
+                                    args.disc_hidden).to(device)
+    for m, key in ((ema, "ema"), (disc, "disc")):
+        if m is not None and state:
+            m.load_state_dict(state[key])
+    frozen_teacher = [] if teacher is None else [teacher.model]
+    for m in [student] + frozen_teacher if args.grad_ckpt else []:
+        m.gradient_checkpointing = True
     if args.compile:
         student.compile()
 
-    # --- wrap for distributed training: DDP, or FSDP2 per block + root (teacher too, frozen)
-    mesh = None
+    # --- distributed: DDP, or FSDP2 per block + root (EMA and the frozen teacher sharded too)
+    student_mod = student
     if args.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device.type, (world,))
-        for m in (student, ema, teacher and teacher.model):
-            if m is not None:
-                shard(m, mesh)
-        student_mod = student
+        for m in [student] + ([ema] if ema else []) + frozen_teacher:
+            shard(m, mesh)
     elif distributed:
         student_mod = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        student_mod = student
-    if disc is not None and distributed:
-        for p in disc.parameters():
-            dist.broadcast(p.data, 0)
+    for p in disc.parameters() if disc is not None and distributed else ():
+        dist.broadcast(p.data, 0)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     d_opt = torch.optim.AdamW(disc.parameters(), lr=d_lr, betas=d_betas, weight_decay=d_weight_decay) if disc else None
     if state:
-        if args.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(student, opt, state["opt"], options=StateDictOptions(full_state_dict=True))
-        else:
-            opt.load_state_dict(state["opt"])
-        if d_opt:
+        set_optimizer_state_dict(student, opt, state["opt"], options=StateDictOptions(full_state_dict=True))
+        if d_opt is not None:
             d_opt.load_state_dict(state["d_opt"])
-    n_total = sum(p.numel() for p in student.parameters())
-    n_train = sum(p.numel() for p in params)
+    n_total, n_train = sum(p.numel() for p in student.parameters()), sum(p.numel() for p in params)
 
-    # --- run config: printed, saved with the run and every checkpoint
+    # --- run config: printed, saved with the run and in every checkpoint
     run_config = {**vars(args), "model_config": models.config_to_dict(cfg), "prediction": kind,
                   "boundaries": boundaries, "k_range": [k_lo, k_hi], "world_size": world,
                   "global_batch": B * accum * world, "params": n_total, "trainable": n_train,
-                  "grid": {"kind": grid.kind, "N": grid.N, "t": grid.t.tolist(), "sigma": grid.sigma.tolist()},
+                  "grid": {"kind": grid.kind, "N": N, "t": grid.t.tolist(), "sigma": grid.sigma.tolist()},
                   "data_manifest": {k: v for k, v in ds.manifest.items() if k != "shards"}}
     log0(json.dumps({k: v for k, v in run_config.items() if k != "grid"}, indent=1, default=str))
     log0(f"global batch {B} x {accum} x {world} = {B * accum * world}; params {n_total} ({n_train} trainable)")
@@ -465,17 +394,24 @@ def _train(args, cfg, kind, grid, boundaries, k_lo, k_hi, lora, gan, world, rank
         os.makedirs(out, exist_ok=True)
         data.atomic_write_json(run_config, os.path.join(out, "config.json"))
 
-    # --- fixed probe batches (high / low noise, the paper's Fig. 2): data, noise and k drawn once
-    g = torch.Generator().manual_seed(args.seed + 4242)
-    pidx = torch.randperm(len(ds), generator=g)[:B]
-    probes = []
-    for name, lo, hi in (("high", max(k_lo, args.kappa + 1), k_hi), ("low", k_lo, min(k_hi, args.kappa))):
-        if lo <= hi and args.probe_every > 0:
-            k = torch.randint(lo, hi + 1, (B,), generator=g)
-            probes.append((name, pidx, torch.randn(B, *ds.manifest["latent_shape"], generator=g), k))
+    # --- one micro-batch's loss terms
+    vgrid = solver.grid_for(cfg, solver.T_TRAIN) if kind == "vpred" else None  # every DDIM training timestep
+    weights = {"diffusion": 1.0, "cd": 1.0, "tc": args.w_tc, "gan_g": args.w_gan, "fm": args.w_fm}
+    C, n_f, H, W = ds.manifest["latent_shape"]
+    tok_grid = (n_f // (getattr(cfg, "patch_size_t", None) or 1), H // cfg.patch_size, W // cfg.patch_size)
+    taps = student.default_taps()
 
-    def losses_for(x0, eps, u, n, cond, scond, k=None):
-        """Generator loss terms for one micro-batch (k given: a probe, consistency/diffusion only)."""
+    def make_cond(batch, drop=None):
+        cond = {k: batch[k].to(device) for k in cond_keys}
+        if drop is not None:  # teacher stage, CFG models: the unconditional branch learns too
+            cond = {k: torch.where(col(drop, v).bool(), uncond[k].to(v.dtype), v) for k, v in cond.items()}
+        scond = dict(cond)
+        if getattr(cfg, "guidance_embeds", False):  # embedded guidance is an input of every call
+            scond["guidance"] = torch.full((len(batch["text"]),), 1000.0 * args.guidance, device=device)
+        return cond, scond
+
+    def loss_terms(x0, eps, u, n, cond, scond, k=None):
+        """Generator terms {name: loss} and the discriminator's (fake, real) features; k given = a probe."""
         if args.stage == "teacher":
             if k is not None:
                 t, a, s = grid.at(k)
@@ -484,192 +420,176 @@ def _train(args, cfg, kind, grid, boundaries, k_lo, k_hi, lora, gan, world, rank
                 t, a = 1000 * s, 1 - s
             else:
                 t, a, s = vgrid.at(k_between(u[:, 0], 0, vgrid.N - 1))
-            return {"diffusion": teacher_loss(student_mod, x0, eps, t.to(device), a.to(device), s.to(device), kind, scond)}, None
-        kk = (k if k is not None else k_between(u[:, 0], k_lo, k_hi)).to(device)
-        l_cd, xhat, x_tgt, k_end = consistency(student_mod, student if ema is None else ema, teacher, grid, boundaries, x0, eps, kk,
-                                               cond, scond, args.loss)
+            v = student_mod(col(a, x0) * x0 + col(s, x0) * eps, t.float().to(device), **scond).float()
+            return {"diffusion": F.mse_loss(v, eps - x0 if kind == "flow" else col(a, x0) * eps - col(s, x0) * x0)}, None
+        kk = (k_between(u[:, 0], k_lo, k_hi) if k is None else k).to(device)
+        l_cd, xhat, x_tgt, k_end = consistency(student_mod, student if ema is None else ema, teacher, grid,
+                                               boundaries, x0, eps, kk, cond, scond, args.loss)
         terms = {"cd": l_cd}
         if k is None and args.w_tc:
             terms["tc"] = losses.temporal_coherence_loss(xhat, x_tgt)
         if k is not None or not gan:
             return terms, None
-        k_adv = k_between(u[:, 1], 0, args.kappa).to(device)  # the detail sub-trajectory
+        k_adv = k_between(u[:, 1], 0, kap).to(device)  # re-noise into the detail sub-trajectory
         t_adv = grid.at(k_adv)[0].float()
         real, fake = (losses.renoise(xx, n, k_end, k_adv, grid) for xx in (x_tgt, xhat))
         with torch.no_grad():
-            _, real_f = unet_call(teacher.model, real, t_adv, scond, taps=taps)
-        _, fake_f = unet_call(teacher.model, fake, t_adv, scond, taps=taps)
+            real_f = teacher.model(real, t_adv, taps=taps, **scond)[1]
+        fake_f = teacher.model(fake, t_adv, taps=taps, **scond)[1]  # gradient flows to xhat
         disc.requires_grad_(False)
         terms["gan_g"] = losses.g_hinge_loss(disc(fake_f, tok_grid))
         disc.requires_grad_(True)
         temb = teacher.model.time_embed(t_adv, **scond)
-        terms["fm"] = losses.feature_matching_loss(teacher.model, fake_f, real_f, temb, x0.shape[2:])
+        terms["fm"] = losses.feature_matching_loss(teacher.model, fake_f, real_f, temb, (n_f, H, W))
         return terms, ([f.detach() for f in fake_f], real_f)
 
-    vgrid = solver.grid_for(cfg, solver.T_TRAIN) if kind == "vpred" else None  # all 1000 DDIM timesteps
-    weights = {"diffusion": 1.0, "cd": 1.0, "tc": args.w_tc, "gan_g": args.w_gan, "fm": args.w_fm}
-    pt = getattr(cfg, "patch_size_t", None) or 1
-    C, n_f, H, W = ds.manifest["latent_shape"]
-    tok_grid, taps = (n_f // pt, H // cfg.patch_size, W // cfg.patch_size), student.default_taps()
-
-    def make_cond(batch, drop=None):
-        cond = {k: batch[k].to(device) for k in cond_keys}
-        if drop is not None and drop.any():  # teacher stage, CFG models: train the unconditional branch too
-            cond = {k: torch.where(drop.to(device).view(-1, *[1] * (v.dim() - 1)), uncond[k].to(v.dtype), v) for k, v in cond.items()}
-        scond = dict(cond)
-        if getattr(cfg, "guidance_embeds", False):  # embedded guidance is an input of every call
-            scond["guidance"] = torch.full((len(batch["index"]),), 1000.0 * args.guidance, device=device)
-        return cond, scond
+    # --- fixed probe batches, high / low noise (paper Fig. 2): data, noise and k drawn once
+    g = torch.Generator().manual_seed(args.seed + 4242)
+    pidx, probes = torch.randperm(len(ds), generator=g)[:B], []
+    pbatch = {k: v[pidx] for k, v in ds.tensors.items()}
+    for name, lo, hi in (("high", max(k_lo, kap + 1), k_hi), ("low", k_lo, min(k_hi, kap))):
+        if lo <= hi and args.probe_every > 0:
+            probes.append((name, torch.randint(lo, hi + 1, (B,), generator=g), torch.randn(B, C, n_f, H, W, generator=g)))
 
     def run_probes(step):
-        """Consistency (or diffusion) loss and gradient norm on the fixed probe batches; no update."""
-        rows = {"step": step}
-        for name, idx, eps, k in probes:
-            batch = {key: v[idx] for key, v in ds.tensors.items()} | {"index": idx}
-            cond, scond = make_cond(batch)
+        """Loss and gradient norm on each probe batch; the gradients are dropped (no update)."""
+        row = {"step": step}
+        for name, k, eps in probes:
             with autocast():
-                terms, _ = losses_for(batch["latents"].float().to(device), eps.to(device), None, None, cond, scond, k=k)
-            (l,) = terms.values()
+                (l,) = loss_terms(pbatch["latents"].float().to(device), eps.to(device), None, None,
+                                  *make_cond(pbatch), k=k)[0].values()
             l.backward()
             gn = torch.nn.utils.clip_grad_norm_(params, float("inf"))
             opt.zero_grad(set_to_none=True)
-            rows[f"{name}_loss"], rows[f"{name}_grad_norm"] = l.item(), float(getattr(gn, "full_tensor", lambda: gn)())
-        return rows
+            row |= {f"{name}_loss": l.item(), f"{name}_grad_norm": float(getattr(gn, "full_tensor", lambda: gn)())}
+        return row
 
     def save(step, epoch, pos):
         """OUT/step_{step:07d}/ atomically: transformer/ (+ detail.safetensors), train_state.pt, config.json."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        if args.fsdp:  # collectives: every rank takes part, rank 0 receives the full tensors
-            sd, osd = get_model_state_dict(student, options=full), get_optimizer_state_dict(student, opt, options=full)
-            ema_sd = get_model_state_dict(ema, options=full) if ema else None
-        else:
-            sd, osd, ema_sd = None, opt.state_dict(), ema.state_dict() if ema else None
-        rngs = [None] * world
+        # FQN-keyed full states (collectives under FSDP, rank 0 receives): portable across FSDP/DDP/world
+        osd = get_optimizer_state_dict(student, opt, options=full)
+        sd = get_model_state_dict(student, options=full) if args.fsdp else None
+        ema_sd = None if ema is None else get_model_state_dict(ema, options=full) if args.fsdp else ema.state_dict()
+        rngs = [rng_state()] * world
         if distributed:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
+            dist.all_gather_object(rngs, rngs[0])
         if rank == 0:
             m = student
             if sd is not None:  # an unsharded CPU copy to write in the library's layouts
-                m = build_student_meta(args, cfg, grid)
+                m = build_student(args, cfg, grid, device="meta")
                 m.load_state_dict(sd, assign=True)
             with checkpoint.atomic_dir(os.path.join(out, f"step_{step:07d}")) as tmp:
                 if lora:
                     m.save_semantic(os.path.join(tmp, "transformer"))
-                    m.save_detail(os.path.join(tmp, "detail.safetensors"), {"kappa": args.kappa})
+                    m.save_detail(os.path.join(tmp, "detail.safetensors"), {"kappa": kap})
                 else:
                     checkpoint.save_transformer(m, os.path.join(tmp, "transformer"))
-                torch.save({"step": step, "epoch": epoch, "pos": pos, "opt": osd, "ema": ema_sd,
-                            "disc": disc.state_dict() if disc else None, "d_opt": d_opt.state_dict() if d_opt else None,
-                            "rng": rngs, "world_size": world}, os.path.join(tmp, "train_state.pt"))
+                torch.save({"step": step, "epoch": epoch, "pos": pos, "opt": osd, "ema": ema_sd, "rng": rngs,
+                            "disc": None if disc is None else disc.state_dict(),
+                            "d_opt": None if d_opt is None else d_opt.state_dict(),
+                            "world_size": world}, os.path.join(tmp, "train_state.pt"))
                 data.atomic_write_json({**run_config, "step": step}, os.path.join(tmp, "config.json"))
         if distributed:
             dist.barrier()
 
-    # --- state to go on from; per-rank RNG streams (draws themselves are keyed, see draws())
+    def batches(epoch, pos):
+        """Micro-batches (with dataset indices) forever from (epoch, pos); yields (batch, epoch, pos after)."""
+        while True:
+            sampler.set_epoch(epoch)
+            order = list(sampler)[pos * B:]
+            loader = torch.utils.data.DataLoader(ds, batch_size=B, sampler=order, drop_last=True,
+                                                 generator=torch.Generator())  # keeps the global RNG untouched
+            for i, b in enumerate(loader):
+                pos += 1
+                yield b | {"index": torch.tensor(order[i * B:(i + 1) * B])}, epoch, pos
+            epoch, pos = epoch + 1, 0
+
+    # --- state to go on from; logs cut back to the checkpoint's step
     step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
     random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
     if state and state["world_size"] == world:
         set_rng_state(state["rng"][rank])
-    if rank == 0:
-        for name in ("log.jsonl", "probes.jsonl"):  # drop lines of steps after the checkpoint
-            path = os.path.join(out, name)
-            if os.path.isfile(path):
-                with open(path) as f:
-                    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-                with open(path, "w") as f:
-                    f.writelines(keep)
-
-    def batches(epoch, pos):
-        """Micro-batches forever from (epoch, pos); yields (batch, epoch, pos after it)."""
-        while True:
-            sampler.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(Indexed(ds), batch_size=B, sampler=FromPosition(sampler, pos * B),
-                                                 drop_last=True, generator=torch.Generator())
-            for b in loader:
-                pos += 1
-                yield b, epoch, pos
-            epoch, pos = epoch + 1, 0
+    for path in [os.path.join(out, f) for f in ("log.jsonl", "probes.jsonl")] if rank == 0 else []:
+        if os.path.isfile(path):
+            with open(path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            with open(path, "w") as f:
+                f.writelines(keep)
 
     # --- training loop
     stream = batches(epoch, pos)
-    nan_at = int(os.environ.get("DCM_TRAIN_NAN_AT_STEP", -1))  # test hook: poison this step's loss
+    nan_at = int(os.environ.get("DCM_TRAIN_NAN_AT_STEP", -1))  # test hook: poison the loss of this step
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc=args.stage, mininterval=2)
-    last = {}
+    row = {}
     while step < args.max_steps:
-        t0 = time.time()
-        sums = {}
+        t0, sums = time.time(), {}
         for micro in range(accum):
             batch, epoch, pos = next(stream)
             x0 = batch["latents"].float().to(device)
             eps, u, n = draws(batch["index"], step, args.seed, x0.shape[1:], gan)
-            cond, scond = make_cond(batch, (u[:, 2] < args.cond_drop) if args.stage == "teacher" and kind == "vpred" else None)
-            sync = micro == accum - 1
+            drop = (u[:, 2] < args.cond_drop) if args.stage == "teacher" and kind == "vpred" else None
+            last = micro == accum - 1
             if args.fsdp:
-                student_mod.set_requires_gradient_sync(sync)
-            ctx = student_mod.no_sync() if distributed and not args.fsdp and not sync else contextlib.nullcontext()
-            with ctx:
+                student_mod.set_requires_gradient_sync(last)
+            with student_mod.no_sync() if distributed and not args.fsdp and not last else contextlib.nullcontext():
                 with autocast():
-                    terms, feats = losses_for(x0, eps.to(device), u, n if n is None else n.to(device), cond, scond)
+                    terms, feats = loss_terms(x0, eps.to(device), u, n if n is None else n.to(device), *make_cond(batch, drop))
                     total = sum(weights[k] * v for k, v in terms.items())
                 if step + 1 == nan_at:
                     total = total * float("nan")
                 (total / accum).backward()
-            if feats is not None:  # discriminator micro-step on the same features (1:1 with G)
+            if feats is not None:  # discriminator micro-step on the same features, 1:1 with the generator
                 with autocast():
-                    logits = disc([torch.cat([f, r]) for f, r in zip(*feats)], tok_grid)  # [2B, L]: fake then real
+                    logits = disc([torch.cat([f, r]) for f, r in zip(*feats)], tok_grid)  # [2B, L]: fake, real
                     terms["d"] = losses.d_hinge_loss([lg[B:] for lg in logits], [lg[:B] for lg in logits])
                 (terms["d"] / accum).backward()
-            terms["loss"] = total
-            for k, v in terms.items():
+            for k, v in (terms | {"loss": total}).items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
-        names = sorted(sums)
-        vals = torch.stack([sums[k] for k in names])
+        vals = torch.stack([sums[k] for k in sorted(sums)])
         if distributed:
             dist.all_reduce(vals)
             vals /= world
         gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        gn = getattr(gn, "full_tensor", lambda: gn)()
-        row = dict(zip(names, vals.tolist())) | {"grad_norm": float(gn)}
+        row = dict(zip(sorted(sums), vals.tolist())) | {"grad_norm": float(getattr(gn, "full_tensor", lambda: gn)())}
         if disc is not None:
-            if distributed:
-                for p in disc.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
+            for p in disc.parameters() if distributed else ():
+                dist.all_reduce(p.grad)
+                p.grad /= world
             row["d_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(disc.parameters(), grad_clip))
         bad = [k for k, v in row.items() if not np.isfinite(v)]
-        if bad:
-            good = find_checkpoint(out, lora)[0] if rank == 0 and os.path.isdir(out) else None
-            raise TrainError(f"non-finite {', '.join(bad)} at step {step + 1}; stopped before the update. "
-                             f"Last good checkpoint: {good or 'none'}")
+        if bad:  # stop before the update: the last checkpoint stays the last good state
+            good = find_checkpoint(out, lora, quiet=True)[0]
+            raise TrainError(f"non-finite {', '.join(bad)} at step {step + 1}; stopped before the update, "
+                             f"last good checkpoint: {good or 'none'}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         if d_opt is not None:
             d_opt.step()
             d_opt.zero_grad(set_to_none=True)
         if ema is not None:
+            for m in ema.modules() if args.fsdp else ():  # a no-grad root forward leaves its params gathered
+                getattr(m, "reshard", lambda: None)()
             with torch.no_grad():
                 for pe, p in zip(ema.parameters(), student.parameters()):
                     if p.requires_grad:
                         pe.lerp_(p, 1 - args.target_ema)
         step += 1
-        last = row | {"step": step, "lr": args.lr, "epoch": epoch, "time": time.time() - t0}
+        row |= {"step": step, "lr": args.lr, "epoch": epoch, "time": time.time() - t0}
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4g}")
         if rank == 0:
             with open(os.path.join(out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(last) + "\n")
+                f.write(json.dumps(row) + "\n")
         if probes and step % args.probe_every == 0:
-            rows = run_probes(step)
+            prow = run_probes(step)
             if rank == 0:
                 with open(os.path.join(out, "probes.jsonl"), "a") as f:
-                    f.write(json.dumps(rows) + "\n")
+                    f.write(json.dumps(prow) + "\n")
         if step == args.max_steps or (args.save_every > 0 and step % args.save_every == 0):
             save(step, epoch, pos)
     bar.close()
-    return {"step": step, "losses": last, "out": out, "checkpoint": os.path.join(out, f"step_{step:07d}")}
+    return {"step": step, "losses": row, "out": out, "checkpoint": os.path.join(out, f"step_{step:07d}")}
 
 
 def _cli():

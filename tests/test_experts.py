@@ -1,11 +1,14 @@
 """experts.py: LoRA, per-sample dual-expert routing, trainable sets, adapter files, merged export."""
+import copy
+import json
+
 import pytest
 import torch
 
 import checkpoint
-import experts
 import model
 import solver
+from data import atomic_save_file
 from experts import DualExpert, LoRALinear
 
 ARCHS = ["tiny-cogvideox", "tiny-hunyuan"]
@@ -93,7 +96,7 @@ def test_straddling_batch_equals_halves_run_separately(arch):
     m, e = build(arch, random_adapter=True)
     x, cond = inputs(m, 4)
     ks = [KAPPA + 1, 3, 49, KAPPA]  # semantic, detail, semantic, detail (mixed order)
-    t, bt = timesteps(m, ks)
+    t, _ = timesteps(m, ks)
     assert e.detail_mask(t, 4).tolist() == [False, True, False, True]
     taps = [0] if arch == "tiny-cogvideox" else [0, 2]
     with torch.no_grad():
@@ -160,7 +163,7 @@ def test_gradient_checkpointing_keeps_each_sample_on_its_path(arch):
 def test_trees_share_weights_through_deepcopy_and_dtype_conversion():
     # EMA targets are deep copies; .double()/.to() must keep both trees on the same tensors
     m, e = build("tiny-cogvideox", random_adapter=True)
-    e2 = __import__("copy").deepcopy(e)
+    e2 = copy.deepcopy(e)
     for ex in (e, e2):
         blk_d, blk_s = ex.detail.transformer_blocks[0], ex.backbone.transformer_blocks[0]
         assert blk_d is not blk_s and blk_d.ff is blk_s.ff and blk_d.norm1 is blk_s.norm1
@@ -209,7 +212,7 @@ def test_hunyuan_targets_and_copy_adaln():
 def test_save_load_round_trip_and_merged_export(arch, tmp_path):
     m, e = build(arch, random_adapter=True)
     x, cond = inputs(m, 2)
-    t, bt = timesteps(m, [KAPPA, 5])
+    t, _ = timesteps(m, [KAPPA, 5])
     e.save_semantic(tmp_path / "semantic")
     e.save_detail(tmp_path / "detail.safetensors", meta={"kappa": KAPPA, "grid": "default"})
 
@@ -236,7 +239,7 @@ def test_load_detail_is_strict(tmp_path):
         other_rank.load_detail(path)
     sd = {k: v.detach() for k, v in e.detail_state().items()}
     del sd["proj_out.bias"]
-    experts.atomic_save_file(sd, tmp_path / "bad.safetensors", metadata={"dcm": __import__("json").dumps(e.detail_meta())})
+    atomic_save_file(sd, tmp_path / "bad.safetensors", metadata={"dcm": json.dumps(e.detail_meta())})
     with pytest.raises(ValueError, match="proj_out.bias"):
         e.load_detail(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="boundary_t"):

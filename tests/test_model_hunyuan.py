@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import checkpoint
-import hunyuan_wip as H  # noqa: F401  (registers the HunyuanVideo architecture and presets)
 import model
 
 diffusers = pytest.importorskip("diffusers")
@@ -59,7 +58,7 @@ def test_parity_with_diffusers_via_sharded_folder(cfg, F, tmp_path):
     ref.save_pretrained(tmp_path, max_shard_size="200KB")
     assert (tmp_path / checkpoint.INDEX).is_file()  # really sharded
     ours = checkpoint.load_transformer(tmp_path).eval()
-    assert isinstance(ours, H.HunyuanVideoTransformer) and ours.config == cfg
+    assert isinstance(ours, model.HunyuanVideoTransformer) and ours.config == cfg
     inp = make_inputs(cfg, F=F)  # batch 2, partly padded mask, non-square H x W, F > 1
     with torch.no_grad():
         out = ours(**inp)
@@ -67,7 +66,7 @@ def test_parity_with_diffusers_via_sharded_folder(cfg, F, tmp_path):
 
 
 def test_padded_text_is_ignored_and_valid_text_matters():
-    ours = H.HunyuanVideoTransformer(TINY).eval()
+    ours = model.HunyuanVideoTransformer(TINY).eval()
     ours.load_state_dict(random_reference(TINY).state_dict())
     inp = make_inputs(TINY)
     with torch.no_grad():
@@ -80,7 +79,7 @@ def test_padded_text_is_ignored_and_valid_text_matters():
 
 
 def test_taps_and_head_reproduce_output():
-    ours = H.HunyuanVideoTransformer(TINY).eval()
+    ours = model.HunyuanVideoTransformer(TINY).eval()
     ours.load_state_dict(random_reference(TINY).state_dict())
     inp = make_inputs(TINY)
     last = TINY.num_layers + TINY.num_single_layers - 1
@@ -99,67 +98,61 @@ def test_full_preset_on_meta_param_count_and_taps():
     assert sum(p.numel() for p in m.parameters()) == 12_821_012_544
     assert m.default_taps() == list(range(20, 60, 2)) and m.prediction == "flow"
     ref_keys = {k: tuple(v.shape) for k, v in random_reference(TINY).state_dict().items()}
-    assert {k: tuple(v.shape) for k, v in H.HunyuanVideoTransformer(TINY).state_dict().items()} == ref_keys
+    assert {k: tuple(v.shape) for k, v in model.HunyuanVideoTransformer(TINY).state_dict().items()} == ref_keys
 
 
-def to_tencent(sd, D):
-    """Invert the documented Tencent -> diffusers mapping (test-side, written independently)."""
-    out, sd = {}, dict(sd)
-    ren = [("x_embedder.proj", "img_in.proj"), ("context_embedder.proj_in", "txt_in.input_embedder"),
-           ("context_embedder.time_text_embed.timestep_embedder.linear_1", "txt_in.t_embedder.mlp.0"),
-           ("context_embedder.time_text_embed.timestep_embedder.linear_2", "txt_in.t_embedder.mlp.2"),
-           ("context_embedder.time_text_embed.text_embedder", "txt_in.c_embedder"),
-           ("context_embedder.token_refiner.refiner_blocks", "txt_in.individual_token_refiner.blocks"),
-           ("time_text_embed.timestep_embedder.linear_1", "time_in.mlp.0"),
-           ("time_text_embed.timestep_embedder.linear_2", "time_in.mlp.2"),
-           ("time_text_embed.guidance_embedder.linear_1", "guidance_in.mlp.0"),
-           ("time_text_embed.guidance_embedder.linear_2", "guidance_in.mlp.2"),
-           ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
-           ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
-           ("single_transformer_blocks", "single_blocks"), ("transformer_blocks", "double_blocks"),
-           ("norm1_context.linear", "txt_mod.linear"), ("norm1.linear", "img_mod.linear"),
-           ("attn.to_out.0", "ATTN_PROJ"), ("attn.to_add_out", "txt_attn_proj"),
-           ("attn.norm_added_q", "txt_attn_q_norm"), ("attn.norm_added_k", "txt_attn_k_norm"),
-           ("ff_context.net.0.proj", "txt_mlp.fc1"), ("ff_context.net.2", "txt_mlp.fc2"),
-           ("ff.net.0.proj", "FF.fc1"), ("ff.net.2", "FF.fc2"), ("norm.linear", "modulation.linear"),
-           ("norm_out.linear", "ADALN")]
-    for k in list(sd):
-        for leaf in ("weight", "bias"):
-            if k.endswith(f"attn.to_q.{leaf}") or k.endswith(f"attn.add_q_proj.{leaf}"):
-                kk, vv = k.replace("to_q", "to_k").replace("add_q", "add_k"), k.replace("to_q", "to_v").replace("add_q", "add_v")
-                parts = [sd.pop(k), sd.pop(kk), sd.pop(vv)]
-                if k.startswith("single_transformer_blocks"):
-                    parts.append(sd.pop(k.replace("attn.to_q", "proj_mlp")))
-                    sd[k.replace("attn.to_q", "linear1")] = torch.cat(parts)
-                else:
-                    sd[k.replace("attn.to_q", "QKV").replace("attn.add_q_proj", "txt_attn_qkv")] = torch.cat(parts)
+_TOP = {  # our name -> Tencent name (the documented mapping, inverted here independently of model.py)
+    "x_embedder.proj": "img_in.proj", "context_embedder.proj_in": "txt_in.input_embedder",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.mlp.0", "time_text_embed.timestep_embedder.linear_2": "time_in.mlp.2",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.mlp.0", "time_text_embed.guidance_embedder.linear_2": "guidance_in.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer", "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "context_embedder.time_text_embed.timestep_embedder.linear_1": "txt_in.t_embedder.mlp.0",
+    "context_embedder.time_text_embed.timestep_embedder.linear_2": "txt_in.t_embedder.mlp.2",
+    "context_embedder.time_text_embed.text_embedder.linear_1": "txt_in.c_embedder.linear_1",
+    "context_embedder.time_text_embed.text_embedder.linear_2": "txt_in.c_embedder.linear_2",
+    "proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+_BLOCKS = {  # our block list -> (Tencent block list, {our name in a block: Tencent's}); QKV = fused q, k, v (+ mlp)
+    "context_embedder.token_refiner.refiner_blocks": ("txt_in.individual_token_refiner.blocks", {
+        "norm1": "norm1", "norm2": "norm2", "attn.QKV": "self_attn_qkv", "attn.to_out.0": "self_attn_proj",
+        "ff.net.0.proj": "mlp.fc1", "ff.net.2": "mlp.fc2", "norm_out.linear": "adaLN_modulation.1"}),
+    "transformer_blocks": ("double_blocks", {
+        "norm1.linear": "img_mod.linear", "norm1_context.linear": "txt_mod.linear", "attn.QKV": "img_attn_qkv",
+        "attn.add_QKV": "txt_attn_qkv", "attn.norm_q": "img_attn_q_norm", "attn.norm_k": "img_attn_k_norm",
+        "attn.norm_added_q": "txt_attn_q_norm", "attn.norm_added_k": "txt_attn_k_norm", "attn.to_out.0": "img_attn_proj",
+        "attn.to_add_out": "txt_attn_proj", "ff.net.0.proj": "img_mlp.fc1", "ff.net.2": "img_mlp.fc2",
+        "ff_context.net.0.proj": "txt_mlp.fc1", "ff_context.net.2": "txt_mlp.fc2"}),
+    "single_transformer_blocks": ("single_blocks", {
+        "attn.QKV": "linear1", "proj_out": "linear2", "attn.norm_q": "q_norm", "attn.norm_k": "k_norm", "norm.linear": "modulation.linear"}),
+}
+
+
+def to_tencent(sd):
+    """Our/diffusers state dict -> a Tencent `module` state dict (fused qkv, linear1 = [q, k, v, mlp], adaLN (shift, scale))."""
+    sd, out = dict(sd), {}
+    for k in [k for k in sd if ".attn.to_q." in k or ".attn.add_q_proj." in k]:
+        group = [k, k.replace("_q", "_k"), k.replace("_q", "_v")] + ([k.replace("attn.to_q", "proj_mlp")] if k.startswith("single_") else [])
+        sd[k.replace("to_q", "QKV").replace("add_q_proj", "add_QKV")] = torch.cat([sd.pop(g) for g in group])
     for k, v in sd.items():
-        n = k
-        for a, b in ren:
-            n = n.replace(a, b)
-        if n == "proj_out.weight" or n == "proj_out.bias":
-            n = "final_layer.linear." + n.split(".")[-1]
-        elif n.startswith("ADALN"):
+        stem, leaf = k.rsplit(".", 1)
+        if stem in _TOP:
+            name = _TOP[stem]
+        else:
+            blocks, idx, inner = next((b, *stem[len(b) + 1:].split(".", 1)) for b in _BLOCKS if stem.startswith(b + "."))
+            name = f"{_BLOCKS[blocks][0]}.{idx}.{_BLOCKS[blocks][1][inner]}"
+        if stem == "norm_out.linear":
             scale, shift = v.chunk(2)
-            n, v = "final_layer.adaLN_modulation.1" + n[5:], torch.cat([shift, scale])
-        blk = n.split(".")[0]
-        fam = {"double_blocks": "img_", "single_blocks": "", "txt_in": "self_"}.get(blk, "")
-        n = n.replace("ADALN", "adaLN_modulation.1").replace("ATTN_PROJ", f"{'img_attn' if fam == 'img_' else 'self_attn'}_proj")
-        n = n.replace("QKV", "img_attn_qkv" if fam == "img_" else "self_attn_qkv").replace("FF", "img_mlp" if fam == "img_" else "mlp")
-        if blk == "double_blocks":
-            n = n.replace("attn.norm_q", "img_attn_q_norm").replace("attn.norm_k", "img_attn_k_norm")
-        if blk == "single_blocks":
-            n = n.replace("attn.norm_q", "q_norm").replace("attn.norm_k", "k_norm").replace(".proj_out.", ".linear2.")
-        out[n] = v
+            v = torch.cat([shift, scale])
+        out[f"{name}.{leaf}"] = v
     return out
 
 
 def test_tencent_converter_matches_diffusers_single_file_converter():
     cfg = replace(TINY, num_layers=2, num_refiner_layers=2)
     ours_sd = random_reference(cfg).state_dict()
-    tencent = to_tencent(ours_sd, 32)
+    tencent = to_tencent(ours_sd)
     assert "single_blocks.1.linear1.weight" in tencent and "final_layer.adaLN_modulation.1.bias" in tencent
-    got_cfg, got = H.convert_tencent_hunyuan({"module": dict(tencent)}, config=cfg)
+    got_cfg, got = model.convert_tencent_hunyuan({"module": dict(tencent)}, config=cfg)
     assert got_cfg == cfg and got.keys() == ours_sd.keys()
     assert all(torch.equal(got[k], ours_sd[k]) for k in got)
     # diffusers' converter hard-codes the 13B width in the single-block linear1 split: compare the rest here
@@ -168,19 +161,18 @@ def test_tencent_converter_matches_diffusers_single_file_converter():
     assert all(torch.equal(want[k], got[k]) for k in want) and len(want) == len(got) - 8 * cfg.num_single_layers
     # ... and the linear1 split at the real width 3072 with skinny stand-in tensors
     wide = {"single_blocks.0.linear1.weight": torch.randn(3 * 3072 + 12288, 2), "single_blocks.0.linear1.bias": torch.randn(3 * 3072 + 12288)}
-    _, got = H.convert_tencent_hunyuan(dict(wide), config=model.PRESETS["hunyuan-video"])
+    _, got = model.convert_tencent_hunyuan(dict(wide), config=model.PRESETS["hunyuan-video"])
     want = convert_hunyuan_video_transformer_to_diffusers(dict(wide))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     with pytest.raises(ValueError, match="unexpected key"):
-        H.convert_tencent_hunyuan({**tencent, "double_blocks.0.img_attn_extra.weight": torch.zeros(1)}, config=cfg)
+        model.convert_tencent_hunyuan({**tencent, "double_blocks.0.img_attn_extra.weight": torch.zeros(1)}, config=cfg)
 
 
-def test_load_tencent_file_end_to_end(tmp_path, monkeypatch):
+def test_load_tencent_file_end_to_end(tmp_path):
     """load_transformer on an `mp_rank_00_model_states.pt` (config read off the shapes) == diffusers."""
-    monkeypatch.setattr(model, "convert_tencent_hunyuan", H.convert_tencent_hunyuan, raising=False)  # WIP
     cfg = replace(TINY, num_attention_heads=1, attention_head_dim=128, rope_axes_dim=(16, 56, 56))
     ref = random_reference(cfg)
-    torch.save({"module": to_tencent(ref.state_dict(), 128)}, tmp_path / "mp_rank_00_model_states.pt")
+    torch.save({"module": to_tencent(ref.state_dict())}, tmp_path / "mp_rank_00_model_states.pt")
     ours = checkpoint.load_transformer(tmp_path / "mp_rank_00_model_states.pt").eval()
     assert ours.config == cfg
     inp = make_inputs(cfg, B=1, F=2, H=2, W=4)
@@ -189,7 +181,7 @@ def test_load_tencent_file_end_to_end(tmp_path, monkeypatch):
 
 
 def test_gradient_checkpointing_same_output_and_grads():
-    ours = H.HunyuanVideoTransformer(TINY)
+    ours = model.HunyuanVideoTransformer(TINY)
     ours.load_state_dict(random_reference(TINY).state_dict())
     inp = make_inputs(TINY)
     grads = []
@@ -204,7 +196,7 @@ def test_gradient_checkpointing_same_output_and_grads():
 
 
 def test_bf16_close_to_fp32():
-    ours = H.HunyuanVideoTransformer(TINY).eval()
+    ours = model.HunyuanVideoTransformer(TINY).eval()
     ours.load_state_dict(random_reference(TINY).state_dict())
     inp = make_inputs(TINY)
     with torch.no_grad():
@@ -237,14 +229,14 @@ def _bad(**change):
     (_bad(taps=[2, 1]), "taps"),
 ])
 def test_bad_inputs(change, match):
-    ours = H.HunyuanVideoTransformer(TINY)
+    ours = model.HunyuanVideoTransformer(TINY)
     inp = {**make_inputs(TINY), **change}
     with pytest.raises(ValueError, match=match):
         ours(**inp)
 
 
 def test_guidance_rejected_without_guidance_embeds_and_bad_configs():
-    ours = H.HunyuanVideoTransformer(TINY_ALT)
+    ours = model.HunyuanVideoTransformer(TINY_ALT)
     with pytest.raises(ValueError, match="guidance_embeds=False"):
         ours(**{**make_inputs(TINY_ALT, F=4), "guidance": torch.tensor([6016.0, 6016.0])})
     with pytest.raises(ValueError, match="image_condition_type"):

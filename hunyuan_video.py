@@ -1,5 +1,9 @@
-# WIP header (dropped when appended to model.py)
-import re
+"""HunyuanVideo (13B) = diffusers `HunyuanVideoTransformer3DModel`.
+
+Sequence [video, text]; text padding masked out of attention; RoPE on video tokens only; embedded
+guidance; output = flow velocity. Parameter names equal diffusers' state-dict keys (DESIGN.md section 2).
+"""
+
 from dataclasses import dataclass
 
 import torch
@@ -7,12 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import ARCHITECTURES, FeedForward, RMSNorm, TimestepMLP, apply_rope, check_taps, reject_cond, attention, register_preset, timestep_embedding
-# END WIP header
-
-# ----------------------------------------------------------------------------------------------
-# HunyuanVideo (diffusers `HunyuanVideoTransformer3DModel`): sequence [video, text], text padding
-# masked out of attention, RoPE on video tokens only, embedded guidance, output = flow velocity.
+from model import (
+    timestep_embedding, TimestepMLP, attention, apply_rope, RMSNorm, FeedForward, reject_cond, check_taps, ARCHITECTURES, register_preset,
+)
 
 
 @dataclass
@@ -47,17 +48,17 @@ class HunyuanVideoConfig:
             raise ValueError(f"rope_axes_dim {self.rope_axes_dim} must be even and sum to attention_head_dim {self.attention_head_dim}")
 
 
-def _heads(x, n):
+def _hv_heads(x, n):
     """[B, L, n*d] -> [B, n, L, d]."""
     return x.unflatten(-1, (n, -1)).transpose(1, 2)
 
 
-def _ln(x):
+def _hv_ln(x):
     """Parameter-free LayerNorm (eps 1e-6) of the adaptive norms."""
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
-class _Mod(nn.Module):
+class HunyuanAdaMod(nn.Module):
     """AdaLN modulation: `linear(SiLU(temb))` split into n chunks, each [B, 1, D]."""
 
     def __init__(self, dim, n):
@@ -68,7 +69,7 @@ class _Mod(nn.Module):
         return self.linear(F.silu(temb)).unsqueeze(1).chunk(self.n, dim=-1)
 
 
-class _Attn(nn.Module):
+class HunyuanAttention(nn.Module):
     """Projections of one attention (diffusers names); `ctx` adds the text-stream ones (double blocks)."""
 
     def __init__(self, dim, heads, qk_norm=True, ctx=False, out=True):
@@ -86,11 +87,11 @@ class _Attn(nn.Module):
 
     def qkv(self, x):
         """Heads [B, heads, L, d] of q, k (RMS-normed when the block has q/k norms), v."""
-        q, k, v = (_heads(f(x), self.heads) for f in (self.to_q, self.to_k, self.to_v))
+        q, k, v = (_hv_heads(f(x), self.heads) for f in (self.to_q, self.to_k, self.to_v))
         return (self.norm_q(q), self.norm_k(k), v) if hasattr(self, "norm_q") else (q, k, v)
 
     def qkv_ctx(self, c):
-        q, k, v = (_heads(f(c), self.heads) for f in (self.add_q_proj, self.add_k_proj, self.add_v_proj))
+        q, k, v = (_hv_heads(f(c), self.heads) for f in (self.add_q_proj, self.add_k_proj, self.add_v_proj))
         return self.norm_added_q(q), self.norm_added_k(k), v
 
 
@@ -100,10 +101,10 @@ class HunyuanRefinerBlock(nn.Module):
     def __init__(self, dim, heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = _Attn(dim, heads, qk_norm=False)
+        self.attn = HunyuanAttention(dim, heads, qk_norm=False)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.ff = FeedForward(dim, int(dim * mlp_ratio), "linear-silu")
-        self.norm_out = _Mod(dim, 2)
+        self.norm_out = HunyuanAdaMod(dim, 2)
 
     def forward(self, c, temb, mask):
         gate_attn, gate_ff = self.norm_out(temb)
@@ -117,23 +118,23 @@ class HunyuanDoubleBlock(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
-        self.norm1, self.norm1_context = _Mod(dim, 6), _Mod(dim, 6)
-        self.attn = _Attn(dim, heads, ctx=True)
+        self.norm1, self.norm1_context = HunyuanAdaMod(dim, 6), HunyuanAdaMod(dim, 6)
+        self.attn = HunyuanAttention(dim, heads, ctx=True)
         self.ff = FeedForward(dim, int(dim * mlp_ratio), "gelu-approximate")
         self.ff_context = FeedForward(dim, int(dim * mlp_ratio), "gelu-approximate")
 
     def forward(self, x, c, temb, mask, cos, sin):
         shift, scale, gate, shift2, scale2, gate2 = self.norm1(temb)
         c_shift, c_scale, c_gate, c_shift2, c_scale2, c_gate2 = self.norm1_context(temb)
-        qx, kx, vx = self.attn.qkv(_ln(x) * (1 + scale) + shift)
-        qc, kc, vc = self.attn.qkv_ctx(_ln(c) * (1 + c_scale) + c_shift)
+        qx, kx, vx = self.attn.qkv(_hv_ln(x) * (1 + scale) + shift)
+        qc, kc, vc = self.attn.qkv_ctx(_hv_ln(c) * (1 + c_scale) + c_shift)
         q, k, v = (torch.cat(p, dim=2) for p in ((qx, qc), (kx, kc), (vx, vc)))  # [B, h, Lv+Lt, d]
-        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask).transpose(1, 2).flatten(2)
+        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask).transpose(1, 2).flatten(2)  # [B, Lv+Lt, D]
         n = x.shape[1]
         x = x + self.attn.to_out[0](o[:, :n]) * gate
         c = c + self.attn.to_add_out(o[:, n:]) * c_gate
-        x = x + self.ff(_ln(x) * (1 + scale2) + shift2) * gate2
-        c = c + self.ff_context(_ln(c) * (1 + c_scale2) + c_shift2) * c_gate2
+        x = x + self.ff(_hv_ln(x) * (1 + scale2) + shift2) * gate2
+        c = c + self.ff_context(_hv_ln(c) * (1 + c_scale2) + c_shift2) * c_gate2
         return x, c
 
 
@@ -142,16 +143,16 @@ class HunyuanSingleBlock(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
-        self.norm = _Mod(dim, 3)
-        self.attn = _Attn(dim, heads, out=False)
+        self.norm = HunyuanAdaMod(dim, 3)
+        self.attn = HunyuanAttention(dim, heads, out=False)
         self.proj_mlp = nn.Linear(dim, int(dim * mlp_ratio))
         self.proj_out = nn.Linear(dim + int(dim * mlp_ratio), dim)
 
     def forward(self, h, temb, mask, cos, sin):
         shift, scale, gate = self.norm(temb)
-        n = _ln(h) * (1 + scale) + shift
+        n = _hv_ln(h) * (1 + scale) + shift
         q, k, v = self.attn.qkv(n)
-        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask).transpose(1, 2).flatten(2)
+        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask).transpose(1, 2).flatten(2)  # [B, L, D]
         mlp = F.gelu(self.proj_mlp(n), approximate="tanh")
         return h + gate * self.proj_out(torch.cat([o, mlp], dim=-1))
 
@@ -176,7 +177,7 @@ class HunyuanVideoTransformer(nn.Module):
         self.time_text_embed = nn.ModuleDict(embed)
         self.transformer_blocks = nn.ModuleList(HunyuanDoubleBlock(D, heads, cfg.mlp_ratio) for _ in range(cfg.num_layers))
         self.single_transformer_blocks = nn.ModuleList(HunyuanSingleBlock(D, heads, cfg.mlp_ratio) for _ in range(cfg.num_single_layers))
-        self.norm_out = _Mod(D, 2)
+        self.norm_out = HunyuanAdaMod(D, 2)
         self.proj_out = nn.Linear(D, pt * p * p * self.out_channels)
         self.gradient_checkpointing = False
 
@@ -215,7 +216,7 @@ class HunyuanVideoTransformer(nn.Module):
             mean = ((text * m).sum(dim=1) / m.sum(dim=1)).to(text.dtype)
         temb = self._sinus(ce.time_text_embed.timestep_embedder, t) + ce.time_text_embed.text_embedder(mean)
         # keys-only mask: padded query rows differ from diffusers' (they see key 0 only) but are never read
-        mask = None if text_mask is None else None
+        mask = None if text_mask is None else text_mask.bool()[:, None, None, :]  # [B, 1, 1, Lt]
         c = ce.proj_in(text)
         for block in ce.token_refiner.refiner_blocks:
             c = self._run(block, c, temb, mask)
@@ -240,7 +241,7 @@ class HunyuanVideoTransformer(nn.Module):
         if h.ndim != 3 or h.shape[1] != f * hh * ww:
             raise ValueError(f"head: expected [B, {f * hh * ww}, D] video tokens for latent grid {tuple(grid)}, got {tuple(h.shape)}")
         scale, shift = self.norm_out(temb)
-        out = self.proj_out(_ln(h) * (1 + scale) + shift)  # [B, Lv, C*pt*p*p], channel order (c, pt, p, p)
+        out = self.proj_out(_hv_ln(h) * (1 + scale) + shift)  # [B, Lv, C*pt*p*p], channel order (c, pt, p, p)
         out = out.reshape(B, f, hh, ww, self.out_channels, pt, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)  # [B, C, f, pt, hh, p, ww, p]
         return out.reshape(B, self.out_channels, f * pt, hh * p, ww * p)
 
@@ -352,10 +353,10 @@ def convert_tencent_hunyuan(sd, config=None):
     for key, w in sd.items():
         stem, leaf = key.rsplit(".", 1)
         name = _TENCENT_TOP.get(stem)
-        m = re.fullmatch(r"(.+?)\.(\d+)\.(.+)", stem)
-        if name is None and m and m[1] in _TENCENT_BLOCKS and m[3] in _TENCENT_BLOCKS[m[1]][1]:
-            blocks, names = _TENCENT_BLOCKS[m[1]]
-            name = f"{blocks}.{m[2]}.{names[m[3]]}"
+        for prefix, (blocks, names) in _TENCENT_BLOCKS.items():
+            idx, _, inner = stem.removeprefix(prefix + ".").partition(".")
+            if stem.startswith(prefix + ".") and idx.isdigit() and inner in names:
+                name = f"{blocks}.{idx}.{names[inner]}"
         if name is None:
             raise ValueError(f"unexpected key {key!r} in a Tencent HunyuanVideo checkpoint")
         if "{}" in name:

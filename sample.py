@@ -1,0 +1,387 @@
+"""Few-step generation with the trained students, the teacher's N-step reference, and video files out.
+
+    python sample.py --ckpt out/detail                   # newest complete step of a train.py run
+    python sample.py --ckpt out/detail/step_0001000 --steps 4 --num 4 --cond prompts.safetensors
+    python sample.py --ckpt sem/transformer --detail det.safetensors     # semantic backbone + adapter
+    python sample.py --ckpt out/teacher --teacher --steps 50             # the teacher, with guidance
+    python sample.py --latents samples/latents.safetensors --decode WEIGHTS   # decode an earlier run
+
+Students (paper supp. 6): steps split evenly between the phases, uniform inside each
+(solver.student_schedule), one model call and Euler/DDIM jump per point, the last to the clean end;
+no CFG, HunyuanVideo's embedded guidance (1000 * --guidance) still passed. The dual expert routes
+t <= boundary_t to its detail path; single students (vcm, pcm, semantic-only) use the run's phases.
+Without --cond: the run's dataset's unconditional conditioning if found, else zeros (non-released
+models only; the released ones need --cond from `python data.py encode-prompts`), with a warning.
+Noise comes from one seeded CPU generator for all --num samples: bitwise reproducible on a fixed
+device, and a sample's noise depends on the seed and its index, not on the batch size.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+from safetensors import safe_open
+
+import checkpoint
+import data
+import experts
+import model as models
+import solver
+from teacher import Teacher
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RELEASED = ("cogvideox-2b", "cogvideox-5b", "hunyuan-video")
+HUNYUAN_LATENT = (9, 68, 120)  # HunyuanVideo's 33 x 544 x 960 clips through its 4x8x8 VAE (its config has no size)
+STEP = re.compile(r"step_\d{7}")
+
+
+class SampleError(ValueError):
+    """Bad input to sample.py; the command line prints it as one line."""
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def missing_parts(step):
+    """What a train.py step folder lacks for sampling ([] = complete; train_state.pt is not needed)."""
+    run = _read_json(os.path.join(step, "config.json")) if os.path.isfile(os.path.join(step, "config.json")) else {}
+    need = ["config.json", "transformer/config.json"]
+    need += ["detail.safetensors"] if run.get("stage") == "detail" and not run.get("detail_full") else []
+    missing = [p for p in need if not os.path.isfile(os.path.join(step, p))]
+    if not missing:
+        try:
+            checkpoint._shard_files(os.path.join(step, "transformer"))
+        except ValueError as e:
+            missing.append(f"transformer weights ({e})")
+    return missing
+
+
+def resolve(path):
+    """(folder, backbone path, run config or None): a step folder, a run's newest complete step, or a backbone."""
+    if not os.path.exists(path):
+        raise SampleError(f"checkpoint {path} does not exist")
+    if os.path.isfile(path):  # an original-format file (checkpoint.ORIGINAL_FORMATS)
+        return path, path, None
+    steps = sorted(d for d in os.listdir(path) if STEP.fullmatch(d))
+    if steps and not os.path.isdir(os.path.join(path, "transformer")):
+        for name in reversed(steps):
+            missing = missing_parts(os.path.join(path, name))
+            if not missing:
+                return resolve(os.path.join(path, name))
+            print(f"skipping incomplete checkpoint {os.path.join(path, name)}: missing {', '.join(missing)}", file=sys.stderr)
+        raise SampleError(f"{path}: none of its {len(steps)} step_* checkpoints is complete (the newest, {steps[-1]}, "
+                          f"lacks {', '.join(missing_parts(os.path.join(path, steps[-1])))})")
+    run = _read_json(os.path.join(path, "config.json")) if os.path.isfile(os.path.join(path, "config.json")) else None
+    if STEP.fullmatch(os.path.basename(os.path.normpath(path))) or (run and "stage" in run):
+        if missing := missing_parts(path):
+            raise SampleError(f"incomplete checkpoint {path}: missing {', '.join(missing)}")
+        return path, os.path.join(path, "transformer"), run
+    try:
+        checkpoint.transformer_folder(path)
+    except ValueError:
+        raise SampleError(f"{path} is not a checkpoint: no step_* folders, train.py config.json or transformer "
+                          "config.json") from None
+    return path, path, None
+
+
+def make_grid(cfg, kind, run, n=None, shift=None):
+    """The teacher grid the run distilled on (its config.json), else the architecture's default (N=50, shift 17)."""
+    n = n or run.get("grid_steps", 50)
+    grid = solver.flow_grid(n, shift or run.get("shift", 17.0)) if kind == "flow" else solver.grid_for(cfg, n)
+    stored = run.get("grid")
+    if stored and stored["N"] == n and shift is None and not torch.equal(grid.t, torch.tensor(stored["t"], dtype=torch.float64)):
+        raise SampleError("the grid stored in the checkpoint's config.json differs from the one rebuilt from its settings")
+    return grid
+
+
+class Routed(torch.nn.Module):
+    """Two separately trained experts (ablation OD): t <= boundary_t -> detail, else semantic; one expert per batch."""
+
+    def __init__(self, semantic, detail, boundary_t):
+        super().__init__()
+        self.semantic, self.detail, self.boundary_t, self.config = semantic, detail, float(boundary_t), semantic.config
+
+    def forward(self, x, t, **cond):
+        m = t <= torch.tensor(self.boundary_t, dtype=t.dtype, device=t.device)
+        if bool(m.any()) != bool(m.all()):
+            raise ValueError("Routed experts need all t of a batch on one side of boundary_t")
+        return (self.detail if bool(m[0]) else self.semantic)(x, t, **cond)
+
+
+def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=False, steps=None, shift=None):
+    """(model, info); info: mode (teacher|dual|od|vcm|pcm|semantic), cfg, run, grid, boundaries, boundary_t, ..."""
+    folder, weights, run = resolve(path)
+    run = run or {}
+    stage = run.get("stage")
+    if teacher or stage == "teacher":
+        mode = "teacher"
+    elif detail or stage == "detail":
+        mode = "od" if not detail and run.get("detail_full") else "dual"
+    elif stage in ("vcm", "pcm", "semantic"):
+        mode = stage
+    else:
+        raise SampleError(f"{path} is a plain backbone: pass --teacher (N-step sampling with guidance) or --detail ADAPTER")
+    m = checkpoint.load_transformer(weights, dtype=dtype, device=device)
+    grid = make_grid(m.config, m.prediction, run, steps if mode == "teacher" else None, shift)
+    boundaries, bt = [] if mode == "teacher" else run.get("boundaries"), None
+    if mode == "dual":
+        file = detail or os.path.join(folder, "detail.safetensors")
+        if not os.path.isfile(file):
+            raise SampleError(f"detail adapter {file} does not exist")
+        m = experts.DualExpert.from_detail(m, file)
+        bt, kappa = m.boundary_t, experts.DualExpert.read_detail_meta(file).get("kappa")
+        t32, bt32 = grid.t.float(), torch.tensor(bt).float()
+        if kappa is None:  # an adapter saved without kappa: its boundary_t must be a grid point
+            kappa = int(hits[0]) - 1 if len(hits := (t32 == bt32).nonzero()) else -1
+        if not 0 <= kappa <= grid.N - 2 or t32[kappa + 1] != bt32:
+            raise SampleError(f"{file}: boundary_t {bt} is not the grid's t at kappa {kappa} ({grid.kind} grid, N={grid.N})")
+        boundaries = [kappa]
+    elif mode == "od":
+        if not run.get("init") or not os.path.exists(run["init"]):
+            raise SampleError(f"{folder}: ablation-OD detail expert, its semantic expert (--init {run.get('init')!r}) is missing")
+        bt = solver.boundary_t(grid, run["kappa"])
+        m = Routed(checkpoint.load_transformer(resolve(run["init"])[1], dtype=dtype, device=device), m, bt)
+    elif mode == "semantic":
+        print("warning: a semantic-expert checkpoint (no detail adapter): it runs the detail-phase steps too", file=sys.stderr)
+    m.eval().requires_grad_(False)
+    pixel = bool(run.get("pixel_space")) or (run.get("data_manifest") or {}).get("model") == "toy" \
+        or (m.config.out_channels or m.config.in_channels) == 3
+    return m, {"mode": mode, "cfg": m.config, "run": run, "grid": grid, "boundaries": boundaries, "boundary_t": bt,
+               "folder": folder, "pixel_space": pixel}
+
+
+def expert_names(info, t):
+    """The expert at each model-native t: the dual expert's rule t <= boundary_t, compared in float32."""
+    if info["boundary_t"] is None:
+        return [info["mode"] if info["mode"] in ("teacher", "semantic") else "student"] * len(t)
+    bt = torch.tensor(info["boundary_t"], dtype=torch.float32)
+    return ["detail" if tt <= bt else "semantic" for tt in torch.as_tensor(t).float()]
+
+
+def _cast(cond, dtype):
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+
+
+def model_fn(model, cond, guidance=6.0):
+    """model_fn(x, t) for solver.sample: the model in its dtype, embedded guidance 1000*g where it has one."""
+    dtype = next(model.parameters()).dtype
+    cond = _cast(cond, dtype)
+
+    def fn(x, t):
+        g = {"guidance": torch.full(t.shape, 1000.0 * guidance, device=x.device, dtype=dtype)} \
+            if getattr(model.config, "guidance_embeds", False) else {}
+        return model(x.to(dtype), t, **cond, **g).float()
+    return fn
+
+
+@torch.no_grad()
+def student_sample(model, x, cond, grid, boundaries, steps, guidance=6.0, callback=None):
+    """Few-step student sample from noise x (paper supp. 6); float32 latents."""
+    t, alpha, sigma = solver.sample_points(grid, solver.student_schedule(grid, boundaries, steps))
+    return solver.sample(model_fn(model, cond, guidance), x.float(), t, alpha, sigma, grid.kind, callback, progress=False)
+
+
+@torch.no_grad()
+def teacher_sample(model, x, cond, grid, guidance=6.0, uncond=None, callback=None):
+    """The teacher's N-step sample with its guidance: Teacher.sample plus a per-step callback; float32 latents."""
+    dtype = next(model.parameters()).dtype
+    tch, cond = Teacher(model, grid, guidance, uncond if grid.kind == "vpred" else None), _cast(cond, dtype)
+    t, alpha, sigma = solver.sample_points(grid, range(grid.N - 1, -1, -1))
+    return solver.sample(lambda xx, tt: tch.guided(xx.to(dtype), tt, cond), x.float(), t, alpha, sigma, grid.kind,
+                         callback, progress=False)
+
+
+def model_name(cfg):
+    """The released preset this config equals, else a video_io model name of its family (it picks the VAE)."""
+    name = next((n for n in RELEASED if models.PRESETS.get(n) == cfg), None)
+    return name or ("hunyuan-video" if "Hunyuan" in type(cfg).__name__ else "cogvideox-2b")
+
+
+def get_cond(path, info, n, what="cond"):
+    """Conditioning for n samples: a data.load_cond file (batch 1 or n), else the dataset's uncond or zeros."""
+    cfg, run, pooled = info["cfg"], info["run"], getattr(info["cfg"], "pooled_projection_dim", None)
+    if not path and run.get("data") and os.path.isfile(os.path.join(run["data"], "uncond.safetensors")):
+        path = os.path.join(run["data"], "uncond.safetensors")
+        print(f"warning: no --{what}: using the unconditional conditioning of the run's dataset ({path})", file=sys.stderr)
+    elif not path and any(models.PRESETS.get(r) == cfg for r in RELEASED):
+        raise SampleError(f"--{what} FILE is required for {model_name(cfg)} (make one: python data.py encode-prompts "
+                          "--model NAME --weights WEIGHTS --prompts prompts.txt --out FILE)")
+    elif not path:
+        print(f"warning: no --{what}: sampling with all-zero conditioning", file=sys.stderr)
+    if path:
+        cond = data.load_cond(path)
+    else:  # text tokens: CogVideoX's fixed T5 length, HunyuanVideo's 256 Llama tokens
+        cond = {"text": torch.zeros(1, getattr(cfg, "max_text_seq_length", 256), cfg.text_embed_dim)}
+        cond.update({"pooled": torch.zeros(1, pooled)} if pooled else {})
+    want = {"text", "pooled"} if pooled else {"text"}
+    if not want <= set(cond) <= want | ({"text_mask"} if pooled else set()):
+        raise SampleError(f"{path}: conditioning keys {sorted(cond)}, {type(cfg).__name__} takes {sorted(want)}"
+                          + (" (+ text_mask)" if pooled else ""))
+    if cond["text"].dim() != 3 or cond["text"].shape[-1] != cfg.text_embed_dim:
+        raise SampleError(f"{path}: text is {list(cond['text'].shape)}, the model takes [B, L, {cfg.text_embed_dim}]")
+    if pooled and (cond["pooled"].dim() != 2 or cond["pooled"].shape[-1] != pooled):
+        raise SampleError(f"{path}: pooled is {list(cond['pooled'].shape)}, the model takes [B, {pooled}]")
+    if (b := cond["text"].shape[0]) not in (1, n) or any(v.shape[0] != b for v in cond.values()):
+        raise SampleError(f"{path}: conditioning batch {b} must be 1 or --num {n} (and the same in all its tensors)")
+    return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+
+
+def latent_size(args, info):
+    """(F, H, W) of the latents: the flags, else the run's data, else the model config; checked against the patch."""
+    cfg, shape = info["cfg"], (info["run"].get("data_manifest") or {}).get("latent_shape")
+    if shape:
+        default = shape[1:]
+    elif hasattr(cfg, "sample_frames"):
+        default = ((cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1, cfg.sample_height, cfg.sample_width)
+    else:
+        default = HUNYUAN_LATENT
+    f, h, w = (a if a is not None else d for a, d in zip((args.frames, args.height, args.width), default))
+    p, pt = cfg.patch_size, getattr(cfg, "patch_size_t", None) or 1
+    if min(f, h, w) < 1 or f % pt or h % p or w % p:
+        raise SampleError(f"latent size --frames {f} --height {h} --width {w} must be positive and divisible by "
+                          f"the patch sizes ({pt}, {p}, {p})")
+    return f, h, w
+
+
+def decode(x, meta, args):
+    """Videos of latents: pixel-space ones directly (GIF + MP4), else through the VAE (--decode), else say how."""
+    import video_io
+    if meta.get("pixel_space"):
+        paths = []
+        for i, v in enumerate(x):  # [3, F, H, W] in [-1, 1]
+            for ext in (".gif", ".mp4"):
+                try:
+                    paths.append(video_io.write_video(v, os.path.join(args.out, f"sample_{i:03d}{ext}"), args.fps))
+                except (ImportError, ValueError) as e:
+                    print(f"note: no {ext} written: {e}", file=sys.stderr)
+        return paths
+    if meta.get("model") not in video_io.MODELS:
+        raise SampleError(f"the latents' metadata names no model to decode with ({meta.get('model')!r})")
+    later = f"python sample.py --latents {os.path.join(args.out, 'latents.safetensors')} --decode WEIGHTS --out {args.out}"
+    if not args.decode:
+        print(f"latents only (pixels need the VAE); to decode later: {later}")
+        return []
+    try:
+        video_io.require("diffusers"), video_io.require("imageio_ffmpeg", "imageio-ffmpeg")
+    except ImportError as e:
+        print(f"warning: cannot decode: {e}; then decode with: {later}", file=sys.stderr)
+        return []
+    return video_io.decode_to_video(x, meta["model"], args.decode, os.path.join(args.out, "sample.mp4"), args.fps,
+                                    device=args.device)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--ckpt", help="train.py step folder, run folder (its newest complete step) or transformer folder")
+    a("--detail", help="detail adapter .safetensors for a semantic backbone --ckpt")
+    a("--teacher", action="store_true", help="N-step teacher sampling with its guidance (the reference)")
+    a("--latents", help="only write videos of an earlier run's latents.safetensors")
+    a("--steps", type=int, help="students: default 4; --teacher: the run's N, else 50")
+    a("--shift", type=float, help="--teacher, flow: grid shift (default the run's, else 17; HunyuanVideo's sampler: 7)")
+    a("--seed", type=int, default=0)
+    a("--num", type=int, default=1, help="number of samples")
+    a("--batch-size", type=int, help="default --num")
+    a("--cond", help="conditioning file (data.load_cond), batch 1 or --num")
+    a("--uncond", help="--teacher with CFG (CogVideoX): the empty prompt's conditioning (default: the run's dataset's)")
+    a("--frames", type=int, help="latent frames (default: the run's data, else the model config)")
+    a("--height", type=int, help="latent height")
+    a("--width", type=int, help="latent width")
+    a("--guidance", type=float, help="CFG scale / embedded guidance (default: the run's, else 6.0)")
+    a("--dtype", choices=sorted(DTYPES), help="default bf16 on cuda, fp32 on cpu")
+    a("--device", default="auto", help="auto | cpu | cuda[:i]")
+    a("--out", help="output folder (default samples/; with --latents: the latents' folder)")
+    a("--decode", help="real models: local hub-layout folder with vae/: decode the latents to MP4")
+    a("--fps", type=int, default=8)
+    args = p.parse_args(argv)
+    if not (args.ckpt or args.latents):
+        raise SampleError("give --ckpt (a checkpoint to sample from) or --latents (latents to decode)")
+    if args.teacher and args.detail:
+        raise SampleError("--teacher samples a plain backbone; it takes no --detail adapter")
+    if any(v is not None and v < 1 for v in (args.num, args.batch_size, args.steps)):
+        raise SampleError("--num, --batch-size and --steps must be >= 1")
+    args.out = args.out or (os.path.dirname(os.path.abspath(args.latents)) if args.latents else "samples")
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    args.dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    return args
+
+
+def main(argv=None):
+    """Sample (or only decode) as the flags say; returns a summary dict (latents [num, C, F, H, W] float32 cpu)."""
+    args = parse_args(argv)
+    if args.latents:
+        if not os.path.isfile(args.latents):
+            raise SampleError(f"latents file {args.latents} does not exist")
+        with safe_open(args.latents, framework="pt") as f:
+            x, meta = f.get_tensor("latents"), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        return {"latents": x, "videos": decode(x, meta, args), "out": args.out}
+    model, info = load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps, args.shift)
+    cfg, grid, run, teacher = info["cfg"], info["grid"], info["run"], info["mode"] == "teacher"
+    guidance = args.guidance if args.guidance is not None else run.get("guidance", 6.0)
+    ks = list(range(grid.N - 1, -1, -1)) if teacher else solver.student_schedule(grid, info["boundaries"], args.steps or 4)
+    t, _, sigma = solver.sample_points(grid, ks)
+    names, (f, h, w) = expert_names(info, t[:-1]), latent_size(args, info)
+    cond = get_cond(args.cond, info, args.num)
+    uncond = get_cond(args.uncond, info, 1, "uncond") if teacher and grid.kind == "vpred" and guidance != 1 else None
+    meta = {"seed": args.seed, "steps": len(ks), "grid_indices": ks, "t": t.tolist(), "sigmas": sigma.tolist(),
+            "experts": names, "mode": info["mode"], "ckpt": info["folder"], "detail": args.detail, "guidance": guidance,
+            "model": model_name(cfg), "pixel_space": info["pixel_space"], "dtype": str(args.dtype), "device": args.device}
+    if args.decode and not info["pixel_space"]:
+        import video_io
+        video_io.vae_config(meta["model"], args.decode)  # a bad weights folder fails now, not after sampling
+    routing = f", boundary_t {info['boundary_t']:.3f} (kappa {info['boundaries']})" if info["boundary_t"] else ""
+    print(f"{info['folder']}: {info['mode']}{routing}; {grid.kind} grid N={grid.N}; {len(ks)} steps; "
+          f"latents {args.num} x [{cfg.in_channels}, {f}, {h}, {w}] {args.dtype} on {args.device}")
+
+    noise = torch.randn((args.num, cfg.in_channels, f, h, w), generator=torch.Generator().manual_seed(args.seed))
+    secs, outs, bs = [0.0] * len(ks), [], args.batch_size or args.num
+    clock = [time.perf_counter()]
+
+    def timer(i, x_next, x0):  # seconds of step i, summed over the batches
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        secs[i] += time.perf_counter() - clock[-1]
+        clock.append(time.perf_counter())
+    for b0 in range(0, args.num, bs):
+        x, c = noise[b0:b0 + bs].to(args.device), {k: v[b0:b0 + bs].to(args.device) for k, v in cond.items()}
+        clock.append(time.perf_counter())
+        if teacher:
+            outs.append(teacher_sample(model, x, c, grid, guidance, uncond, timer).cpu())
+        else:
+            outs.append(student_sample(model, x, c, grid, info["boundaries"], len(ks), guidance, timer).cpu())
+    total = time.perf_counter() - clock[0]
+    for i, (k, name) in enumerate(zip(ks, names)):
+        print(f"step {i + 1}/{len(ks)}: k={k} t={float(t[i]):.2f} sigma {float(sigma[i]):.4f} -> {float(sigma[i + 1]):.4f} "
+              f"expert={name} {secs[i]:.3f} s")
+    print(f"total {total:.3f} s, {total / len(ks):.3f} s/step ({args.num} samples)")
+
+    x, path = torch.cat(outs), os.path.join(args.out, "latents.safetensors")
+    os.makedirs(args.out, exist_ok=True)
+    data.atomic_save_file({"latents": x}, path, metadata={k: json.dumps(v) for k, v in meta.items()})
+    print(f"latents -> {path}")
+    videos = decode(x, meta, args)
+    print("".join(f"video -> {v}\n" for v in videos), end="")
+    return {**meta, "latents": x, "path": path, "videos": videos, "seconds_per_step": secs, "seconds_total": total,
+            "out": args.out}
+
+
+def cli(argv=None):
+    """main() with known bad input turned into one line on stderr and exit status 2 (DCM_TRACEBACK=1 re-raises)."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, ImportError) as e:  # SampleError, DataError, checkpoint/model errors
+        if os.environ.get("DCM_TRACEBACK"):
+            raise
+        print(f"error: {'; '.join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__}",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
