@@ -9,6 +9,7 @@ diffusers is the reference we race, so it is needed here (and in the tests), nev
 """
 import argparse
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -150,9 +151,7 @@ def row_forward(name, shape, device, dtype, compile_too, peak_tflops):
         del v_ref
         fns = {"ours": lambda: ours(x, t, **cond), "diffusers": lambda: diffusers_call(ref, cfg, x, t, cond)}
         if compile_too:
-            for block in ours.modules():
-                if type(block).__name__.endswith("Block"):
-                    block.compile()
+            compile_blocks(ours)
             fns["ours+compile"] = lambda: ours(x, t, **cond)
         secs, mem = race(fns, device)
     flops = forward_flops(ours, x, t, cond)
@@ -192,7 +191,14 @@ def row_end_to_end(name, shape, device, dtype, kappa=37, steps=4):
             "student_forwards": len(ks), "teacher_forwards": grid.N}
 
 
-def row_train_semantic(name, shape, device, peak_tflops, kappa=37, steps=6):
+def compile_blocks(model):
+    """torch.compile each transformer block (one compiled graph serves every block of a class)."""
+    for block in model.modules():
+        if type(block).__name__.endswith("Block"):
+            block.compile()
+
+
+def row_train_semantic(name, shape, device, peak_tflops, kappa=37, steps=6, compile_too=False):
     """One semantic-stage CD step (DESIGN sec. 1 steps 1-6 + TC), grad ckpt, bf16 autocast: s, peak GiB, MFU."""
     cfg = M.PRESETS[name]
     torch.manual_seed(0)
@@ -200,6 +206,9 @@ def row_train_semantic(name, shape, device, peak_tflops, kappa=37, steps=6):
     student.gradient_checkpointing = True
     teacher_model = M.build_transformer(name, device=device, dtype=torch.bfloat16)
     teacher_model.load_state_dict(student.state_dict())
+    if compile_too:
+        compile_blocks(student)
+        compile_blocks(teacher_model)
     grid = solver.grid_for(cfg)
     x0, _, cond = make_inputs(cfg, shape, device, torch.bfloat16)
     teacher = Teacher(teacher_model, grid, guidance_scale=6.0, uncond={"text": torch.zeros_like(cond["text"])})
@@ -229,20 +238,20 @@ def row_train_semantic(name, shape, device, peak_tflops, kappa=37, steps=6):
         return loss
 
     secs = []
-    if device.type == "cuda":
+    if device.type == "cuda":  # peak of the whole step: weights, grads, AdamW states, teacher, activations
         torch.cuda.reset_peak_memory_stats()
-    for i in range(steps):
+    for i in range(steps + 2 * compile_too):  # compiling: two more warm-up steps
         s, _, loss = timed(step, device)
-        if i >= 2:
+        if i >= 2 + 2 * compile_too:
             secs.append(s)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     x, t, c = make_inputs(cfg, shape, device, torch.bfloat16)
     f1 = forward_flops(teacher_model, x, t, c)  # one batch-1 forward
     flops = 2 * f1 + f1 + 3 * f1  # teacher CFG (batch 2) + target + student fwd/bwd (recompute not counted)
     sec = statistics.median(secs)
-    return {"preset": name, "shape": list(shape), "s": sec, "peak_gib": peak,
+    return {"preset": name, "shape": list(shape), "compiled": compile_too, "s": sec, "peak_gib": peak,
             "model_flops": flops, "mfu": flops / sec / 1e12 / peak_tflops if peak_tflops else None,
-            "loss": float(loss)}
+            "loss": loss.item()}
 
 
 def matmul_ceiling(device):
@@ -261,7 +270,12 @@ def main(argv=None):
     p.add_argument("--presets", default=None, help="comma list (default: the real ones on GPU, tiny on CPU)")
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile per block")
     p.add_argument("--out", default="bench.json")
+    p.add_argument("--table", metavar="JSON", help="only print the markdown table of a saved result")
     args = p.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(table(json.load(f)))
+        return None
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     shapes = GPU_SHAPES if gpu else CPU_SHAPES
@@ -277,7 +291,7 @@ def main(argv=None):
         sys.exit("bench.py races diffusers' models: pip install -r requirements-dev.txt")
     peak = matmul_ceiling(device) if gpu else None
     info["bf16_matmul_tflops"] = peak
-    result = {"info": info, "forward": [], "e2e": None, "train": None}
+    result = {"info": info, "forward": [], "e2e": None, "train": None, "train_compiled": None}
     for name in presets if "forward" in rows else []:
         if name not in shapes:
             sys.exit(f"no benchmark shape for preset {name!r}; known: {sorted(shapes)}")
@@ -295,8 +309,15 @@ def main(argv=None):
         if gpu:
             torch.cuda.empty_cache()
     if "train" in rows:
+        gc.collect()  # the models of the rows above must be gone before the training step's peak is read
+        if gpu:
+            torch.cuda.empty_cache()
         result["train"] = row_train_semantic(small[0], small[2], device, peak)
         print(json.dumps(result["train"]), flush=True)
+        if args.compile:
+            gc.collect()
+            result["train_compiled"] = row_train_semantic(small[0], small[2], device, peak, compile_too=True)
+            print(json.dumps(result["train_compiled"]), flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(table(result))
@@ -320,10 +341,12 @@ def table(result):
         e = result["e2e"]
         lines += ["", f"end to end ({e['preset']}): teacher {e['teacher_steps']} steps + CFG {e['teacher_s']:.2f} s, "
                   f"student {e['student_steps']} steps {e['student_s']:.2f} s: speed-up {e['speedup']:.1f}x"]
-    if result["train"]:
-        r = result["train"]
-        lines += ["", f"semantic CD step ({r['preset']} {r['shape']}, grad ckpt, bf16 autocast, fp32 master): "
-                  f"{r['s']:.3f} s, peak {r['peak_gib']:.1f} GiB, MFU {r['mfu'] or float('nan'):.2f}"]
+    for key in ("train", "train_compiled"):
+        r = result.get(key)
+        if r:
+            how = "blocks compiled" if r.get("compiled") else "eager"
+            lines += ["", f"semantic CD step ({r['preset']} {r['shape']}, grad ckpt, bf16 autocast, fp32 master, {how}): "
+                      f"{r['s']:.3f} s, peak {r['peak_gib']:.1f} GiB, MFU {r['mfu'] or float('nan'):.2f}"]
     return "\n".join(lines)
 
 

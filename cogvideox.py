@@ -146,7 +146,7 @@ class CogVideoXAttention(nn.Module):
     def forward(self, h, rope=None):
         q, k, v = (lin(h).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, heads, L, d]
                    for lin in (self.to_q, self.to_k, self.to_v))
-        q, k = self.norm_q(q), self.norm_k(k)
+        q, k = self.norm_q(q).to(v.dtype), self.norm_k(k).to(v.dtype)  # fp32 under autocast: back to v's dtype
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return self.to_out[0](attention(q, k, v).transpose(1, 2).flatten(2))  # [B, L, heads*d] -> [B, L, D]
@@ -163,7 +163,9 @@ class AdaNormZero(nn.Module):
     def forward(self, x, c, temb):
         mod = self.linear(F.silu(temb))[:, None]  # [B, 1, 6D]
         shift, scale, gate, c_shift, c_scale, c_gate = mod.chunk(6, dim=-1)  # [B, 1, D] each
-        return self.norm(x) * (1 + scale) + shift, self.norm(c) * (1 + c_scale) + c_shift, gate, c_gate
+        # .to(x.dtype): under autocast LayerNorm returns fp32, and the modulation would run in fp32 too
+        nx, nc = self.norm(x).to(x.dtype), self.norm(c).to(c.dtype)
+        return nx * (1 + scale) + shift, nc * (1 + c_scale) + c_shift, gate, c_gate
 
 
 class CogVideoXBlock(nn.Module):
@@ -212,8 +214,8 @@ class CogVideoXTransformer(nn.Module):
         self.gradient_checkpointing = False
 
     def default_taps(self):
-        """Every 2nd block, counted back from the last one (GAN / feature-matching features)."""
-        return list(range(self.config.num_layers - 1, -1, -2))[::-1]
+        """Blocks 0, 2, 4, ... (the authors' `index % 2 == 0` GAN features, as for HunyuanVideo)."""
+        return list(range(0, self.config.num_layers, 2))
 
     def time_embed(self, t, **cond):
         """AdaLN conditioning vector temb [B, time_embed_dim] from t [B] (text is not part of it)."""

@@ -9,6 +9,9 @@ A dataset is a folder:
                                  optional extra per-sample tensors (e.g. the toy's "label" [n])
     DIR/uncond.safetensors       the unconditional (empty prompt) conditioning, stored once:
                                  "text" [1, L, D_text] (+ "text_mask", "pooled" where the model has them)
+    DIR/encode.json              (datasets made by `python data.py encode`) the settings it used; a resumed
+                                 run must match them. Its shards carry safetensors metadata "videos" (the
+                                 source file of each sample) and "skipped" (JSON list of {video, reason}).
 
 A conditioning file for sample.py is one safetensors file with the same conditioning keys and a
 leading batch dimension (`save_cond` / `load_cond`).
@@ -190,8 +193,9 @@ def encode_dataset(videos, captions, model, weights, out, frames=None, height=No
     if not names:
         raise DataError(f"{videos} holds no videos ({', '.join(VIDEO_EXTS)})")
     caps = read_captions(captions, names)
-    if shard_size < 1 or stride < 1:
-        raise DataError(f"shard_size ({shard_size}) and stride ({stride}) must be >= 1")
+    if shard_size < 1 or stride < 1 or posterior not in ("sample", "mode"):
+        raise DataError(f"shard_size ({shard_size}) and stride ({stride}) must be >= 1, posterior "
+                        f"({posterior!r}) 'sample' or 'mode'")
     cfg = video_io.vae_config(model, weights)
     frames, height, width = video_io.clip_size(model, cfg, frames, height, width)
     shape = video_io.latent_shape(cfg, frames, height, width)
@@ -232,7 +236,7 @@ def encode_dataset(videos, captions, model, weights, out, frames=None, height=No
                 clip = video_io.read_clip(os.path.join(videos, names[i]), frames, height, width, stride, fps)
             except video_io.VideoError as e:
                 skipped.append({"video": names[i], "reason": str(e)})
-                bar.write(f"skipping {names[i]}: {e}")
+                bar.write(f"skipping {e}")  # the reason names the file
                 continue
             g = torch.Generator(device).manual_seed(seed + i)  # per video: a resumed run draws the same noise
             z = video_io.encode_latents(vae, clip[None], posterior, g)[0].cpu()  # [C, F, H, W]
@@ -256,7 +260,7 @@ def encode_dataset(videos, captions, model, weights, out, frames=None, height=No
     manifest = write_manifest(out, model=model, latent_shape=shape, vae_scaling_factor=cfg["scaling_factor"],
                               shards=shards, uncond=uncond, extra={"skipped": skipped, "encode": settings})
     print(f"{out}: {manifest['num_samples']} videos in {n_shards} shards, {len(skipped)} skipped"
-          + "".join(f"\n  skipped {x['video']}: {x['reason']}" for x in skipped))
+          + "".join(f"\n  skipped {x['reason']}" for x in skipped))
     return manifest
 
 
@@ -300,7 +304,7 @@ def main(argv=None):
         a.add_argument("--model", required=True, help="cogvideox-2b | cogvideox-5b | hunyuan-video")
         a.add_argument("--weights", required=True, help="local hub-layout folder: vae/, text_encoder/, tokenizer/...")
         a.add_argument("--device", help="default: cuda if available")
-        a.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bfloat16 on cuda, else float32)")
+        a.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 on cuda, else fp32)")
     args = p.parse_args(argv)
     try:
         if args.cmd == "encode":

@@ -54,8 +54,8 @@ def _hv_heads(x, n):
 
 
 def _hv_ln(x):
-    """Parameter-free LayerNorm (eps 1e-6) of the adaptive norms."""
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+    """Parameter-free LayerNorm (eps 1e-6) of the adaptive norms, in x's dtype (autocast would give fp32)."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6).to(x.dtype)
 
 
 class HunyuanAdaMod(nn.Module):

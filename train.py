@@ -20,6 +20,7 @@ batch trains the same however it is split over ranks and micro-steps.
 """
 import argparse
 import contextlib
+import glob
 import json
 import os
 import random
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from tqdm.auto import tqdm
@@ -69,7 +71,8 @@ class TrainError(Exception):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--config", help=f"model preset ({', '.join(models.PRESETS)}) or config.json (diffusers or a run's); default: the teacher's")
+    a("--config", help=f"model preset ({', '.join(models.PRESETS)}) or config.json (diffusers or a run's); "
+                       "default: the teacher's")
     a("--stage", default="teacher", choices=STAGES)
     a("--data", help="dataset folder (format: data.py)")
     a("--out", help="run folder (default out/<stage>)")
@@ -134,7 +137,8 @@ def model_config(args):
     if args.config and cfg is None:
         path = os.path.join(args.config, "config.json") if os.path.isdir(args.config) else args.config
         if not os.path.isfile(path):
-            raise TrainError(f"--config {args.config!r} is neither a preset ({', '.join(models.PRESETS)}) nor a config file")
+            raise TrainError(f"--config {args.config!r} is neither a preset ({', '.join(models.PRESETS)}) "
+                             "nor a config file")
         with open(path) as f:
             d = json.load(f)
         cfg = models.config_from_dict(d.get("model_config", d))
@@ -173,11 +177,19 @@ def check_data(ds, cfg, batch, world):
     return sorted(keys)
 
 
+def load(path, dtype, device):
+    """checkpoint.load_transformer of a transformer or step folder; any failure is a TrainError naming it."""
+    try:
+        return checkpoint.load_transformer(transformer_dir(path), dtype=dtype, device=device)
+    except Exception as e:  # noqa: BLE001 - truncated files raise safetensors/OS errors of many kinds
+        raise TrainError(f"cannot load the transformer in {path}: {str(e).splitlines()[0]}") from e
+
+
 def build_student(args, cfg, grid, ckpt=None, device="cpu"):
     """The trained model (DualExpert for detail) from ckpt, --init or --teacher; fresh when none or meta."""
     src = ckpt or args.init or args.teacher
     m = (models.build_transformer(cfg, device=device, dtype=torch.float32) if device == "meta" or not src
-         else checkpoint.load_transformer(transformer_dir(src), dtype=torch.float32, device=device))
+         else load(src, torch.float32, device))
     if args.stage == "detail" and not args.detail_full:
         m = experts.DualExpert(m, solver.boundary_t(grid, args.kappa), args.lora_rank, 2 * args.lora_rank)
         if ckpt:
@@ -235,7 +247,9 @@ def rng_state():
 
 
 def set_rng_state(s):
-    random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -248,9 +262,15 @@ def find_checkpoint(out, lora, quiet=False):
         path = os.path.join(out, name)
         try:
             missing = [f for f in need if not os.path.isfile(os.path.join(path, f))]
-            if missing:
-                raise TrainError(f"missing {missing}")
-            return path, torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
+            weights = glob.glob(os.path.join(path, "transformer", "*.safetensors"))
+            if missing or not weights:
+                raise TrainError(f"missing {missing or 'transformer weights'}")
+            for f in weights + [os.path.join(path, f) for f in need if f.endswith(".safetensors")]:
+                with safe_open(f, framework="pt"):  # reads the header: a truncated file fails here
+                    pass
+            # mmap: ranks read only the pages they use of the full optimizer state
+            state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False, mmap=True)
+            return path, state
         except Exception as e:  # noqa: BLE001 - whatever makes it unreadable, it is skipped by name
             if not quiet:
                 print(f"skipping incomplete checkpoint {path}: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -272,8 +292,9 @@ def dry_run(args, cfg, grid):
             disc = count(losses.Discriminator(cfg.num_attention_heads * cfg.attention_head_dim,
                                               len(student.default_taps()), args.disc_hidden))
     sh = world if args.fsdp else 1
-    mem = {"student weights (fp32)": 4 * total / sh, "grads (fp32)": 4 * train / sh, "AdamW states (fp32)": 8 * train / sh,
-           "EMA target (fp32)": 4 * total / sh * (args.target_ema > 0), f"teacher ({args.dtype})": (2 if args.dtype == "bf16" else 4) * teach / sh,
+    mem = {"student weights (fp32)": 4 * total / sh, "grads (fp32)": 4 * train / sh,
+           "AdamW states (fp32)": 8 * train / sh, "EMA target (fp32)": 4 * total / sh * (args.target_ema > 0),
+           f"teacher ({args.dtype})": (2 if args.dtype == "bf16" else 4) * teach / sh,
            "discriminator + grads + AdamW": 16 * disc}
     print(f"stage {args.stage}, {type(cfg).__name__}, world {world}{' FSDP' if args.fsdp else ''}, {args.dtype}")
     print(f"params: student {total / 1e9:.3f} B ({train / 1e9:.4f} B trainable), teacher {teach / 1e9:.3f} B, "
@@ -315,7 +336,8 @@ def main(argv=None):
 
 
 def train(args, cfg, kind, grid, world, rank, device):
-    distributed, out, B, accum, N, kap = dist.is_initialized(), args.out, args.batch_size, args.grad_accum, grid.N, args.kappa
+    distributed, out, B, accum = dist.is_initialized(), args.out, args.batch_size, args.grad_accum
+    N, kap = grid.N, args.kappa
     log0 = print if rank == 0 else (lambda *a, **k: None)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")  # noqa: E731
     boundaries = {"teacher": [], "vcm": [], "semantic": [kap], "detail": [kap],
@@ -341,14 +363,15 @@ def train(args, cfg, kind, grid, world, rank, device):
                 raise TrainError(f"{ckpt} was saved with {key}={old.get(key)!r}, this run has {now[key]!r}")
         log0(f"resuming from {ckpt} (step {state['step']})")
 
-    # --- models: the same init seed on every rank
+    # --- models: the same init seed on every rank; FSDP2 moves CPU weights to the GPU shard by shard
     torch.manual_seed(args.seed)
-    student = build_student(args, cfg, grid, ckpt, device).to(device).train()
+    load_device = torch.device("cpu") if args.fsdp else device
+    student = build_student(args, cfg, grid, ckpt, load_device).to(load_device).train()
     ema = deepcopy(student).requires_grad_(False) if args.target_ema > 0 and args.stage != "teacher" else None
     teacher, disc = None, None
     if args.stage != "teacher":
         tdtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        tmodel = checkpoint.load_transformer(transformer_dir(args.teacher), dtype=tdtype, device=device)
+        tmodel = load(args.teacher, tdtype, load_device)
         teacher = Teacher(tmodel, grid, args.guidance, uncond if kind == "vpred" else None)
     if gan:
         disc = losses.Discriminator(cfg.num_attention_heads * cfg.attention_head_dim, len(student.default_taps()),
@@ -370,7 +393,8 @@ def train(args, cfg, kind, grid, world, rank, device):
         for m in [student] + ([ema] if ema else []) + frozen_teacher:
             shard(m, mesh)
     elif distributed:
-        student_mod = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+        student_mod = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
     for p in disc.parameters() if disc is not None and distributed else ():
         dist.broadcast(p.data, 0)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -383,7 +407,8 @@ def train(args, cfg, kind, grid, world, rank, device):
     n_total, n_train = sum(p.numel() for p in student.parameters()), sum(p.numel() for p in params)
 
     # --- run config: printed, saved with the run and in every checkpoint
-    run_config = {**vars(args), "model_config": models.config_to_dict(cfg), "prediction": kind,
+    paths = {k: os.path.abspath(getattr(args, k)) for k in ("data", "teacher", "init") if getattr(args, k)}
+    run_config = {**vars(args), **paths, "model_config": models.config_to_dict(cfg), "prediction": kind,
                   "boundaries": boundaries, "k_range": [k_lo, k_hi], "world_size": world,
                   "global_batch": B * accum * world, "params": n_total, "trainable": n_train,
                   "grid": {"kind": grid.kind, "N": N, "t": grid.t.tolist(), "sigma": grid.sigma.tolist()},
@@ -421,7 +446,8 @@ def train(args, cfg, kind, grid, world, rank, device):
             else:
                 t, a, s = vgrid.at(k_between(u[:, 0], 0, vgrid.N - 1))
             v = student_mod(col(a, x0) * x0 + col(s, x0) * eps, t.float().to(device), **scond).float()
-            return {"diffusion": F.mse_loss(v, eps - x0 if kind == "flow" else col(a, x0) * eps - col(s, x0) * x0)}, None
+            target = eps - x0 if kind == "flow" else col(a, x0) * eps - col(s, x0) * x0
+            return {"diffusion": F.mse_loss(v, target)}, None
         kk = (k_between(u[:, 0], k_lo, k_hi) if k is None else k).to(device)
         l_cd, xhat, x_tgt, k_end = consistency(student_mod, student if ema is None else ema, teacher, grid,
                                                boundaries, x0, eps, kk, cond, scond, args.loss)
@@ -449,7 +475,8 @@ def train(args, cfg, kind, grid, world, rank, device):
     pbatch = {k: v[pidx] for k, v in ds.tensors.items()}
     for name, lo, hi in (("high", max(k_lo, kap + 1), k_hi), ("low", k_lo, min(k_hi, kap))):
         if lo <= hi and args.probe_every > 0:
-            probes.append((name, torch.randint(lo, hi + 1, (B,), generator=g), torch.randn(B, C, n_f, H, W, generator=g)))
+            k = torch.randint(lo, hi + 1, (B,), generator=g)
+            probes.append((name, k, torch.randn(B, C, n_f, H, W, generator=g)))
 
     def run_probes(step):
         """Loss and gradient norm on each probe batch; the gradients are dropped (no update)."""
@@ -507,21 +534,26 @@ def train(args, cfg, kind, grid, world, rank, device):
 
     # --- state to go on from; logs cut back to the checkpoint's step
     step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
-    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     if state and state["world_size"] == world:
         set_rng_state(state["rng"][rank])
+    elif state:
+        log0(f"world size {world} != the checkpoint's {state['world_size']}: the data order continues, not exactly")
+    row = {}
     for path in [os.path.join(out, f) for f in ("log.jsonl", "probes.jsonl")] if rank == 0 else []:
         if os.path.isfile(path):
             with open(path) as f:
                 keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
             with open(path, "w") as f:
                 f.writelines(keep)
+            row = row or (json.loads(keep[-1]) if keep else {})  # the summary of a run already finished
 
     # --- training loop
     stream = batches(epoch, pos)
     nan_at = int(os.environ.get("DCM_TRAIN_NAN_AT_STEP", -1))  # test hook: poison the loss of this step
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc=args.stage, mininterval=2)
-    row = {}
     while step < args.max_steps:
         t0, sums = time.time(), {}
         for micro in range(accum):
@@ -534,7 +566,8 @@ def train(args, cfg, kind, grid, world, rank, device):
                 student_mod.set_requires_gradient_sync(last)
             with student_mod.no_sync() if distributed and not args.fsdp and not last else contextlib.nullcontext():
                 with autocast():
-                    terms, feats = loss_terms(x0, eps.to(device), u, n if n is None else n.to(device), *make_cond(batch, drop))
+                    n = None if n is None else n.to(device)
+                    terms, feats = loss_terms(x0, eps.to(device), u, n, *make_cond(batch, drop))
                     total = sum(weights[k] * v for k, v in terms.items())
                 if step + 1 == nan_at:
                     total = total * float("nan")
@@ -576,6 +609,8 @@ def train(args, cfg, kind, grid, world, rank, device):
                         pe.lerp_(p, 1 - args.target_ema)
         step += 1
         row |= {"step": step, "lr": args.lr, "epoch": epoch, "time": time.time() - t0}
+        if device.type == "cuda":
+            row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4g}")
         if rank == 0:

@@ -28,6 +28,7 @@ T5_LEN = 226    # CogVideoX: T5 tokens, padded to exactly this length, no mask
 LLAMA_LEN = 256  # HunyuanVideo: Llama tokens after the template prefix is cropped, with mask
 CLIP_LEN = 77
 LLAMA_SKIP = 2  # HunyuanVideo takes the Llama hidden state 2 layers before the last: hidden_states[-3]
+HUNYUAN_CROP = 95  # the template prefix length in tokens of the real (LLaVA-Llama-3) tokenizer, per diffusers
 # HunyuanVideo's prompt template (the text its transformer was trained with); the tokens before "{}"
 # are encoded for context and then cropped away
 HUNYUAN_TEMPLATE = (
@@ -118,7 +119,7 @@ def read_frames(path, frames, stride=1, fps=None):
     """The first `frames` frames (every `stride`-th, after resampling to `fps` if given) -> uint8 [F, H, W, 3]."""
     ffmpeg = require("imageio_ffmpeg", "imageio-ffmpeg")
     if not os.path.isfile(path):
-        raise VideoError(f"{path}: no such file")
+        raise VideoError(f"{os.path.basename(path)}: no such file ({path})")
     gen = ffmpeg.read_frames(path, output_params=["-vf", f"fps={fps}"] if fps else None)
     out = []
     try:
@@ -130,8 +131,8 @@ def read_frames(path, frames, stride=1, fps=None):
             if len(out) == frames:
                 break
     except (OSError, RuntimeError, StopIteration, ValueError) as e:
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        raise VideoError(f"{os.path.basename(path)}: cannot be decoded ({lines[-1] if lines else type(e).__name__})") from e
+        why = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        raise VideoError(f"{os.path.basename(path)}: cannot be decoded ({why[-1]})") from e
     finally:
         gen.close()  # stops ffmpeg without reading the rest of a long file
     if len(out) < frames:
@@ -187,7 +188,7 @@ def encode_latents(vae, video, posterior="sample", generator=None):
 
 @torch.no_grad()
 def decode_latents(vae, latents):
-    """Backbone latents [B, C, F, H, W] -> pixels float [B, 3, 4(F-1)+1, 8H, 8W] in [-1, 1] (one clip at a time)."""
+    """Backbone latents [B, C, F, H, W] -> pixels float [B, 3, 4(F-1)+1, 8H, 8W] in [-1, 1], a clip at a time."""
     out = [vae.decode((z[None] / vae.config.scaling_factor).to(vae.device, vae.dtype)).sample.float().cpu()
            for z in latents]
     return torch.cat(out).clamp(-1, 1)
@@ -284,6 +285,9 @@ class TextEncoder:
             # the prefix is cropped by token count; checked per batch to be a token boundary
             self.prefix_ids = self.tokenizer(HUNYUAN_TEMPLATE.split("{}")[0]).input_ids
             self.crop_start = len(self.prefix_ids)
+            if model == "hunyuan-video" and self.crop_start != HUNYUAN_CROP:
+                warnings.warn(f"{weights}/tokenizer: the prompt template prefix is {self.crop_start} tokens, the "
+                              f"reference pipeline crops {HUNYUAN_CROP}: is this HunyuanVideo's tokenizer?")
 
     @torch.no_grad()
     def __call__(self, prompts):

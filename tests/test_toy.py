@@ -123,3 +123,47 @@ def test_evaluate_and_aggregate(clf, real):
     agg = tm.aggregate([{"a": 1.0, "b": 2.0}, {"a": 3.0}])
     assert agg == {"a": {"mean": 2.0, "std": pytest.approx(2 ** 0.5), "n": 2}}
     assert tm.mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_choose_kappa_reads_the_fig10_curve():
+    from toy.run import choose_kappa
+    N = 50
+    l1 = [0.05, 0.06, 0.05, 0.04, 0.02, 0.01] + [0.005] * (N - 7)  # change between sampling steps i, i+1
+    kappa, info = choose_kappa(l1, frac=0.25, N=N)
+    assert info["peak_step"] == 1 and info["cross_step"] == 5
+    assert kappa == N - 2 - 5  # the change from grid index 44 to 43 is the first small one
+    # a curve that never drops keeps the semantic phase minimal but valid (4 grid points for 8-step sampling)
+    assert choose_kappa([1.0] * (N - 1), 0.25, N)[0] == 0
+    assert choose_kappa([1.0] + [0.0] * (N - 2), 0.25, N)[0] == N - 5
+
+
+def test_quick_run_end_to_end(tmp_path):
+    """`python toy/run.py --quick`: every artefact written; the teacher's x0 prediction moves most early."""
+    import json
+    import math
+    import time
+    from toy import run
+    t0 = time.time()
+    out = str(tmp_path / "toy")
+    summary = run.main(["--quick", "--out", out])
+    wall = time.time() - t0
+    for f in ("report.md", "metrics.json", "fig10_x0_change.png", "fig2_probes.png", "fig5_expert_difference.png",
+              "samples_4step.gif", "classifier.pt"):
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+    with open(os.path.join(out, "metrics.json")) as f:
+        saved = json.load(f)
+    assert saved["kappa"] == summary["kappa"] and 0 <= saved["kappa"] <= 45
+    # paper Fig. 10: the x0 prediction changes more in the first third of the trajectory than in the last
+    l1 = summary["fig10_l1"]
+    third = len(l1) // 3
+    assert len(l1) == 49 and sum(l1[:third]) / third > sum(l1[-third:]) / third
+    # every model of the ablation evaluated at 4 steps with finite metrics, and the dual expert's extra
+    # parameters are a fraction of a second full expert's
+    for name in list(run.MODELS) + ["teacher (no distillation)"]:
+        agg = summary["results"][name][4]["agg"]
+        assert all(math.isfinite(agg[k]["mean"]) for k in ("traj_mse", "fd", "cond_acc", "motion_err", "hf_ratio")), name
+    p = summary["param_counts"]
+    assert p["OD"] == 2 * p["VCM"] and p["VCM"] < p["DCM (OD+PE+TC+GF)"] < 1.5 * p["VCM"]
+    report = open(os.path.join(out, "report.md")).read()
+    assert "kappa" in report and "samples_4step.gif" in report
+    assert wall < 120, f"--quick took {wall:.0f} s"

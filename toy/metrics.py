@@ -124,6 +124,13 @@ def condition_accuracy(logits, labels):
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
+def attribute_accuracy(logits, labels):
+    """Accuracy of each class attribute (shape, colour, direction) of the classifier's prediction."""
+    pred = toy_data.split_label(logits.argmax(-1))
+    true = toy_data.split_label(labels)
+    return {f"{n}_acc": (p == t).float().mean().item() for n, p, t in zip(("shape", "colour", "dir"), pred, true)}
+
+
 def foreground(x, threshold=0.5, ramp=0.3):
     """Soft mask [n, F, H, W] of pixels far from the background colour (the moving shape)."""
     bg = torch.tensor(toy_data.BACKGROUND, dtype=x.dtype)[None, :, None, None, None]
@@ -195,6 +202,7 @@ def evaluate(x, labels, velocity, real, clf, x_ref=None, real_feats=None):
     out = {
         "fd": frechet_distance(feats, real_feats),
         "cond_acc": condition_accuracy(logits, labels),
+        **attribute_accuracy(logits, labels),
         "motion_err": motion_error(x, velocity),
         "hf_ratio": hf_ratio(x, real),
     }

@@ -1,0 +1,269 @@
+"""train.py: every stage on both tiny presets, exact resume, torchrun DDP + FSDP2 (gloo, CPU), bad input,
+NaN stop, dry run of the full-size HunyuanVideo on the meta device."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import model
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESETS = ["tiny-cogvideox", "tiny-hunyuan"]
+SMALL = ["--lora-rank", "4", "--disc-hidden", "32", "--probe-every", "1", "--device", "cpu"]  # CPU: bit-exact, gloo
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+
+def make_dataset(d, preset, n=8, shape=(4, 4, 4), latents=None, seed=0):
+    """A dataset folder in data.py's format for `preset` (pooled + text mask where the model takes them)."""
+    cfg, L = model.PRESETS[preset], 6
+    g = torch.Generator().manual_seed(seed)
+    t = {"latents": torch.randn(n, cfg.in_channels, *shape, generator=g) if latents is None else latents,
+         "text": torch.randn(n, L, cfg.text_embed_dim, generator=g)}
+    un = {"text": torch.zeros(1, L, cfg.text_embed_dim)}
+    pooled = getattr(cfg, "pooled_projection_dim", None)
+    if pooled:
+        t |= {"pooled": torch.randn(n, pooled, generator=g), "text_mask": (torch.arange(L) < 4).long().repeat(n, 1)}
+        un |= {"pooled": torch.zeros(1, pooled), "text_mask": (torch.arange(L) < 1).long()[None]}
+    data.write_shard(d, 0, t)
+    data.write_manifest(d, model=preset, latent_shape=list(t["latents"].shape[1:]), vae_scaling_factor=1.0,
+                        shards=[{"file": data.shard_name(0), "num": len(t["latents"])}], uncond=un)
+    return str(d)
+
+
+def run(*argv):
+    return train.main([str(a) for a in argv])
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def tensors(path):
+    """Every tensor in a checkpoint folder: weights files and train_state.pt, flattened by key path."""
+    out = {}
+
+    def walk(x, key):
+        if isinstance(x, torch.Tensor):
+            out[key] = x
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{key}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{key}[{i}]")
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            if f.endswith(".safetensors"):
+                walk(load_file(p), os.path.relpath(p, path))
+            elif f == "train_state.pt":
+                walk(torch.load(p, weights_only=False), f)
+    return out
+
+
+_BASE = {}
+
+
+@pytest.fixture
+def base(tmp_path_factory):
+    """preset -> data, a 3-step teacher and a 2-step semantic expert (built once per session)."""
+    def get(preset):
+        if preset not in _BASE:
+            root = tmp_path_factory.mktemp(preset)
+            d = make_dataset(root / "data", preset)
+            t = run("--config", preset, "--stage", "teacher", "--data", d, "--out", root / "teacher",
+                    "--max-steps", 3, "--batch-size", 2, "--save-every", 2, *SMALL)
+            s = run("--stage", "semantic", "--teacher", t["checkpoint"], "--data", d, "--out", root / "semantic",
+                    "--max-steps", 2, "--batch-size", 2, "--lr", 1e-3, *SMALL)
+            _BASE[preset] = dict(root=root, data=d, teacher=t, semantic=s)
+        return _BASE[preset]
+    return get
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_teacher_and_semantic(base, preset):
+    b = base(preset)
+    t, s = b["teacher"], b["semantic"]
+    assert t["step"] == 3 and sorted(os.listdir(t["out"])) == ["config.json", "log.jsonl", "probes.jsonl",
+                                                               "step_0000002", "step_0000003"]
+    assert sorted(os.listdir(t["checkpoint"])) == ["config.json", "train_state.pt", "transformer"]
+    assert [r["step"] for r in read_jsonl(os.path.join(t["out"], "log.jsonl"))] == [1, 2, 3]
+    probes = read_jsonl(os.path.join(t["out"], "probes.jsonl"))
+    assert len(probes) == 3 and all(p["high_loss"] > 0 and p["low_grad_norm"] > 0 for p in probes)
+    assert {"cd", "tc", "loss", "grad_norm", "lr"} <= set(s["losses"])
+    assert s["losses"]["loss"] == pytest.approx(s["losses"]["cd"] + s["losses"]["tc"], rel=1e-5)
+    # the semantic stage probes only its own (high-noise) sub-trajectory
+    assert set(read_jsonl(os.path.join(s["out"], "probes.jsonl"))[0]) == {"step", "high_loss", "high_grad_norm"}
+    with open(os.path.join(s["checkpoint"], "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["boundaries"] == [37] and cfg["k_range"] == [38, 49] and cfg["model_config"]["_class_name"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_baselines_and_detail(base, preset, tmp_path):
+    b = base(preset)
+    common = ["--teacher", b["teacher"]["checkpoint"], "--data", b["data"], "--max-steps", 2, "--batch-size", 2, *SMALL]
+    for stage, bounds, extra in (("vcm", [], ["--grad-ckpt"]), ("pcm", [37, 24, 12], ["--dtype", "bf16"])):
+        r = run("--stage", stage, "--out", tmp_path / stage, "--w-tc", 0, *extra, *common)
+        with open(os.path.join(r["checkpoint"], "config.json")) as f:
+            assert json.load(f)["boundaries"] == bounds
+        assert set(r["losses"]) >= {"cd", "loss"} and "tc" not in r["losses"]
+    sem = b["semantic"]["checkpoint"]
+    r = run("--stage", "detail", "--init", sem, "--out", tmp_path / "detail", "--lr", 1e-3, *common)
+    assert {"cd", "gan_g", "fm", "d", "d_grad_norm"} <= set(r["losses"])
+    assert r["losses"]["loss"] == pytest.approx(r["losses"]["cd"] + 0.5 * r["losses"]["gan_g"] + 0.1 * r["losses"]["fm"], rel=1e-5)
+    # frozen semantic weights stay bit-identical; the adapter moved
+    before, after = tensors(os.path.join(sem, "transformer")), tensors(os.path.join(r["checkpoint"], "transformer"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    adapter = load_file(os.path.join(r["checkpoint"], "detail.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items())
+    with open(os.path.join(r["checkpoint"], "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["trainable"] < cfg["params"] and cfg["k_range"] == [0, 37]
+    # ablation OD, no GAN / FM: a full copy, every weight trainable
+    r = run("--stage", "detail", "--detail-full", "--init", sem, "--out", tmp_path / "od", "--w-gan", 0, "--w-fm", 0, *common)
+    assert not {"gan_g", "fm", "d"} & set(r["losses"]) and not os.path.exists(os.path.join(r["checkpoint"], "detail.safetensors"))
+    with open(os.path.join(r["checkpoint"], "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["trainable"] == cfg["params"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_teacher_loss_falls(tmp_path, preset):
+    """One latent repeated: the diffusion loss (flow: logit-normal sigma; vpred: uniform t) must fall."""
+    pattern = torch.randn(1, model.PRESETS[preset].in_channels, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    d = make_dataset(tmp_path / "data", preset, n=4, latents=pattern.repeat(4, 1, 1, 1, 1))
+    run("--config", preset, "--data", d, "--out", tmp_path / "run", "--max-steps", 150, "--batch-size", 4, "--lr", 1e-2,
+        "--probe-every", 0, "--save-every", 0, "--device", "cpu")
+    losses = [r["diffusion"] for r in read_jsonl(tmp_path / "run" / "log.jsonl")]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+
+
+@pytest.mark.parametrize("stage", ["semantic", "detail"])
+def test_exact_resume(base, tmp_path, stage, capsys):
+    b = base("tiny-cogvideox")
+    # batch 3 of 8 samples, 2 micro-steps: the data order wraps an epoch mid-run
+    argv = ["--stage", stage, "--teacher", b["teacher"]["checkpoint"], "--init", b["semantic"]["checkpoint"],
+            "--data", b["data"], "--batch-size", 3, "--grad-accum", 2, "--lr", 1e-3, "--target-ema", 0.9,
+            "--save-every", 2, *SMALL]
+    straight = run(*argv, "--out", tmp_path / "a", "--max-steps", 4)
+    run(*argv, "--out", tmp_path / "b", "--max-steps", 2)
+    run(*argv, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
+    assert "resuming from" in capsys.readouterr().out
+
+    def assert_same():
+        a, c = tensors(straight["checkpoint"]), tensors(tmp_path / "b" / "step_0000004")
+        assert a.keys() == c.keys() and len(a) > 50
+        assert [k for k in a if not torch.equal(a[k], c[k])] == []
+        losses = [[r["loss"] for r in read_jsonl(tmp_path / x / "log.jsonl")] for x in "ab"]
+        assert len(losses[0]) == 4 and losses[0] == losses[1]
+    assert_same()
+    # a finished run resumed again is a no-op that reports its last logged step
+    again = run(*argv, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
+    assert again["step"] == 4 and again["losses"] == read_jsonl(tmp_path / "b" / "log.jsonl")[-1]
+    # a truncated newest checkpoint is skipped, by name, and the run redone from the one before
+    victim = "train_state.pt" if stage == "detail" else "transformer/diffusion_pytorch_model.safetensors"
+    with open(tmp_path / "b" / "step_0000004" / victim, "r+b") as f:
+        f.truncate(1000)
+    capsys.readouterr()
+    run(*argv, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
+    err = capsys.readouterr().err
+    assert "skipping incomplete checkpoint" in err and "step_0000004" in err
+    assert_same()
+
+
+def test_torchrun_ddp_and_fsdp(base, tmp_path):
+    """2 gloo ranks x batch 2 == 1 process x batch 4 (one step), for DDP and FSDP2, detail stage (LoRA, GAN, EMA)."""
+    b = base("tiny-cogvideox")
+    argv = ["--stage", "detail", "--teacher", b["teacher"]["checkpoint"], "--init", b["semantic"]["checkpoint"],
+            "--data", b["data"], "--max-steps", 1, "--lr", 1e-3, "--target-ema", 0.5, *SMALL]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "_ddp_check.py"), str(tmp_path), *map(str, argv), "--batch-size", "2"]
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one = run(*argv, "--batch-size", 4, "--out", tmp_path / "one")
+    r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # the ranks end identical
+    ref = tensors(one["checkpoint"])
+    for mode in ("ddp", "fsdp"):
+        row = read_jsonl(tmp_path / mode / "log.jsonl")[0]
+        for k in ("loss", "cd", "gan_g", "fm", "d", "grad_norm", "d_grad_norm"):
+            assert row[k] == pytest.approx(one["losses"][k], rel=1e-4), (mode, k)
+        got = tensors(tmp_path / mode / "step_0000001")
+        weights = [k for k in ref if k.startswith(("detail", "train_state.pt/ema", "train_state.pt/disc"))]
+        assert len(weights) > 20
+        for k in weights:  # one AdamW step moves a weight by <= lr; a sync error would flip whole signs
+            assert torch.allclose(got[k], ref[k], atol=2e-4, rtol=0), (mode, k, (got[k] - ref[k]).abs().max())
+
+
+def cli(monkeypatch, *argv):
+    """train.py's command line in-process: the SystemExit message it ends with."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, argv)])
+    with pytest.raises(SystemExit) as e:
+        train._cli()
+    return e.value.code
+
+
+def test_bad_input(base, tmp_path, monkeypatch, capsys):
+    b, h = base("tiny-cogvideox"), make_dataset(tmp_path / "hdata", "tiny-hunyuan")
+    teacher = b["teacher"]["checkpoint"]
+    broken = tmp_path / "broken"
+    shutil.copytree(os.path.join(teacher, "transformer"), broken)
+    with open(broken / "diffusion_pytorch_model.safetensors", "r+b") as f:
+        f.truncate(200)
+    incomplete = tmp_path / "incomplete" / "step_0000005"
+    shutil.copytree(teacher, incomplete)
+    os.remove(incomplete / "train_state.pt")
+    cases = {
+        "neither a preset": ["--config", "no-such-model", "--data", b["data"]],
+        "does not fit model": ["--config", "tiny-cogvideox", "--data", h],
+        "needs --init": ["--stage", "detail", "--teacher", teacher, "--data", b["data"]],
+        "needs --teacher": ["--stage", "semantic", "--data", b["data"]],
+        "cannot load": ["--stage", "semantic", "--teacher", broken, "--data", b["data"], "--out", tmp_path / "x"],
+        "no complete checkpoint": ["--teacher", teacher, "--data", b["data"], "--out", incomplete.parent, "--resume"],
+        "already holds checkpoints": ["--teacher", teacher, "--data", b["data"], "--out", b["teacher"]["out"]],
+        "is not a dataset": ["--config", "tiny-cogvideox", "--data", tmp_path],
+    }
+    for want, argv in cases.items():
+        msg = cli(monkeypatch, *argv)
+        assert isinstance(msg, str) and msg.startswith("error: ") and want in msg, (want, msg)
+    assert cli(monkeypatch, "--stage", "bogus") == 2 and "invalid choice" in capsys.readouterr().err
+    # the real command line: one line on stderr, exit 1, no traceback
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "detail", "--data", b["data"]],
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip().startswith("error: ") and "Traceback" not in p.stderr
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(base, tmp_path, monkeypatch):
+    b = base("tiny-cogvideox")
+    argv = ["--stage", "semantic", "--teacher", b["teacher"]["checkpoint"], "--data", b["data"], "--out", tmp_path,
+            "--max-steps", 4, "--save-every", 2, "--batch-size", 2, *SMALL]
+    monkeypatch.setenv("DCM_TRAIN_NAN_AT_STEP", "3")
+    with pytest.raises(train.TrainError, match=r"non-finite .* at step 3.*step_0000002"):
+        run(*argv)
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("step")) == ["step_0000002"]
+    assert [r["step"] for r in read_jsonl(tmp_path / "log.jsonl")] == [1, 2]
+    good = tensors(tmp_path / "step_0000002")
+    assert all(torch.isfinite(v).all() for v in good.values() if v.is_floating_point())
+    monkeypatch.delenv("DCM_TRAIN_NAN_AT_STEP")
+    assert run(*argv, "--resume")["step"] == 4  # the kept checkpoint is a working one
+
+
+def test_dry_run_full_size_on_meta():
+    r = run("--stage", "detail", "--config", "hunyuan-video", "--init", "unused", "--dry-run", "--dtype", "bf16",
+            "--fsdp", "--world-size", "24", "--batch-size", 1)
+    assert r["teacher"] == pytest.approx(12.821e9, rel=1e-3) and r["world"] == 24
+    assert 0 < r["trainable"] < 0.05 * r["params"] and r["disc"] > 0
+    assert r["memory"]["teacher (bf16)"] == pytest.approx(2 * r["teacher"] / 24)
+    r = run("--stage", "semantic", "--config", "hunyuan-video", "--dry-run", "--world-size", "1")
+    assert r["trainable"] == r["params"] == r["teacher"]
+    assert r["memory"]["AdamW states (fp32)"] == 8 * r["params"]
