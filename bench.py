@@ -23,7 +23,7 @@ import experts
 import losses
 import model as M
 import solver
-from teacher import Teacher
+from teacher import Teacher, embedded_guidance
 
 # --- settings: the shapes of DESIGN.md section 4 -------------------------------------------------
 # preset -> (batch, latent frames, latent H, latent W, text tokens); CogVideoX batch 2 = CFG
@@ -56,7 +56,7 @@ def make_inputs(cfg, shape, device, dtype, seed=0):
         mask = torch.zeros(B, L, dtype=torch.long)
         mask[:, :min(TEXT_REAL, L)] = 1
         cond.update(text_mask=mask.to(device), pooled=rnd(B, cfg.pooled_projection_dim),
-                    guidance=torch.full((B,), 6016.0, device=device, dtype=dtype))
+                    guidance=torch.full((B,), embedded_guidance(6.0), device=device, dtype=dtype))
     return x, t, cond
 
 
@@ -165,8 +165,7 @@ def row_forward(name, shape, device, dtype, compile_too, peak_tflops):
     row["ratio"] = secs["ours"] / secs["diffusers"]
     if compile_too:
         row["ratio_compiled"] = secs["ours+compile"] / secs["diffusers"]
-    del ours, ref
-    return row
+    return row  # the models go with this frame, before the next row is built
 
 
 def row_end_to_end(name, shape, device, dtype, kappa=37, steps=4):
@@ -214,23 +213,16 @@ def row_train_semantic(name, shape, device, peak_tflops, kappa=37, steps=6, comp
     teacher = Teacher(teacher_model, grid, guidance_scale=6.0, uncond={"text": torch.zeros_like(cond["text"])})
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.9, 0.999), weight_decay=1e-3,
                             fused=device.type == "cuda")
-    B = x0.shape[0]
-    lo, hi, k_end = solver.phase_ranges(grid.N, [kappa])[0]
+    B, x0 = x0.shape[0], x0.float()
+    lo, hi, _ = solver.phase_ranges(grid.N, [kappa])[0]
 
-    def step():
+    def step():  # the semantic stage's CD step, target = the student under no_grad (authors)
         k = torch.randint(lo, hi + 1, (B,), device=device)
-        eps = torch.randn_like(x0, dtype=torch.float32)
-        _, a, s = grid.at(k)
-        x_k = a.float().view(-1, 1, 1, 1, 1) * x0.float() + s.float().view(-1, 1, 1, 1, 1) * eps  # [B, C, F, H, W]
+        eps = torch.randn_like(x0)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            x_prev = teacher.step(x_k, k, cond)
-            with torch.no_grad():
-                t_prev = grid.at(k - 1)[0].float()
-                x_tgt = losses.consistency_target(x_prev, student(x_prev, t_prev, **cond).float(), k - 1,
-                                                  torch.full_like(k, k_end), grid)
-            out = student(x_k, grid.at(k)[0].float(), **cond).float()
-        xhat = solver.jump(x_k, out, k, torch.full_like(k, k_end), grid)
-        loss = losses.consistency_loss(xhat, x_tgt) + losses.temporal_coherence_loss(xhat, x_tgt)
+            l_cd, xhat, x_tgt, _ = losses.consistency_step(student, student, teacher, grid, [kappa], x0, eps, k,
+                                                           cond, cond)
+        loss = l_cd + losses.temporal_coherence_loss(xhat, x_tgt)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()

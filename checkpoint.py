@@ -1,21 +1,32 @@
-"""Transformer checkpoints in the diffusers folder layout (and original formats through converters).
+"""Transformer checkpoints in the diffusers folder layout (and original formats through converters),
+and train.py's step folders.
 
 A diffusers `transformer/` folder holds `config.json` plus `diffusion_pytorch_model.safetensors`, or
 shards listed in `diffusion_pytorch_model.safetensors.index.json` (`weight_map`: key -> shard file).
 Loading builds the model on the meta device and assigns the stored tensors one by one, so weights
 never sit in memory twice.
+
+A training step folder `OUT/step_{step:07d}/` holds `transformer/` (diffusers layout; the dual expert's
+frozen semantic backbone), `detail.safetensors` (the LoRA detail expert's adapter), `train_state.pt`
+(optimizers, RNG, data position) and `config.json` (the run config: stage, model config, grid, ...).
 """
 
 import json
 import os
+import random
 import re
 import shutil
+import sys
 import tempfile
+import zipfile
 from contextlib import contextmanager
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 import model as M
 
@@ -55,11 +66,26 @@ def _load_state_dict_file(path):
 
 
 def transformer_folder(path):
-    """The folder holding config.json: `path` itself or its `transformer/` subfolder."""
-    for folder in (path, os.path.join(path, "transformer")):
+    """The folder holding the transformer's config.json: `path/transformer/` first (a step folder's own
+    config.json is the run config), else `path` itself."""
+    for folder in (os.path.join(path, "transformer"), path):
         if os.path.isfile(os.path.join(folder, "config.json")):
             return folder
     raise ValueError(f"{path}: no config.json here or in {os.path.join(path, 'transformer')}")
+
+
+def read_config(path):
+    """Model config of a preset name, a config.json (diffusers', or a train.py run's with `model_config`),
+    or a folder holding one (transformer_folder)."""
+    if not os.path.exists(path) and path in M.PRESETS:
+        return M.PRESETS[path]
+    if os.path.isdir(path):
+        path = os.path.join(transformer_folder(path), "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path!r} is neither a preset ({', '.join(M.PRESETS)}) nor a config file or folder")
+    with open(path) as f:
+        d = json.load(f)
+    return M.config_from_dict(d.get("model_config", d))
 
 
 def _shard_files(folder):
@@ -134,9 +160,7 @@ def load_transformer(path, dtype=None, device=None):
         shapes, load = {k: tuple(v.shape) for k, v in src.items()}, lambda: _drain(src)
     else:
         folder = transformer_folder(path)
-        with open(os.path.join(folder, "config.json")) as f:
-            cfg = M.config_from_dict(json.load(f))
-        shapes, load = _folder_tensors(folder)
+        cfg, (shapes, load) = read_config(os.path.join(folder, "config.json")), _folder_tensors(folder)
     model = M.build_transformer(cfg, device="meta")
     check_keys(model, shapes, path)
     sd = {}
@@ -222,3 +246,123 @@ def atomic_dir(final):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
+
+
+# ---- train.py step folders ---------------------------------------------------------------------
+STEP = re.compile(r"step_\d{7}")
+RESUMABLE = ("config.json", "train_state.pt")  # what a step folder needs to go on from, beyond the weights
+
+
+def step_dir(out, step):
+    return os.path.join(out, f"step_{step:07d}")
+
+
+def step_folders(out):
+    """Names of the step_* folders in `out`, oldest first ([] when there is no such folder)."""
+    return sorted(d for d in os.listdir(out) if STEP.fullmatch(d)) if os.path.isdir(out) else []
+
+
+def _readable(path):
+    """A safetensors header or a torch.save zip's central directory reads (a truncated file fails either)."""
+    try:
+        if path.endswith(".pt"):
+            zipfile.ZipFile(path).close()
+        else:
+            with safe_open(path, framework="pt"):
+                pass
+        return True
+    except Exception:  # noqa: BLE001 - a damaged file fails in many ways; all mean "not there"
+        return False
+
+
+def step_missing(folder, need=("config.json",)):
+    """What a step folder lacks ([] = complete): the `need` files, transformer/ with readable weights, and the
+    adapter where its config.json says a LoRA detail stage; a truncated file counts as missing."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            run = json.load(f)
+    except (OSError, ValueError):
+        run = {}
+    lora = run.get("stage") == "detail" and not run.get("detail_full")
+    need = [*need, "transformer/config.json"] + ["detail.safetensors"] * lora
+    missing = [f for f in need if not os.path.isfile(os.path.join(folder, f))]
+    try:
+        files = [os.path.join("transformer", s) for s in _shard_files(os.path.join(folder, "transformer"))]
+    except ValueError:
+        files, missing = [], missing + ["transformer weights"]
+    files += [f for f in need if f.endswith((".safetensors", ".pt")) and f not in missing]
+    return missing + [f"{f} (unreadable)" for f in files if not _readable(os.path.join(folder, f))]
+
+
+def latest_step(out, need=("config.json",), quiet=False):
+    """The newest complete step folder of a run (step_missing), or None; newer incomplete ones are skipped,
+    saying so on stderr unless quiet."""
+    for name in reversed(step_folders(out)):
+        path = os.path.join(out, name)
+        missing = step_missing(path, need)
+        if not missing:
+            return path
+        if not quiet:
+            print(f"skipping incomplete checkpoint {path}: missing {', '.join(missing)}", file=sys.stderr)
+    return None
+
+
+def resume_from(out, settings):
+    """(newest complete step folder, its train_state) to go on from, or (None, None) in a run without step folders;
+    `settings`: run-config values the step must have been saved with. Errors name what is wrong."""
+    ckpt = latest_step(out, RESUMABLE)
+    if ckpt is None and step_folders(out):
+        raise ValueError(f"--resume: no complete checkpoint in {out} (all {len(step_folders(out))} are incomplete)")
+    if ckpt is None:
+        return None, None
+    with open(os.path.join(ckpt, "config.json")) as f:
+        old = json.load(f)
+    for key, value in settings.items():
+        if old.get(key) != value:
+            raise ValueError(f"{ckpt} was saved with {key}={old.get(key)!r}, this run has {value!r}")
+    # mmap: ranks read only the pages they use of the full optimizer state
+    return ckpt, torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False, mmap=True)
+
+
+def rng_state():
+    """Every RNG a training process draws from (python, numpy, torch, CUDA), for train_state.pt."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False, build=None, detail_meta=None):
+    """Write step_dir(out, step) (layout above); call it on every rank. The optimizer's, EMA's and (sharded: FSDP2)
+    model's states are gathered as full FQN-keyed states, portable across FSDP/DDP and world sizes, with every
+    rank's RNG state; rank 0 writes atomically, sharded from build() (an unsharded copy on the meta device).
+    state: the rest of train_state.pt; with detail_meta, a DualExpert: its adapter goes to detail.safetensors."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    osd = get_optimizer_state_dict(model, opt, options=full)  # collectives under FSDP: every rank takes part
+    sd = get_model_state_dict(model, options=full) if sharded else None
+    ema_sd = None if ema is None else get_model_state_dict(ema, options=full) if sharded else ema.state_dict()
+    rngs = [rng_state()] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rngs[0])
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if sd is not None:
+            model = build()
+            model.load_state_dict(sd, assign=True)
+        with atomic_dir(step_dir(out, step)) as tmp:
+            if detail_meta is None:
+                save_transformer(model, os.path.join(tmp, "transformer"))
+            else:
+                model.save_semantic(os.path.join(tmp, "transformer"))
+                model.save_detail(os.path.join(tmp, "detail.safetensors"), detail_meta)
+            torch.save({**state, "step": step, "opt": osd, "ema": ema_sd, "rng": rngs},
+                       os.path.join(tmp, "train_state.pt"))
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump({**run_config, "step": step}, f, indent=2)
+    if dist.is_initialized():
+        dist.barrier()

@@ -14,11 +14,13 @@ A dataset is a folder:
                                  source file of each sample) and "skipped" (JSON list of {video, reason}).
 
 A conditioning file for sample.py is one safetensors file with the same conditioning keys and a
-leading batch dimension (`save_cond` / `load_cond`).
+leading batch dimension (`save_cond` / `load_cond`). `check_fits` checks data against a model config;
+`batches` and `draws` are the training order (resumable) and each sample's noise (split-independent).
 """
 import json
 import os
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -120,6 +122,64 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {k: v[i] for k, v in self.tensors.items()}
+
+
+def check_fits(cfg, cond=None, latent_shape=None, uncond=None, where="data"):
+    """Conditioning tensors (batch first; keys outside COND_KEYS ignored), latents [C, F, H, W] and uncond keys
+    against a model config: one DataError naming every mismatch. -> the sorted conditioning keys."""
+    pooled, bad = getattr(cfg, "pooled_projection_dim", None), []
+    if latent_shape is not None:
+        (C, n_f, H, W), p, pt = latent_shape, cfg.patch_size, getattr(cfg, "patch_size_t", None) or 1
+        if C != cfg.in_channels:
+            bad.append(f"latents have {C} channels, the model takes {cfg.in_channels}")
+        if min(n_f, H, W) < 1 or n_f % pt or H % p or W % p:
+            bad.append(f"latent F, H, W = {n_f}, {H}, {W} must be positive and divisible by the patch ({pt}, {p}, {p})")
+    keys = sorted(set(cond or ()) & set(COND_KEYS))
+    if cond is not None:
+        want = {"text", "pooled"} if pooled else {"text"}
+        if not want <= set(keys) <= want | ({"text_mask"} if pooled else set()):
+            bad.append(f"conditioning keys {keys}, the model takes {sorted(want)}{' (+ text_mask)' if pooled else ''}")
+        text, mask, pool = (cond.get(k) for k in COND_KEYS)
+        if text is not None and (text.dim() != 3 or text.shape[-1] != cfg.text_embed_dim):
+            bad.append(f"text is {list(text.shape)}, the model takes [B, L, {cfg.text_embed_dim}]")
+        if pooled and pool is not None and (pool.dim() != 2 or pool.shape[-1] != pooled):
+            bad.append(f"pooled is {list(pool.shape)}, the model takes [B, {pooled}]")
+        if text is not None and mask is not None and mask.shape != text.shape[:2]:
+            bad.append(f"text_mask is {list(mask.shape)}, text {list(text.shape)}: the mask must be [B, L]")
+        if len({cond[k].shape[0] for k in keys}) > 1:
+            bad.append("batch sizes differ: " + ", ".join(f"{k} {list(cond[k].shape)}" for k in keys))
+    if uncond is not None and sorted(uncond) != keys:
+        bad.append(f"uncond keys {sorted(uncond)} differ from the samples' {keys}")
+    if bad:
+        raise DataError(f"{where} does not fit model {type(cfg).__name__}: " + "; ".join(bad))
+    return keys
+
+
+def batches(ds, sampler, batch, epoch=0, pos=0):
+    """Micro-batches of `batch` samples forever from micro-batch `pos` of `epoch` in a DistributedSampler's seeded
+    order, each with its dataset "index" [batch]; yields (micro-batch, epoch, pos after it): resumable exactly."""
+    while True:
+        sampler.set_epoch(epoch)
+        order = list(sampler)[pos * batch:]
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=order, drop_last=True,
+                                             generator=torch.Generator())  # keeps the global RNG untouched
+        for i, b in enumerate(loader):
+            pos += 1
+            yield b | {"index": torch.tensor(order[i * batch:(i + 1) * batch])}, epoch, pos
+        epoch, pos = epoch + 1, 0
+
+
+def draws(index, step, seed, shape, gan, device="cpu"):
+    """Per-sample eps [B, *shape] and GAN noise n [B, *shape] (or None) on `device`, uniforms u [B, 3] on the CPU,
+    each sample's from a CPU generator keyed by (seed, step, its dataset index): a global batch draws the same
+    however it is split over ranks and micro-steps, on any device."""
+    eps, u, n = [], [], []
+    for i in index.tolist():
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, i]).generate_state(1, np.uint64)[0]))
+        eps.append(torch.randn(shape, generator=g))
+        u.append(torch.rand(3, generator=g, dtype=torch.float64))
+        n.append(torch.randn(shape, generator=g) if gan else None)
+    return torch.stack(eps).to(device), torch.stack(u), torch.stack(n).to(device) if gan else None
 
 
 def save_cond(cond, path):

@@ -1,5 +1,6 @@
-"""DCM training losses: consistency (paper eq. 4), temporal coherence (eq. 8), GAN hinge and
-feature matching for the detail expert (eqs. 9-10), and the re-noising that feeds the GAN.
+"""DCM training losses: consistency (paper eq. 4) and one whole CD step, temporal coherence (eq. 8), GAN
+hinge and feature matching for the detail expert (eqs. 9-10) with the re-noising that feeds the GAN, and
+the teacher's own diffusion loss.
 
 Losses are computed in float32 whatever the input dtype (bf16 autocast outputs included).
 """
@@ -7,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from solver import jump
+from solver import jump, phase_end
 
 
 def _same_shape(a, b, what):
@@ -27,6 +28,28 @@ def consistency_loss(xhat, x_tgt, kind="huber", c=1e-3):
     if kind == "l2":
         return (d * d).mean()
     raise ValueError(f"consistency loss kind must be 'huber' or 'l2', got {kind!r}")
+
+
+def col(c, x):
+    """A per-sample coefficient [B] as float32 [B, 1, 1, 1, 1] against x."""
+    return c.to(device=x.device, dtype=torch.float32).view(-1, *[1] * (x.dim() - 1))
+
+
+def diffusion_time(u, kind, grid=None):
+    """The teacher's random training point (t, alpha, sigma) [B] from uniforms u [B]: flow: logit-normal sigma,
+    t = 1000 sigma; vpred: a uniform index on `grid` (CogVideoX: its 1000 DDIM training timesteps)."""
+    if kind == "flow":
+        sigma = torch.sigmoid(2 ** 0.5 * torch.erfinv(2 * u - 1))  # sigmoid(z), z ~ N(0, 1)
+        return 1000 * sigma, 1 - sigma, sigma
+    return grid.at((u * grid.N).long().clamp(max=grid.N - 1))
+
+
+def diffusion_loss(model, x0, eps, t, alpha, sigma, kind, cond):
+    """The teacher's objective: MSE of model(alpha x0 + sigma eps, t) against its target, flow: eps - x0,
+    vpred: alpha eps - sigma x0 (per-sample t, alpha, sigma [B])."""
+    a, s = col(alpha, x0), col(sigma, x0)
+    out = model(a * x0 + s * eps, t.float().to(x0.device), **cond).float()
+    return F.mse_loss(out, eps - x0 if kind == "flow" else a * eps - s * x0)
 
 
 def _per_sample(k, B, what):
@@ -49,6 +72,34 @@ def consistency_target(x_prev, out_target, k_prev, k_end, grid):
     at_end = (k_prev == k_end).to(x_prev.device).view(-1, *[1] * (x_prev.dim() - 1))  # [B, 1, 1, 1, 1]
     # where(), not arithmetic: the vpred jump k -> k is only approximately the identity
     return torch.where(at_end, x_prev.to(x_tgt.dtype), x_tgt)
+
+
+def consistency_step(student, target, teacher, grid, boundaries, x0, eps, k, cond, scond, kind="huber"):
+    """One CD step at per-sample grid indices k (paper eq. 4, DESIGN sec. 1 steps 2-6) -> (loss, xhat, x_tgt, k_end).
+
+    teacher: a Teacher (guided, given `cond`); student and target (the EMA, or the student itself) get `scond`
+    (cond plus embedded guidance where the model takes it). The teacher step and the target run first, without
+    grad, so the student's stored activations never coexist with the teacher's forward (lower peak memory)."""
+    k_end = phase_end(k, boundaries)
+    t_k, a_k, s_k = grid.at(k)
+    x_k = col(a_k, x0) * x0 + col(s_k, x0) * eps
+    with torch.no_grad():
+        x_prev = teacher.step(x_k, k, cond)
+        out_tgt = target(x_prev, grid.at(k - 1)[0].float(), **scond).float()
+        x_tgt = consistency_target(x_prev, out_tgt, k - 1, k_end, grid)
+    xhat = jump(x_k, student(x_k, t_k.float(), **scond).float(), k, k_end, grid)
+    return consistency_loss(xhat, x_tgt, kind), xhat, x_tgt, k_end
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """The consistency target as the student's EMA (eq. 4): ema <- decay * ema + (1 - decay) * model, over the
+    trainable parameters. FSDP2 (both sharded alike): a no-grad forward leaves the EMA's root gathered: reshard it."""
+    for m in ema.modules():
+        getattr(m, "reshard", lambda: None)()
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        if p.requires_grad:
+            pe.lerp_(p, 1 - decay)
 
 
 def temporal_coherence_loss(xhat, x_tgt, d=3):
@@ -100,6 +151,12 @@ class Discriminator(nn.Module):
         self.dim, self.n_taps = dim, n_taps
         self.heads = nn.ModuleList([DiscriminatorHead(dim, hidden, groups) for _ in range(n_taps)])
 
+    @classmethod
+    def for_model(cls, model, hidden=1024):
+        """One head per tap of model.default_taps(), on the model's token width."""
+        cfg = model.config
+        return cls(cfg.num_attention_heads * cfg.attention_head_dim, len(model.default_taps()), hidden)
+
     def forward(self, feats, grid):
         """feats: n_taps tensors [B, L, C] of tokens in (F, h, w) order, grid=(F, h, w) -> logits [B, L] each."""
         if len(feats) != self.n_taps:
@@ -144,6 +201,32 @@ def feature_matching_loss(model, fake_feats, real_feats, temb, grid):
             r_out = model.head(r, temb, grid)
         losses.append(F.mse_loss(model.head(f, temb, grid).float(), r_out.float()))
     return torch.stack(losses).mean()
+
+
+def adversarial_terms(teacher_model, disc, x_tgt, xhat, n, k_end, k_adv, grid, cond, tok_grid):
+    """Detail-expert GAN terms (eqs. 9-10, DESIGN sec. 1): x_tgt (real) and xhat (fake) re-noised to k_adv with
+    the shared noise n, the frozen teacher's tapped features of both at t_adv (cond: with embedded guidance) ->
+    (generator hinge loss, feature matching loss, (fake features detached, real features) for the D step).
+    Gradients reach xhat only; tok_grid = the token grid (F, h, w) of the features."""
+    taps, t_adv = teacher_model.default_taps(), grid.at(k_adv)[0].float()
+    real, fake = (renoise(x, n, k_end, k_adv, grid) for x in (x_tgt, xhat))
+    with torch.no_grad():
+        real_f = teacher_model(real, t_adv, taps=taps, **cond)[1]
+    fake_f = teacher_model(fake, t_adv, taps=taps, **cond)[1]
+    disc.requires_grad_(False)  # the generator's loss leaves no gradient in D
+    g_loss = g_hinge_loss(disc(fake_f, tok_grid))
+    disc.requires_grad_(True)
+    temb = teacher_model.time_embed(t_adv, **cond)
+    fm_loss = feature_matching_loss(teacher_model, fake_f, real_f, temb, tuple(xhat.shape[2:]))
+    return g_loss, fm_loss, ([f.detach() for f in fake_f], real_f)
+
+
+def discriminator_loss(disc, feats, tok_grid):
+    """D's hinge loss (eq. 9) on adversarial_terms' (fake, real) features, both in one batched forward."""
+    fake_f, real_f = feats
+    B = fake_f[0].shape[0]
+    logits = disc([torch.cat([f, r]) for f, r in zip(fake_f, real_f)], tok_grid)  # [2B, L] each: fake, real
+    return d_hinge_loss([lg[B:] for lg in logits], [lg[:B] for lg in logits])
 
 
 def renoise(x_end, n, k_end, k_adv, grid):

@@ -8,8 +8,9 @@
 
 Students (paper supp. 6): steps split evenly between the phases, uniform inside each
 (solver.student_schedule), one model call and Euler/DDIM jump per point, the last to the clean end;
-no CFG, HunyuanVideo's embedded guidance (1000 * --guidance) still passed. The dual expert routes
-t <= boundary_t to its detail path; single students (vcm, pcm, semantic-only) use the run's phases.
+no CFG, HunyuanVideo's embedded guidance still passed (the teacher's value: teacher.embedded_guidance).
+The dual expert routes t <= boundary_t to its detail path; single students (vcm, pcm, semantic-only)
+use the run's phases.
 Without --cond: the run's dataset's unconditional conditioning if found, else zeros (non-released
 models only; the released ones need --cond from `python data.py encode-prompts`), with a warning.
 Noise comes from one seeded CPU generator for all --num samples: bitwise reproducible on a fixed
@@ -18,7 +19,6 @@ device, and a sample's noise depends on the seed and its index, not on the batch
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
@@ -30,12 +30,11 @@ import data
 import experts
 import model as models
 import solver
-from teacher import Teacher
+from teacher import Teacher, embedded_guidance
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RELEASED = ("cogvideox-2b", "cogvideox-5b", "hunyuan-video")
 HUNYUAN_LATENT = (9, 68, 120)  # HunyuanVideo's 33 x 544 x 960 clips through its 4x8x8 VAE (its config has no size)
-STEP = re.compile(r"step_\d{7}")
 
 
 class SampleError(ValueError):
@@ -47,38 +46,21 @@ def _read_json(path):
         return json.load(f)
 
 
-def missing_parts(step):
-    """What a train.py step folder lacks for sampling ([] = complete; train_state.pt is not needed)."""
-    run = _read_json(os.path.join(step, "config.json")) if os.path.isfile(os.path.join(step, "config.json")) else {}
-    need = ["config.json", "transformer/config.json"]
-    need += ["detail.safetensors"] if run.get("stage") == "detail" and not run.get("detail_full") else []
-    missing = [p for p in need if not os.path.isfile(os.path.join(step, p))]
-    if not missing:
-        try:
-            checkpoint._shard_files(os.path.join(step, "transformer"))
-        except ValueError as e:
-            missing.append(f"transformer weights ({e})")
-    return missing
-
-
 def resolve(path):
     """(folder, backbone path, run config or None): a step folder, a run's newest complete step, or a backbone."""
     if not os.path.exists(path):
         raise SampleError(f"checkpoint {path} does not exist")
     if os.path.isfile(path):  # an original-format file (checkpoint.ORIGINAL_FORMATS)
         return path, path, None
-    steps = sorted(d for d in os.listdir(path) if STEP.fullmatch(d))
+    steps = checkpoint.step_folders(path)
     if steps and not os.path.isdir(os.path.join(path, "transformer")):
-        for name in reversed(steps):
-            missing = missing_parts(os.path.join(path, name))
-            if not missing:
-                return resolve(os.path.join(path, name))
-            print(f"skipping incomplete checkpoint {os.path.join(path, name)}: missing {', '.join(missing)}", file=sys.stderr)
-        raise SampleError(f"{path}: none of its {len(steps)} step_* checkpoints is complete (the newest, {steps[-1]}, "
-                          f"lacks {', '.join(missing_parts(os.path.join(path, steps[-1])))})")
+        if (step := checkpoint.latest_step(path)) is None:
+            raise SampleError(f"{path}: none of its {len(steps)} step_* checkpoints is complete (the newest, {steps[-1]}, "
+                              f"lacks {', '.join(checkpoint.step_missing(os.path.join(path, steps[-1])))})")
+        return resolve(step)
     run = _read_json(os.path.join(path, "config.json")) if os.path.isfile(os.path.join(path, "config.json")) else None
-    if STEP.fullmatch(os.path.basename(os.path.normpath(path))) or (run and "stage" in run):
-        if missing := missing_parts(path):
+    if checkpoint.STEP.fullmatch(os.path.basename(os.path.normpath(path))) or (run and "stage" in run):
+        if missing := checkpoint.step_missing(path):
             raise SampleError(f"incomplete checkpoint {path}: missing {', '.join(missing)}")
         return path, os.path.join(path, "transformer"), run
     try:
@@ -168,12 +150,12 @@ def _cast(cond, dtype):
 
 
 def model_fn(model, cond, guidance=6.0):
-    """model_fn(x, t) for solver.sample: the model in its dtype, embedded guidance 1000*g where it has one."""
+    """model_fn(x, t) for solver.sample: the model in its dtype, the teacher's embedded guidance where it takes one."""
     dtype = next(model.parameters()).dtype
     cond = _cast(cond, dtype)
 
     def fn(x, t):
-        g = {"guidance": torch.full(t.shape, 1000.0 * guidance, device=x.device, dtype=dtype)} \
+        g = {"guidance": torch.full(t.shape, embedded_guidance(guidance), device=x.device, dtype=dtype)} \
             if getattr(model.config, "guidance_embeds", False) else {}
         return model(x.to(dtype), t, **cond, **g).float()
     return fn
@@ -218,16 +200,9 @@ def get_cond(path, info, n, what="cond"):
     else:  # text tokens: CogVideoX's fixed T5 length, HunyuanVideo's 256 Llama tokens
         cond = {"text": torch.zeros(1, getattr(cfg, "max_text_seq_length", 256), cfg.text_embed_dim)}
         cond.update({"pooled": torch.zeros(1, pooled)} if pooled else {})
-    want = {"text", "pooled"} if pooled else {"text"}
-    if not want <= set(cond) <= want | ({"text_mask"} if pooled else set()):
-        raise SampleError(f"{path}: conditioning keys {sorted(cond)}, {type(cfg).__name__} takes {sorted(want)}"
-                          + (" (+ text_mask)" if pooled else ""))
-    if cond["text"].dim() != 3 or cond["text"].shape[-1] != cfg.text_embed_dim:
-        raise SampleError(f"{path}: text is {list(cond['text'].shape)}, the model takes [B, L, {cfg.text_embed_dim}]")
-    if pooled and (cond["pooled"].dim() != 2 or cond["pooled"].shape[-1] != pooled):
-        raise SampleError(f"{path}: pooled is {list(cond['pooled'].shape)}, the model takes [B, {pooled}]")
-    if (b := cond["text"].shape[0]) not in (1, n) or any(v.shape[0] != b for v in cond.values()):
-        raise SampleError(f"{path}: conditioning batch {b} must be 1 or --num {n} (and the same in all its tensors)")
+    data.check_fits(cfg, cond, where=path or "all-zero conditioning")
+    if (b := cond["text"].shape[0]) not in (1, n):
+        raise SampleError(f"{path}: conditioning batch {b} must be 1 or --num {n}")
     return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
 
 
@@ -241,10 +216,8 @@ def latent_size(args, info):
     else:
         default = HUNYUAN_LATENT
     f, h, w = (a if a is not None else d for a, d in zip((args.frames, args.height, args.width), default))
-    p, pt = cfg.patch_size, getattr(cfg, "patch_size_t", None) or 1
-    if min(f, h, w) < 1 or f % pt or h % p or w % p:
-        raise SampleError(f"latent size --frames {f} --height {h} --width {w} must be positive and divisible by "
-                          f"the patch sizes ({pt}, {p}, {p})")
+    data.check_fits(cfg, latent_shape=(cfg.in_channels, f, h, w),
+                    where=f"latent size --frames {f} --height {h} --width {w}")
     return f, h, w
 
 

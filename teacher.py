@@ -3,7 +3,8 @@
 Guidance, per architecture:
 - CFG (CogVideoX, v-prediction): out = u + g * (c - u), cond and uncond batched in one forward;
   the unconditional conditioning is given once with batch 1 and broadcast to the batch.
-- embedded guidance (HunyuanVideo): the model takes guidance = 1000 * g as an input, one pass.
+- embedded guidance (HunyuanVideo): the model takes guidance = 1000 * g (bf16-rounded, `embedded_guidance`)
+  as an input, one pass.
 - none: a flow model whose config has no `guidance_embeds`, or g = 1 with CFG.
 """
 import torch
@@ -18,6 +19,13 @@ def _model_dtype(model, x):
         if p.is_floating_point():
             return p.dtype
     return x.dtype
+
+
+def embedded_guidance(scale):
+    """The embedded-guidance input for scale g: 1000*g rounded through bf16 (6.0 -> 6016), the value the authors
+    train and sample HunyuanVideo with (its bf16 pipeline casts it); one value in every dtype, so a student is
+    trained and sampled at the teacher's guidance (DESIGN sec. 2)."""
+    return float(torch.tensor(1000.0 * scale, dtype=torch.float32).to(torch.bfloat16))
 
 
 class Teacher:
@@ -84,7 +92,8 @@ class Teacher:
             c, u = out[:B], out[B:]  # [2B, ...] -> cond [B, ...], uncond [B, ...]
             return u + self.guidance_scale * (c - u)
         if self.mode == "embedded":
-            g = torch.full((B,), 1000.0 * self.guidance_scale, device=x.device, dtype=_model_dtype(self.model, x))
+            g = torch.full((B,), embedded_guidance(self.guidance_scale), device=x.device,
+                           dtype=_model_dtype(self.model, x))
             return self._call(x, t, guidance=g, **cond).float()
         return self._call(x, t, **cond).float()
 

@@ -6,25 +6,21 @@
     torchrun --nproc_per_node=8 train.py ... [--fsdp] [--dtype bf16] [--grad-ckpt]
 
 Stages (k = index on the teacher's N-step grid, kappa = the DCM cut):
-  teacher   diffusion training. flow: sigma = sigmoid(z), z ~ N(0, 1) (logit-normal), x = sigma*eps +
-            (1-sigma)*x0, target v = eps - x0, t = 1000*sigma; vpred: t ~ U{0..999} on CogVideoX's
-            DDIM alphas, target v = alpha*eps - sigma*x0; MSE. CFG models train on the dataset's
-            uncond conditioning with probability --cond-drop.
+  teacher   diffusion training (losses.diffusion_time, diffusion_loss): flow: logit-normal sigma, target
+            v = eps - x0; vpred: t ~ U{0..999} on CogVideoX's DDIM alphas, target v = alpha*eps - sigma*x0.
+            CFG models train on the dataset's uncond conditioning with probability --cond-drop.
   vcm       one student, one phase k in 0..N-1 -> clean end;  pcm: --phases P even phases.
   semantic  k in kappa+1..N-1 -> x_kappa, + temporal coherence (--w-tc).
   detail    DualExpert on the semantic expert (--init): LoRA + copied layers, k in 0..kappa -> clean
             end, + GAN / feature matching on teacher features; --detail-full = ablation "OD" (a fully
             fine-tuned separate copy instead of LoRA).
-Per-sample noise, k and drops come from a generator keyed by (seed, step, sample index): a global
-batch trains the same however it is split over ranks and micro-steps.
+Per-sample noise, k and drops (data.draws): a global batch trains the same however it is split over ranks.
 """
 import argparse
 import contextlib
-import glob
 import json
 import os
 import random
-import re
 import sys
 import time
 from copy import deepcopy
@@ -32,10 +28,7 @@ from copy import deepcopy
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from safetensors import safe_open
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 from tqdm.auto import tqdm
 
 import checkpoint
@@ -44,7 +37,7 @@ import experts
 import losses
 import model as models
 import solver
-from teacher import Teacher
+from teacher import Teacher, embedded_guidance
 
 # --- run settings: defaults of the command-line flags (dicts where the stages differ)
 STAGES = ("teacher", "vcm", "pcm", "semantic", "detail")
@@ -57,11 +50,10 @@ weight_decay, grad_clip = 1e-3, 1.0     # AdamW (0.9, 0.999)
 d_lr, d_betas, d_weight_decay = 1e-5, (0.0, 0.999), 1e-3
 grid_steps, shift, phases = 50, 17.0, 4
 kappa = None                            # 37 at N = 50 (authors), 38N//50 - 1 in general
-guidance = 6.0                          # CFG scale (CogVideoX) / embedded guidance 1000*g (HunyuanVideo)
+guidance = 6.0                          # CFG scale (CogVideoX) / embedded guidance -> 6016 (HunyuanVideo)
 cond_drop, target_ema, loss = 0.1, 0.0, "huber"
 lora_rank, disc_hidden = 128, 1024
 seed, probe_every, save_every = 0, 50, 500
-CKPT = re.compile(r"step_\d{7}")
 
 
 class TrainError(Exception):
@@ -125,62 +117,20 @@ def parse_args(argv):
     return args
 
 
-def transformer_dir(path):
-    """A transformer folder given itself or a step folder (whose own config.json is the run's)."""
-    sub = os.path.join(path, "transformer")
-    return checkpoint.transformer_folder(sub if os.path.isfile(os.path.join(sub, "config.json")) else path)
-
-
 def model_config(args):
-    """The model config: the --teacher's config.json, else --config (preset or file); both must agree."""
-    cfg = models.PRESETS.get(args.config)
-    if args.config and cfg is None:
-        path = os.path.join(args.config, "config.json") if os.path.isdir(args.config) else args.config
-        if not os.path.isfile(path):
-            raise TrainError(f"--config {args.config!r} is neither a preset ({', '.join(models.PRESETS)}) "
-                             "nor a config file")
-        with open(path) as f:
-            d = json.load(f)
-        cfg = models.config_from_dict(d.get("model_config", d))
-    if args.teacher:
-        with open(os.path.join(transformer_dir(args.teacher), "config.json")) as f:
-            tcfg = models.config_from_dict(json.load(f))
-        if cfg is not None and cfg != tcfg:
-            raise TrainError(f"--config {args.config} differs from the teacher's config ({args.teacher})")
-        cfg = tcfg
-    if cfg is None:
+    """The model config: the --teacher's, else --config's (a preset or config.json); both given, they must agree."""
+    cfg, tcfg = (checkpoint.read_config(p) if p else None for p in (args.config, args.teacher))
+    if cfg is not None and tcfg is not None and cfg != tcfg:
+        raise TrainError(f"--config {args.config} differs from the teacher's config ({args.teacher})")
+    if cfg is None and tcfg is None:
         raise TrainError("no model: give --config (a preset or config.json) or --teacher")
-    return cfg
-
-
-def check_data(ds, cfg, batch, world):
-    """Data vs model: channels, text/pooled widths, patch divisibility, conditioning keys, size."""
-    C, n_f, H, W = ds.manifest["latent_shape"]
-    p, pt = cfg.patch_size, getattr(cfg, "patch_size_t", None) or 1
-    keys, pooled = set(ds.tensors) & set(data.COND_KEYS), getattr(cfg, "pooled_projection_dim", None)
-    want = {"text", "pooled"} | ({"text_mask"} & keys) if pooled else {"text"}
-    bad = [f"latents have {C} channels, the model takes {cfg.in_channels}"] if C != cfg.in_channels else []
-    if n_f % pt or H % p or W % p:
-        bad.append(f"latent F, H, W = {n_f}, {H}, {W} not divisible by the patch ({pt}, {p}, {p})")
-    if keys != want:
-        bad.append(f"conditioning keys {sorted(keys)}, the model takes {sorted(want)}")
-    if ds.tensors["text"].shape[-1] != cfg.text_embed_dim:
-        bad.append(f"text width {ds.tensors['text'].shape[-1]}, the model takes {cfg.text_embed_dim}")
-    if pooled and "pooled" in keys and ds.tensors["pooled"].shape[-1] != pooled:
-        bad.append(f"pooled width {ds.tensors['pooled'].shape[-1]}, the model takes {pooled}")
-    if set(ds.uncond) != keys:
-        bad.append(f"uncond keys {sorted(ds.uncond)} differ from the samples' {sorted(keys)}")
-    if len(ds) // world < batch:
-        bad.append(f"{len(ds)} samples are fewer than batch {batch} x world {world}")
-    if bad:
-        raise data.DataError(f"{ds.dir} does not fit model {type(cfg).__name__}: " + "; ".join(bad))
-    return sorted(keys)
+    return cfg if tcfg is None else tcfg
 
 
 def load(path, dtype, device):
     """checkpoint.load_transformer of a transformer or step folder; any failure is a TrainError naming it."""
     try:
-        return checkpoint.load_transformer(transformer_dir(path), dtype=dtype, device=device)
+        return checkpoint.load_transformer(path, dtype=dtype, device=device)
     except Exception as e:  # noqa: BLE001 - truncated files raise safetensors/OS errors of many kinds
         raise TrainError(f"cannot load the transformer in {path}: {str(e).splitlines()[0]}") from e
 
@@ -207,76 +157,9 @@ def shard(m, mesh):
     fully_shard(m, mesh=mesh)
 
 
-def draws(index, step, seed_, shape, gan):
-    """Per-sample eps [B, ...], uniforms u [B, 3] (k or sigma, k_adv, cond drop), GAN noise n [B, ...] or None."""
-    eps, u, n = [], [], []
-    for i in index.tolist():
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed_, step, i]).generate_state(1, np.uint64)[0]))
-        eps.append(torch.randn(shape, generator=g))
-        u.append(torch.rand(3, generator=g, dtype=torch.float64))
-        n.append(torch.randn(shape, generator=g) if gan else None)
-    return torch.stack(eps), torch.stack(u), torch.stack(n) if gan else None
-
-
 def k_between(u, lo, hi):
     """Uniform grid index in lo..hi from u in [0, 1)."""
     return (lo + (u * (hi - lo + 1)).long()).clamp(max=hi)
-
-
-def col(c, x):
-    """A per-sample coefficient [B] as float32 [B, 1, 1, 1, 1] against x."""
-    return c.to(device=x.device, dtype=torch.float32).view(-1, *[1] * (x.dim() - 1))
-
-
-def consistency(student, target, teacher, grid, boundaries, x0, eps, k, cond, scond, loss_kind):
-    """DESIGN sec. 1 steps 2-6 with per-sample k -> (loss, xhat, x_tgt, k_end)."""
-    k_end = solver.phase_end(k, boundaries)
-    t_k, a_k, s_k = grid.at(k)
-    x_k = col(a_k, x0) * x0 + col(s_k, x0) * eps
-    xhat = solver.jump(x_k, student(x_k, t_k.float(), **scond).float(), k, k_end, grid)
-    with torch.no_grad():
-        x_prev = teacher.step(x_k, k, cond)
-        out_tgt = target(x_prev, grid.at(k - 1)[0].float(), **scond).float()
-        x_tgt = losses.consistency_target(x_prev, out_tgt, k - 1, k_end, grid)
-    return losses.consistency_loss(xhat, x_tgt, loss_kind), xhat, x_tgt, k_end
-
-
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def find_checkpoint(out, lora, quiet=False):
-    """Newest complete OUT/step_*/ as (path, train_state); incomplete ones are skipped, saying so."""
-    names = sorted((d for d in os.listdir(out) if CKPT.fullmatch(d)), reverse=True) if os.path.isdir(out) else []
-    need = ["config.json", "train_state.pt", "transformer/config.json"] + (["detail.safetensors"] if lora else [])
-    for name in names:
-        path = os.path.join(out, name)
-        try:
-            missing = [f for f in need if not os.path.isfile(os.path.join(path, f))]
-            weights = glob.glob(os.path.join(path, "transformer", "*.safetensors"))
-            if missing or not weights:
-                raise TrainError(f"missing {missing or 'transformer weights'}")
-            for f in weights + [os.path.join(path, f) for f in need if f.endswith(".safetensors")]:
-                with safe_open(f, framework="pt"):  # reads the header: a truncated file fails here
-                    pass
-            # mmap: ranks read only the pages they use of the full optimizer state
-            state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False, mmap=True)
-            return path, state
-        except Exception as e:  # noqa: BLE001 - whatever makes it unreadable, it is skipped by name
-            if not quiet:
-                print(f"skipping incomplete checkpoint {path}: {str(e).splitlines()[0]}", file=sys.stderr)
-    if names and not quiet:
-        raise TrainError(f"--resume: no complete checkpoint in {out} (all {len(names)} are incomplete)")
-    return None, None
 
 
 def dry_run(args, cfg, grid):
@@ -286,11 +169,9 @@ def dry_run(args, cfg, grid):
     student = build_student(args, cfg, grid, device="meta")
     total, train = count(student), count(student, True)
     teach = 0 if args.stage == "teacher" else count(models.build_transformer(cfg, device="meta"))
-    disc = 0
-    if args.stage == "detail" and (args.w_gan or args.w_fm):
-        with torch.device("meta"):
-            disc = count(losses.Discriminator(cfg.num_attention_heads * cfg.attention_head_dim,
-                                              len(student.default_taps()), args.disc_hidden))
+    gan = args.stage == "detail" and (args.w_gan or args.w_fm)
+    with torch.device("meta"):
+        disc = count(losses.Discriminator.for_model(student, args.disc_hidden)) if gan else 0
     sh = world if args.fsdp else 1
     mem = {"student weights (fp32)": 4 * total / sh, "grads (fp32)": 4 * train / sh,
            "AdamW states (fp32)": 8 * train / sh, "EMA target (fp32)": 4 * total / sh * (args.target_ema > 0),
@@ -323,11 +204,8 @@ def main(argv=None):
     device = torch.device(dev)
     own_group = (world > 1 or args.fsdp) and not dist.is_initialized()
     if own_group:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if "RANK" in os.environ:
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        alone = {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **alone)
     try:
         return train(args, cfg, kind, grid, world, rank, device)
     finally:
@@ -347,20 +225,18 @@ def train(args, cfg, kind, grid, world, rank, device):
 
     # --- data: the DistributedSampler's seeded order, resumable at a micro-batch position
     ds = data.LatentDataset(args.data)
-    cond_keys = check_data(ds, cfg, B, world)
+    cond_keys = data.check_fits(cfg, ds.tensors, ds.manifest["latent_shape"], ds.uncond, where=ds.dir)
+    if len(ds) // world < B:
+        raise data.DataError(f"{ds.dir}: {len(ds)} samples are fewer than batch {B} x world {world}")
     sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     uncond = {k: v.to(device) for k, v in ds.uncond.items()}
 
-    # --- checkpoint to go on from
-    ckpt, state = find_checkpoint(out, lora) if args.resume else (None, None)
-    if ckpt is None and os.path.isdir(out) and any(CKPT.fullmatch(d) for d in os.listdir(out)):
+    # --- checkpoint to go on from: saved with the same stage, phases, grid and adapter
+    if not args.resume and checkpoint.step_folders(out):
         raise TrainError(f"{out} already holds checkpoints: pass --resume or choose another --out")
+    same = {k: getattr(args, k) for k in ("stage", "detail_full", "grid_steps", "shift", "lora_rank")}
+    ckpt, state = checkpoint.resume_from(out, same | {"boundaries": boundaries}) if args.resume else (None, None)
     if ckpt:
-        with open(os.path.join(ckpt, "config.json")) as f:
-            old, now = json.load(f), {**vars(args), "boundaries": boundaries}
-        for key in ("stage", "boundaries", "detail_full", "grid_steps", "shift", "lora_rank"):
-            if old.get(key) != now[key]:
-                raise TrainError(f"{ckpt} was saved with {key}={old.get(key)!r}, this run has {now[key]!r}")
         log0(f"resuming from {ckpt} (step {state['step']})")
 
     # --- models: the same init seed on every rank; FSDP2 moves CPU weights to the GPU shard by shard
@@ -368,17 +244,12 @@ def train(args, cfg, kind, grid, world, rank, device):
     load_device = torch.device("cpu") if args.fsdp else device
     student = build_student(args, cfg, grid, ckpt, load_device).to(load_device).train()
     ema = deepcopy(student).requires_grad_(False) if args.target_ema > 0 and args.stage != "teacher" else None
-    teacher, disc = None, None
+    teacher, disc = None, losses.Discriminator.for_model(student, args.disc_hidden).to(device) if gan else None
     if args.stage != "teacher":
-        tdtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        tmodel = load(args.teacher, tdtype, load_device)
+        tmodel = load(args.teacher, torch.bfloat16 if args.dtype == "bf16" else torch.float32, load_device)
         teacher = Teacher(tmodel, grid, args.guidance, uncond if kind == "vpred" else None)
-    if gan:
-        disc = losses.Discriminator(cfg.num_attention_heads * cfg.attention_head_dim, len(student.default_taps()),
-                                    args.disc_hidden).to(device)
-    for m, key in ((ema, "ema"), (disc, "disc")):
-        if m is not None and state:
-            m.load_state_dict(state[key])
+    if ema is not None and state:
+        ema.load_state_dict(state["ema"])
     frozen_teacher = [] if teacher is None else [teacher.model]
     for m in [student] + frozen_teacher if args.grad_ckpt else []:
         m.gradient_checkpointing = True
@@ -402,8 +273,8 @@ def train(args, cfg, kind, grid, world, rank, device):
     d_opt = torch.optim.AdamW(disc.parameters(), lr=d_lr, betas=d_betas, weight_decay=d_weight_decay) if disc else None
     if state:
         set_optimizer_state_dict(student, opt, state["opt"], options=StateDictOptions(full_state_dict=True))
-        if d_opt is not None:
-            d_opt.load_state_dict(state["d_opt"])
+        for m, key in ((disc, "disc"), (d_opt, "d_opt")) if disc else ():
+            m.load_state_dict(state[key])
     n_total, n_train = sum(p.numel() for p in student.parameters()), sum(p.numel() for p in params)
 
     # --- run config: printed, saved with the run and in every checkpoint
@@ -424,50 +295,33 @@ def train(args, cfg, kind, grid, world, rank, device):
     weights = {"diffusion": 1.0, "cd": 1.0, "tc": args.w_tc, "gan_g": args.w_gan, "fm": args.w_fm}
     C, n_f, H, W = ds.manifest["latent_shape"]
     tok_grid = (n_f // (getattr(cfg, "patch_size_t", None) or 1), H // cfg.patch_size, W // cfg.patch_size)
-    taps = student.default_taps()
 
     def make_cond(batch, drop=None):
         cond = {k: batch[k].to(device) for k in cond_keys}
         if drop is not None:  # teacher stage, CFG models: the unconditional branch learns too
-            cond = {k: torch.where(col(drop, v).bool(), uncond[k].to(v.dtype), v) for k, v in cond.items()}
+            cond = {k: torch.where(losses.col(drop, v).bool(), uncond[k].to(v.dtype), v) for k, v in cond.items()}
         scond = dict(cond)
         if getattr(cfg, "guidance_embeds", False):  # embedded guidance is an input of every call
-            scond["guidance"] = torch.full((len(batch["text"]),), 1000.0 * args.guidance, device=device)
+            scond["guidance"] = torch.full((len(batch["text"]),), embedded_guidance(args.guidance), device=device)
         return cond, scond
 
     def loss_terms(x0, eps, u, n, cond, scond, k=None):
         """Generator terms {name: loss} and the discriminator's (fake, real) features; k given = a probe."""
         if args.stage == "teacher":
-            if k is not None:
-                t, a, s = grid.at(k)
-            elif kind == "flow":
-                s = torch.sigmoid(2 ** 0.5 * torch.erfinv(2 * u[:, 0] - 1))  # logit-normal sigma
-                t, a = 1000 * s, 1 - s
-            else:
-                t, a, s = vgrid.at(k_between(u[:, 0], 0, vgrid.N - 1))
-            v = student_mod(col(a, x0) * x0 + col(s, x0) * eps, t.float().to(device), **scond).float()
-            target = eps - x0 if kind == "flow" else col(a, x0) * eps - col(s, x0) * x0
-            return {"diffusion": F.mse_loss(v, target)}, None
+            t, a, s = grid.at(k) if k is not None else losses.diffusion_time(u[:, 0], kind, vgrid)
+            return {"diffusion": losses.diffusion_loss(student_mod, x0, eps, t, a, s, kind, scond)}, None
         kk = (k_between(u[:, 0], k_lo, k_hi) if k is None else k).to(device)
-        l_cd, xhat, x_tgt, k_end = consistency(student_mod, student if ema is None else ema, teacher, grid,
-                                               boundaries, x0, eps, kk, cond, scond, args.loss)
+        l_cd, xhat, x_tgt, k_end = losses.consistency_step(student_mod, student if ema is None else ema, teacher, grid,
+                                                           boundaries, x0, eps, kk, cond, scond, args.loss)
         terms = {"cd": l_cd}
         if k is None and args.w_tc:
             terms["tc"] = losses.temporal_coherence_loss(xhat, x_tgt)
         if k is not None or not gan:
             return terms, None
         k_adv = k_between(u[:, 1], 0, kap).to(device)  # re-noise into the detail sub-trajectory
-        t_adv = grid.at(k_adv)[0].float()
-        real, fake = (losses.renoise(xx, n, k_end, k_adv, grid) for xx in (x_tgt, xhat))
-        with torch.no_grad():
-            real_f = teacher.model(real, t_adv, taps=taps, **scond)[1]
-        fake_f = teacher.model(fake, t_adv, taps=taps, **scond)[1]  # gradient flows to xhat
-        disc.requires_grad_(False)
-        terms["gan_g"] = losses.g_hinge_loss(disc(fake_f, tok_grid))
-        disc.requires_grad_(True)
-        temb = teacher.model.time_embed(t_adv, **scond)
-        terms["fm"] = losses.feature_matching_loss(teacher.model, fake_f, real_f, temb, (n_f, H, W))
-        return terms, ([f.detach() for f in fake_f], real_f)
+        terms["gan_g"], terms["fm"], feats = losses.adversarial_terms(teacher.model, disc, x_tgt, xhat, n, k_end, k_adv,
+                                                                      grid, scond, tok_grid)
+        return terms, feats
 
     # --- fixed probe batches, high / low noise (paper Fig. 2): data, noise and k drawn once
     g = torch.Generator().manual_seed(args.seed + 4242)
@@ -479,7 +333,7 @@ def train(args, cfg, kind, grid, world, rank, device):
             probes.append((name, k, torch.randn(B, C, n_f, H, W, generator=g)))
 
     def run_probes(step):
-        """Loss and gradient norm on each probe batch; the gradients are dropped (no update)."""
+        """Loss and gradient norm on each probe batch, to probes.jsonl; the gradients are dropped (no update)."""
         row = {"step": step}
         for name, k, eps in probes:
             with autocast():
@@ -489,48 +343,9 @@ def train(args, cfg, kind, grid, world, rank, device):
             gn = torch.nn.utils.clip_grad_norm_(params, float("inf"))
             opt.zero_grad(set_to_none=True)
             row |= {f"{name}_loss": l.item(), f"{name}_grad_norm": float(getattr(gn, "full_tensor", lambda: gn)())}
-        return row
-
-    def save(step, epoch, pos):
-        """OUT/step_{step:07d}/ atomically: transformer/ (+ detail.safetensors), train_state.pt, config.json."""
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        # FQN-keyed full states (collectives under FSDP, rank 0 receives): portable across FSDP/DDP/world
-        osd = get_optimizer_state_dict(student, opt, options=full)
-        sd = get_model_state_dict(student, options=full) if args.fsdp else None
-        ema_sd = None if ema is None else get_model_state_dict(ema, options=full) if args.fsdp else ema.state_dict()
-        rngs = [rng_state()] * world
-        if distributed:
-            dist.all_gather_object(rngs, rngs[0])
         if rank == 0:
-            m = student
-            if sd is not None:  # an unsharded CPU copy to write in the library's layouts
-                m = build_student(args, cfg, grid, device="meta")
-                m.load_state_dict(sd, assign=True)
-            with checkpoint.atomic_dir(os.path.join(out, f"step_{step:07d}")) as tmp:
-                if lora:
-                    m.save_semantic(os.path.join(tmp, "transformer"))
-                    m.save_detail(os.path.join(tmp, "detail.safetensors"), {"kappa": kap})
-                else:
-                    checkpoint.save_transformer(m, os.path.join(tmp, "transformer"))
-                torch.save({"step": step, "epoch": epoch, "pos": pos, "opt": osd, "ema": ema_sd, "rng": rngs,
-                            "disc": None if disc is None else disc.state_dict(),
-                            "d_opt": None if d_opt is None else d_opt.state_dict(),
-                            "world_size": world}, os.path.join(tmp, "train_state.pt"))
-                data.atomic_write_json({**run_config, "step": step}, os.path.join(tmp, "config.json"))
-        if distributed:
-            dist.barrier()
-
-    def batches(epoch, pos):
-        """Micro-batches (with dataset indices) forever from (epoch, pos); yields (batch, epoch, pos after)."""
-        while True:
-            sampler.set_epoch(epoch)
-            order = list(sampler)[pos * B:]
-            loader = torch.utils.data.DataLoader(ds, batch_size=B, sampler=order, drop_last=True,
-                                                 generator=torch.Generator())  # keeps the global RNG untouched
-            for i, b in enumerate(loader):
-                pos += 1
-                yield b | {"index": torch.tensor(order[i * B:(i + 1) * B])}, epoch, pos
-            epoch, pos = epoch + 1, 0
+            with open(os.path.join(out, "probes.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     # --- state to go on from; logs cut back to the checkpoint's step
     step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
@@ -538,7 +353,7 @@ def train(args, cfg, kind, grid, world, rank, device):
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     if state and state["world_size"] == world:
-        set_rng_state(state["rng"][rank])
+        checkpoint.set_rng_state(state["rng"][rank])
     elif state:
         log0(f"world size {world} != the checkpoint's {state['world_size']}: the data order continues, not exactly")
     row = {}
@@ -551,7 +366,7 @@ def train(args, cfg, kind, grid, world, rank, device):
             row = row or (json.loads(keep[-1]) if keep else {})  # the summary of a run already finished
 
     # --- training loop
-    stream = batches(epoch, pos)
+    stream = data.batches(ds, sampler, B, epoch, pos)
     nan_at = int(os.environ.get("DCM_TRAIN_NAN_AT_STEP", -1))  # test hook: poison the loss of this step
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc=args.stage, mininterval=2)
     while step < args.max_steps:
@@ -559,23 +374,21 @@ def train(args, cfg, kind, grid, world, rank, device):
         for micro in range(accum):
             batch, epoch, pos = next(stream)
             x0 = batch["latents"].float().to(device)
-            eps, u, n = draws(batch["index"], step, args.seed, x0.shape[1:], gan)
+            eps, u, n = data.draws(batch["index"], step, args.seed, x0.shape[1:], gan, device)
             drop = (u[:, 2] < args.cond_drop) if args.stage == "teacher" and kind == "vpred" else None
             last = micro == accum - 1
             if args.fsdp:
                 student_mod.set_requires_gradient_sync(last)
             with student_mod.no_sync() if distributed and not args.fsdp and not last else contextlib.nullcontext():
                 with autocast():
-                    n = None if n is None else n.to(device)
-                    terms, feats = loss_terms(x0, eps.to(device), u, n, *make_cond(batch, drop))
+                    terms, feats = loss_terms(x0, eps, u, n, *make_cond(batch, drop))
                     total = sum(weights[k] * v for k, v in terms.items())
                 if step + 1 == nan_at:
                     total = total * float("nan")
                 (total / accum).backward()
             if feats is not None:  # discriminator micro-step on the same features, 1:1 with the generator
                 with autocast():
-                    logits = disc([torch.cat([f, r]) for f, r in zip(*feats)], tok_grid)  # [2B, L]: fake, real
-                    terms["d"] = losses.d_hinge_loss([lg[B:] for lg in logits], [lg[:B] for lg in logits])
+                    terms["d"] = losses.discriminator_loss(disc, feats, tok_grid)
                 (terms["d"] / accum).backward()
             for k, v in (terms | {"loss": total}).items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
@@ -592,21 +405,14 @@ def train(args, cfg, kind, grid, world, rank, device):
             row["d_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(disc.parameters(), grad_clip))
         bad = [k for k, v in row.items() if not np.isfinite(v)]
         if bad:  # stop before the update: the last checkpoint stays the last good state
-            good = find_checkpoint(out, lora, quiet=True)[0]
+            good = checkpoint.latest_step(out, checkpoint.RESUMABLE, quiet=True)
             raise TrainError(f"non-finite {', '.join(bad)} at step {step + 1}; stopped before the update, "
                              f"last good checkpoint: {good or 'none'}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if d_opt is not None:
-            d_opt.step()
-            d_opt.zero_grad(set_to_none=True)
+        for o in [opt] + ([d_opt] if d_opt else []):
+            o.step()
+            o.zero_grad(set_to_none=True)
         if ema is not None:
-            for m in ema.modules() if args.fsdp else ():  # a no-grad root forward leaves its params gathered
-                getattr(m, "reshard", lambda: None)()
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), student.parameters()):
-                    if p.requires_grad:
-                        pe.lerp_(p, 1 - args.target_ema)
+            losses.ema_update(ema, student, args.target_ema)
         step += 1
         row |= {"step": step, "lr": args.lr, "epoch": epoch, "time": time.time() - t0}
         if device.type == "cuda":
@@ -617,14 +423,15 @@ def train(args, cfg, kind, grid, world, rank, device):
             with open(os.path.join(out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
         if probes and step % args.probe_every == 0:
-            prow = run_probes(step)
-            if rank == 0:
-                with open(os.path.join(out, "probes.jsonl"), "a") as f:
-                    f.write(json.dumps(prow) + "\n")
+            run_probes(step)
         if step == args.max_steps or (args.save_every > 0 and step % args.save_every == 0):
-            save(step, epoch, pos)
+            rest = {"epoch": epoch, "pos": pos, "world_size": world, "disc": disc and disc.state_dict(),
+                    "d_opt": d_opt and d_opt.state_dict()}
+            checkpoint.save_step(out, step, student, opt, rest, run_config, ema, sharded=args.fsdp,
+                                 build=lambda: build_student(args, cfg, grid, device="meta"),
+                                 detail_meta={"kappa": kap} if lora else None)
     bar.close()
-    return {"step": step, "losses": row, "out": out, "checkpoint": os.path.join(out, f"step_{step:07d}")}
+    return {"step": step, "losses": row, "out": out, "checkpoint": checkpoint.step_dir(out, step)}
 
 
 def _cli():

@@ -2,7 +2,10 @@
 
 import json
 import os
+import random
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -147,3 +150,64 @@ def test_atomic_dir(tmp_path):
     checkpoint.save_transformer(tiny(), final)
     assert sorted(os.listdir(final)) == ["config.json", checkpoint.WEIGHTS]
     assert set(load_file(final / checkpoint.WEIGHTS)) == set(tiny().state_dict())
+
+
+def test_step_folder_loads_its_transformer_not_its_run_config(tmp_path):
+    """A train.py step folder's own config.json is the run config; the model's is in transformer/."""
+    m = tiny("tiny-cogvideox")
+    step = tmp_path / "step_0000003"
+    checkpoint.save_transformer(m, step / "transformer")
+    (step / "config.json").write_text(json.dumps({"stage": "semantic", "model_config": M.config_to_dict(m.config)}))
+    assert checkpoint.transformer_folder(step) == str(step / "transformer")
+    assert_same_tensors(checkpoint.load_transformer(step), m)
+    assert checkpoint.read_config(step) == m.config  # the folder, its transformer/, or the run's config.json
+    assert checkpoint.read_config(str(step / "config.json")) == m.config
+    assert checkpoint.read_config("tiny-hunyuan") == M.PRESETS["tiny-hunyuan"]
+    with pytest.raises(ValueError, match="neither a preset"):
+        checkpoint.read_config("no-such-model")
+
+
+def test_save_step_latest_step_and_resume(tmp_path, capsys):
+    m = tiny("tiny-cogvideox")
+    opt = torch.optim.AdamW(m.parameters())
+    run = {"stage": "semantic", "boundaries": [37]}
+    for step in (2, 4):
+        checkpoint.save_step(tmp_path, step, m, opt, {"epoch": 0, "pos": step}, run)
+    s2, s4 = (checkpoint.step_dir(tmp_path, s) for s in (2, 4))
+    assert checkpoint.step_folders(tmp_path) == ["step_0000002", "step_0000004"]
+    assert sorted(os.listdir(s4)) == ["config.json", "train_state.pt", "transformer"]
+    assert json.loads((tmp_path / "step_0000004" / "config.json").read_text()) == {**run, "step": 4}
+    ckpt, state = checkpoint.resume_from(tmp_path, run)
+    assert ckpt == s4 and (state["step"], state["pos"], len(state["rng"])) == (4, 4, 1)
+    assert_same_tensors(checkpoint.load_transformer(s4), m)
+    with pytest.raises(ValueError, match="saved with stage='semantic', this run has 'detail'"):
+        checkpoint.resume_from(tmp_path, {"stage": "detail"})
+    # truncated files count as missing; the newest complete step wins, naming the ones it skips
+    with open(os.path.join(s4, "train_state.pt"), "r+b") as f:
+        f.truncate(1000)
+    assert checkpoint.step_missing(s4, checkpoint.RESUMABLE) == ["train_state.pt (unreadable)"]
+    assert checkpoint.step_missing(s4) == []  # sampling needs no train state
+    capsys.readouterr()
+    assert checkpoint.latest_step(tmp_path, checkpoint.RESUMABLE) == s2
+    err = capsys.readouterr().err
+    assert "skipping incomplete checkpoint" in err and "step_0000004" in err
+    with open(os.path.join(s2, "transformer", checkpoint.WEIGHTS), "r+b") as f:
+        f.truncate(100)
+    assert checkpoint.step_missing(s2) == [f"transformer/{checkpoint.WEIGHTS} (unreadable)"]
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        checkpoint.resume_from(tmp_path, run)
+    assert checkpoint.latest_step(tmp_path, quiet=True) == s4
+    # a LoRA detail step also needs its adapter; a run without step folders starts fresh
+    (tmp_path / "step_0000004" / "config.json").write_text(json.dumps({"stage": "detail", "detail_full": False}))
+    assert checkpoint.step_missing(s4) == ["detail.safetensors"]
+    shutil.rmtree(os.path.join(s4, "transformer"))
+    assert checkpoint.step_missing(s4) == ["transformer/config.json", "detail.safetensors", "transformer weights"]
+    assert checkpoint.resume_from(tmp_path / "fresh", run) == (None, None)
+
+
+def test_rng_state_round_trip():
+    s = checkpoint.rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    checkpoint.set_rng_state(s)
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])

@@ -333,3 +333,52 @@ def test_library_imports_without_optional_packages():
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "transformers is not installed" in r.stdout and "pip install -r requirements-video.txt" in r.stdout
+
+
+def test_check_fits_names_every_mismatch():
+    import model
+    cfg, cog = model.PRESETS["tiny-hunyuan"], model.PRESETS["tiny-cogvideox"]
+    D, P = cfg.text_embed_dim, cfg.pooled_projection_dim
+    good = {"text": torch.zeros(2, 5, D), "text_mask": torch.ones(2, 5, dtype=torch.long), "pooled": torch.zeros(2, P),
+            "latents": torch.zeros(2, cfg.in_channels, 2, 4, 4), "label": torch.zeros(2)}  # other keys are ignored
+    uncond = {k: v[:1] for k, v in good.items() if k in data.COND_KEYS}
+    assert data.check_fits(cfg, good, [cfg.in_channels, 2, 4, 4], uncond) == ["pooled", "text", "text_mask"]
+    bad = {"text": torch.zeros(2, 5, D + 1), "text_mask": torch.ones(2, 4, dtype=torch.long), "pooled": torch.zeros(3, P)}
+    with pytest.raises(data.DataError) as e:
+        data.check_fits(cfg, bad, [cfg.in_channels + 1, 2, 3, 4], {"text": uncond["text"]}, where="DIR")
+    msg = str(e.value)
+    for want in ("DIR does not fit model HunyuanVideoConfig", f"latents have {cfg.in_channels + 1} channels",
+                 "divisible by the patch", f"text is [2, 5, {D + 1}]", "text_mask is [2, 4]", "batch sizes differ",
+                 "uncond keys ['text'] differ"):
+        assert want in msg, (want, msg)
+    with pytest.raises(data.DataError, match=r"keys \['text', 'text_mask'\], the model takes \['text'\]"):
+        data.check_fits(cog, {k: good[k] for k in ("text", "text_mask")})  # CogVideoX takes no text mask
+
+
+def test_draws_belong_to_the_sample_not_to_the_batch_split():
+    idx, shape = torch.tensor([5, 1, 7]), (2, 3, 2, 2)
+    eps, u, n = data.draws(idx, 3, 0, shape, gan=True)
+    alone = data.draws(idx[1:2], 3, 0, shape, gan=True)
+    assert all(torch.equal(a[1:2], b) for a, b in zip((eps, u, n), alone))
+    assert not torch.equal(eps[0], eps[2]) and not torch.equal(eps, data.draws(idx, 4, 0, shape, gan=False)[0])
+    no_gan = data.draws(idx, 3, 0, shape, gan=False)
+    assert no_gan[2] is None and torch.equal(no_gan[0], eps) and torch.equal(no_gan[1], u)
+
+
+def test_batches_resume_exactly_mid_epoch():
+    class Numbers(torch.utils.data.Dataset):
+        def __len__(self):
+            return 7
+
+        def __getitem__(self, i):
+            return {"x": torch.tensor(i)}
+
+    def sampler():
+        return torch.utils.data.DistributedSampler(Numbers(), 1, 0, shuffle=True, seed=3, drop_last=True)
+    stream = data.batches(Numbers(), sampler(), 2)
+    straight = [next(stream) for _ in range(7)]  # 3 batches an epoch: wraps twice
+    assert [e for _, e, _ in straight] == [0, 0, 0, 1, 1, 1, 2] and all(torch.equal(b["x"], b["index"]) for b, _, _ in straight)
+    _, epoch, pos = straight[1]
+    resumed = data.batches(Numbers(), sampler(), 2, epoch, pos)
+    for (b, e, p), (b2, e2, p2) in zip(straight[2:], resumed):
+        assert torch.equal(b["index"], b2["index"]) and (e, p) == (e2, p2)

@@ -4,10 +4,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import losses
 import model
 import solver
 from losses import (Discriminator, consistency_loss, consistency_target, d_hinge_loss, feature_matching_loss,
                     g_hinge_loss, renoise, temporal_coherence_loss)
+from teacher import Teacher
 
 
 def test_pseudo_huber_is_quadratic_for_small_and_linear_for_large_errors():
@@ -136,3 +138,103 @@ def test_renoise_vpred_is_the_exact_gaussian_transition():
         assert resid[i].std().item() == pytest.approx(float(s_a[i]), rel=0.01)
     with pytest.raises(ValueError, match="k_adv must be >= k_end"):
         renoise(x_end, n, k_adv, k_end, grid)
+
+
+class Linear(torch.nn.Module):
+    """v = w0 x + w1 t / 1000 + w2 mean(text): a stand-in backbone that logs (name, grad enabled) per call."""
+
+    def __init__(self, name, log, prediction, seed):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, generator=torch.Generator().manual_seed(seed)))
+        self.name, self.log, self.prediction, self.config = name, log, prediction, None
+
+    def forward(self, x, t, text):
+        self.log.append((self.name, torch.is_grad_enabled()))
+        view = (-1, 1, 1, 1, 1)  # [B] -> [B, 1, 1, 1, 1]
+        return self.w[0] * x + self.w[1] * (t / 1000).view(view) + self.w[2] * text.mean(dim=(1, 2)).view(view)
+
+
+@pytest.mark.parametrize("grid", [solver.flow_grid(10, 3.0), solver.cogvideox_grid(10)], ids=["flow", "vpred"])
+def test_consistency_step_targets_per_sample_and_grads_reach_only_the_student(grid):
+    log = []
+    student, target, tmodel = (Linear(n, log, grid.kind, i) for i, n in enumerate(("student", "target", "teacher")))
+    teacher = Teacher(tmodel, grid, guidance_scale=1.0)  # frozen, no guidance
+    g = torch.Generator().manual_seed(0)
+    x0, eps, cond = torch.randn(3, 2, 3, 2, 2, generator=g), torch.randn(3, 2, 3, 2, 2, generator=g), \
+        {"text": torch.randn(3, 4, 5, generator=g)}
+    k = torch.tensor([6, 5, 2])  # boundary 5: k = 6 ends at 5 = k-1 (target = the teacher's point), 5 and 2 at -1
+    loss, xhat, x_tgt, k_end = losses.consistency_step(student, target, teacher, grid, [5], x0, eps, k, cond, cond)
+    # the teacher step and the target run first, without grad; then the student, with grad
+    assert log == [("teacher", False), ("target", False), ("student", True)]
+    assert k_end.tolist() == [5, -1, -1]
+    with torch.no_grad():  # DESIGN sec. 1 steps 2-5 written out
+        t, a, s = grid.at(k)
+        x_k = a.float().view(-1, 1, 1, 1, 1) * x0 + s.float().view(-1, 1, 1, 1, 1) * eps
+        x_prev = solver.jump(x_k, tmodel(x_k, t.float(), **cond), k, k - 1, grid)
+        want = solver.jump(x_prev, target(x_prev, grid.at(k - 1)[0].float(), **cond), k - 1, k_end, grid)
+        torch.testing.assert_close(xhat, solver.jump(x_k, student(x_k, t.float(), **cond), k, k_end, grid))
+    assert torch.equal(x_tgt[0], x_prev[0].to(x_tgt.dtype))
+    torch.testing.assert_close(x_tgt[1:], want[1:])
+    assert loss.item() == pytest.approx(consistency_loss(xhat, x_tgt).item())
+    loss.backward()
+    assert student.w.grad.abs().sum() > 0 and target.w.grad is None and tmodel.w.grad is None
+    assert xhat.requires_grad and not x_tgt.requires_grad
+
+
+def test_adversarial_terms_send_gradients_to_xhat_only_and_d_loss_is_the_hinge():
+    torch.manual_seed(0)
+    m = model.build_transformer("tiny-cogvideox").requires_grad_(False)  # the frozen teacher
+    cfg, grid = m.config, solver.grid_for(m.config, 10)
+    disc = Discriminator.for_model(m, hidden=32)
+    assert disc.n_taps == len(m.default_taps())
+    x_tgt, n = torch.randn(2, cfg.in_channels, 3, 4, 6), torch.randn(2, cfg.in_channels, 3, 4, 6)
+    xhat = (x_tgt + 0.3 * torch.randn_like(x_tgt)).requires_grad_(True)
+    cond, tok = {"text": torch.randn(2, 8, cfg.text_embed_dim)}, (3, 2, 3)  # latent (3, 4, 6) in 2x2 patches
+    k_end, k_adv = torch.tensor([-1, -1]), torch.tensor([3, 7])
+    g_loss, fm_loss, (fake_f, real_f) = losses.adversarial_terms(m, disc, x_tgt, xhat, n, k_end, k_adv, grid, cond, tok)
+    (g_loss + fm_loss).backward()
+    assert xhat.grad.abs().sum() > 0 and fm_loss > 0
+    assert all(p.grad is None for p in [*m.parameters(), *disc.parameters()])
+    assert all(p.requires_grad for p in disc.parameters())  # D trains again in its own step
+    assert not any(f.requires_grad for f in fake_f + real_f)
+    d = losses.discriminator_loss(disc, (fake_f, real_f), tok)  # one batched forward of fake and real
+    torch.testing.assert_close(d, d_hinge_loss(disc(real_f, tok), disc(fake_f, tok)))
+    d.backward()
+    assert all(p.grad is not None for p in disc.parameters())
+    # xhat on the target: the same re-noised input, so feature matching is exactly 0
+    same = losses.adversarial_terms(m, disc, x_tgt, x_tgt.clone().requires_grad_(True), n, k_end, k_adv, grid, cond, tok)
+    assert same[1].item() == 0
+
+
+@pytest.mark.parametrize("kind", ["flow", "vpred"])
+def test_diffusion_time_and_loss(kind):
+    grid = solver.cogvideox_grid(1000) if kind == "vpred" else None
+    u = torch.tensor([0.0, 0.5, 0.999999], dtype=torch.float64)
+    t, a, s = losses.diffusion_time(u, kind, grid)
+    if kind == "flow":  # logit-normal: the median sigma is 1/2
+        assert s[1] == 0.5 and torch.equal(t, 1000 * s) and torch.equal(a, 1 - s) and s[0] == 0 and s[2] > 0.99
+    else:  # every one of the 1000 training timesteps, ends included
+        assert t.tolist() == [float(grid.t[1]), float(grid.t[501]), float(grid.t[1000])]
+    # a model that outputs the loss's target recovers x0 and eps through the solver's own conversion: loss 0
+    x0, eps = torch.randn(3, 2, 2, 2, 2), torch.randn(3, 2, 2, 2, 2)
+    u = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    t, a, s = losses.diffusion_time(u, kind, grid)
+
+    ac, sc = a.float().view(-1, 1, 1, 1, 1), s.float().view(-1, 1, 1, 1, 1)  # [B] -> [B, 1, 1, 1, 1]
+
+    def oracle(x, tt, **cond):
+        return eps - x0 if kind == "flow" else ac * eps - sc * x0
+    assert losses.diffusion_loss(oracle, x0, eps, t, a, s, kind, {}).item() == 0
+    x_t = ac * x0 + sc * eps
+    x0_back, eps_back = solver.to_x0_eps(x_t, oracle(x_t, t), a, s, kind)
+    torch.testing.assert_close(x0_back, x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eps_back, eps, atol=1e-5, rtol=1e-5)
+
+
+def test_ema_update_moves_trainable_parameters_only():
+    ema, student = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    student.bias.requires_grad_(False)
+    w0, b0 = ema.weight.detach().clone(), ema.bias.detach().clone()
+    losses.ema_update(ema, student, 0.9)
+    torch.testing.assert_close(ema.weight, 0.9 * w0 + 0.1 * student.weight)
+    assert torch.equal(ema.bias, b0)

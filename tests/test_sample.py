@@ -82,7 +82,7 @@ def manual(models_per_step, ks, x, cond, grid):
     t, alpha, sigma = solver.sample_points(grid, ks)
     with torch.no_grad():
         for i, m in enumerate(models_per_step):
-            tb, g = torch.full((x.shape[0],), float(t[i])), torch.full((x.shape[0],), 6000.0)
+            tb, g = torch.full((x.shape[0],), float(t[i])), torch.full((x.shape[0],), 6016.0)
             v = m(x, tb, guidance=g, **cond)
             x = solver.ode_step(x, v, alpha[i], sigma[i], alpha[i + 1], sigma[i + 1], grid.kind)
     return x
@@ -132,7 +132,8 @@ def test_same_seed_is_bit_identical_and_independent_of_batching(runs, tmp_path):
     c = run(tmp_path, "--ckpt", runs["det"], "--num", "3", "--seed", "8")
     assert not torch.allclose(a["latents"], c["latents"])
     d = run(tmp_path, "--ckpt", runs["det"], "--num", "3", "--seed", "7", "--batch-size", "2")
-    torch.testing.assert_close(a["latents"], d["latents"], atol=1e-5, rtol=1e-5)
+    # float32 rounding of differently batched matmuls only: latents reach ~30, a few ulps there are ~1e-5
+    torch.testing.assert_close(a["latents"], d["latents"], atol=1e-4, rtol=1e-5)
     assert not torch.allclose(a["latents"][0], a["latents"][1])  # one noise draw per sample
 
 
@@ -142,7 +143,7 @@ def test_one_step_is_one_student_forward_and_a_jump_to_the_clean_end(runs, tmp_p
     sem = checkpoint.load_transformer(os.path.join(runs["det"], "step_0000001", "transformer")).eval()
     x = noise(seed=3)
     with torch.no_grad():
-        v = sem(x, torch.full((1,), 1000.0), guidance=torch.full((1,), 6000.0), **uncond_of(runs))
+        v = sem(x, torch.full((1,), 1000.0), guidance=torch.full((1,), 6016.0), **uncond_of(runs))
     x0, _ = solver.to_x0_eps(x, v, 0.0, 1.0, "flow")  # the clean end: x - sigma * v at sigma = 1
     torch.testing.assert_close(s["latents"], x0, atol=1e-6, rtol=1e-6)
 

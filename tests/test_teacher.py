@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import solver
-from teacher import Teacher, adjacent_x0_l1
+from teacher import Teacher, adjacent_x0_l1, embedded_guidance
 
 
 class FakeModel(nn.Module):
@@ -74,7 +74,8 @@ def test_teacher_is_frozen():
     assert not teacher.step(x, 3, cond).requires_grad
 
 
-@pytest.mark.parametrize("dtype,scale,expect", [(torch.bfloat16, 6.0, 6016.0), (torch.float32, 3.5, 3500.0)])
+@pytest.mark.parametrize("dtype,scale,expect", [(torch.bfloat16, 6.0, 6016.0), (torch.float32, 6.0, 6016.0),
+                                                (torch.float32, 3.5, 3504.0)])
 def test_embedded_guidance_passed_to_model(dtype, scale, expect):
     x, cond, _ = data()
     model = FakeModel("flow", guidance_embeds=True, dtype=dtype)
@@ -83,11 +84,19 @@ def test_embedded_guidance_passed_to_model(dtype, scale, expect):
     got = teacher.out(x, 9, cond)
     (call,) = model.calls  # one pass, no CFG
     assert call.B == 3 and call.guidance.dtype == dtype
-    assert call.guidance.tolist() == [expect] * 3  # 1000*scale in the model's dtype (6000 -> 6016 in bf16)
+    assert call.guidance.tolist() == [expect] * 3  # 1000*scale rounded through bf16 in every dtype (6000 -> 6016)
     assert torch.equal(call.t, torch.full((3,), float(grid.t[10]), dtype=torch.float32))
     # a low-precision teacher is called in its own dtype (no autocast casts)
     low = {k: v.to(dtype) for k, v in cond.items()}
     assert torch.equal(got, model(x.to(dtype), call.t, guidance=call.guidance, **low).float())
+
+
+def test_embedded_guidance_is_one_value_in_every_dtype():
+    assert embedded_guidance(6.0) == 6016.0  # what the authors' bf16 pipeline trains and samples with (DESIGN 2)
+    for g in (1.0, 3.5, 6.0, 7.5):
+        v = embedded_guidance(g)
+        assert abs(v - 1000 * g) <= 1000 * g / 256  # bf16's rounding, no more
+        assert all(float(torch.tensor(v, dtype=d)) == v for d in (torch.bfloat16, torch.float16, torch.float32))
 
 
 def test_flow_model_without_guidance_embeds_gets_no_guidance():
@@ -215,7 +224,7 @@ def test_tiny_hunyuan_teacher_embedded_guidance():
     grid = solver.grid_for(cfg, n=4)
     teacher = Teacher(net, grid)
     t = torch.full((2,), float(grid.t[3]))
-    ref = net(x, t, guidance=torch.full((2,), 6000.0), **cond)
+    ref = net(x, t, guidance=torch.full((2,), 6016.0), **cond)  # the authors' bf16-rounded 1000 * 6.0
     assert torch.allclose(teacher.out(x, 2, cond), ref, atol=1e-6)
     no_g = net(x, t, guidance=torch.full((2,), 1000.0), **cond)
     assert (ref - no_g).abs().max() > 0  # the guidance input reaches the output

@@ -100,7 +100,7 @@ def test_frechet_distance_separates_real_from_noise(clf, real):
 def test_motion_error_zero_on_real_and_large_when_frames_are_shuffled(real):
     x, v = real[0]["latents"], real[0]["velocity"]
     assert tm.motion_error(x, v) < 1e-4
-    shuffled = x[:, :, torch.tensor([3, 0, 6, 1, 7, 2, 5, 4])]
+    shuffled = x[:, :, torch.tensor([3, 0, 5, 1, 4, 2])]
     assert tm.motion_error(shuffled, v) > 1.0
     assert tm.motion_error(x[:, :, :1].expand_as(x), v) == pytest.approx(1.0, abs=1e-4)  # frozen video
     assert tm.motion_error(x, -v) == pytest.approx(2.0, abs=1e-4)  # wrong direction

@@ -30,9 +30,9 @@ NUM_CLASSES = len(SHAPES) * len(COLOURS) * len(DIRECTIONS)
 @dataclass(frozen=True)
 class ToySpec:
     """Sizes of the toy videos and of their fixed conditioning embedding."""
-    frames: int = 8
+    frames: int = 6
     size: int = 16          # H = W in pixels
-    shape_size: int = 6     # bounding box of a shape, pixels
+    shape_size: int = 8     # bounding box of a shape, pixels
     speed: int = 1          # pixels per frame
     text_len: int = 4       # tokens: shape, colour, direction, whole class
     text_dim: int = 32

@@ -92,6 +92,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of data, training and evaluation")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--reuse", action="store_true", help="keep finished training runs already in --out")
+    p.add_argument("--teacher", help="a trained toy teacher (train.py step folder) instead of training one")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join(HERE, "out-quick" if args.quick else "out")
     return args
@@ -201,13 +202,14 @@ def main(argv=None):
 
     # 2. the teacher: constant-lr stages, each initialised from the previous one (a step-wise lr decay)
     with clock("teacher"):
-        prev = []
-        for i, (steps, lr) in enumerate(S.teacher):
+        prev, teacher_ckpt = [], args.teacher
+        for i, (steps, lr) in enumerate(S.teacher if not teacher_ckpt else ()):
             res = train_run(out, f"teacher_{i}", common + ["--config", CONFIG, "--stage", "teacher", "--max-steps", str(steps),
                                                         "--lr", str(lr), "--probe-every", "0"] + prev)
-            prev = ["--teacher", res["checkpoint"]]
-        teacher_ckpt = res["checkpoint"]
+            prev, teacher_ckpt = ["--teacher", res["checkpoint"]], res["checkpoint"]
         tmodel, tinfo = sample.load_student(teacher_ckpt)
+        if tinfo["mode"] != "teacher" or tinfo["run"].get("data_manifest", {}).get("toy_spec") != asdict(spec):
+            raise SystemExit(f"error: {teacher_ckpt} is not a toy teacher trained on this toy's data ({asdict(spec)})")
         grid = tinfo["grid"]
 
     # 3. Fig. 10: adjacent-step x0 change along the teacher's 50-step trajectory -> kappa
