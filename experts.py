@@ -80,7 +80,7 @@ class LoRA(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + scale * B A x for the samples where `enabled` (a bool, or a bool tensor [B]).
+    """y = base(x) + scale * B A x: an nn.Linear with its adapter (the detail path's attention linears).
 
     merge() folds the delta into base.weight and keeps the original weight, so unmerge() restores it
     bit for bit (costs one weight copy while merged; merged vs unmerged outputs agree to round-off).
@@ -94,7 +94,6 @@ class LoRALinear(nn.Module):
         w = base.weight
         self.lora = lora if lora is not None else LoRA(
             base.in_features, base.out_features, rank, alpha, device=w.device, dtype=w.dtype)
-        self.enabled = True
         self._unmerged_weight = None
 
     @property
@@ -102,21 +101,8 @@ class LoRALinear(nn.Module):
         return self._unmerged_weight is not None
 
     def forward(self, x):
-        if self.merged:
-            if self.enabled is not True:
-                raise RuntimeError("LoRALinear is merged; unmerge() before disabling it per sample")
-            return self.base(x)
         y = self.base(x)
-        if self.enabled is False:
-            return y
-        delta = self.lora(x)
-        if isinstance(self.enabled, torch.Tensor):
-            m = self.enabled
-            if m.dtype != torch.bool or m.shape != (x.shape[0],):
-                raise ValueError(f"LoRALinear.enabled must be a bool or a bool tensor [B={x.shape[0]}], "
-                                 f"got {m.dtype} {tuple(m.shape)}")
-            delta = delta * m.view(-1, *[1] * (delta.dim() - 1)).to(delta.dtype)  # [B, 1, ..., 1]
-        return y + delta
+        return y if self.merged else y + self.lora(x)
 
     @torch.no_grad()
     def merge(self):

@@ -48,7 +48,7 @@ def build(arch, seed=0, random_adapter=False, **kw):
 
 # --- LoRALinear ---------------------------------------------------------------------------------
 
-def test_lora_linear_zero_init_merge_unmerge_and_mask():
+def test_lora_linear_zero_init_merge_unmerge():
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 7)
     lin, x = LoRALinear(base, rank=3, alpha=6), torch.randn(4, 5, 12)
@@ -60,9 +60,7 @@ def test_lora_linear_zero_init_merge_unmerge_and_mask():
     torch.testing.assert_close(lin(x), y, rtol=1e-5, atol=1e-5)  # merged == unmerged (round-off)
     lin.unmerge()
     assert torch.equal(base.weight, w0)  # restored bit for bit (original kept while merged)
-    lin.enabled = torch.tensor([True, False, True, False])  # per-sample routing mask
-    y_mask = lin(x)
-    assert torch.equal(y_mask[1::2], base(x)[1::2]) and torch.allclose(y_mask[::2], y[::2])
+    assert torch.equal(lin(x), y)
 
 
 def test_lora_linear_bf16_autocast_and_activation_checkpointing_give_grads():
@@ -204,6 +202,21 @@ def test_hunyuan_targets_and_copy_adaln():
             "context_embedder.token_refiner.refiner_blocks.0.norm_out.linear"} <= set(e.copy_names)
     with pytest.raises(ValueError, match="matches no module"):
         DualExpert(m, 980.0, targets={"lora": ["transformer_blocks.*.attn1.to_q"], "copy": []})
+
+
+def test_cogvideox_copy_adaln_copies_every_block_modulation():
+    m, e = build("tiny-cogvideox", copy_adaln=True)
+    n = m.config.num_layers
+    assert e.copy_names == ["time_embedding"] + [f"transformer_blocks.{i}.norm{j}.linear" for i in range(n) for j in (1, 2)] \
+        + ["norm_out", "proj_out"]
+    x, cond = inputs(m, 2)
+    t, _ = timesteps(m, [0, 0])  # build() puts the boundary at k = 0: both samples take the detail path
+    with torch.no_grad():
+        assert torch.equal(e(x, t, **cond), m(x, t, **cond))  # fresh copies: still the semantic expert
+    e(x, t, **cond).square().mean().backward()
+    copy = e.copies["transformer_blocks__0__norm1__linear"].weight
+    assert copy.grad is not None and copy.grad.abs().sum() > 0
+    assert m.transformer_blocks[0].norm1.linear.weight.grad is None
 
 
 # --- files --------------------------------------------------------------------------------------
