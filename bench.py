@@ -246,6 +246,27 @@ def row_train_semantic(name, shape, device, peak_tflops, kappa=37, steps=6, comp
             "loss": loss.item()}
 
 
+def row_fused_projections(device, dtype):
+    """Would fusing projections at load time pay? One GEMM vs separate ones at the real shapes (ms per call)."""
+    cases = {  # name: (tokens x batch, width, output widths, calls per forward)
+        "cogvideox-2b q/k/v": (2 * 17776, 1920, [1920] * 3, 30),
+        "hunyuan-video double-block q/k/v": (18360, 3072, [3072] * 3, 20),
+        "hunyuan-video single-block q/k/v/mlp": (18616, 3072, [3072] * 3 + [12288], 40),
+    }
+    rows = []
+    for name, (M_, D, outs, calls) in cases.items():
+        x = torch.randn(M_, D, device=device, dtype=dtype)
+        ws = [0.02 * torch.randn(o, D, device=device, dtype=dtype) for o in outs]
+        bs = [torch.zeros(o, device=device, dtype=dtype) for o in outs]
+        w_cat, b_cat = torch.cat(ws), torch.cat(bs)
+        secs, _ = race({"separate": lambda: [torch.nn.functional.linear(x, w, b) for w, b in zip(ws, bs)],
+                        "fused": lambda: torch.nn.functional.linear(x, w_cat, b_cat).split(outs, dim=-1)},
+                       device, warmup=5, repeat=20)
+        rows.append({"case": name, "separate_ms": 1e3 * secs["separate"], "fused_ms": 1e3 * secs["fused"],
+                     "saving_ms_per_forward": 1e3 * calls * (secs["separate"] - secs["fused"])})
+    return rows
+
+
 def matmul_ceiling(device):
     """Measured bf16 matmul TFLOP/s (8192^3), the MFU denominator."""
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
@@ -258,7 +279,7 @@ def matmul_ceiling(device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rows", default="forward,e2e,train", help="comma list of forward, e2e, train")
+    p.add_argument("--rows", default="forward,e2e,train,fuse", help="comma list of forward, e2e, train, fuse")
     p.add_argument("--presets", default=None, help="comma list (default: the real ones on GPU, tiny on CPU)")
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile per block")
     p.add_argument("--out", default="bench.json")
@@ -292,6 +313,9 @@ def main(argv=None):
         print(json.dumps(r), flush=True)
         if gpu:
             torch.cuda.empty_cache()
+    if gpu and "fuse" in rows:
+        result["fuse"] = row_fused_projections(device, dtype)
+        print(json.dumps(result["fuse"]), flush=True)
     # the end-to-end and training rows are CogVideoX-2B on the GPU; on the CPU a tiny smoke run
     small = ("cogvideox-2b", GPU_SHAPES["cogvideox-2b"], TRAIN_SHAPE) if gpu else \
         ("tiny-cogvideox", CPU_SHAPES["tiny-cogvideox"], (1, 3, 12, 16, 8))
@@ -333,6 +357,11 @@ def table(result):
         e = result["e2e"]
         lines += ["", f"end to end ({e['preset']}): teacher {e['teacher_steps']} steps + CFG {e['teacher_s']:.2f} s, "
                   f"student {e['student_steps']} steps {e['student_s']:.2f} s: speed-up {e['speedup']:.1f}x"]
+    if result.get("fuse"):
+        lines += ["", "| fused projection (one GEMM instead of several) | separate ms | fused ms | saved per forward ms |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['separate_ms']:.3f} | {r['fused_ms']:.3f} | {r['saving_ms_per_forward']:.1f} |"
+                  for r in result["fuse"]]
     for key in ("train", "train_compiled"):
         r = result.get(key)
         if r:

@@ -3,13 +3,11 @@ import json
 import math
 import os
 
-import imageio.v2 as imageio
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 # metric key -> (column title, direction: -1 lower is better, +1 higher, 0 closer to 1 is better)
@@ -92,7 +90,7 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
 
 
-def sample_gif(path, samples, scale=3, label_w=150):
+def sample_gif(path, samples, scale=3, label_w=140):
     """Rows = models, columns = samples from the same noise and prompts; the GIF runs through the frames."""
     names = list(samples)
     vids = {n: [to_uint8(v) for v in samples[n]] for n in names}
@@ -108,9 +106,11 @@ def sample_gif(path, samples, scale=3, label_w=150):
             for c, v in enumerate(vids[n]):
                 tile = Image.fromarray(v[f]).resize((W * scale, H * scale), Image.NEAREST)
                 img.paste(tile, (label_w + c * cell, r * cell))
-        frames.append(np.asarray(img))
-    imageio.mimsave(path, frames, duration=0.25, loop=0)
-    return frames
+        frames.append(img)
+    # one palette for all frames keeps the file small and the colours steady between frames
+    palette = Image.fromarray(np.concatenate([np.asarray(im) for im in frames])).quantize(64, Image.MEDIANCUT)
+    frames = [im.quantize(palette=palette, dither=Image.Dither.NONE) for im in frames]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=250, loop=0, optimize=True)
 
 
 def fmt(agg, key):
@@ -157,6 +157,20 @@ def compare(results, steps):
     return "\n".join(rows)
 
 
+def best(results, steps, names):
+    """One line per metric: the best model at `steps` steps (HF ratio: closest to 1)."""
+    lines = [f"Best at {steps} steps:"]
+    for key, (title, sign) in METRICS.items():
+        cands = [(n, results[n][steps]["agg"][key]["mean"]) for n in names
+                 if steps in results.get(n, {}) and key in results[n][steps]["agg"]]
+        if not cands:
+            continue
+        score = (lambda m: -sign * m) if sign else (lambda m: abs(math.log(max(m, 1e-9))))
+        n, m = min(cands, key=lambda c: score(c[1]))
+        lines.append(f"- {title}: {n} ({m:.4g})")
+    return "\n".join(lines)
+
+
 def ablation(results, params, models, steps):
     rows = ["| row | OD | PE | TC | GF | stored params | " + " | ".join(t for t, _ in METRICS.values()) + " |",
             "|" + "---|" * (6 + len(METRICS))]
@@ -167,7 +181,8 @@ def ablation(results, params, models, steps):
         i += 1
         marks = " | ".join("✓" if f else "" for f in flags)
         agg = results[name][steps]["agg"]
-        rows.append(f"| ({i}) {name} | {marks} | {params.get(name, 0):,} | " + " | ".join(fmt(agg, k) for k in METRICS) + " |")
+        cells = " | ".join(fmt(agg, k) for k in METRICS)
+        rows.append(f"| ({i}) {name} | {marks} | {params.get(name, 0):,} | {cells} |")
     return "\n".join(rows)
 
 
@@ -185,12 +200,14 @@ def write(out, s, models, gif, probes_path):
     kap, sig = s["kappa"], s["grid_sigma"]
     L = []
     L.append(f"# DCM toy study{' (QUICK smoke run: tiny budgets, the numbers mean nothing)' if s['quick'] else ''}\n")
-    L.append(f"Wall time {s['wall_s']:.0f} s on {s['machine']['cpus']} CPUs ({s['machine']['torch_threads']} torch threads), "
-             f"{s['machine']['platform']}, torch {s['machine']['torch']}. Seed {s['seed']}.\n")
+    mach = s["machine"]
+    L.append(f"Wall time {s['wall_s']:.0f} s on {mach['cpus']} CPUs ({mach['torch_threads']} torch threads), "
+             f"{mach['platform']}, torch {mach['torch']}. Seed {s['seed']}.\n")
     L.append("Phases (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["phases_s"].items()) + ".\n")
     sp = s["spec"]
-    L.append(f"Data: {sp['frames']} frames of {sp['size']}x{sp['size']} RGB, one textured shape (3 shapes x 2 colours x "
-             f"4 directions = 24 classes) moving {sp['speed']} px/frame; {S['n_data']} training videos. Teacher: "
+    L.append(f"Data: {sp['frames']} frames of {sp['size']}x{sp['size']} RGB, one textured shape "
+             f"(3 shapes x 2 colours x 4 directions = 24 classes) moving {sp['speed']} px/frame; "
+             f"{S['n_data']} training videos. Teacher: "
              f"toy/config.json (HunyuanVideo-style flow model), steps/lr {S['teacher']}, batch {S['batch']}. "
              f"Grid: N = {N}, shift {S['shift']}. Students: {S['single_steps']} steps (VCM, PCM) or "
              f"{S['sem_steps']} semantic + {S['det_steps']} detail steps; lr {S['lr_full']} (full) / {S['lr_lora']} "
@@ -198,8 +215,9 @@ def write(out, s, models, gif, probes_path):
              "mean ± std over seeds (one training run per model: the spread is the sampling noise, "
              "not training variance).\n")
     L.append("## Fig. 10: where the teacher decides the content, and kappa\n")
-    L.append(f"![fig10](fig10_x0_change.png)\n\nRule (`toy/run.py: choose_kappa`): from the noisy end past the peak, the "
-             f"first step whose x0 change falls below {S['kappa_frac']} x the peak -> kappa = {kap} "
+    L.append("![fig10](fig10_x0_change.png)\n")
+    L.append("Rule (`toy/run.py: choose_kappa`): from the noisy end past the peak, the first step whose x0 change "
+             f"falls below {S['kappa_frac']} x the peak -> kappa = {kap} "
              f"(sigma {sig[kap + 1]:.3f}; {s['kappa_rule']}). Semantic expert: grid indices {kap + 1}..{N - 1}, "
              f"detail expert: 0..{kap}.\n")
     first, last = s["fig10_l1"][: len(s["fig10_l1"]) // 3], s["fig10_l1"][-(len(s["fig10_l1"]) // 3):]
@@ -212,9 +230,11 @@ def write(out, s, models, gif, probes_path):
                  f"{h['low_loss']:.4g}; gradient norm high {h['high_grad_norm']:.4g} vs low {h['low_grad_norm']:.4g}. "
                  f"Mean over all probes: loss high {np.mean([r['high_loss'] for r in probes]):.4g} / low "
                  f"{np.mean([r['low_loss'] for r in probes]):.4g}, grad norm high "
-                 f"{np.mean([r['high_grad_norm'] for r in probes]):.4g} / low {np.mean([r['low_grad_norm'] for r in probes]):.4g}.\n")
+                 f"{np.mean([r['high_grad_norm'] for r in probes]):.4g} / low "
+                 f"{np.mean([r['low_grad_norm'] for r in probes]):.4g}.\n")
     L.append("## Fig. 5: which layers differ between two separately trained experts (row OD)\n")
-    L.append("![fig5](fig5_expert_difference.png)\n\n| layer group | parameters | ||dtheta|| / ||theta|| |\n|---|---|---|")
+    L.append("![fig5](fig5_expert_difference.png)\n")
+    L.append("| layer group | parameters | relative difference |\n|---|---|---|")
     for g, v in sorted(s["fig5_groups"].items(), key=lambda kv: -kv[1]["rel_diff"]):
         L.append(f"| {g} | {v['numel']:,} | {v['rel_diff']:.4g} |")
     L.append("\nThe detail expert of row OD starts from the semantic expert and is fine-tuned on the detail "
@@ -223,10 +243,18 @@ def write(out, s, models, gif, probes_path):
     L.append(f"## Ablation (paper Table 3), {steps_main} sampling steps\n")
     L.append(ablation(res, params, models, steps_main) + "\n")
     L.append(f"## All models, {steps_main} steps (teacher 50 steps for reference)\n")
-    L.append(table({**res, "teacher (50 steps)": {steps_main: res["teacher (50 steps)"][N]}}, params, steps_main, names) + "\n")
+    with_ref = {**res, "teacher (50 steps)": {steps_main: res["teacher (50 steps)"][N]}}
+    L.append(table(with_ref, params, steps_main, names) + "\n")
+    L.append(best(res, steps_main, names[1:]) + "\n")
     L.append("What changed, metric by metric (better/worse; '(within spread)' = the difference is smaller than the "
              "seeds' combined std):\n")
     L.append(compare(res, steps_main) + "\n")
+    if s["kappa_sweep"]:
+        ks = sorted(s["kappa_sweep"] + [kap])
+        names_k = [f"DCM, kappa = {k}" if k != kap else "DCM (OD+PE+TC+GF)" for k in ks]
+        L.append(f"## kappa sweep (paper Fig. 10 right): the DCM recipe retrained at each cut, {steps_main} steps\n")
+        sweep = table(res, params, steps_main, names_k)
+        L.append(sweep.replace("DCM (OD+PE+TC+GF)", f"DCM, kappa = {kap} (chosen)") + "\n")
     for st in S["eval_steps"]:
         if st != steps_main:
             L.append(f"## {st} sampling steps\n")

@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,8 +35,8 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
+from experts import TARGETS  # noqa: E402
 import sample  # noqa: E402
-import solver  # noqa: E402
 import train  # noqa: E402
 from teacher import Teacher, adjacent_x0_l1  # noqa: E402
 from toy import data as toy_data  # noqa: E402
@@ -50,19 +51,23 @@ class Settings:
     """Budgets of one toy run (FULL / QUICK below)."""
     n_data: int = 8192            # training videos on disk
     clf_steps: int = 300          # bench classifier
-    teacher: tuple = ((1500, 1e-3), (500, 2e-4))  # (steps, lr) stages: constant lr each, the 2nd from the 1st
-    batch: int = 32
+    # (steps, lr) stages of the teacher, each at constant lr from the previous one's weights (a step decay)
+    teacher: tuple = ((3000, 2e-3), (500, 2e-4))
+    batch: int = 32               # teacher batch
     shift: float = 3.0            # flow grid shift (HunyuanVideo: 17 for 720p latents; the toy is 16x16)
     grid_steps: int = 50
     kappa_frac: float = 0.25      # Fig. 10 rule, see choose_kappa
-    single_steps: int = 400       # VCM / PCM: as many student iterations as both DCM stages together
-    sem_steps: int = 200
-    det_steps: int = 200
-    lr_full: float = 1e-4         # full fine-tunes (VCM, PCM, semantic, OD detail)
-    lr_lora: float = 5e-4         # LoRA detail expert (paper: detail lr = 5x semantic lr)
+    student_batch: int = 16
+    single_steps: int = 300       # VCM / PCM: as many student iterations as both DCM stages together
+    sem_steps: int = 150
+    det_steps: int = 150
+    lr_full: float = 3e-5         # full fine-tunes (VCM, PCM, semantic, OD detail)
+    lr_lora: float = 1.5e-4       # LoRA detail expert (paper: detail lr = 5x semantic lr)
+    target_ema: float = 0.95      # EMA target network (paper eq. 4); 0 = stop-grad student (authors' code)
     lora_rank: int = 8
     disc_hidden: int = 64
     probe_every: int = 10
+    kappa_sweep: tuple = (-20, -10)  # offsets from the chosen kappa: DCM retrained at each (paper Fig. 10 right)
     eval_seeds: int = 3
     eval_n: int = 96
     eval_steps: tuple = (2, 4, 8)
@@ -71,8 +76,9 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = Settings(n_data=256, clf_steps=60, teacher=((60, 1e-3), (20, 2e-4)), batch=8, single_steps=6, sem_steps=3,
-                 det_steps=3, probe_every=2, eval_seeds=2, eval_n=24, eval_steps=(4,), fig10_n=8, gif_n=3)
+QUICK = Settings(n_data=256, clf_steps=60, teacher=((60, 1e-3), (20, 2e-4)), batch=8, student_batch=8,
+                 single_steps=6, sem_steps=3, det_steps=3, probe_every=2, kappa_sweep=(), eval_seeds=2, eval_n=24,
+                 eval_steps=(4,), fig10_n=8, gif_n=3)
 # model name -> (training run that holds it, paper Table 3 flags OD, PE, TC, GF)
 MODELS = {
     "VCM": ("vcm", (0, 0, 0, 0)),
@@ -88,13 +94,13 @@ MODELS = {
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke test: tiny budgets, <= 60 s")
-    p.add_argument("--out", help="run folder (default toy/out or toy/out-quick)")
+    p.add_argument("--out", help="run folder (default out/toy, --quick: out/toy-quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, training and evaluation")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--reuse", action="store_true", help="keep finished training runs already in --out")
     p.add_argument("--teacher", help="a trained toy teacher (train.py step folder) instead of training one")
     args = p.parse_args(argv)
-    args.out = args.out or os.path.join(HERE, "out-quick" if args.quick else "out")
+    args.out = args.out or os.path.join(ROOT, "out", "toy-quick" if args.quick else "toy")
     return args
 
 
@@ -125,20 +131,21 @@ def train_run(out, name, argv):
     return summary
 
 
-def choose_kappa(l1, frac, N, min_semantic=4):
+def choose_kappa(l1, frac, N, min_semantic=4, min_detail=4):
     """kappa from the Fig. 10 curve: the first grid index, going from the noisy end past the peak, where the
     adjacent-step x0 change falls below `frac` of its peak (the paper reads 37 off this curve by eye).
 
     l1[i] is the change between sampling steps i and i+1, i.e. between grid indices N-1-i and N-2-i; it is
-    attributed to the cleaner index N-2-i. kappa is capped so the semantic phase keeps `min_semantic`
-    grid points (8-step sampling gives each expert 4) and floored at 0.
+    attributed to the cleaner index N-2-i. kappa is clamped so both phases keep at least `min_semantic` /
+    `min_detail` grid points (8-step sampling gives each expert 4).
     """
     l1 = [float(v) for v in l1]
     peak_i = max(range(len(l1)), key=l1.__getitem__)
     below = [i for i in range(peak_i, len(l1)) if l1[i] < frac * l1[peak_i]]
     i = below[0] if below else len(l1) - 1
     kappa = N - 2 - i
-    return max(0, min(kappa, N - 1 - min_semantic)), {"peak_step": peak_i, "cross_step": i, "raw_kappa": kappa}
+    info = {"peak_step": peak_i, "cross_step": i, "raw_kappa": kappa}
+    return max(min_detail - 1, min(kappa, N - 1 - min_semantic)), info
 
 
 def eval_batch(seed, n, spec):
@@ -151,10 +158,9 @@ def eval_batch(seed, n, spec):
 
 def param_groups(name):
     """Fig. 5 group of a HunyuanVideo parameter name: the DualExpert's layer kinds (experts.TARGETS)."""
-    import re
-    from experts import TARGETS
     spec = TARGETS["HunyuanVideo"]
-    for group, key in (("timestep embeddings + out head", "copy"), ("attention linears", "lora"), ("AdaLN modulation", "adaln")):
+    kinds = (("timestep embeddings + out head", "copy"), ("attention linears", "lora"), ("AdaLN modulation", "adaln"))
+    for group, key in kinds:
         for pat in spec[key]:
             if re.match(re.escape(pat).replace(r"\*", r"[^.]+") + r"\.", name):
                 return group
@@ -179,6 +185,7 @@ def expert_difference(sem_dir, det_dir):
 
 
 def main(argv=None):
+    """The whole toy study (module docstring); returns the summary also written to DIR/metrics.json."""
     args = parse_args(argv)
     S = QUICK if args.quick else FULL
     if args.threads:
@@ -197,15 +204,16 @@ def main(argv=None):
             toy_data.write_dataset(data_dir, S.n_data, args.seed, spec)
         clf = tm.load_or_train_classifier(os.path.join(out, "classifier.pt"), spec, steps=S.clf_steps, seed=args.seed)
 
-    common = ["--data", data_dir, "--batch-size", str(S.batch), "--shift", str(S.shift), "--grid-steps", str(S.grid_steps),
+    common = ["--data", data_dir, "--shift", str(S.shift), "--grid-steps", str(S.grid_steps),
               "--seed", str(args.seed), "--save-every", "0"] + (["--resume"] if args.reuse else [])
 
     # 2. the teacher: constant-lr stages, each initialised from the previous one (a step-wise lr decay)
     with clock("teacher"):
         prev, teacher_ckpt = [], args.teacher
         for i, (steps, lr) in enumerate(S.teacher if not teacher_ckpt else ()):
-            res = train_run(out, f"teacher_{i}", common + ["--config", CONFIG, "--stage", "teacher", "--max-steps", str(steps),
-                                                        "--lr", str(lr), "--probe-every", "0"] + prev)
+            res = train_run(out, f"teacher_{i}", common + prev + [
+                "--config", CONFIG, "--stage", "teacher", "--max-steps", str(steps), "--batch-size", str(S.batch),
+                "--lr", str(lr), "--probe-every", "0"])
             prev, teacher_ckpt = ["--teacher", res["checkpoint"]], res["checkpoint"]
         tmodel, tinfo = sample.load_student(teacher_ckpt)
         if tinfo["mode"] != "teacher" or tinfo["run"].get("data_manifest", {}).get("toy_spec") != asdict(spec):
@@ -222,27 +230,33 @@ def main(argv=None):
         print(f"[toy] kappa = {kappa} ({kinfo})", flush=True)
 
     # 4. distillation runs
-    dist = common + ["--teacher", teacher_ckpt, "--kappa", str(kappa), "--lora-rank", str(S.lora_rank),
-                     "--disc-hidden", str(S.disc_hidden)]
+    dist = common + ["--teacher", teacher_ckpt, "--lora-rank", str(S.lora_rank), "--disc-hidden", str(S.disc_hidden),
+                     "--target-ema", str(S.target_ema), "--batch-size", str(S.student_batch)]
     full = lambda steps: ["--max-steps", str(steps), "--lr", str(S.lr_full)]  # noqa: E731
     lora = ["--max-steps", str(S.det_steps), "--lr", str(S.lr_lora)]
-    no_gf, no_tc = ["--w-gan", "0", "--w-fm", "0"], ["--w-tc", "0"]
+    no_gf, no_tc, no_probe = ["--w-gan", "0", "--w-fm", "0"], ["--w-tc", "0"], ["--probe-every", "0"]
     runs = {}
     plan = [
         ("vcm", ["--stage", "vcm", "--probe-every", str(S.probe_every)] + full(S.single_steps)),
-        ("pcm", ["--stage", "pcm", "--phases", "4", "--probe-every", "0"] + full(S.single_steps)),
-        ("sem", ["--stage", "semantic", "--probe-every", "0"] + no_tc + full(S.sem_steps)),
-        ("sem_tc", ["--stage", "semantic", "--probe-every", "0"] + full(S.sem_steps)),
-        ("od", ["--stage", "detail", "--detail-full", "--init", "@sem", "--probe-every", "0"] + no_gf + full(S.det_steps)),
-        ("pe", ["--stage", "detail", "--init", "@sem", "--probe-every", "0"] + no_gf + lora),
-        ("pe_tc", ["--stage", "detail", "--init", "@sem_tc", "--probe-every", "0"] + no_gf + lora),
-        ("pe_gf", ["--stage", "detail", "--init", "@sem", "--probe-every", "0"] + lora),
-        ("dcm", ["--stage", "detail", "--init", "@sem_tc", "--probe-every", "0"] + lora),
+        ("pcm", ["--stage", "pcm", "--phases", "4"] + no_probe + full(S.single_steps)),
+        ("sem", ["--stage", "semantic"] + no_probe + no_tc + full(S.sem_steps)),
+        ("sem_tc", ["--stage", "semantic"] + no_probe + full(S.sem_steps)),
+        ("od", ["--stage", "detail", "--detail-full", "--init", "@sem"] + no_probe + no_gf + full(S.det_steps)),
+        ("pe", ["--stage", "detail", "--init", "@sem"] + no_probe + no_gf + lora),
+        ("pe_tc", ["--stage", "detail", "--init", "@sem_tc"] + no_probe + no_gf + lora),
+        ("pe_gf", ["--stage", "detail", "--init", "@sem"] + no_probe + lora),
+        ("dcm", ["--stage", "detail", "--init", "@sem_tc"] + no_probe + lora),
     ]
-    for name, extra in plan:
+    plan = [(name, kappa, extra) for name, extra in plan]
+    # the paper's Fig. 10 (right): the full DCM recipe at other cuts
+    sweep = sorted({max(3, min(kappa + d, grid.N - 5)) for d in S.kappa_sweep} - {kappa})
+    for k in sweep:
+        plan += [(f"sem_tc_k{k}", k, ["--stage", "semantic"] + no_probe + full(S.sem_steps)),
+                 (f"dcm_k{k}", k, ["--stage", "detail", "--init", f"@sem_tc_k{k}"] + no_probe + lora)]
+    for name, k, extra in plan:
         extra = [runs[a[1:]]["checkpoint"] if a.startswith("@") else a for a in extra]
         with clock(f"distil {name}"):
-            runs[name] = train_run(out, name, dist + extra)
+            runs[name] = train_run(out, name, dist + ["--kappa", str(k)] + extra)
 
     # 5. Fig. 5: the two separately trained experts of row OD, per layer group
     with clock("fig5"):
@@ -254,12 +268,15 @@ def main(argv=None):
         models = {"teacher (no distillation)": (tmodel, tinfo)}
         for label, (run, _) in MODELS.items():
             models[label] = sample.load_student(runs[run]["checkpoint"])
+        for k in sweep:
+            models[f"DCM, kappa = {k}"] = sample.load_student(runs[f"dcm_k{k}"]["checkpoint"])
         results, gif = evaluate(models, tmodel, grid, guidance, S, spec, clf, args.seed)
 
     # 7. report
     with clock("report"):
         summary = {
             "settings": asdict(S), "quick": args.quick, "seed": args.seed, "spec": asdict(spec), "kappa": kappa,
+            "kappa_sweep": sweep,
             "kappa_rule": kinfo | {"frac": S.kappa_frac}, "fig10_l1": l1,
             "grid_sigma": grid.sigma.tolist(), "fig5_groups": groups, "fig5_tensors": tensors,
             "param_counts": param_counts(models), "results": results,
@@ -295,7 +312,9 @@ def evaluate(models, tmodel, grid, guidance, S, spec, clf, seed):
                 results[name].setdefault(steps, []).append(tm.evaluate(x, labels, vel, real, clf, ref, real_feats))
                 if s == 0 and steps == 4:
                     gif[name] = x[:S.gif_n]
-    return {name: {st: {"per_seed": v, "agg": tm.aggregate(v)} for st, v in r.items()} for name, r in results.items()}, gif
+    results = {name: {st: {"per_seed": v, "agg": tm.aggregate(v)} for st, v in r.items()}
+               for name, r in results.items()}
+    return results, gif
 
 
 def param_counts(models):
