@@ -418,7 +418,7 @@ def train(args, cfg, kind, grid, world, rank, device):
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4g}")
+        bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)  # the bar redraws at its own pace
         if rank == 0:
             with open(os.path.join(out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")

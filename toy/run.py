@@ -1,19 +1,20 @@
 """The toy study (issue 7): the whole DCM method on a CPU in minutes, with the paper's analysis and ablation.
 
-    python toy/run.py [--quick] [--out DIR] [--seed N] [--threads T] [--reuse]
+    python toy/run.py [--quick] [--out DIR (default out/toy)] [--seed N] [--threads T] [--reuse] [--teacher CKPT]
 
 1. synthetic moving-shape videos (toy/data.py) and the bench classifier (toy/metrics.py);
 2. a tiny HunyuanVideo-style flow teacher (toy/config.json) trained with train.py;
 3. the paper's Fig. 10: L1 between adjacent teacher steps' x0 predictions -> kappa (`choose_kappa`);
 4. distillation with train.py: VCM (1 phase), PCM (4 phases), and the ablation rows of the paper's
    Table 3: (1) VCM, (2) OD = two separate full experts, (3) +PE = LoRA detail expert on the frozen
-   semantic one, (4) +TC, (5) +GF, (6) +TC+GF = DCM;
+   semantic one, (4) +TC, (5) +GF, (6) +TC+GF = DCM; and DCM retrained at two other kappas;
 5. Fig. 2 (VCM probes: high- vs low-noise loss and gradient norm), Fig. 5 (parameter difference
    between the two separately trained experts, per layer group);
 6. every model at 2, 4 and 8 steps on the toy bench over several sampling seeds;
 7. DIR/report.md + DIR/metrics.json + PNG figures + GIFs (toy/report.py).
 Full: <= 10 min on 2 CPU cores; --quick (smoke test, tiny budgets, meaningless numbers): <= 60 s.
 --reuse goes on in an existing DIR: finished training runs are kept (they must have the same settings).
+--teacher CKPT skips the teacher's training (a train.py step folder of a toy teacher on this toy's data).
 """
 import argparse
 import contextlib
