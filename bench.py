@@ -2,7 +2,7 @@
 teacher, and one DCM training step (issue: bench). Prints a table and writes JSON.
 
     python bench.py                      # GPU: real sizes, random bf16 weights
-    python bench.py --device cpu         # tiny presets: the ours/diffusers ratio only
+    python bench.py --device cpu         # tiny presets: the ours/diffusers ratio, smoke runs of the rest
     python bench.py --rows forward --compile
 
 diffusers is the reference we race, so it is needed here (and in the tests), never in the library.

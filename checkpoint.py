@@ -35,19 +35,13 @@ INDEX = WEIGHTS + ".index.json"
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release this layout is tested against
 
 # ---- original (non-diffusers) checkpoint formats ---------------------------------------------
-# file name -> converter(path) returning (config, state dict with diffusers keys). The HunyuanVideo
-# helper registers Tencent's `mp_rank_00_model_states.pt` here (see _tencent_hunyuan below).
+# file name -> converter(path) returning (config, state dict with diffusers keys)
 ORIGINAL_FORMATS = {}
 
 
 def _tencent_hunyuan(path):
     """Tencent HunyuanVideo `mp_rank_00_model_states.pt` -> (config, diffusers-key state dict)."""
-    convert = getattr(M, "convert_tencent_hunyuan", None)  # lives with the HunyuanVideo classes
-    if convert is None:
-        raise ValueError(f"{path}: the Tencent HunyuanVideo converter (model.convert_tencent_hunyuan) is not available")
-    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    out = convert(sd.get("module", sd))
-    return out if isinstance(out, tuple) else (M.PRESETS["hunyuan-video"], out)
+    return M.convert_tencent_hunyuan(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
 
 
 ORIGINAL_FORMATS["mp_rank_00_model_states.pt"] = _tencent_hunyuan
@@ -67,11 +61,16 @@ def _load_state_dict_file(path):
 
 def transformer_folder(path):
     """The folder holding the transformer's config.json: `path/transformer/` first (a step folder's own
-    config.json is the run config), else `path` itself."""
+    config.json is the run config), else `path` itself, else (a train.py run folder) the transformer of
+    its newest complete step."""
     for folder in (os.path.join(path, "transformer"), path):
         if os.path.isfile(os.path.join(folder, "config.json")):
             return folder
-    raise ValueError(f"{path}: no config.json here or in {os.path.join(path, 'transformer')}")
+    step = latest_step(path) if step_folders(path) else None
+    if step is not None:
+        return transformer_folder(step)
+    raise ValueError(f"{path}: no config.json here or in {os.path.join(path, 'transformer')}, "
+                     "and no complete step_* checkpoint")
 
 
 def read_config(path):

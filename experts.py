@@ -187,7 +187,7 @@ class DualExpert(nn.Module):
     """Semantic expert (the backbone) + detail expert (LoRA + copied layers), routed per sample by t.
 
     Built in "detail" mode (backbone frozen, adapter trainable): building one starts stage 2, from the
-    trained semantic expert. The copies are taken at construction (reset_detail() re-takes them).
+    trained semantic expert. The copies are taken at construction.
     """
 
     def __init__(self, backbone, boundary_t, rank=128, alpha=256, copy_adaln=False, targets=None):
@@ -321,14 +321,6 @@ class DualExpert(nn.Module):
         self.mode = mode
 
     @torch.no_grad()
-    def reset_detail(self):
-        """Fresh adapter from the current semantic weights (LoRA B = 0, copies re-copied)."""
-        modules = dict(self.backbone.named_modules())
-        for n in self.lora_names:
-            self.lora[_key(n)].reset_parameters()
-        for n in self.copy_names:
-            self.copies[_key(n)].load_state_dict(modules[n].state_dict())
-
     def param_counts(self):
         count = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
         c = {"backbone": count(self.backbone.parameters()), "lora": count(self.lora.parameters()),

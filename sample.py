@@ -109,7 +109,8 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
     else:
         raise SampleError(f"{path} is a plain backbone: pass --teacher (N-step sampling with guidance) or --detail ADAPTER")
     m = checkpoint.load_transformer(weights, dtype=dtype, device=device)
-    grid = make_grid(m.config, m.prediction, run, steps if mode == "teacher" else None, shift)
+    teaching = mode == "teacher"  # students keep the grid they were distilled on: --steps/--shift are the teacher's
+    grid = make_grid(m.config, m.prediction, run, steps if teaching else None, shift if teaching else None)
     boundaries, bt = [] if mode == "teacher" else run.get("boundaries"), None
     if mode == "dual":
         file = detail or os.path.join(folder, "detail.safetensors")

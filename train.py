@@ -108,7 +108,7 @@ def parse_args(argv):
     args.kappa = (38 * args.grid_steps) // 50 - 1 if args.kappa is None else args.kappa
     if args.stage == "detail" and not args.init:
         raise TrainError("--stage detail needs --init: the semantic expert checkpoint to build on")
-    if args.stage not in ("teacher", "detail") and not (args.teacher or args.dry_run):
+    if args.stage != "teacher" and not (args.teacher or args.dry_run):
         raise TrainError(f"--stage {args.stage} needs --teacher (the model to distil)")
     if not (args.data or args.dry_run):
         raise TrainError("--data is required (a dataset folder, see data.py)")
@@ -174,7 +174,7 @@ def dry_run(args, cfg, grid):
         disc = count(losses.Discriminator.for_model(student, args.disc_hidden)) if gan else 0
     sh = world if args.fsdp else 1
     mem = {"student weights (fp32)": 4 * total / sh, "grads (fp32)": 4 * train / sh,
-           "AdamW states (fp32)": 8 * train / sh, "EMA target (fp32)": 4 * total / sh * (args.target_ema > 0),
+           "AdamW states (fp32)": 8 * train / sh, "EMA target (fp32)": 4 * total / sh * (args.target_ema > 0 and args.stage != "teacher"),
            f"teacher ({args.dtype})": (2 if args.dtype == "bf16" else 4) * teach / sh,
            "discriminator + grads + AdamW": 16 * disc}
     print(f"stage {args.stage}, {type(cfg).__name__}, world {world}{' FSDP' if args.fsdp else ''}, {args.dtype}")

@@ -1,6 +1,12 @@
 import os
 import sys
 
+import torch
+
 # the library is a flat set of top-level modules (nanoGPT style): make them importable from tests/
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# one thread for the whole session: exact-equality checks (save/load, parity at 0.0) must not depend on
+# how a reduction was split across threads, and CI has 2 cores anyway
+torch.set_num_threads(1)

@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import model as M
 
-torch.set_num_threads(1)
 
 
 def tiny(preset="tiny-cogvideox-rope", seed=0, dtype=None):
@@ -163,6 +162,10 @@ def test_step_folder_loads_its_transformer_not_its_run_config(tmp_path):
     assert checkpoint.read_config(step) == m.config  # the folder, its transformer/, or the run's config.json
     assert checkpoint.read_config(str(step / "config.json")) == m.config
     assert checkpoint.read_config("tiny-hunyuan") == M.PRESETS["tiny-hunyuan"]
+    # a run folder: the newest complete step's transformer (a newer, incomplete step is skipped)
+    (tmp_path / "step_0000009").mkdir()
+    assert checkpoint.transformer_folder(tmp_path) == str(step / "transformer")
+    assert_same_tensors(checkpoint.load_transformer(tmp_path), m)
     with pytest.raises(ValueError, match="neither a preset"):
         checkpoint.read_config("no-such-model")
 

@@ -13,7 +13,6 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import CogVideoXTransformer3DModel  # noqa: E402
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline  # noqa: E402
 
-torch.set_num_threads(1)
 
 
 def randomize_(module, seed=0):

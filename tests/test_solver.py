@@ -191,14 +191,12 @@ def test_grid_for():
 
 
 def test_grid_for_model_presets():
-    model = pytest.importorskip("model")
+    import model
     for name, s in [("cogvideox-2b", 3.0), ("cogvideox-5b", 1.0), ("tiny-cogvideox", 3.0),
                     ("tiny-cogvideox-rope", 1.0)]:
-        if name in model.PRESETS:
-            assert torch.equal(solver.grid_for(model.PRESETS[name]).alpha, solver.cogvideox_grid(50, s).alpha)
+        assert torch.equal(solver.grid_for(model.PRESETS[name]).alpha, solver.cogvideox_grid(50, s).alpha)
     for name in ("hunyuan-video", "tiny-hunyuan"):
-        if name in model.PRESETS:
-            assert solver.grid_for(model.PRESETS[name]).kind == "flow"
+        assert solver.grid_for(model.PRESETS[name]).kind == "flow"
 
 
 def test_grid_at_and_errors():

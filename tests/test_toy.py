@@ -120,6 +120,8 @@ def test_evaluate_and_aggregate(clf, real):
     r = real[0]
     m = tm.evaluate(r["latents"], r["label"], r["velocity"], real[1]["latents"], clf, x_ref=r["latents"])
     assert m["traj_mse"] == 0 and m["traj_l1"] == 0 and m["motion_err"] < 1e-4 and m["cond_acc"] > 0.85
+    off = tm.evaluate(r["latents"], r["label"], r["velocity"], real[1]["latents"], clf, x_ref=r["latents"] + 0.1)
+    assert off["traj_mse"] == pytest.approx(0.01, rel=1e-4) and off["traj_l1"] == pytest.approx(0.1, rel=1e-4)
     agg = tm.aggregate([{"a": 1.0, "b": 2.0}, {"a": 3.0}])
     assert agg == {"a": {"mean": 2.0, "std": pytest.approx(2 ** 0.5), "n": 2}}
     assert tm.mean_std([5.0]) == (5.0, 0.0)
@@ -141,12 +143,9 @@ def test_quick_run_end_to_end(tmp_path):
     """`python toy/run.py --quick`: every artefact written; the teacher's x0 prediction moves most early."""
     import json
     import math
-    import time
     from toy import run
-    t0 = time.time()
     out = str(tmp_path / "toy")
     summary = run.main(["--quick", "--out", out])
-    wall = time.time() - t0
     for f in ("report.md", "metrics.json", "fig10_x0_change.png", "fig2_probes.png", "fig5_expert_difference.png",
               "samples_4step.gif", "classifier.pt"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
@@ -167,4 +166,3 @@ def test_quick_run_end_to_end(tmp_path):
     assert p["OD"] == 2 * p["VCM"] and p["VCM"] < p["DCM (OD+PE+TC+GF)"] < 1.5 * p["VCM"]
     report = open(os.path.join(out, "report.md")).read()
     assert "kappa" in report and "samples_4step.gif" in report
-    assert wall < 120, f"--quick took {wall:.0f} s"
