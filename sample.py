@@ -171,12 +171,8 @@ def student_sample(model, x, cond, grid, boundaries, steps, guidance=6.0, callba
 
 @torch.no_grad()
 def teacher_sample(model, x, cond, grid, guidance=6.0, uncond=None, callback=None):
-    """The teacher's N-step sample with its guidance: Teacher.sample plus a per-step callback; float32 latents."""
-    dtype = next(model.parameters()).dtype
-    tch, cond = Teacher(model, grid, guidance, uncond if grid.kind == "vpred" else None), _cast(cond, dtype)
-    t, alpha, sigma = solver.sample_points(grid, range(grid.N - 1, -1, -1))
-    return solver.sample(lambda xx, tt: tch.guided(xx.to(dtype), tt, cond), x.float(), t, alpha, sigma, grid.kind,
-                         callback, progress=False)
+    """The teacher's N-step sample with its guidance (Teacher.sample); float32 latents."""
+    return Teacher(model, grid, guidance, uncond).sample(x.float(), cond, progress=False, callback=callback)
 
 
 def model_name(cfg):

@@ -115,21 +115,24 @@ class Teacher:
         return solver.jump(x_k, self.out(x_k, k, cond), k, k - 1, self.grid)
 
     @torch.no_grad()
-    def sample(self, x, cond, return_intermediates=False, end="zero", progress=True):
+    def sample(self, x, cond, return_intermediates=False, end="zero", progress=True, callback=None):
         """Full N-step sampling from x at k = N-1 down to the clean end (`end` as in solver.sample_points).
 
         With return_intermediates: (x, xs, x0s), xs = the N+1 points x_{N-1} .. x_end,
-        x0s = the N per-step x0 predictions (paper Fig. 10).
+        x0s = the N per-step x0 predictions (paper Fig. 10). callback(i, x_next, x0) as in solver.sample.
         """
         t, alpha, sigma = solver.sample_points(self.grid, range(self.grid.N - 1, -1, -1), end=end)
         xs, x0s = [x], []
 
         def keep(i, x_next, x0):
-            xs.append(x_next)
-            x0s.append(x0)
+            if return_intermediates:
+                xs.append(x_next)
+                x0s.append(x0)
+            if callback is not None:
+                callback(i, x_next, x0)
 
         x = solver.sample(lambda xx, tt: self.guided(xx, tt, cond), x, t, alpha, sigma, self.grid.kind,
-                          callback=keep if return_intermediates else None, progress=progress)
+                          callback=keep, progress=progress)
         return (x, xs, x0s) if return_intermediates else x
 
 
