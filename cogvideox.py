@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from model import (
-    timestep_embedding, TimestepMLP, attention, apply_rope, FeedForward, reject_cond, check_taps, ARCHITECTURES, register_preset, ACTIVATIONS,
+    timestep_embedding, TimestepMLP, attention, apply_rope, FeedForward, reject_cond, check_taps, run_block,
+    ARCHITECTURES, register_preset, ACTIVATIONS,
 )
 
 
@@ -250,10 +250,7 @@ class CogVideoXTransformer(nn.Module):
             h = h + cogvideox_sincos_table(cfg, grid, x.device, h.dtype)
         tap_set, feats = check_taps(taps, cfg.num_layers), []
         for i, block in enumerate(self.transformer_blocks):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                h, c = checkpoint(block, h, c, temb, rope, use_reentrant=False)
-            else:
-                h, c = block(h, c, temb, rope)
+            h, c = run_block(self, block, h, c, temb, rope)
             if i in tap_set:
                 feats.append(h)
         out = self.head(h, temb, (n_f, H, W))

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from model import (
-    timestep_embedding, TimestepMLP, attention, apply_rope, RMSNorm, FeedForward, reject_cond, check_taps, ARCHITECTURES, register_preset,
+    timestep_embedding, TimestepMLP, attention, apply_rope, RMSNorm, FeedForward, reject_cond, check_taps, run_block,
+    ARCHITECTURES, register_preset,
 )
 
 
@@ -185,11 +185,6 @@ class HunyuanVideoTransformer(nn.Module):
         """Single-stream blocks 0, 2, 4, ... (the authors' `index % 2 == 0` GAN features), global indices."""
         return [self.config.num_layers + j for j in range(0, self.config.num_single_layers, 2)]
 
-    def _run(self, block, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     @staticmethod
     def _sinus(mlp, t):
         """Timestep/guidance MLP on 256 fp32 sinusoids (cos first, shift 0) of t [B]."""
@@ -219,7 +214,7 @@ class HunyuanVideoTransformer(nn.Module):
         mask = None if text_mask is None else text_mask.bool()[:, None, None, :]  # [B, 1, 1, Lt]
         c = ce.proj_in(text)
         for block in ce.token_refiner.refiner_blocks:
-            c = self._run(block, c, temb, mask)
+            c = run_block(self, block, c, temb, mask)
         return c
 
     def _rope(self, grid, n_text, device):
@@ -287,12 +282,12 @@ class HunyuanVideoTransformer(nn.Module):
             mask = torch.cat([text_mask.new_ones(B, n_vid), text_mask], dim=1).bool()[:, None, None, :]
         cos, sin = self._rope((f // cfg.patch_size_t, hgt // cfg.patch_size, wid // cfg.patch_size), c.shape[1], x.device)
         for i, block in enumerate(self.transformer_blocks):
-            h, c = self._run(block, h, c, temb, mask, cos, sin)
+            h, c = run_block(self, block, h, c, temb, mask, cos, sin)
             if i in tap_set:
                 feats.append(h)
         h = torch.cat([h, c], dim=1)  # [B, Lv+Lt, D]: the single-stream stack runs on the joint sequence
         for i, block in enumerate(self.single_transformer_blocks, start=cfg.num_layers):
-            h = self._run(block, h, temb, mask, cos, sin)
+            h = run_block(self, block, h, temb, mask, cos, sin)
             if i in tap_set:
                 feats.append(h[:, :n_vid])
         v = self.head(h[:, :n_vid], temb, (f, hgt, wid))

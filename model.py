@@ -15,6 +15,7 @@ from dataclasses import asdict, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # shared building blocks
@@ -99,6 +100,13 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.net[2](self.net[0](x))
+
+
+def run_block(model, block, *args):
+    """block(*args), under activation checkpointing when model.gradient_checkpointing and grads are on."""
+    if model.gradient_checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def reject_cond(cond, allowed=()):
