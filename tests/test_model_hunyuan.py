@@ -28,6 +28,13 @@ def random_reference(cfg, seed=0):
     return ref
 
 
+def ours_with_random_weights(cfg=TINY):
+    """Our model in eval mode, holding random_reference's weights."""
+    ours = model.HunyuanVideoTransformer(cfg).eval()
+    ours.load_state_dict(random_reference(cfg).state_dict())
+    return ours
+
+
 def make_inputs(cfg, B=2, F=3, H=4, W=6, L=7, seed=1):
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(B, L, dtype=torch.long)
@@ -66,8 +73,7 @@ def test_parity_with_diffusers_via_sharded_folder(cfg, F, tmp_path):
 
 
 def test_padded_text_is_ignored_and_valid_text_matters():
-    ours = model.HunyuanVideoTransformer(TINY).eval()
-    ours.load_state_dict(random_reference(TINY).state_dict())
+    ours = ours_with_random_weights()
     inp = make_inputs(TINY)
     with torch.no_grad():
         out = ours(**inp)
@@ -79,8 +85,7 @@ def test_padded_text_is_ignored_and_valid_text_matters():
 
 
 def test_taps_and_head_reproduce_output():
-    ours = model.HunyuanVideoTransformer(TINY).eval()
-    ours.load_state_dict(random_reference(TINY).state_dict())
+    ours = ours_with_random_weights()
     inp = make_inputs(TINY)
     last = TINY.num_layers + TINY.num_single_layers - 1
     with torch.no_grad():
@@ -196,8 +201,7 @@ def test_gradient_checkpointing_same_output_and_grads():
 
 
 def test_bf16_close_to_fp32():
-    ours = model.HunyuanVideoTransformer(TINY).eval()
-    ours.load_state_dict(random_reference(TINY).state_dict())
+    ours = ours_with_random_weights()
     inp = make_inputs(TINY)
     with torch.no_grad():
         want = ours(**inp)
