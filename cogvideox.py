@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (
+from layers import (
     timestep_embedding, TimestepMLP, attention, apply_rope, FeedForward, reject_cond, check_taps, run_block,
-    ARCHITECTURES, register_preset, ACTIVATIONS,
+    ACTIVATIONS,
 )
 
 
@@ -276,12 +276,14 @@ class CogVideoXTransformer(nn.Module):
         return B, C, n_f, H, W
 
 
-ARCHITECTURES["CogVideoXTransformer3DModel"] = (CogVideoXConfig, CogVideoXTransformer)
-register_preset("cogvideox-2b", CogVideoXConfig())  # released in fp16
-register_preset("cogvideox-5b", CogVideoXConfig(  # released in bf16
-    num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True))
+ARCHITECTURE = ("CogVideoXTransformer3DModel", CogVideoXConfig, CogVideoXTransformer)  # registered by model.py
 _TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
              text_embed_dim=32, num_layers=2, sample_width=8, sample_height=6, sample_frames=9,
              max_text_seq_length=8)  # latent sample size 3 x 6 x 8
-register_preset("tiny-cogvideox", CogVideoXConfig(**_TINY))
-register_preset("tiny-cogvideox-rope", CogVideoXConfig(**_TINY, use_rotary_positional_embeddings=True))
+PRESETS = {
+    "cogvideox-2b": CogVideoXConfig(),  # released in fp16
+    "cogvideox-5b": CogVideoXConfig(num_attention_heads=48, num_layers=42,  # released in bf16
+                                    use_rotary_positional_embeddings=True),
+    "tiny-cogvideox": CogVideoXConfig(**_TINY),
+    "tiny-cogvideox-rope": CogVideoXConfig(**_TINY, use_rotary_positional_embeddings=True),
+}

@@ -10,9 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (
+from layers import (
     timestep_embedding, TimestepMLP, attention, apply_rope, RMSNorm, FeedForward, reject_cond, check_taps, run_block,
-    ARCHITECTURES, register_preset,
 )
 
 
@@ -367,8 +366,10 @@ def convert_tencent_hunyuan(sd, config=None):
     return cfg, out
 
 
-ARCHITECTURES["HunyuanVideoTransformer3DModel"] = (HunyuanVideoConfig, HunyuanVideoTransformer)
-register_preset("hunyuan-video", HunyuanVideoConfig())
-register_preset("tiny-hunyuan", HunyuanVideoConfig(
-    num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=2, num_refiner_layers=1,
-    text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6)))
+ARCHITECTURE = ("HunyuanVideoTransformer3DModel", HunyuanVideoConfig, HunyuanVideoTransformer)  # registered by model.py
+PRESETS = {
+    "hunyuan-video": HunyuanVideoConfig(),
+    "tiny-hunyuan": HunyuanVideoConfig(
+        num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=2, num_refiner_layers=1,
+        text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6)),
+}

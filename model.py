@@ -1,6 +1,7 @@
-"""Video diffusion transformers (CogVideoX, HunyuanVideo) in plain PyTorch: the shared building blocks,
-the config registry and `build_transformer`. The architectures are one file each (cogvideox.py,
-hunyuan_video.py) and register themselves here; `model.CogVideoXTransformer` etc. resolve to them.
+"""Video diffusion transformers (CogVideoX, HunyuanVideo) in plain PyTorch: the config registry, the presets
+and `build_transformer`. The architectures are one file each (cogvideox.py, hunyuan_video.py) on the shared
+layers of layers.py; each declares its `ARCHITECTURE` and `PRESETS`, which this file registers.
+`model.CogVideoXTransformer` etc. resolve to the architecture files.
 
 Module and parameter names equal diffusers' state-dict keys, so a diffusers `transformer/` folder
 loads 1:1 (see checkpoint.py). Public call: `model(x [B,C,F,H,W], t [B], text=...) -> [B,C,F,H,W]`.
@@ -8,133 +9,24 @@ Positional tables and sinusoids are computed in fp32/fp64 for the actual latent 
 (never stored in the state dict); attention runs in the input dtype through SDPA.
 """
 
-import math
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
-# ----------------------------------------------------------------------------------------------
-# shared building blocks
-
-
-def timestep_embedding(t, dim, flip_sin_to_cos=True, shift=0, max_period=10000):
-    """Sinusoidal features [B, dim] of timesteps t [B], fp32 (DDPM / diffusers `Timesteps`)."""
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(exponent / (half - shift))
-    args = t[:, None].float() * freqs[None, :]  # [B, half]
-    sin, cos = torch.sin(args), torch.cos(args)
-    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
-    return F.pad(emb, (0, 1)) if dim % 2 else emb
-
-
-class TimestepMLP(nn.Module):
-    """linear_1 -> SiLU -> linear_2 (diffusers `TimestepEmbedding` names)."""
-
-    def __init__(self, in_dim, dim, out_dim=None):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, out_dim or dim)
-
-    def forward(self, x):
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
-def attention(q, k, v, mask=None):
-    """Softmax attention on [B, heads, L, d] in the input dtype (SDPA picks the fused kernel)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def apply_rope(x, cos, sin):
-    """Rotary embedding on adjacent pairs (x[2i], x[2i+1]) of x [B, heads, L, d]; cos/sin [L, d] fp32."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # [B, heads, L, d/2] each
-    rotated = torch.stack([-x2, x1], dim=-1).flatten(-2)  # [B, heads, L, d]: (-x2, x1) per pair
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
-class RMSNorm(nn.Module):
-    """RMS normalisation computed in fp32, then scaled by `weight` in the weight dtype."""
-
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        rms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return ((x.float() * rms).to(self.weight.dtype) * self.weight).to(x.dtype)
-
-
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu-approximate": lambda x: F.gelu(x, approximate="tanh"),
-    "linear-silu": F.silu,
-}
-
-
-class _ProjAct(nn.Module):
-    """Linear then activation (the `net.0` of diffusers' FeedForward)."""
-
-    def __init__(self, dim, inner, act, bias=True):
-        super().__init__()
-        if act not in ACTIVATIONS:
-            raise ValueError(f"unsupported activation {act!r}; supported: {sorted(ACTIVATIONS)}")
-        self.act = ACTIVATIONS[act]
-        self.proj = nn.Linear(dim, inner, bias=bias)
-
-    def forward(self, x):
-        return self.act(self.proj(x))
-
-
-class FeedForward(nn.Module):
-    """Two-layer MLP with diffusers names `net.0.proj` and `net.2` (`net.1` is its no-op dropout)."""
-
-    def __init__(self, dim, inner, act="gelu-approximate", bias=True, dim_out=None):
-        super().__init__()
-        out = nn.Linear(inner, dim_out or dim, bias=bias)
-        self.net = nn.ModuleList([_ProjAct(dim, inner, act, bias), nn.Identity(), out])
-
-    def forward(self, x):
-        return self.net[2](self.net[0](x))
-
-
-def run_block(model, block, *args):
-    """block(*args), under activation checkpointing when model.gradient_checkpointing and grads are on."""
-    if model.gradient_checkpointing and torch.is_grad_enabled():
-        return checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
-
-
-def reject_cond(cond, allowed=()):
-    """Conditioning an architecture does not use must be None (never silently ignored)."""
-    bad = sorted(k for k, v in cond.items() if v is not None and k not in allowed)
-    if bad:
-        raise ValueError(f"unsupported conditioning for this model: {bad}")
-
-
-def check_taps(taps, n_blocks):
-    """Validate `taps` (increasing global block indices) and return them as a set."""
-    taps = list(taps or ())
-    if any(not 0 <= i < n_blocks for i in taps) or taps != sorted(set(taps)):
-        raise ValueError(f"taps must be increasing block indices in 0..{n_blocks - 1}, got {taps}")
-    return set(taps)
-
 
 # ----------------------------------------------------------------------------------------------
 # config registry
 
-ARCHITECTURES = {}  # diffusers `_class_name` -> (ConfigCls, ModelCls); filled by each architecture file
+import cogvideox
+import hunyuan_video
+
+_ARCH_MODULES = (cogvideox, hunyuan_video)
+ARCHITECTURES = {}  # diffusers `_class_name` -> (ConfigCls, ModelCls)
 PRESETS = {}  # name -> config
-
-
-def register_preset(name, cfg):
-    """Make `build_transformer(name)` build a model from `cfg`."""
-    PRESETS[name] = cfg
-    return cfg
+for _m in _ARCH_MODULES:
+    _name, _config_cls, _model_cls = _m.ARCHITECTURE
+    ARCHITECTURES[_name] = (_config_cls, _model_cls)
+    PRESETS.update(_m.PRESETS)
 
 
 def config_from_fields(cls, d):
@@ -193,18 +85,11 @@ def build_transformer(preset_or_config, device=None, dtype=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# the architectures live one per file and register themselves here on import
 
 
 def __getattr__(name):
     """model.CogVideoXTransformer, model.HunyuanVideoConfig, ...: names of the architecture files."""
-    for module in globals().get("_ARCH_MODULES", ()):  # empty while the architecture files import
+    for module in _ARCH_MODULES:
         if hasattr(module, name):
             return getattr(module, name)
     raise AttributeError(f"module 'model' has no attribute {name!r}")
-
-
-import cogvideox  # noqa: E402  (after the shared blocks they import)
-import hunyuan_video  # noqa: E402
-
-_ARCH_MODULES = (cogvideox, hunyuan_video)

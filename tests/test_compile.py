@@ -48,3 +48,15 @@ def test_blocks_compile_without_graph_breaks(name):
             ex = dynamo.explain(block)(*args, **kwargs)
         assert ex.graph_break_count == 0, f"{cls}: {[str(r.reason)[:200] for r in ex.break_reasons]}"
         assert ex.graph_count == 1, cls
+
+
+def test_backbones_do_not_import_model():
+    """The backbone files import layers.py only; model.py imports them (no import cycle)."""
+    import ast
+    import pathlib
+    import model
+    for mod in model._ARCH_MODULES:
+        tree = ast.parse(pathlib.Path(mod.__file__).read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "model" not in names, mod.__name__
