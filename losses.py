@@ -223,10 +223,19 @@ def adversarial_terms(teacher_model, disc, x_tgt, xhat, n, k_end, k_adv, grid, c
 
 def discriminator_loss(disc, feats, tok_grid):
     """D's hinge loss (eq. 9) on adversarial_terms' (fake, real) features, both in one batched forward."""
+    return discriminator_stats(disc, feats, tok_grid)[0]
+
+
+def discriminator_stats(disc, feats, tok_grid):
+    """(D's hinge loss (eq. 9), its accuracy on real, on fake tokens): the fraction of real tokens it scores > 0 and
+    of fake ones it scores < 0, detached; 0.5 / 0.5 is a discriminator that learned nothing."""
     fake_f, real_f = feats
     B = fake_f[0].shape[0]
     logits = disc([torch.cat([f, r]) for f, r in zip(fake_f, real_f)], tok_grid)  # [2B, L] each: fake, real
-    return d_hinge_loss([lg[B:] for lg in logits], [lg[:B] for lg in logits])
+    real, fake = [lg[B:] for lg in logits], [lg[:B] for lg in logits]
+    acc = [torch.stack([(s * lg.detach().float() > 0).float().mean() for lg in side]).mean()
+           for s, side in ((1, real), (-1, fake))]
+    return d_hinge_loss(real, fake), acc[0], acc[1]
 
 
 def renoise(x_end, n, k_end, k_adv, grid):
@@ -250,3 +259,14 @@ def renoise(x_end, n, k_end, k_adv, grid):
     shape = (-1,) + (1,) * (x_end.dim() - 1)  # [B, 1, 1, 1, 1]
     c_x, c_n = (c.float().to(x_end.device).view(shape) for c in (c_x, c_n))
     return (c_x * x_end.float() + c_n * n.float()).to(x_end.dtype)
+
+
+def output_grad_norms(xhat, terms, weights, into=None):
+    """{"gn_<term>": ||d (w_term * term) / d xhat||} for every generator term: how hard each loss pulls the student's
+    output (e.g. TC vs CD), one autograd.grad per term that keeps the graph; nothing when `into` is None."""
+    if into is None or not xhat.requires_grad:
+        return into
+    for name, term in terms.items():
+        g = torch.autograd.grad(weights[name] * term, xhat, retain_graph=True, allow_unused=True)[0]
+        into[f"gn_{name}"] = 0.0 if g is None else g.float().norm().item()
+    return into

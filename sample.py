@@ -5,9 +5,10 @@
     python sample.py --ckpt sem/transformer --detail det.safetensors     # semantic backbone + adapter
     python sample.py --ckpt out/teacher --teacher --steps 50             # the teacher, with guidance
     python sample.py --latents samples/latents.safetensors --decode WEIGHTS   # decode an earlier run
+    python sample.py --ckpt out/detail --steps 2 --points proportional    # or --points 49,20: grid indices per step
 
-Students (paper supp. 6): steps split evenly between the phases, uniform inside each
-(solver.student_schedule), one model call and Euler/DDIM jump per point, the last to the clean end;
+Students (paper supp. 6): steps split evenly between the phases (--points even; proportional: by phase length;
+or explicit grid indices), uniform inside each (solver.student_schedule), one model call and Euler/DDIM jump per point, the last to the clean end;
 no CFG, HunyuanVideo's embedded guidance still passed (the teacher's value: teacher.embedded_guidance).
 The dual expert routes t <= boundary_t to its detail path; single students (vcm, pcm, semantic-only)
 use the run's phases.
@@ -163,9 +164,9 @@ def model_fn(model, cond, guidance=6.0):
 
 
 @torch.no_grad()
-def student_sample(model, x, cond, grid, boundaries, steps, guidance=6.0, callback=None):
-    """Few-step student sample from noise x (paper supp. 6); float32 latents."""
-    t, alpha, sigma = solver.sample_points(grid, solver.student_schedule(grid, boundaries, steps))
+def student_sample(model, x, cond, grid, boundaries, steps, guidance=6.0, callback=None, points="even"):
+    """Few-step student sample from noise x (paper supp. 6; points: solver.student_schedule's); float32 latents."""
+    t, alpha, sigma = solver.sample_points(grid, solver.student_schedule(grid, boundaries, steps, points))
     return solver.sample(model_fn(model, cond, guidance), x.float(), t, alpha, sigma, grid.kind, callback, progress=False)
 
 
@@ -253,12 +254,14 @@ def parse_args(argv):
     a("--teacher", action="store_true", help="N-step teacher sampling with its guidance (the reference)")
     a("--latents", help="only write videos of an earlier run's latents.safetensors")
     a("--steps", type=int, help="students: default 4; --teacher: the run's N, else 50")
+    a("--points", default="even", help="students: per-phase split of the steps, even | proportional (to phase length) "
+                                       "| grid indices IDX,IDX,... (noisiest first, from N-1; sets --steps)")
     a("--shift", type=float, help="--teacher, flow: grid shift (default the run's, else 17; HunyuanVideo's sampler: 7)")
     a("--seed", type=int, default=0)
     a("--num", type=int, default=1, help="number of samples")
     a("--batch-size", type=int, help="default --num")
     a("--cond", help="conditioning file (data.load_cond), batch 1 or --num")
-    a("--uncond", help="--teacher with CFG (CogVideoX): the empty prompt's conditioning (default: the run's dataset's)")
+    a("--uncond", help="--teacher with CFG (CogVideoX, flow models without guidance_embeds): the empty prompt's conditioning (default: the run's dataset's)")
     a("--frames", type=int, help="latent frames (default: the run's data, else the model config)")
     a("--height", type=int, help="latent height")
     a("--width", type=int, help="latent width")
@@ -275,6 +278,12 @@ def parse_args(argv):
         raise SampleError("--teacher samples a plain backbone; it takes no --detail adapter")
     if any(v is not None and v < 1 for v in (args.num, args.batch_size, args.steps)):
         raise SampleError("--num, --batch-size and --steps must be >= 1")
+    args.points = solver.parse_points(args.points)
+    if not isinstance(args.points, str):
+        if args.teacher or (args.steps or len(args.points)) != len(args.points):
+            raise SampleError(f"--points {args.points}: explicit grid indices set the steps; not with --teacher or "
+                              "another --steps")
+        args.steps = len(args.points)
     args.out = args.out or (os.path.dirname(os.path.abspath(args.latents)) if args.latents else "samples")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     args.dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
@@ -293,11 +302,12 @@ def main(argv=None):
     model, info = load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps, args.shift)
     cfg, grid, run, teacher = info["cfg"], info["grid"], info["run"], info["mode"] == "teacher"
     guidance = args.guidance if args.guidance is not None else run.get("guidance", 6.0)
-    ks = list(range(grid.N - 1, -1, -1)) if teacher else solver.student_schedule(grid, info["boundaries"], args.steps or 4)
+    ks = list(range(grid.N - 1, -1, -1)) if teacher else solver.student_schedule(grid, info["boundaries"], args.steps or 4, args.points)
     t, _, sigma = solver.sample_points(grid, ks)
     names, (f, h, w) = expert_names(info, t[:-1]), latent_size(args, info)
     cond = get_cond(args.cond, info, args.num)
-    uncond = get_cond(args.uncond, info, 1, "uncond") if teacher and grid.kind == "vpred" and guidance != 1 else None
+    cfg_teacher = grid.kind == "vpred" or not getattr(cfg, "guidance_embeds", False)  # flow: CFG without the embedding
+    uncond = get_cond(args.uncond, info, 1, "uncond") if teacher and cfg_teacher and guidance != 1 else None
     meta = {"seed": args.seed, "steps": len(ks), "grid_indices": ks, "t": t.tolist(), "sigmas": sigma.tolist(),
             "experts": names, "mode": info["mode"], "ckpt": info["folder"], "detail": args.detail, "guidance": guidance,
             "model": model_name(cfg), "pixel_space": info["pixel_space"], "dtype": str(args.dtype), "device": args.device}
@@ -323,7 +333,7 @@ def main(argv=None):
         if teacher:
             outs.append(teacher_sample(model, x, c, grid, guidance, uncond, timer).cpu())
         else:
-            outs.append(student_sample(model, x, c, grid, info["boundaries"], len(ks), guidance, timer).cpu())
+            outs.append(student_sample(model, x, c, grid, info["boundaries"], len(ks), guidance, timer, ks).cpu())
     total = time.perf_counter() - clock[0]
     for i, (k, name) in enumerate(zip(ks, names)):
         print(f"step {i + 1}/{len(ks)}: k={k} t={float(t[i]):.2f} sigma {float(sigma[i]):.4f} -> {float(sigma[i + 1]):.4f} "

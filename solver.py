@@ -247,25 +247,59 @@ def phase_ranges(N, boundaries):
     return [(e + 1, h, e) for h, e in zip(tops, ends)]
 
 
-def student_schedule(grid, boundaries, steps):
+POINTS = ("even", "proportional")  # student_schedule's step splits; or explicit grid indices
+
+
+def student_schedule(grid, boundaries, steps, points="even"):
     """Student sampling indices, noisiest first, clean end excluded (paper supp. 6).
 
-    Steps are split evenly between phases; the remainder goes to the noisiest phases first, so with
-    fewer steps than phases the cleaner phases get none (1 step = one jump from k = N-1 to the clean
-    end through the first phase's expert). Inside a phase (lo, hi, end) with m steps the points are
-    hi - floor(j * (hi - end) / m), j = 0..m-1: uniform from the phase's start down towards its end.
+    points = "even" (the authors'): steps split evenly between phases, the remainder to the noisiest phases first,
+    so with fewer steps than phases the cleaner phases get none (1 step = one jump from k = N-1 to the clean end
+    through the first phase's expert). "proportional": steps split in proportion to each phase's number of grid
+    points (largest remainder; the noisiest phase gets at least one), so a short semantic phase gets few.
+    Inside a phase (lo, hi, end) with m steps the points are hi - floor(j * (hi - end) / m), j = 0..m-1: uniform
+    from the phase's start down towards its end. A list of grid indices is taken as it is (checked: strictly
+    descending, starting at N-1 where the noise is, `steps` long).
     """
     if steps < 1:
         raise ValueError(f"student_schedule needs steps >= 1, got {steps}")
+    if not isinstance(points, str):
+        ks = [int(k) for k in points]
+        if len(ks) != steps or not ks or ks[0] != grid.N - 1 or any(a <= b for a, b in zip(ks, ks[1:])) or ks[-1] < 0:
+            raise ValueError(f"explicit points must be {steps} strictly descending grid indices from N-1 = {grid.N - 1} "
+                             f"down to >= 0, got {ks}")
+        return ks
+    if points not in POINTS:
+        raise ValueError(f"points must be one of {POINTS} or a list of grid indices, got {points!r}")
     ranges = phase_ranges(grid.N, boundaries)
     P = len(ranges)
+    if points == "even":
+        ms = [steps // P + (1 if p < steps % P else 0) for p in range(P)]
+    else:
+        lengths = [hi - end for _, hi, end in ranges]
+        share = [steps * n / sum(lengths) for n in lengths]
+        ms = [int(v) for v in share]
+        for p in sorted(range(P), key=lambda p: ms[p] - share[p])[:steps - sum(ms)]:  # largest remainders first
+            ms[p] += 1
+        if ms[0] == 0:  # sampling starts from noise at k = N-1: the noisiest phase needs a point
+            ms[max(range(P), key=ms.__getitem__)] -= 1
+            ms[0] = 1
     ks = []
-    for p, (lo, hi, end) in enumerate(ranges):
-        m = steps // P + (1 if p < steps % P else 0)
+    for p, ((lo, hi, end), m) in enumerate(zip(ranges, ms)):
         if m > hi - end:
             raise ValueError(f"{m} steps do not fit phase {p} (grid indices {lo}..{hi}, {hi - end} points)")
         ks += [hi - (j * (hi - end)) // m for j in range(m)]
     return ks
+
+
+def parse_points(text):
+    """--points value: "even", "proportional" or comma-separated grid indices "49,45,20" -> a student_schedule points."""
+    if text in POINTS:
+        return text
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--points {text!r}: expected {' or '.join(POINTS)} or comma-separated grid indices") from None
 
 
 def sample_points(grid, ks, end="zero"):

@@ -5,7 +5,9 @@ Guidance, per architecture:
   the unconditional conditioning is given once with batch 1 and broadcast to the batch.
 - embedded guidance (HunyuanVideo): the model takes guidance = 1000 * g (bf16-rounded, `embedded_guidance`)
   as an input, one pass.
-- none: a flow model whose config has no `guidance_embeds`, or g = 1 with CFG.
+- CFG also for a flow model whose config has no `guidance_embeds` when it is given `uncond` (the toy's teacher,
+  trained with condition dropout);
+- none: such a flow model without `uncond`, or g = 1 with CFG.
 """
 import torch
 
@@ -32,8 +34,8 @@ class Teacher:
     """Frozen teacher v_T(x, t, cond) with guidance and one solver step per grid index (DESIGN sec. 1, step 4)."""
 
     def __init__(self, model, grid, guidance_scale=6.0, uncond=None, embedded_guidance=None):
-        """embedded_guidance: None = by kind (flow: embedded if config.guidance_embeds, else none;
-        vpred: CFG), True = embedded (the config must have guidance_embeds), False = CFG."""
+        """embedded_guidance: None = by kind (flow: embedded if config.guidance_embeds, else CFG when `uncond` is
+        given, else none; vpred: CFG), True = embedded (the config must have guidance_embeds), False = CFG."""
         pred = getattr(model, "prediction", None)
         if pred is not None and pred != grid.kind:
             raise ValueError(f"model predicts {pred!r} but the grid is {grid.kind!r}")
@@ -41,8 +43,8 @@ class Teacher:
         if embedded_guidance and not has_embeds:
             raise ValueError("embedded_guidance=True but the model's config has no guidance_embeds")
         if embedded_guidance is None:
-            # flow models guide through their embedding when they have one, v-pred models use CFG
-            embedded_guidance = grid.kind == "flow"
+            # flow models guide through their embedding when they have one, else by CFG if they can; v-pred: CFG
+            embedded_guidance = grid.kind == "flow" and (has_embeds or uncond is None)
         if embedded_guidance:
             self.mode = "embedded" if has_embeds else "none"
         else:

@@ -8,7 +8,7 @@
 Stages (k = index on the teacher's N-step grid, kappa = the DCM cut):
   teacher   diffusion training (losses.diffusion_time, diffusion_loss): flow: logit-normal sigma, target
             v = eps - x0; vpred: t ~ U{0..999} on CogVideoX's DDIM alphas, target v = alpha*eps - sigma*x0.
-            CFG models train on the dataset's uncond conditioning with probability --cond-drop.
+            CFG models (no guidance input) train on the dataset's uncond conditioning with probability --cond-drop.
   vcm       one student, one phase k in 0..N-1 -> clean end;  pcm: --phases P even phases.
   semantic  k in kappa+1..N-1 -> x_kappa, + temporal coherence (--w-tc).
   detail    DualExpert on the semantic expert (--init): LoRA + copied layers, k in 0..kappa -> clean
@@ -75,6 +75,8 @@ def parse_args(argv):
     a("--grad-accum", type=int, default=grad_accum)
     a("--lr", type=float, help=f"default per stage {lr}")
     a("--weight-decay", type=float, default=weight_decay)
+    a("--d-lr", type=float, default=d_lr, help="discriminator lr (AdamW, constant)")
+    a("--d-betas", type=float, nargs=2, default=d_betas, metavar=("B1", "B2"), help="discriminator AdamW betas")
     a("--kappa", type=int, default=kappa, help="DCM boundary grid index (default 37 at N=50)")
     a("--phases", type=int, default=phases, help="pcm: number of evenly spaced phases")
     a("--seed", type=int, default=seed)
@@ -247,7 +249,7 @@ def train(args, cfg, kind, grid, world, rank, device):
     teacher, disc = None, losses.Discriminator.for_model(student, args.disc_hidden).to(device) if gan else None
     if args.stage != "teacher":
         tmodel = load(args.teacher, torch.bfloat16 if args.dtype == "bf16" else torch.float32, load_device)
-        teacher = Teacher(tmodel, grid, args.guidance, uncond if kind == "vpred" else None)
+        teacher = Teacher(tmodel, grid, args.guidance, uncond)  # CFG where the model has no guidance input
     if ema is not None and state:
         ema.load_state_dict(state["ema"])
     frozen_teacher = [] if teacher is None else [teacher.model]
@@ -270,7 +272,7 @@ def train(args, cfg, kind, grid, world, rank, device):
         dist.broadcast(p.data, 0)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    d_opt = torch.optim.AdamW(disc.parameters(), lr=d_lr, betas=d_betas, weight_decay=d_weight_decay) if disc else None
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=args.d_lr, betas=tuple(args.d_betas), weight_decay=d_weight_decay) if disc else None
     if state:
         set_optimizer_state_dict(student, opt, state["opt"], options=StateDictOptions(full_state_dict=True))
         for m, key in ((disc, "disc"), (d_opt, "d_opt")) if disc else ():
@@ -305,7 +307,7 @@ def train(args, cfg, kind, grid, world, rank, device):
             scond["guidance"] = torch.full((len(batch["text"]),), embedded_guidance(args.guidance), device=device)
         return cond, scond
 
-    def loss_terms(x0, eps, u, n, cond, scond, k=None):
+    def loss_terms(x0, eps, u, n, cond, scond, k=None, out_gn=None):
         """Generator terms {name: loss} and the discriminator's (fake, real) features; k given = a probe."""
         if args.stage == "teacher":
             t, a, s = grid.at(k) if k is not None else losses.diffusion_time(u[:, 0], kind, vgrid)
@@ -316,12 +318,12 @@ def train(args, cfg, kind, grid, world, rank, device):
         terms = {"cd": l_cd}
         if k is None and args.w_tc:
             terms["tc"] = losses.temporal_coherence_loss(xhat, x_tgt)
-        if k is not None or not gan:
-            return terms, None
-        k_adv = k_between(u[:, 1], 0, kap).to(device)  # re-noise into the detail sub-trajectory
-        terms["gan_g"], terms["fm"], feats = losses.adversarial_terms(teacher.model, disc, x_tgt, xhat, n, k_end, k_adv,
-                                                                      grid, scond, tok_grid)
-        return terms, feats
+        if k is None and gan:  # re-noised to k_adv in the detail sub-trajectory
+            k_adv = k_between(u[:, 1], 0, kap).to(device)
+            terms["gan_g"], terms["fm"], feats = losses.adversarial_terms(teacher.model, disc, x_tgt, xhat, n, k_end,
+                                                                          k_adv, grid, scond, tok_grid)
+        losses.output_grad_norms(xhat, terms, weights, into=out_gn)  # a dict on probe steps: how hard each term pulls
+        return terms, feats if k is None and gan else None
 
     # --- fixed probe batches, high / low noise (paper Fig. 2): data, noise and k drawn once
     g = torch.Generator().manual_seed(args.seed + 4242)
@@ -370,25 +372,25 @@ def train(args, cfg, kind, grid, world, rank, device):
     nan_at = int(os.environ.get("DCM_TRAIN_NAN_AT_STEP", -1))  # test hook: poison the loss of this step
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc=args.stage, mininterval=2)
     while step < args.max_steps:
-        t0, sums = time.time(), {}
+        t0, sums, out_gn = time.time(), {}, ({} if probes and (step + 1) % args.probe_every == 0 else None)
         for micro in range(accum):
             batch, epoch, pos = next(stream)
             x0 = batch["latents"].float().to(device)
             eps, u, n = data.draws(batch["index"], step, args.seed, x0.shape[1:], gan, device)
-            drop = (u[:, 2] < args.cond_drop) if args.stage == "teacher" and kind == "vpred" else None
+            drop = (u[:, 2] < args.cond_drop) if args.stage == "teacher" and not getattr(cfg, "guidance_embeds", 0) else None
             last = micro == accum - 1
             if args.fsdp:
                 student_mod.set_requires_gradient_sync(last)
             with student_mod.no_sync() if distributed and not args.fsdp and not last else contextlib.nullcontext():
                 with autocast():
-                    terms, feats = loss_terms(x0, eps, u, n, *make_cond(batch, drop))
+                    terms, feats = loss_terms(x0, eps, u, n, *make_cond(batch, drop), out_gn=out_gn)
                     total = sum(weights[k] * v for k, v in terms.items())
                 if step + 1 == nan_at:
                     total = total * float("nan")
                 (total / accum).backward()
             if feats is not None:  # discriminator micro-step on the same features, 1:1 with the generator
                 with autocast():
-                    terms["d"] = losses.discriminator_loss(disc, feats, tok_grid)
+                    terms["d"], terms["d_acc_real"], terms["d_acc_fake"] = losses.discriminator_stats(disc, feats, tok_grid)
                 (terms["d"] / accum).backward()
             for k, v in (terms | {"loss": total}).items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
@@ -414,7 +416,7 @@ def train(args, cfg, kind, grid, world, rank, device):
         if ema is not None:
             losses.ema_update(ema, student, args.target_ema)
         step += 1
-        row |= {"step": step, "lr": args.lr, "epoch": epoch, "time": time.time() - t0}
+        row |= (out_gn or {}) | {"step": step, "lr": args.lr, "epoch": epoch, "time": time.time() - t0}
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         bar.update(1)

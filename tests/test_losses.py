@@ -238,3 +238,25 @@ def test_ema_update_moves_trainable_parameters_only():
     losses.ema_update(ema, student, 0.9)
     torch.testing.assert_close(ema.weight, 0.9 * w0 + 0.1 * student.weight)
     assert torch.equal(ema.bias, b0)
+
+
+def test_output_grad_norms_are_each_weighted_terms_gradient_at_the_output():
+    g = torch.Generator().manual_seed(0)
+    xhat = torch.randn(2, 3, 4, 2, 2, generator=g).requires_grad_()
+    y = torch.randn(2, 3, 4, 2, 2, generator=g)
+    terms = {"cd": losses.consistency_loss(xhat, y, "l2"), "tc": losses.temporal_coherence_loss(xhat, y, d=1)}
+    got = losses.output_grad_norms(xhat, terms, {"cd": 1.0, "tc": 3.0}, into={})
+    assert got["gn_cd"] == pytest.approx((2 * (xhat - y) / xhat.numel()).norm().item(), rel=1e-5)  # d mean(d^2)
+    ref = torch.autograd.grad(3.0 * losses.temporal_coherence_loss(xhat, y, d=1), xhat)[0]
+    assert got["gn_tc"] == pytest.approx(ref.norm().item(), rel=1e-5)
+    sum(terms.values()).backward()  # the graph is kept for the training step's backward
+    assert xhat.grad is not None and losses.output_grad_norms(xhat, terms, {"cd": 1.0, "tc": 1.0}) is None
+
+
+def test_discriminator_stats_accuracy_and_loss():
+    real = [torch.tensor([[2.0, -1.0, 0.5, 3.0]])]  # 3 of 4 real tokens scored > 0
+    fake = [torch.tensor([[-2.0, 1.0, 0.5, 3.0]])]  # 1 of 4 fake tokens scored < 0
+    disc = lambda feats, grid: feats  # noqa: E731 - the logits are its input: [fake; real] per head
+    loss, acc_real, acc_fake = losses.discriminator_stats(disc, ([fake[0]], [real[0]]), None)
+    assert acc_real.item() == 0.75 and acc_fake.item() == 0.25
+    assert loss.item() == pytest.approx(losses.d_hinge_loss(real, fake).item())

@@ -266,3 +266,25 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert errors == [f"error: checkpoint {tmp_path / 'missing'} does not exist"]
+
+
+def test_points_option_picks_the_schedule(runs, tmp_path, capsys):
+    """--points even | proportional | explicit grid indices: solver.student_schedule's rule, sampled as written."""
+    grid = solver.flow_grid(50, 17.0)
+    for points, want in (("even", [49, 43, 37, 18]), ("proportional", [49, 37, 25, 12])):  # kappa 37: 12 vs 38 points
+        s = run(tmp_path, "--ckpt", runs["det"], "--steps", "4", "--points", points)
+        assert s["grid_indices"] == want == solver.student_schedule(grid, [37], 4, points)
+    s = run(tmp_path, "--ckpt", runs["det"], "--points", "49,40,20")
+    assert s["grid_indices"] == [49, 40, 20] and s["steps"] == 3 and s["experts"] == ["semantic", "semantic", "detail"]
+    step = os.path.join(runs["det"], "step_0000001")
+    expert = experts.DualExpert.from_detail(checkpoint.load_transformer(os.path.join(step, "transformer")),
+                                            os.path.join(step, "detail.safetensors")).eval()
+    want = manual([expert.backbone, expert.backbone, expert.detail], [49, 40, 20], noise(), uncond_of(runs), grid)
+    assert torch.equal(s["latents"], want)
+    for bad, msg in ((["--points", "49,x"], "--points"), (["--points", "40,20"], "from N-1"),
+                     (["--points", "49,20", "--steps", "3"], "--points")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            sample.cli(["--ckpt", runs["det"], *bad, "--out", str(tmp_path / "bad"), *SIZE])
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith("error: ") and msg in err and "Traceback" not in err, err

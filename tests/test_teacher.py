@@ -228,3 +228,24 @@ def test_tiny_hunyuan_teacher_embedded_guidance():
     assert (ref - no_g).abs().max() > 0  # the guidance input reaches the output
     out = teacher.sample(x, cond, progress=False)
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_flow_model_without_guidance_embeds_uses_cfg_given_uncond():
+    """The toy's teacher: a flow model with no guidance input, given `uncond`, is guided by real CFG,
+    v = u + g (c - u) from one batched call, and its ODE step is the Euler step with that v."""
+    x, cond, uncond = data()
+    grid, g, k = solver.flow_grid(10, 3.0), 3.5, 6
+    for cfg in (None, False):
+        model = FakeModel("flow", guidance_embeds=cfg)
+        teacher = Teacher(model, grid, guidance_scale=g, uncond=uncond)
+        assert teacher.mode == "cfg" and Teacher(model, grid, 1.0, uncond).mode == "none"
+        t = grid.at(k)[0].float().expand(3)
+        with torch.no_grad():
+            c = model(x, t, text=cond["text"])
+            u = model(x, t, text=uncond["text"].expand(3, -1, -1))
+        model.calls.clear()
+        v = teacher.out(x, k, cond)
+        assert len(model.calls) == 1 and model.calls[0].B == 6 and model.calls[0].guidance is None
+        torch.testing.assert_close(v, u + g * (c - u))
+        ds = float(grid.sigma[k] - grid.sigma[k + 1])  # sigma at index k-1 minus sigma at k
+        torch.testing.assert_close(teacher.step(x, k, cond), x + ds * (u + g * (c - u)))

@@ -1,4 +1,4 @@
-"""Figures, sample GIFs and report.md of a toy run (toy/run.py); everything read from its summary dict."""
+"""Figures, the sample GIF and report.md of a toy run (toy/run.py); everything read from its summary dict."""
 import json
 import math
 import os
@@ -10,43 +10,76 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from toy import bench  # noqa: E402
+
 # metric key -> (column title, direction: -1 lower is better, +1 higher, 0 closer to 1 is better)
 METRICS = {
-    "traj_mse": ("traj. MSE", -1), "traj_l1": ("traj. L1", -1), "fd": ("FD", -1),
-    "cond_acc": ("cond. acc.", 1), "motion_err": ("motion err. (px)", -1), "hf_ratio": ("HF ratio", 0),
+    "traj_mse": ("traj. MSE", -1), "fd": ("FD", -1), "cond_acc": ("class acc.", 1),
+    "motion_err": ("motion err. (px)", -1), "hf_ratio": ("HF ratio", 0),
 }
-COMPARISONS = [  # (from, to, what the paper's Table 3 attributes the change to)
-    ("VCM", "OD", "optimisation decoupling, rows (1)->(2)"),
-    ("OD", "OD+PE", "parameter-efficient detail expert, (2)->(3)"),
-    ("OD+PE", "OD+PE+TC", "temporal coherence loss, (3)->(4)"),
-    ("OD+PE+GF", "DCM (OD+PE+TC+GF)", "temporal coherence loss, (5)->(6)"),
-    ("OD+PE", "OD+PE+GF", "GAN + feature matching, (3)->(5)"),
-    ("OD+PE+TC", "DCM (OD+PE+TC+GF)", "GAN + feature matching, (4)->(6)"),
-    ("PCM (4 phases)", "DCM (OD+PE+TC+GF)", "DCM vs PCM"),
-    ("teacher (no distillation)", "DCM (OD+PE+TC+GF)", "DCM vs the undistilled teacher at the same steps"),
+TEACHER = "teacher (no distillation)"
+DCM = "DCM (OD+PE+TC+GF)"
+HEADLINE = [  # (row title, model, schedule key)
+    ("teacher, 50 steps", "teacher (50 steps)", "50 steps"),
+    ("teacher on VCM's schedule (uniform)", TEACHER, "VCM schedule"),
+    ("VCM", "VCM", "own schedule"),
+    ("teacher on PCM's schedule", TEACHER, "PCM (4 phases) schedule"),
+    ("PCM (4 phases)", "PCM (4 phases)", "own schedule"),
+    ("teacher on DCM's schedule (even points)", TEACHER, "DCM schedule"),
+    ("DCM, even points", DCM, "even points"),
+    ("teacher on DCM's schedule (proportional points)", TEACHER, "DCM, proportional points schedule"),
+    ("DCM, proportional points", DCM, "proportional points"),
 ]
-
-
-def fig10(path, l1, kappa, N, frac):
-    """Paper Fig. 10: L1 between adjacent steps' x0 predictions along the teacher trajectory, and kappa."""
-    k = [N - 2 - i for i in range(len(l1))]  # change between grid indices k+1 and k
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot(k, l1, "o-", ms=3)
-    ax.axvline(kappa, color="C3", ls="--", label=f"kappa = {kappa}")
-    ax.axhline(frac * max(l1), color="gray", ls=":", label=f"{frac:g} x peak")
-    ax.invert_xaxis()
-    ax.set_xlabel("grid index k (noisy -> clean)")
-    ax.set_ylabel("mean |x0(k) - x0(k+1)|")
-    ax.set_title("teacher: change of the x0 prediction per step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+COMPARE = [  # (a, b, steps_a, steps_b, what): rows as (model, schedule)
+    (("VCM", "own schedule"), (DCM, "even points"), None, None, "DCM vs VCM"),
+    (("PCM (4 phases)", "own schedule"), (DCM, "even points"), None, None, "DCM vs PCM"),
+    (("PCM (4 phases)", "own schedule"), ("VCM", "own schedule"), None, None, "VCM vs PCM"),
+    ((DCM, "even points"), (DCM, "proportional points"), None, None, "DCM: proportional vs even points"),
+    ((TEACHER, "VCM schedule"), ("VCM", "own schedule"), None, None, "VCM vs the teacher on its schedule"),
+    ((TEACHER, "PCM (4 phases) schedule"), ("PCM (4 phases)", "own schedule"), None, None,
+     "PCM vs the teacher on its schedule"),
+    ((TEACHER, "DCM schedule"), (DCM, "even points"), None, None, "DCM vs the teacher on its schedule"),
+    (("VCM", "own schedule"), (DCM, "even points"), 4, 2, "DCM at 2 steps vs VCM at 4 (the paper's limitation)"),
+]
+ABLATION = [("VCM", "VCM", "(1)"), ("OD", "OD", "(2)"), ("OD+PE", "OD+PE", "(3)"), ("OD+PE+TC", "OD+PE+TC", "(4)"),
+            ("OD+PE+GF", "OD+PE+GF", "(5)"), (DCM, DCM, "(6)")]
+ABL_COMPARE = [("VCM", "OD", "optimisation decoupling (1)->(2)"), ("OD", "OD+PE", "LoRA detail expert (2)->(3)"),
+               ("OD+PE", "OD+PE+TC", "TC loss (3)->(4)"), ("OD+PE+GF", DCM, "TC loss (5)->(6)"),
+               ("OD+PE", "OD+PE+GF", "GAN + FM (3)->(5)"), ("OD+PE+TC", DCM, "GAN + FM (4)->(6)")]
 
 
 def read_jsonl(path):
+    if not os.path.isfile(path):
+        return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def savefig(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def fig10(path, l1, kappa, N, q, checks):
+    """Paper Fig. 10: L1 between adjacent steps' x0 predictions along the teacher trajectory, and kappa."""
+    k = [N - 2 - i for i in range(len(l1))]  # change between grid indices k+1 and k
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    axes[0].plot(k, l1, "o-", ms=3, label="teacher")
+    for name, c in checks.items():
+        axes[0].plot(k, c["l1"], "-", lw=1, alpha=0.7, label=name)
+    cum = np.cumsum(l1) / np.sum(l1)
+    axes[1].plot(k, cum, "o-", ms=3)
+    axes[1].axhline(q, color="gray", ls=":", label=f"q = {q:g}")
+    for ax in axes:
+        ax.axvline(kappa, color="C3", ls="--", label=f"kappa = {kappa}")
+        ax.invert_xaxis()
+        ax.set_xlabel("grid index k (noisy -> clean)")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("mean |x0(k) - x0(k+1)|")
+    axes[1].set_ylabel("cumulative share of the change")
+    fig.suptitle("teacher: change of the x0 prediction per step")
+    savefig(fig, path)
 
 
 def fig2(path, probes):
@@ -60,9 +93,7 @@ def fig2(path, probes):
         ax.set_xlabel("VCM training step")
         ax.set_title(title)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    savefig(fig, path)
 
 
 def fig5(path, groups, tensors):
@@ -80,9 +111,48 @@ def fig5(path, groups, tensors):
     axes[1].set_ylabel("relative difference")
     axes[1].legend(fontsize=7)
     fig.suptitle("semantic expert vs separately trained detail expert (row OD)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    savefig(fig, path)
+
+
+def fig_curves(path, curves, dcm_curve):
+    """Validation metrics at 4 steps along the runs: the target candidates (VCM) and DCM's detail stage."""
+    keys = ("traj_mse", "fd", "cond_acc")
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, key in zip(axes, keys):
+        for name, rows in curves.items():
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], "o-", ms=3, label=f"VCM, {name}")
+        if dcm_curve:
+            ax.plot([r["step"] for r in dcm_curve], [r[key] for r in dcm_curve], "s--", ms=3,
+                    label="DCM detail stage (step of its own run)")
+        ax.set_title(METRICS[key][0])
+        ax.set_xlabel("training step")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("validation split, 4 sampling steps, along the runs")
+    savefig(fig, path)
+
+
+def fig_train(path, logs):
+    """D loss / accuracy and each term's gradient norm at the student's output over CD's, per run."""
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for name, rows in logs.items():
+        d = [r for r in rows if "d" in r]
+        if d:
+            axes[0].plot([r["step"] for r in d], [r["d"] for r in d], label=name)
+            axes[1].plot([r["step"] for r in d], [r["d_acc_real"] for r in d], label=f"{name}: real")
+            axes[1].plot([r["step"] for r in d], [r["d_acc_fake"] for r in d], "--", label=f"{name}: fake")
+        g = [r for r in rows if r.get("gn_cd")]
+        for term in ("tc", "gan_g", "fm"):
+            pts = [(r["step"], r[f"gn_{term}"] / r["gn_cd"]) for r in g if f"gn_{term}" in r]
+            if pts:
+                axes[2].plot(*zip(*pts), "o-", ms=2, label=f"{name}: {term}/cd")
+    axes[0].set_title("discriminator hinge loss (2 = chance)")
+    axes[1].set_title("discriminator accuracy")
+    axes[2].set_title("grad norm at the output / CD's")
+    axes[2].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.legend(fontsize=6)
+    savefig(fig, path)
 
 
 def to_uint8(x):
@@ -90,7 +160,7 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
 
 
-def sample_gif(path, samples, scale=3, label_w=140):
+def sample_gif(path, samples, scale=3, label_w=230):
     """Rows = models, columns = samples from the same noise and prompts; the GIF runs through the frames."""
     names = list(samples)
     vids = {n: [to_uint8(v) for v in samples[n]] for n in names}
@@ -113,154 +183,219 @@ def sample_gif(path, samples, scale=3, label_w=140):
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=250, loop=0, optimize=True)
 
 
-def fmt(agg, key):
+def fmt(agg, key, bold=False):
     if key not in agg:
         return "–"
     m, s = agg[key]["mean"], agg[key]["std"]
-    digits = 4 if abs(m) < 0.1 else 3 if abs(m) < 10 else 1
+    digits = 4 if abs(m) < 0.1 else 3 if abs(m) < 10 else 0
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def table(results, params, steps, names):
-    head = "| model | stored params | " + " | ".join(t for t, _ in METRICS.values()) + " |"
+def cell(res, model, sched, steps):
+    """The result row of (model, schedule) at `steps` steps, or None."""
+    by = res.get(model, {}).get(sched, {})
+    return by.get(steps, by.get(str(steps)))
+
+
+def spread_note(row):
+    n = next(iter(row["agg"].values()))["n"]
+    return f"{n} {'train' if row['over'] == 'training seeds' else 'sampl.'}"
+
+
+def headline(res, steps, N):
+    head = "| model | spread over | " + " | ".join(t for t, _ in METRICS.values()) + " |"
     rows = [head, "|" + "---|" * (2 + len(METRICS))]
-    for n in names:
-        if steps not in results.get(n, {}):
-            continue
-        agg = results[n][steps]["agg"]
-        rows.append(f"| {n} | {params.get(n, 0):,} | " + " | ".join(fmt(agg, k) for k in METRICS) + " |")
+    for title, model, sched in HEADLINE:
+        row = cell(res, model, sched, N if model == "teacher (50 steps)" else steps)
+        if row is not None:
+            rows.append(f"| {title} | {spread_note(row)} | " + " | ".join(fmt(row["agg"], k) for k in METRICS) + " |")
     return "\n".join(rows)
 
 
-def compare(results, steps):
-    """One row per comparison: each metric's change and whether it beats the seeds' spread."""
-    rows = ["| change | what it tests | " + " | ".join(t for t, _ in METRICS.values()) + " |",
-            "|" + "---|" * (2 + len(METRICS))]
-    for a, b, what in COMPARISONS:
-        if steps not in results.get(a, {}) or steps not in results.get(b, {}):
-            continue
-        ra, rb = results[a][steps]["agg"], results[b][steps]["agg"]
-        cells = []
-        for key, (_, sign) in METRICS.items():
-            if key not in ra or key not in rb:
-                cells.append("–")
+def verdict(a, b, key, sign):
+    """'better'/'worse' of b against a, and '*' where the difference exceeds the spread (bench.exceeds)."""
+    ma, mb = a[key]["mean"], b[key]["mean"]
+    gain = (mb - ma) * sign if sign else abs(math.log(max(ma, 1e-9))) - abs(math.log(max(mb, 1e-9)))
+    if gain == 0:
+        return "same"
+    return ("better" if gain > 0 else "worse") + (" *" if bench.exceeds(a, b, key) else "")
+
+
+def comparisons(res, pairs, steps_list):
+    rows = ["| b vs a | steps | " + " | ".join(t for t, _ in METRICS.values()) + " |", "|" + "---|" * (2 + len(METRICS))]
+    for a, b, sa, sb, what in pairs:
+        for st in steps_list if sa is None else [None]:
+            ra, rb = cell(res, *a, sa or st), cell(res, *b, sb or st)
+            if ra is None or rb is None:
                 continue
-            ma, mb = ra[key]["mean"], rb[key]["mean"]
-            noise = math.hypot(ra[key]["std"], rb[key]["std"])
-            gain = (ma - mb) * -sign if sign else abs(math.log(max(ma, 1e-9))) - abs(math.log(max(mb, 1e-9)))
-            if gain == 0:
-                cells.append("same")
-                continue
-            sure = abs(mb - ma) > noise and noise > 0
-            cells.append(f"{'better' if gain > 0 else 'worse'}{'' if sure else ' (within spread)'}")
-        rows.append(f"| {a} -> {b} | {what} | " + " | ".join(cells) + " |")
+            cells = [verdict(ra["agg"], rb["agg"], k, sign) if k in ra["agg"] and k in rb["agg"] else "–"
+                     for k, (_, sign) in METRICS.items()]
+            rows.append(f"| {what} | {st if sa is None else f'{sb} vs {sa}'} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def best(results, steps, names):
-    """One line per metric: the best model at `steps` steps (HF ratio: closest to 1)."""
-    lines = [f"Best at {steps} steps:"]
-    for key, (title, sign) in METRICS.items():
-        cands = [(n, results[n][steps]["agg"][key]["mean"]) for n in names
-                 if steps in results.get(n, {}) and key in results[n][steps]["agg"]]
-        if not cands:
-            continue
-        score = (lambda m: -sign * m) if sign else (lambda m: abs(math.log(max(m, 1e-9))))
-        n, m = min(cands, key=lambda c: score(c[1]))
-        lines.append(f"- {title}: {n} ({m:.4g})")
-    return "\n".join(lines)
-
-
-def ablation(results, params, models, steps):
-    rows = ["| row | OD | PE | TC | GF | stored params | " + " | ".join(t for t, _ in METRICS.values()) + " |",
-            "|" + "---|" * (6 + len(METRICS))]
-    i = 0
-    for name, (_, flags) in models.items():
-        if flags is None or steps not in results.get(name, {}):
-            continue
-        i += 1
-        marks = " | ".join("✓" if f else "" for f in flags)
-        agg = results[name][steps]["agg"]
-        cells = " | ".join(fmt(agg, k) for k in METRICS)
-        rows.append(f"| ({i}) {name} | {marks} | {params.get(name, 0):,} | {cells} |")
+def ablation(res, params, steps):
+    rows = ["| row | spread over | stored params | " + " | ".join(t for t, _ in METRICS.values()) + " |",
+            "|" + "---|" * (3 + len(METRICS))]
+    for title, model, num in ABLATION:
+        sched = "own schedule" if model == "VCM" else "even points"
+        row = cell(res, model, sched, steps)
+        if row is not None:
+            rows.append(f"| {num} {title} | {spread_note(row)} | {params.get(model, 0):,} | "
+                        + " | ".join(fmt(row["agg"], k) for k in METRICS) + " |")
     return "\n".join(rows)
 
 
-def write(out, s, models, gif, probes_path):
-    """All figures and report.md into out/."""
+def ablation_compare(res, steps_list):
+    pairs = []
+    for a, b, what in ABL_COMPARE:
+        sa = "own schedule" if a == "VCM" else "even points"
+        pairs.append(((a, sa), (b, "even points"), None, None, what))
+    return comparisons(res, pairs, steps_list)
+
+
+def sweep_table(res, kappas, chosen, steps_list):
+    rows = ["| kappa | points | steps | " + " | ".join(t for t, _ in METRICS.values()) + " |",
+            "|" + "---|" * (3 + len(METRICS))]
+    for k in sorted(kappas + [chosen]):
+        model = DCM if k == chosen else f"DCM, kappa = {k}"
+        for pts in ("even points", "proportional points"):
+            for st in steps_list:
+                row = cell(res, model, pts, st)
+                if row is not None:
+                    name = f"{k} (chosen, mean of seeds)" if k == chosen else str(k)
+                    rows.append(f"| {name} | {pts.split()[0]} | {st} | "
+                                + " | ".join(fmt(row["agg"], m) for m in METRICS) + " |")
+    return "\n".join(rows)
+
+
+def write(out, s, models, gif, run_dirs):
+    """All figures and report.md into out/; run_dirs: {run name: train.py run folder}."""
     S, N = s["settings"], len(s["grid_sigma"]) - 1
-    fig10(os.path.join(out, "fig10_x0_change.png"), s["fig10_l1"], s["kappa"], N, S["kappa_frac"])
-    probes = read_jsonl(probes_path) if os.path.isfile(probes_path) else []
+    res, params, kap, sig = s["results"], s["param_counts"], s["kappa"], s["grid_sigma"]
+    fig10(os.path.join(out, "fig10_x0_change.png"), s["fig10_l1"], kap, N, S["kappa_q"], s["kappa_checks"])
+    probes = read_jsonl(os.path.join(run_dirs["vcm_s0"], "probes.jsonl"))
     if probes:
         fig2(os.path.join(out, "fig2_probes.png"), probes)
     fig5(os.path.join(out, "fig5_expert_difference.png"), s["fig5_groups"], s["fig5_tensors"])
-    sample_gif(os.path.join(out, "samples_4step.gif"), gif)
-    res, params = s["results"], s["param_counts"]
-    names = ["teacher (50 steps)", "teacher (no distillation)"] + list(models)
-    kap, sig = s["kappa"], s["grid_sigma"]
-    L = []
+    fig_curves(os.path.join(out, "curves_validation.png"), s["target_curves"], s["dcm_curve"])
+    logs = {n: read_jsonl(os.path.join(run_dirs[n], "log.jsonl")) for n in ("sem_tc_s0", "dcm_s0", "pe_gf_s0")
+            if n in run_dirs}
+    fig_train(os.path.join(out, "train_signals.png"), logs)
+    sample_gif(os.path.join(out, "samples.gif"), gif)
+    steps_list = S["eval_steps"]
+    mach, L = s["machine"], []
     L.append(f"# DCM toy study{' (QUICK smoke run: tiny budgets, the numbers mean nothing)' if s['quick'] else ''}\n")
-    mach = s["machine"]
+    load = mach.get("loadavg_at_end")
     L.append(f"Wall time {s['wall_s']:.0f} s on {mach['cpus']} CPUs ({mach['torch_threads']} torch threads), "
-             f"{mach['platform']}, torch {mach['torch']}. Seed {s['seed']}.\n")
+             f"{mach['platform']}, torch {mach['torch']}; load average at the end "
+             f"{'/'.join(f'{v:.1f}' for v in load) if load else '?'} (1/5/15 min). Seed {s['seed']}.\n")
     L.append("Phases (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["phases_s"].items()) + ".\n")
     sp = s["spec"]
-    L.append(f"Data: {sp['frames']} frames of {sp['size']}x{sp['size']} RGB, one textured shape "
-             f"(3 shapes x 2 colours x 4 directions = 24 classes) moving {sp['speed']} px/frame; "
-             f"{S['n_data']} training videos. Teacher: "
-             f"toy/config.json (HunyuanVideo-style flow model), steps/lr {S['teacher']}, batch {S['batch']}. "
-             f"Grid: N = {N}, shift {S['shift']}. Students: {S['single_steps']} steps (VCM, PCM) or "
-             f"{S['sem_steps']} semantic + {S['det_steps']} detail steps; lr {S['lr_full']} (full) / {S['lr_lora']} "
-             f"(LoRA rank {S['lora_rank']}). Evaluation: {S['eval_seeds']} sampling seeds x {S['eval_n']} videos, "
-             "mean ± std over seeds (one training run per model: the spread is the sampling noise, "
-             "not training variance).\n")
-    L.append("## Fig. 10: where the teacher decides the content, and kappa\n")
+    L.append("## Design\n")
+    L.append(f"- Data: {sp['frames']} frames of {sp['size']}x{sp['size']} RGB, one textured shape (3 shapes x 2 colours "
+             f"x 4 directions = 24 classes) moving {sp['speed']} px/frame; {S['n_data']} training videos.\n"
+             f"- Teacher: toy/config.json (HunyuanVideo-style flow model, no guidance input), steps/lr {S['teacher']}, "
+             f"batch {S['batch']}, condition dropout {S['cond_drop']} -> classifier-free guidance. Grid N = {N}, "
+             f"shift {S['shift']}.\n"
+             f"- Students: {S['single_steps']} steps (VCM, PCM) or {S['sem_steps']} semantic + {S['det_steps']} "
+             f"detail steps, batch {S['student_batch']}; target (EMA decay, lr) chosen on validation: "
+             f"{s['target']}; LoRA rank {S['lora_rank']} at {S['lora_x']:g}x the lr; discriminator lr {S['d_lr']}; "
+             f"TC weight {s['w_tc']} (calibrated, below).\n"
+             f"- Splits: settings are chosen on a validation split ({S['val_n']} videos, noise seed 500 + seed); "
+             f"the test split has {S['eval_seeds']} sampling seeds x {S['eval_n']} videos (other noise; the same 24 "
+             f"classes, there are no others). Headline rows (VCM, PCM, DCM): {S['train_seeds']} training seeds; other "
+             f"Table 3 rows: {S['ablation_seeds']}; the kappa sweep and the undistilled teacher: 1 run.\n"
+             "- Cells: mean ± std over training seeds (each seed's value is the mean over the sampling seeds); rows "
+             "with one run give the std over sampling seeds ('spread over' column). A '*' in the comparison tables "
+             "marks a difference larger than the sum of the two rows' spreads (`toy/bench.py: exceeds`).\n")
+
+    L.append("## The teacher\n")
+    L.append("CFG scale on the validation split (50 steps; rule `choose_guidance`: best class accuracy, then among "
+             "those within 0.02 of it the lowest FD):\n")
+    L.append("| CFG scale | class acc. | FD | motion err. | HF ratio |\n|---|---|---|---|---|")
+    for g, r in s["guidance_rows"].items():
+        L.append(f"| {g}{' (chosen)' if float(g) == float(s['guidance']) else ''} | {r['cond_acc']:.3f} | "
+                 f"{r['fd']:.0f} | {r['motion_err']:.3f} | {r['hf_ratio']:.3f} |")
+    t50 = cell(res, "teacher (50 steps)", "50 steps", N)["agg"]
+    gap = {st: cell(res, TEACHER, "VCM schedule", st) for st in steps_list}
+    L.append(f"\nOn the test split the teacher at 50 steps scores class accuracy {fmt(t50, 'cond_acc')}, FD "
+             f"{fmt(t50, 'fd')}; the same teacher with CFG on a uniform schedule: " + "; ".join(
+                 f"{st} steps: accuracy {fmt(g['agg'], 'cond_acc')}, FD {fmt(g['agg'], 'fd')}, traj. MSE "
+                 f"{fmt(g['agg'], 'traj_mse')}" for st, g in gap.items() if g) + ". That gap is what distillation "
+             "has to close.\n")
+
+    L.append("## Fig. 10 and kappa\n")
     L.append("![fig10](fig10_x0_change.png)\n")
-    L.append("Rule (`toy/run.py: choose_kappa`): from the noisy end past the peak, the first step whose x0 change "
-             f"falls below {S['kappa_frac']} x the peak -> kappa = {kap} "
-             f"(sigma {sig[kap + 1]:.3f}; {s['kappa_rule']}). Semantic expert: grid indices {kap + 1}..{N - 1}, "
-             f"detail expert: 0..{kap}.\n")
-    first, last = s["fig10_l1"][: len(s["fig10_l1"]) // 3], s["fig10_l1"][-(len(s["fig10_l1"]) // 3):]
-    L.append(f"Mean adjacent-step x0 change: first third of the trajectory {np.mean(first):.4f}, "
-             f"last third {np.mean(last):.4f}.\n")
+    ch = "; ".join(f"{k}: kappa {v['kappa']}" for k, v in s["kappa_checks"].items())
+    L.append(f"Rule (`toy/run.py: choose_kappa`): the semantic phase holds the share q = {S['kappa_q']} of the teacher's "
+             f"total adjacent-step x0 change along its 50-step trajectory -> kappa = {kap} (sigma {sig[kap + 1]:.3f}); "
+             f"semantic expert: grid indices {kap + 1}..{N - 1}, detail expert: 0..{kap}. The same rule on {ch}.\n")
+
+    L.append("## Settings chosen on the validation split\n")
+    L.append("![curves](curves_validation.png)\n")
+    tc = s["target_curves"]
+    L.append("Target candidates (VCM, checkpoints along the run, 4 sampling steps, validation split; rule: lowest "
+             "trajectory MSE at the end of the run):\n")
+    L.append("| candidate | " + " | ".join(f"step {r['step']}" for r in next(iter(tc.values()))) + " |")
+    L.append("|---|" + "---|" * len(next(iter(tc.values()))))
+    for name, rows in tc.items():
+        L.append(f"| {name} (traj. MSE / FD / acc.) | " + " | ".join(
+            f"{r['traj_mse']:.4f} / {r['fd']:.0f} / {r['cond_acc']:.2f}" for r in rows) + " |")
+    e = s["ema_weights_val"]
+    L.append(f"\nChosen: EMA {s['target']['ema']}, lr {s['target']['lr']:g}. The EMA target's own weights (saved in "
+             f"every checkpoint's train_state.pt) at the end of that run: traj. MSE {e['traj_mse']:.4f}, FD "
+             f"{e['fd']:.0f}, acc. {e['cond_acc']:.3f} -> the study samples the "
+             f"{'EMA' if s['use_ema_weights'] else 'online'} weights.\n")
+    L.append(f"TC weight: in a {S['tc_calib_steps']}-step calibration run at w_tc = 1 the TC term's gradient norm at the "
+             f"student's output is **{s['tc_ratio_at_w1']:.3g} x** CD's (median over probe steps), so w_tc = "
+             f"{s['w_tc']} (1 / ratio). Measured in the runs themselves (median of gn_term / gn_cd over probe steps):\n")
+    L.append("| run | " + " | ".join(f"{t}/cd" for t in ("tc", "gan_g", "fm")) + " |\n|---|---|---|---|")
+    for n, r in s["grad_ratios"].items():
+        if r:
+            L.append(f"| {n} | " + " | ".join(f"{r[t]:.3g}" if r.get(t) is not None else "–"
+                                             for t in ("tc", "gan_g", "fm")) + " |")
+    L.append("\n![signals](train_signals.png)\n")
+    for n, rows in logs.items():
+        d = [r for r in rows if "d" in r]
+        if d:
+            last = d[-max(1, len(d) // 5):]
+            L.append(f"- {n}: discriminator hinge loss {d[0]['d']:.3f} at the start, mean {np.mean([r['d'] for r in last]):.3f} "
+                     f"over the last fifth of the run; accuracy real {np.mean([r['d_acc_real'] for r in last]):.2f} / "
+                     f"fake {np.mean([r['d_acc_fake'] for r in last]):.2f} there.")
+    L.append("")
+
+    L.append("## Headline: every method at 1, 2 and 4 steps, with the undistilled teacher on the same schedule\n")
+    for st in steps_list:
+        L.append(f"### {st} step{'s' if st > 1 else ''}\n")
+        L.append(headline(res, st, N) + "\n")
+    L.append("What changed, metric by metric (better/worse of the second against the first; '*' = the difference "
+             "exceeds the sum of the two spreads):\n")
+    L.append(comparisons(res, COMPARE, steps_list) + "\n")
+
+    L.append("## Ablation (paper Table 3)\n")
+    for st in [x for x in (2, 4) if x in steps_list]:
+        L.append(f"### {st} steps\n")
+        L.append(ablation(res, params, st) + "\n")
+    L.append(ablation_compare(res, steps_list) + "\n")
+    if s["sweep"]:
+        L.append("## kappa sweep (paper Fig. 10 right): the DCM recipe retrained at each cut, one training seed\n")
+        L.append(sweep_table(res, s["sweep"], kap, [x for x in (2, 4) if x in steps_list]) + "\n")
     if probes:
         h = probes[-1]
         L.append("## Fig. 2: one student on the whole trajectory (VCM), high- vs low-noise probes\n")
-        L.append(f"![fig2](fig2_probes.png)\n\nLast probe (step {h['step']}): loss high {h['high_loss']:.4g} vs low "
-                 f"{h['low_loss']:.4g}; gradient norm high {h['high_grad_norm']:.4g} vs low {h['low_grad_norm']:.4g}. "
-                 f"Mean over all probes: loss high {np.mean([r['high_loss'] for r in probes]):.4g} / low "
-                 f"{np.mean([r['low_loss'] for r in probes]):.4g}, grad norm high "
-                 f"{np.mean([r['high_grad_norm'] for r in probes]):.4g} / low "
-                 f"{np.mean([r['low_grad_norm'] for r in probes]):.4g}.\n")
-    L.append("## Fig. 5: which layers differ between two separately trained experts (row OD)\n")
+        L.append(f"![fig2](fig2_probes.png)\n\nMean over all probes: loss high "
+                 f"{np.mean([r['high_loss'] for r in probes]):.4g} / low {np.mean([r['low_loss'] for r in probes]):.4g}, "
+                 f"grad norm high {np.mean([r['high_grad_norm'] for r in probes]):.4g} / low "
+                 f"{np.mean([r['low_grad_norm'] for r in probes]):.4g} (last probe, step {h['step']}: loss "
+                 f"{h['high_loss']:.4g} / {h['low_loss']:.4g}).\n")
+    L.append("## Fig. 5: which layers differ between two separately trained experts (row OD, seed 0)\n")
     L.append("![fig5](fig5_expert_difference.png)\n")
     L.append("| layer group | parameters | relative difference |\n|---|---|---|")
     for g, v in sorted(s["fig5_groups"].items(), key=lambda kv: -kv[1]["rel_diff"]):
         L.append(f"| {g} | {v['numel']:,} | {v['rel_diff']:.4g} |")
-    L.append("\nThe detail expert of row OD starts from the semantic expert and is fine-tuned on the detail "
-             "sub-trajectory, so this is what detail training changes.\n")
-    steps_main = 4 if 4 in S["eval_steps"] else S["eval_steps"][0]
-    L.append(f"## Ablation (paper Table 3), {steps_main} sampling steps\n")
-    L.append(ablation(res, params, models, steps_main) + "\n")
-    L.append(f"## All models, {steps_main} steps (teacher 50 steps for reference)\n")
-    with_ref = {**res, "teacher (50 steps)": {steps_main: res["teacher (50 steps)"][N]}}
-    L.append(table(with_ref, params, steps_main, names) + "\n")
-    L.append(best(res, steps_main, names[1:]) + "\n")
-    L.append("What changed, metric by metric (better/worse; '(within spread)' = the difference is smaller than the "
-             "seeds' combined std):\n")
-    L.append(compare(res, steps_main) + "\n")
-    if s["kappa_sweep"]:
-        ks = sorted(s["kappa_sweep"] + [kap])
-        names_k = [f"DCM, kappa = {k}" if k != kap else "DCM (OD+PE+TC+GF)" for k in ks]
-        L.append(f"## kappa sweep (paper Fig. 10 right): the DCM recipe retrained at each cut, {steps_main} steps\n")
-        sweep = table(res, params, steps_main, names_k)
-        L.append(sweep.replace("DCM (OD+PE+TC+GF)", f"DCM, kappa = {kap} (chosen)") + "\n")
-    for st in S["eval_steps"]:
-        if st != steps_main:
-            L.append(f"## {st} sampling steps\n")
-            L.append(table(res, params, st, names[1:]) + "\n")
-    L.append("## Samples: the teacher vs every model at 4 steps, same noise and prompts\n")
-    L.append("![samples](samples_4step.gif)\n")
+    L.append("\n## Samples (test split, first sampling seed, same noise and classes in every row)\n")
+    L.append("![samples](samples.gif)\n")
     L.append("## The metrics\n")
     L.append(METRIC_DOC)
     with open(os.path.join(out, "report.md"), "w") as f:
@@ -268,12 +403,12 @@ def write(out, s, models, gif, probes_path):
 
 
 METRIC_DOC = """\
-- **traj. MSE / L1**: distance between a model's sample and the teacher's 50-step sample from the same noise and
-  prompt. Consistency distillation promises exactly this (reproduce the teacher's ODE endpoint).
+- **traj. MSE**: distance between a model's sample and the guided teacher's 50-step sample from the same noise and
+  class. Consistency distillation promises exactly this (reproduce the teacher's ODE endpoint).
 - **FD**: Frechet distance between Gaussians fitted to the features of a small 3D-conv classifier (trained once on
   the synthetic data, cached in the run folder) of the samples and of real videos: the toy's FVD.
-- **cond. acc.**: how often that classifier recognises the class (shape, colour, direction) the sample was
-  conditioned on (chance 1/24): the toy's text alignment.
+- **class acc.**: how often that classifier recognises the class (shape, colour, direction) the sample was
+  conditioned on (chance 1/24; 1.000 on real videos): the toy's text alignment.
 - **motion err.**: mean distance in pixels between the shape's per-frame centroid displacement and the class's
   known constant velocity (0 on real data, 1 for a frozen video): temporal consistency of the motion.
 - **HF ratio**: fraction of spatial spectral energy above 0.25 cycles/pixel in samples divided by that of real

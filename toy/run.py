@@ -1,18 +1,21 @@
-"""The toy study (issue 7): the whole DCM method on a CPU in minutes, with the paper's analysis and ablation.
+"""The toy study (issues 7, 17): the whole DCM method on a CPU, designed so the bench can tell the methods apart.
 
     python toy/run.py [--quick] [--out DIR (default out/toy)] [--seed N] [--threads T] [--reuse] [--teacher CKPT]
 
 1. synthetic moving-shape videos (toy/data.py) and the bench classifier (toy/metrics.py);
-2. a tiny HunyuanVideo-style flow teacher (toy/config.json) trained with train.py;
-3. the paper's Fig. 10: L1 between adjacent teacher steps' x0 predictions -> kappa (`choose_kappa`);
-4. distillation with train.py: VCM (1 phase), PCM (4 phases), and the ablation rows of the paper's
-   Table 3: (1) VCM, (2) OD = two separate full experts, (3) +PE = LoRA detail expert on the frozen
-   semantic one, (4) +TC, (5) +GF, (6) +TC+GF = DCM; and DCM retrained at two other kappas;
-5. Fig. 2 (VCM probes: high- vs low-noise loss and gradient norm), Fig. 5 (parameter difference
-   between the two separately trained experts, per layer group);
-6. every model at 2, 4 and 8 steps on the toy bench over several sampling seeds;
-7. DIR/report.md + DIR/metrics.json + PNG figures + GIFs (toy/report.py).
-Full: <= 10 min on 2 CPU cores; --quick (smoke test, tiny budgets, meaningless numbers): <= 60 s.
+2. a tiny HunyuanVideo-style flow teacher (toy/config.json, no guidance input) trained with condition dropout;
+   its CFG scale chosen on the validation split (`choose_guidance`), its 50-step and 1/2/4-step quality measured;
+3. the paper's Fig. 10 (adjacent-step x0 change) -> kappa by a cumulative rule (`choose_kappa`), checked on a
+   second noise batch and on the teacher before its lr decay;
+4. settings chosen on the validation split (other noise seeds than the test's): the target (EMA decay, lr) of
+   the students from VCM runs with checkpoints along the run (`choose_target`), online vs EMA weights, and the TC
+   weight that makes its gradient at the student's output comparable to CD's (a short calibration run);
+5. distillation with train.py, several training seeds: VCM, PCM (4 phases), the paper's Table 3 rows (OD, +PE,
+   +TC, +GF, DCM) and DCM retrained at other kappas; Fig. 2 (VCM probes), Fig. 5 (OD's two experts);
+6. the test split: every model at 1, 2, 4 steps, the undistilled teacher on each student's schedule, DCM with
+   both per-expert point rules (even / proportional); spreads over training seeds (toy/bench.py);
+7. DIR/report.md + metrics.json + PNG figures + a GIF (toy/report.py).
+Full: <= 15 min on 2 idle CPU cores; --quick (smoke test, tiny budgets, meaningless numbers): <= 60 s.
 --reuse goes on in an existing DIR: finished training runs are kept (they must have the same settings).
 --teacher CKPT skips the teacher's training (a train.py step folder of a toy teacher on this toy's data).
 """
@@ -36,10 +39,13 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
+import data  # noqa: E402
 from experts import TARGETS  # noqa: E402
 import sample  # noqa: E402
+import solver  # noqa: E402
 import train  # noqa: E402
 from teacher import Teacher, adjacent_x0_l1  # noqa: E402
+from toy import bench  # noqa: E402
 from toy import data as toy_data  # noqa: E402
 from toy import metrics as tm  # noqa: E402
 from toy import report  # noqa: E402
@@ -49,47 +55,56 @@ CONFIG = os.path.join(HERE, "config.json")
 
 @dataclass(frozen=True)
 class Settings:
-    """Budgets of one toy run (FULL / QUICK below)."""
+    """Budgets and candidate settings of one toy run (FULL / QUICK below)."""
     n_data: int = 8192            # training videos on disk
     clf_steps: int = 300          # bench classifier
     # (steps, lr) stages of the teacher, each at constant lr from the previous one's weights (a step decay)
     teacher: tuple = ((3000, 2e-3), (500, 2e-4))
     batch: int = 32               # teacher batch
+    cond_drop: float = 0.1        # teacher: unconditional training fraction (CFG)
+    guidance_grid: tuple = (1.0, 2.0, 3.0, 4.5)  # CFG scales tried on the validation split
     shift: float = 3.0            # flow grid shift (HunyuanVideo: 17 for 720p latents; the toy is 16x16)
     grid_steps: int = 50
-    kappa_frac: float = 0.25      # Fig. 10 rule, see choose_kappa
+    kappa_q: float = 0.5          # Fig. 10 rule: the semantic phase holds this fraction of the total x0 change
     student_batch: int = 16
     single_steps: int = 300       # VCM / PCM: as many student iterations as both DCM stages together
     sem_steps: int = 150
     det_steps: int = 150
-    lr_full: float = 3e-5         # full fine-tunes (VCM, PCM, semantic, OD detail)
-    lr_lora: float = 1.5e-4       # LoRA detail expert (paper: detail lr = 5x semantic lr)
-    target_ema: float = 0.95      # EMA target network (paper eq. 4); 0 = stop-grad student (authors' code)
+    lora_x: float = 5.0           # LoRA detail expert lr = 5 x the full lr (paper)
+    targets: tuple = ((0.95, 3e-5), (0.99, 1e-4))  # (target EMA decay, full lr) candidates, chosen with VCM
+    d_lr: float = 1e-3            # discriminator lr (authors 1e-5: on the toy it learns nothing at that lr)
+    tc_calib_steps: int = 20      # calibration run of the TC weight
     lora_rank: int = 8
     disc_hidden: int = 64
     probe_every: int = 10
-    kappa_sweep: tuple = (-20, -10)  # offsets from the chosen kappa: DCM retrained at each (paper Fig. 10 right)
-    eval_seeds: int = 3
-    eval_n: int = 96
-    eval_steps: tuple = (2, 4, 8)
+    curve_points: int = 5         # checkpoints evaluated along the selection / DCM runs
+    train_seeds: int = 3          # headline rows (VCM, PCM, DCM)
+    ablation_seeds: int = 2       # the other Table 3 rows
+    kappa_sweep: tuple = (12, 24, 36)  # DCM retrained at these cuts too (paper Fig. 10 right; one seed)
+    val_n: int = 128
+    eval_seeds: int = 2
+    eval_n: int = 384
+    eval_steps: tuple = (1, 2, 4)
     fig10_n: int = 64
     gif_n: int = 4
 
 
 FULL = Settings()
-QUICK = Settings(n_data=256, clf_steps=60, teacher=((60, 1e-3), (20, 2e-4)), batch=8, student_batch=8,
-                 single_steps=6, sem_steps=3, det_steps=3, probe_every=2, kappa_sweep=(), eval_seeds=2, eval_n=24,
-                 eval_steps=(4,), fig10_n=8, gif_n=3)
-# model name -> (training run that holds it, paper Table 3 flags OD, PE, TC, GF)
+QUICK = Settings(n_data=256, clf_steps=60, teacher=((60, 1e-3), (20, 2e-4)), batch=8, guidance_grid=(1.0, 3.0),
+                 student_batch=8, single_steps=6, sem_steps=3, det_steps=3, tc_calib_steps=2, probe_every=2,
+                 curve_points=2, train_seeds=2, ablation_seeds=1, kappa_sweep=(), val_n=16, eval_seeds=2, eval_n=16,
+                 eval_steps=(2, 4), fig10_n=8, gif_n=3)
+# model name -> (training run that holds it, paper Table 3 flags OD, PE, TC, GF, headline row)
 MODELS = {
-    "VCM": ("vcm", (0, 0, 0, 0)),
-    "PCM (4 phases)": ("pcm", None),
-    "OD": ("od", (1, 0, 0, 0)),
-    "OD+PE": ("pe", (1, 1, 0, 0)),
-    "OD+PE+TC": ("pe_tc", (1, 1, 1, 0)),
-    "OD+PE+GF": ("pe_gf", (1, 1, 0, 1)),
-    "DCM (OD+PE+TC+GF)": ("dcm", (1, 1, 1, 1)),
+    "VCM": ("vcm", (0, 0, 0, 0), True),
+    "PCM (4 phases)": ("pcm", None, True),
+    "OD": ("od", (1, 0, 0, 0), False),
+    "OD+PE": ("pe", (1, 1, 0, 0), False),
+    "OD+PE+TC": ("pe_tc", (1, 1, 1, 0), False),
+    "OD+PE+GF": ("pe_gf", (1, 1, 0, 1), False),
+    "DCM (OD+PE+TC+GF)": ("dcm", (1, 1, 1, 1), True),
 }
+TEACHER = "teacher (no distillation)"
 
 
 def parse_args(argv):
@@ -132,29 +147,37 @@ def train_run(out, name, argv):
     return summary
 
 
-def choose_kappa(l1, frac, N, min_semantic=4, min_detail=4):
-    """kappa from the Fig. 10 curve: the first grid index, going from the noisy end past the peak, where the
-    adjacent-step x0 change falls below `frac` of its peak (the paper reads 37 off this curve by eye).
+def choose_kappa(l1, q, N, min_semantic=4, min_detail=4):
+    """kappa from the Fig. 10 curve: the cut where the semantic phase (from the noisy end) holds a fraction `q`
+    of the teacher's total adjacent-step x0 change. A cumulative share barely moves when the curve is re-measured
+    or the teacher retrained, where a threshold crossing on the curve's tail jumps (the issue-7 rule did).
 
-    l1[i] is the change between sampling steps i and i+1, i.e. between grid indices N-1-i and N-2-i; it is
-    attributed to the cleaner index N-2-i. kappa is clamped so both phases keep at least `min_semantic` /
-    `min_detail` grid points (8-step sampling gives each expert 4).
+    l1[i] is the change between sampling steps i and i+1, i.e. between grid indices N-1-i and N-2-i; the semantic
+    phase kappa+1..N-1 ends at x_kappa, so it holds l1[0..N-2-kappa]. kappa is clamped so both phases keep at least
+    `min_semantic` / `min_detail` grid points (8-step sampling gives each expert 4).
     """
     l1 = [float(v) for v in l1]
-    peak_i = max(range(len(l1)), key=l1.__getitem__)
-    below = [i for i in range(peak_i, len(l1)) if l1[i] < frac * l1[peak_i]]
-    i = below[0] if below else len(l1) - 1
+    total, acc, i = sum(l1), 0.0, len(l1) - 1
+    for j, v in enumerate(l1):
+        acc += v
+        if acc >= q * total:
+            i = j
+            break
     kappa = N - 2 - i
-    info = {"peak_step": peak_i, "cross_step": i, "raw_kappa": kappa}
+    info = {"q": q, "cross_step": i, "raw_kappa": kappa, "sigma": None}
     return max(min_detail - 1, min(kappa, N - 1 - min_semantic)), info
 
 
-def eval_batch(seed, n, spec):
-    """Evaluation inputs of one sampling seed: balanced labels, their conditioning and velocity, noise."""
-    g = torch.Generator().manual_seed(1_000_003 + seed)
-    labels = (torch.arange(n) + torch.randint(0, toy_data.NUM_CLASSES, (1,), generator=g)) % toy_data.NUM_CLASSES
-    noise = torch.randn(n, *spec.latent_shape, generator=g)
-    return labels, toy_data.cond_for_labels(labels, spec), toy_data.velocity_of(labels), noise
+def choose_guidance(rows, tol=0.02):
+    """CFG scale from the validation split: the best class accuracy at 50 steps, and among the scales within `tol`
+    of it the one with the lowest FD (guidance past what recognisability needs only narrows the samples)."""
+    best = max(r["cond_acc"] for r in rows.values())
+    return min((g for g, r in rows.items() if r["cond_acc"] >= best - tol), key=lambda g: rows[g]["fd"])
+
+
+def choose_target(curves):
+    """(EMA decay, lr) candidate with the lowest validation trajectory MSE at 4 steps at the end of its run."""
+    return min(curves, key=lambda c: curves[c][-1]["traj_mse"])
 
 
 def param_groups(name):
@@ -185,6 +208,39 @@ def expert_difference(sem_dir, det_dir):
     return groups, tensors
 
 
+def load_model(ckpt, ema=False):
+    """(model, info) of a train.py step folder; ema: the EMA target's weights (train_state.pt) instead of the online."""
+    model, info = sample.load_student(ckpt)
+    if ema:
+        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)["ema"]
+        (model.detail if info["mode"] == "od" else model).load_state_dict(state)
+    return model, info
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def grad_ratios(run_out):
+    """Median over probe steps of each term's gradient norm at the student's output over CD's (train.py log)."""
+    rows = [r for r in read_jsonl(os.path.join(run_out, "log.jsonl")) if r.get("gn_cd")]
+    names = sorted({k[3:] for r in rows for k in r if k.startswith("gn_") and k != "gn_cd"})
+    med = lambda v: sorted(v)[len(v) // 2] if v else None  # noqa: E731
+    return {n: med([r[f"gn_{n}"] / r["gn_cd"] for r in rows if f"gn_{n}" in r]) for n in names}
+
+
+def curve(run_out, split, grid, guidance, steps, ema=False):
+    """Validation metrics (mean over the split's seeds) of every checkpoint of a run at `steps` student steps."""
+    rows = []
+    for name in checkpoint.step_folders(run_out):
+        model, info = load_model(os.path.join(run_out, name), ema)
+        ks = solver.student_schedule(grid, info["boundaries"], steps)
+        m = bench.seed_mean(bench.score(split, bench.student_fn(model, info, grid, guidance), ks))
+        rows.append(m | {"step": int(name.split("_")[-1])})
+    return rows
+
+
 def main(argv=None):
     """The whole toy study (module docstring); returns the summary also written to DIR/metrics.json."""
     args = parse_args(argv)
@@ -194,8 +250,10 @@ def main(argv=None):
     out, spec = args.out, toy_data.ToySpec()
     if os.path.isdir(os.path.join(out, "runs")) and not args.reuse:
         raise SystemExit(f"error: {out} already holds a toy run; pass --reuse to go on in it or a new --out")
+    if args.teacher and not os.path.isdir(args.teacher):
+        raise SystemExit(f"error: --teacher {args.teacher} is not a folder")
     os.makedirs(out, exist_ok=True)
-    clock = Clock()
+    clock, sm = Clock(), {"settings": asdict(S), "quick": args.quick, "seed": args.seed, "spec": asdict(spec)}
     torch.manual_seed(args.seed)
 
     # 1. data and the bench classifier
@@ -204,130 +262,198 @@ def main(argv=None):
         if not os.path.isfile(os.path.join(data_dir, "manifest.json")):
             toy_data.write_dataset(data_dir, S.n_data, args.seed, spec)
         clf = tm.load_or_train_classifier(os.path.join(out, "classifier.pt"), spec, steps=S.clf_steps, seed=args.seed)
-
+        uncond = data.LatentDataset(data_dir).uncond
     common = ["--data", data_dir, "--shift", str(S.shift), "--grid-steps", str(S.grid_steps),
-              "--seed", str(args.seed), "--save-every", "0"] + (["--resume"] if args.reuse else [])
+              "--save-every", "0"] + (["--resume"] if args.reuse else [])
 
-    # 2. the teacher: constant-lr stages, each initialised from the previous one (a step-wise lr decay)
+    # 2. the teacher: constant-lr stages (a step decay) with condition dropout; its CFG scale on the validation split
     with clock("teacher"):
-        prev, teacher_ckpt = [], args.teacher
+        prev, teacher_ckpt, stages = [], args.teacher, []
         for i, (steps, lr) in enumerate(S.teacher if not teacher_ckpt else ()):
             res = train_run(out, f"teacher_{i}", common + prev + [
                 "--config", CONFIG, "--stage", "teacher", "--max-steps", str(steps), "--batch-size", str(S.batch),
-                "--lr", str(lr), "--probe-every", "0"])
+                "--lr", str(lr), "--probe-every", "0", "--cond-drop", str(S.cond_drop), "--seed", str(args.seed)])
             prev, teacher_ckpt = ["--teacher", res["checkpoint"]], res["checkpoint"]
+            stages.append(teacher_ckpt)
         tmodel, tinfo = sample.load_student(teacher_ckpt)
         if tinfo["mode"] != "teacher" or tinfo["run"].get("data_manifest", {}).get("toy_spec") != asdict(spec):
             raise SystemExit(f"error: {teacher_ckpt} is not a toy teacher trained on this toy's data ({asdict(spec)})")
         grid = tinfo["grid"]
+    with clock("guidance (validation)"):
+        val_inputs = [bench.eval_batch(500 + args.seed, S.val_n, spec)]
+        real = toy_data.make_batch(S.val_n, 3_000_017 + args.seed, spec)["latents"]
+        rows = {}
+        for g in S.guidance_grid:
+            labels, cond, vel, noise = val_inputs[0]
+            x = Teacher(tmodel, grid, g, uncond).sample(noise, cond, progress=False).clamp(-1, 1)
+            rows[g] = tm.evaluate(x, labels, vel, real, clf)
+        guidance = choose_guidance(rows)
+        teach = Teacher(tmodel, grid, guidance, uncond)
+        sm |= {"guidance": guidance, "guidance_rows": rows}
+        print(f"[toy] CFG scale {guidance}: {rows[guidance]}", flush=True)
+        val = bench.Split([500 + args.seed], S.val_n, spec, clf, teach)
 
-    # 3. Fig. 10: adjacent-step x0 change along the teacher's 50-step trajectory -> kappa
+    # 3. Fig. 10: adjacent-step x0 change along the teacher's 50-step trajectory -> kappa, and the rule's stability
     with clock("fig10 + kappa"):
-        labels, cond, _, noise = eval_batch(10_000 + args.seed, S.fig10_n, spec)
-        guidance = float(tinfo["run"].get("guidance", 6.0))
-        _, _, x0s = Teacher(tmodel, grid, guidance).sample(noise, cond, return_intermediates=True, progress=False)
-        l1 = adjacent_x0_l1(x0s).tolist()
-        kappa, kinfo = choose_kappa(l1, S.kappa_frac, grid.N)
-        print(f"[toy] kappa = {kappa} ({kinfo})", flush=True)
+        def fig10_curve(model, seed):
+            _, cond, _, noise = bench.eval_batch(seed, S.fig10_n, spec)
+            x0s = Teacher(model, grid, guidance, uncond).sample(noise, cond, return_intermediates=True,
+                                                                  progress=False)[2]
+            return adjacent_x0_l1(x0s).tolist()
+        l1 = fig10_curve(tmodel, 10_000 + args.seed)
+        kappa, kinfo = choose_kappa(l1, S.kappa_q, grid.N)
+        checks = {"second noise batch": fig10_curve(tmodel, 20_000 + args.seed)}
+        if len(stages) > 1:
+            checks["teacher before its lr decay"] = fig10_curve(sample.load_student(stages[0])[0], 10_000 + args.seed)
+        sm |= {"kappa": kappa, "kappa_rule": kinfo | {"sigma": float(grid.sigma[kappa + 1])}, "fig10_l1": l1,
+               "kappa_checks": {k: {"l1": v, "kappa": choose_kappa(v, S.kappa_q, grid.N)[0]} for k, v in checks.items()},
+               "grid_sigma": grid.sigma.tolist()}
+        print(f"[toy] kappa = {kappa} ({kinfo}); checks {[c['kappa'] for c in sm['kappa_checks'].values()]}", flush=True)
 
-    # 4. distillation runs
     dist = common + ["--teacher", teacher_ckpt, "--lora-rank", str(S.lora_rank), "--disc-hidden", str(S.disc_hidden),
-                     "--target-ema", str(S.target_ema), "--batch-size", str(S.student_batch)]
-    full = lambda steps: ["--max-steps", str(steps), "--lr", str(S.lr_full)]  # noqa: E731
-    lora = ["--max-steps", str(S.det_steps), "--lr", str(S.lr_lora)]
-    no_gf, no_tc, no_probe = ["--w-gan", "0", "--w-fm", "0"], ["--w-tc", "0"], ["--probe-every", "0"]
+                     "--batch-size", str(S.student_batch), "--guidance", str(guidance), "--d-lr", str(S.d_lr)]
     runs = {}
-    plan = [
-        ("vcm", ["--stage", "vcm", "--probe-every", str(S.probe_every)] + full(S.single_steps)),
-        ("pcm", ["--stage", "pcm", "--phases", "4"] + no_probe + full(S.single_steps)),
-        ("sem", ["--stage", "semantic"] + no_probe + no_tc + full(S.sem_steps)),
-        ("sem_tc", ["--stage", "semantic"] + no_probe + full(S.sem_steps)),
-        ("od", ["--stage", "detail", "--detail-full", "--init", "@sem"] + no_probe + no_gf + full(S.det_steps)),
-        ("pe", ["--stage", "detail", "--init", "@sem"] + no_probe + no_gf + lora),
-        ("pe_tc", ["--stage", "detail", "--init", "@sem_tc"] + no_probe + no_gf + lora),
-        ("pe_gf", ["--stage", "detail", "--init", "@sem"] + no_probe + lora),
-        ("dcm", ["--stage", "detail", "--init", "@sem_tc"] + no_probe + lora),
-    ]
-    plan = [(name, kappa, extra) for name, extra in plan]
-    # the paper's Fig. 10 (right): the full DCM recipe at other cuts
-    sweep = sorted({max(3, min(kappa + d, grid.N - 5)) for d in S.kappa_sweep} - {kappa})
-    for k in sweep:
-        plan += [(f"sem_tc_k{k}", k, ["--stage", "semantic"] + no_probe + full(S.sem_steps)),
-                 (f"dcm_k{k}", k, ["--stage", "detail", "--init", f"@sem_tc_k{k}"] + no_probe + lora)]
-    for name, k, extra in plan:
+
+    def run(name, extra, seed=0, k=kappa, probe=S.probe_every * 2, save=0):
         extra = [runs[a[1:]]["checkpoint"] if a.startswith("@") else a for a in extra]
         with clock(f"distil {name}"):
-            runs[name] = train_run(out, name, dist + ["--kappa", str(k)] + extra)
+            runs[name] = train_run(out, name, dist + ["--kappa", str(k), "--seed", str(args.seed + seed),
+                                                      "--probe-every", str(probe), "--save-every", str(save)] + extra)
+        return runs[name]
 
-    # 5. Fig. 5: the two separately trained experts of row OD, per layer group
-    with clock("fig5"):
-        groups, tensors = expert_difference(os.path.join(runs["sem"]["checkpoint"], "transformer"),
-                                            os.path.join(runs["od"]["checkpoint"], "transformer"))
+    # 4. settings on the validation split: target EMA / lr (VCM with checkpoints), online vs EMA weights, TC weight
+    every = max(1, S.single_steps // S.curve_points)
+    with clock("target + weights (validation)"):
+        curves = {}
+        for ema, lr in S.targets:
+            r = run(f"vcm_ema{ema}_lr{lr}", ["--stage", "vcm", "--max-steps", str(S.single_steps), "--lr", str(lr),
+                                              "--target-ema", str(ema)], probe=S.probe_every, save=every)
+            curves[(ema, lr)] = curve(r["out"], val, grid, guidance, 4)
+        target_ema, lr_full = choose_target(curves)
+        best = runs[f"vcm_ema{target_ema}_lr{lr_full}"]
+        ema_m = bench.seed_mean(bench.score(val, bench.student_fn(*load_model(best["checkpoint"], True), grid, guidance),
+                                            solver.student_schedule(grid, [], 4)))
+        use_ema = ema_m["traj_mse"] < curves[(target_ema, lr_full)][-1]["traj_mse"]
+        sm |= {"target_curves": {f"ema {e}, lr {lr:g}": c for (e, lr), c in curves.items()},
+               "target": {"ema": target_ema, "lr": lr_full}, "ema_weights_val": ema_m, "use_ema_weights": use_ema}
+    tgt = ["--target-ema", str(target_ema)]
+    full = lambda steps: ["--max-steps", str(steps), "--lr", str(lr_full)] + tgt  # noqa: E731
+    lora = ["--max-steps", str(S.det_steps), "--lr", str(S.lora_x * lr_full)] + tgt
+    no_gf, no_tc = ["--w-gan", "0", "--w-fm", "0"], ["--w-tc", "0"]
+    with clock("TC weight (calibration)"):
+        cal = run("tc_calibration", ["--stage", "semantic", "--max-steps", str(S.tc_calib_steps), "--w-tc", "1"]
+                  + full(S.tc_calib_steps)[2:], probe=max(1, S.tc_calib_steps // 10))
+        ratio_w1 = grad_ratios(cal["out"]).get("tc") or 1.0
+        w_tc = float(f"{1 / ratio_w1:.2g}")  # the weight that makes ||grad TC|| ~ ||grad CD|| at the start
+        sm |= {"tc_ratio_at_w1": ratio_w1, "w_tc": w_tc}
+        print(f"[toy] TC/CD gradient ratio at w_tc = 1: {ratio_w1:.4g} -> w_tc = {w_tc}", flush=True)
+    tc = ["--w-tc", str(w_tc)]
 
-    # 6. evaluation on the toy bench
-    with clock("evaluate"):
-        models = {"teacher (no distillation)": (tmodel, tinfo)}
-        for label, (run, _) in MODELS.items():
-            models[label] = sample.load_student(runs[run]["checkpoint"])
-        for k in sweep:
-            models[f"DCM, kappa = {k}"] = sample.load_student(runs[f"dcm_k{k}"]["checkpoint"])
-        results, gif = evaluate(models, tmodel, grid, guidance, S, spec, clf, args.seed)
+    # 5. distillation: headline rows over training seeds, the other Table 3 rows over fewer, the kappa sweep
+    for s in range(S.train_seeds):
+        # seed 0's VCM is the chosen candidate's run (trained on the training data; chosen on the validation split)
+        runs[f"vcm_s{s}"] = best if s == 0 else run(f"vcm_s{s}", ["--stage", "vcm"] + full(S.single_steps), s)
+        run(f"pcm_s{s}", ["--stage", "pcm", "--phases", "4"] + full(S.single_steps), s)
+        run(f"sem_tc_s{s}", ["--stage", "semantic"] + tc + full(S.sem_steps), s)
+        run(f"dcm_s{s}", ["--stage", "detail", "--init", f"@sem_tc_s{s}"] + lora, s, save=0 if s else every // 2)
+    for s in range(S.ablation_seeds):
+        run(f"sem_s{s}", ["--stage", "semantic"] + no_tc + full(S.sem_steps), s)
+        run(f"od_s{s}", ["--stage", "detail", "--detail-full", "--init", f"@sem_s{s}"] + no_gf + full(S.det_steps), s)
+        run(f"pe_s{s}", ["--stage", "detail", "--init", f"@sem_s{s}"] + no_gf + lora, s)
+        run(f"pe_tc_s{s}", ["--stage", "detail", "--init", f"@sem_tc_s{s}"] + no_gf + lora, s)
+        run(f"pe_gf_s{s}", ["--stage", "detail", "--init", f"@sem_s{s}"] + lora, s)
+    sweep = sorted({max(3, min(k, grid.N - 5)) for k in S.kappa_sweep} - {kappa})
+    for k in sweep:
+        run(f"sem_tc_k{k}", ["--stage", "semantic"] + tc + full(S.sem_steps), k=k)
+        run(f"dcm_k{k}", ["--stage", "detail", "--init", f"@sem_tc_k{k}"] + lora, k=k)
+    with clock("fig5 + curves"):
+        groups, tensors = expert_difference(os.path.join(runs["sem_s0"]["checkpoint"], "transformer"),
+                                            os.path.join(runs["od_s0"]["checkpoint"], "transformer"))
+        sm |= {"fig5_groups": groups, "fig5_tensors": tensors,
+               "dcm_curve": curve(runs["dcm_s0"]["out"], val, grid, guidance, 4, use_ema),
+               "grad_ratios": {n: grad_ratios(r["out"]) for n, r in runs.items()}}
+
+    # 6. the test split
+    with clock("evaluate (test split)"):
+        test = bench.Split([args.seed + s for s in range(S.eval_seeds)], S.eval_n, spec, clf, teach)
+        members = {label: [f"{run_}_s{s}" for s in range(S.train_seeds if head else S.ablation_seeds)]
+                   for label, (run_, _, head) in MODELS.items()}
+        members |= {f"DCM, kappa = {k}": [f"dcm_k{k}"] for k in sweep}
+        models = {label: [load_model(runs[n]["checkpoint"], use_ema) for n in names] for label, names in members.items()}
+        results, gif = evaluate(models, teach, test, grid, guidance, S, kappa)
+        results["teacher (50 steps)"] = {"50 steps": {grid.N: agg_over(test.reference_metrics())}}
 
     # 7. report
     with clock("report"):
-        summary = {
-            "settings": asdict(S), "quick": args.quick, "seed": args.seed, "spec": asdict(spec), "kappa": kappa,
-            "kappa_sweep": sweep,
-            "kappa_rule": kinfo | {"frac": S.kappa_frac}, "fig10_l1": l1,
-            "grid_sigma": grid.sigma.tolist(), "fig5_groups": groups, "fig5_tensors": tensors,
-            "param_counts": param_counts(models), "results": results,
-            "train": {name: {"steps": r["step"], "final": r["losses"]} for name, r in runs.items()},
-            "machine": machine(), "phases_s": clock.phases,
-        }
-        summary["wall_s"] = clock.total()
-        report.write(out, summary, MODELS, gif, os.path.join(runs["vcm"]["out"], "probes.jsonl"))
-    summary["wall_s"] = clock.total()
+        sm |= {"results": results, "param_counts": param_counts(models, tmodel), "machine": machine(),
+               "train": {n: {"steps": r["step"], "final": r["losses"]} for n, r in runs.items()},
+               "runs": {n: os.path.relpath(r["out"], out) for n, r in runs.items()}, "sweep": sweep,
+               "phases_s": clock.phases, "members": members, "wall_s": clock.total()}
+        report.write(out, sm, MODELS, gif, {n: r["out"] for n, r in runs.items()})
+    sm["wall_s"] = clock.total()
     with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"[toy] done in {summary['wall_s']:.1f} s: {os.path.join(out, 'report.md')}", flush=True)
-    return summary
+        json.dump(sm, f, indent=1, default=str)
+    print(f"[toy] done in {sm['wall_s']:.1f} s: {os.path.join(out, 'report.md')}", flush=True)
+    return sm
+
+
+def agg_over(per_seed):
+    """{"per_seed": [...], "agg": {metric: mean, std, n}} of one run's metrics over sampling seeds."""
+    return {"per_seed": per_seed, "agg": tm.aggregate(per_seed), "over": "sampling seeds"}
 
 
 @torch.no_grad()
-def evaluate(models, tmodel, grid, guidance, S, spec, clf, seed):
-    """{model: {steps: {"per_seed": [...], "agg": {...}}}} and the GIF samples (first seed, 4 steps)."""
-    results, gif = {name: {} for name in models}, {}
-    for s in range(S.eval_seeds):
-        labels, cond, vel, noise = eval_batch(seed + s, S.eval_n, spec)
-        real = toy_data.make_batch(S.eval_n, 2_000_003 + seed + s, spec)["latents"]
-        real_feats, _ = tm.classifier_features(clf, real)
-        ref = sample.teacher_sample(tmodel, noise, cond, grid, guidance).clamp(-1, 1)
-        m = tm.evaluate(ref, labels, vel, real, clf, real_feats=real_feats)
-        results.setdefault("teacher (50 steps)", {}).setdefault(grid.N, []).append(m)
-        if s == 0:
-            gif["teacher (50 steps)"] = ref[:S.gif_n]
-        for name, (model, info) in models.items():
-            bounds = [] if info["mode"] == "teacher" else info["boundaries"]
+def evaluate(models, teach, test, grid, guidance, S, kappa):
+    """results[label][schedule][steps] = {"per_train_seed", "agg", "over"}, and the GIF's samples (test seed 0).
+
+    Each training seed's metrics are the mean over the sampling seeds; rows with one training run (the undistilled
+    teacher, the kappa sweep) take their spread over the sampling seeds instead."""
+    results, gif, cache = {}, {}, {}
+    schedules = {"VCM": ([], "even"), "PCM (4 phases)": ([(grid.N * j + 2) // 4 - 1 for j in (3, 2, 1)], "even"),
+                 "DCM": ([kappa], "even"), "DCM, proportional points": ([kappa], "proportional")}
+
+    def keep(label, steps):
+        return lambda i, x: gif.__setitem__(f"{label}, {steps} steps", x[:S.gif_n]) if i == 0 and steps in (2, 4) \
+            and label in ("VCM", "PCM (4 phases)", "DCM (OD+PE+TC+GF)", TEACHER + ", VCM schedule") else None
+    for sched, (bounds, points) in schedules.items():
+        for steps in S.eval_steps:
+            ks = tuple(solver.student_schedule(grid, bounds, steps, points))
+            if ks not in cache:
+                cache[ks] = bench.score(test, bench.teacher_fn(teach), list(ks), keep(f"{TEACHER}, {sched} schedule", steps))
+            results.setdefault(TEACHER, {}).setdefault(f"{sched} schedule", {})[steps] = agg_over(cache[ks]) | {"ks": ks}
+    for label, members in models.items():
+        dual = label.startswith("DCM") or label.startswith("OD")
+        for points in ("even", "proportional") if label.startswith("DCM") else ("even",):
             for steps in S.eval_steps:
-                x = sample.student_sample(model, noise, cond, grid, bounds, steps, guidance).clamp(-1, 1)
-                results[name].setdefault(steps, []).append(tm.evaluate(x, labels, vel, real, clf, ref, real_feats))
-                if s == 0 and steps == 4:
-                    gif[name] = x[:S.gif_n]
-    results = {name: {st: {"per_seed": v, "agg": tm.aggregate(v)} for st, v in r.items()}
-               for name, r in results.items()}
+                per_train = []
+                for i, (model, info) in enumerate(members):
+                    ks = solver.student_schedule(grid, info["boundaries"], steps, points)
+                    per = bench.score(test, bench.student_fn(model, info, grid, guidance), ks,
+                                      keep(label, steps) if i == 0 and points == "even" else None)
+                    per_train.append(per)
+                sched = f"{points} points" if dual else "own schedule"
+                if len(members) > 1:
+                    row = {"per_train_seed": per_train, "agg": bench.combine([bench.seed_mean(p) for p in per_train]),
+                           "over": "training seeds", "ks": ks}
+                else:
+                    row = agg_over(per_train[0]) | {"ks": ks}
+                results.setdefault(label, {}).setdefault(sched, {})[steps] = row
+    gif = {"teacher, 50 steps": test.items[0]["ref"][:S.gif_n]} | gif
     return results, gif
 
 
-def param_counts(models):
+def param_counts(models, tmodel):
     """Parameters stored per model (the dual expert stores the semantic weights once)."""
-    out = {name: sum(p.numel() for p in model.parameters()) for name, (model, _) in models.items()}
-    out["teacher (50 steps)"] = out["teacher (no distillation)"]
+    out = {label: sum(p.numel() for p in members[0][0].parameters()) for label, members in models.items()}
+    out[TEACHER] = sum(p.numel() for p in tmodel.parameters())
     return out
 
 
 def machine():
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processor": platform.processor()}
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processor": platform.processor(),
+            "loadavg_at_end": load}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,89 @@
+"""The toy bench (issue 17 item 4): every model on fixed test inputs, per schedule, step count, sampling seed and
+training seed; spreads over training seeds and a computed "difference exceeds the spread" marker.
+
+A `Split` is one set of sampling seeds (test or validation: disjoint noise seeds) with, per seed, balanced labels,
+their conditioning, noise, real videos and the guided teacher's 50-step reference from the same noise. A model is
+scored by `score(split, fn, ks)`: fn(noise, cond, ks) -> samples at the grid indices ks (solver.student_schedule).
+"""
+import torch
+
+import sample
+import solver
+from teacher import Teacher
+from toy import data as toy_data
+from toy import metrics as tm
+
+
+def eval_batch(seed, n, spec):
+    """Evaluation inputs of one sampling seed: balanced labels, their conditioning and velocity, noise."""
+    g = torch.Generator().manual_seed(1_000_003 + seed)
+    labels = (torch.arange(n) + torch.randint(0, toy_data.NUM_CLASSES, (1,), generator=g)) % toy_data.NUM_CLASSES
+    noise = torch.randn(n, *spec.latent_shape, generator=g)
+    return labels, toy_data.cond_for_labels(labels, spec), toy_data.velocity_of(labels), noise
+
+
+class Split:
+    """Sampling seeds of one split, their inputs, real videos (features cached) and the 50-step teacher reference."""
+
+    def __init__(self, seeds, n, spec, clf, teacher):
+        self.clf, self.items = clf, []
+        for s in seeds:
+            labels, cond, vel, noise = eval_batch(s, n, spec)
+            real = toy_data.make_batch(n, 2_000_003 + s, spec)["latents"]
+            ref = teacher.sample(noise, cond, progress=False).clamp(-1, 1)
+            self.items.append({"labels": labels, "cond": cond, "vel": vel, "noise": noise, "real": real,
+                               "real_feats": tm.classifier_features(clf, real)[0], "ref": ref})
+
+    def reference_metrics(self):
+        """The 50-step teacher's own metrics per sampling seed (no trajectory distance: it is the reference)."""
+        return [tm.evaluate(it["ref"], it["labels"], it["vel"], it["real"], self.clf, real_feats=it["real_feats"])
+                for it in self.items]
+
+
+@torch.no_grad()
+def score(split, fn, ks, keep=None):
+    """[metrics per sampling seed] of fn at grid indices ks; keep(i, x) sees each seed's samples."""
+    out = []
+    for i, it in enumerate(split.items):
+        x = fn(it["noise"], it["cond"], ks).clamp(-1, 1)
+        out.append(tm.evaluate(x, it["labels"], it["vel"], it["real"], split.clf, it["ref"], it["real_feats"]))
+        if keep is not None:
+            keep(i, x)
+    return out
+
+
+def student_fn(model, info, grid, guidance):
+    """fn(noise, cond, ks) of a distilled student: one model call and jump per point, no CFG (sample.py's sampler)."""
+    def fn(noise, cond, ks):
+        t, alpha, sigma = solver.sample_points(grid, ks)
+        return solver.sample(sample.model_fn(model, cond, guidance), noise.float(), t, alpha, sigma, grid.kind,
+                             progress=False)
+    return fn
+
+
+def teacher_fn(teacher: Teacher):
+    """fn(noise, cond, ks) of the undistilled teacher at the same points, with its guidance (CFG: 2 calls a point)."""
+    def fn(noise, cond, ks):
+        t, alpha, sigma = solver.sample_points(teacher.grid, ks)
+        return solver.sample(lambda x, tt: teacher.guided(x, tt, cond), noise.float(), t, alpha, sigma,
+                             teacher.grid.kind, progress=False)
+    return fn
+
+
+def seed_mean(per_sampling_seed):
+    """One training seed's metrics: the mean over its sampling seeds."""
+    return {k: v["mean"] for k, v in tm.aggregate(per_sampling_seed).items()}
+
+
+def combine(per_train_seed):
+    """{metric: {mean, std, n}} over training seeds (each already a mean over sampling seeds)."""
+    return tm.aggregate(per_train_seed)
+
+
+def exceeds(a, b, key):
+    """The "difference exceeds the spread" marker: |mean_a - mean_b| > std_a + std_b (spreads over training seeds,
+    or over sampling seeds for a single run); False when either has no spread to compare with."""
+    if key not in a or key not in b:
+        return False
+    sa, sb = a[key]["std"], b[key]["std"]
+    return (sa > 0 or sb > 0) and abs(a[key]["mean"] - b[key]["mean"]) > sa + sb
