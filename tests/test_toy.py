@@ -131,38 +131,68 @@ def test_choose_kappa_reads_the_fig10_curve():
     from toy.run import choose_kappa
     N = 50
     l1 = [0.05, 0.06, 0.05, 0.04, 0.02, 0.01] + [0.005] * (N - 7)  # change between sampling steps i, i+1
-    kappa, info = choose_kappa(l1, frac=0.25, N=N)
-    assert info["peak_step"] == 1 and info["cross_step"] == 5
-    assert kappa == N - 2 - 5  # the change from grid index 44 to 43 is the first small one
+    kappa, info = choose_kappa(l1, q=0.5, N=N)
+    total = sum(l1)
+    assert sum(l1[:info["cross_step"]]) < 0.5 * total <= sum(l1[:info["cross_step"] + 1])
+    assert kappa == N - 2 - info["cross_step"] == N - 2 - 5  # 0.2225 (half of 0.445) is passed by the 6th step's change
+    # a cumulative share barely moves with noise on the curve, where a threshold crossing would jump
+    noisy = [v * (1 + 0.1 * ((-1) ** i)) for i, v in enumerate(l1)]
+    assert abs(choose_kappa(noisy, 0.5, N)[0] - kappa) <= 1
     # degenerate curves keep both phases valid for 8-step sampling (4 grid points each)
-    assert choose_kappa([1.0] * (N - 1), 0.25, N)[0] == 3
-    assert choose_kappa([1.0] + [0.0] * (N - 2), 0.25, N)[0] == N - 5
+    assert choose_kappa([1.0] * (N - 1), 0.999, N)[0] == 3
+    assert choose_kappa([1.0] + [0.0] * (N - 2), 0.5, N)[0] == N - 5
+
+
+def test_guidance_and_target_rules():
+    from toy.run import choose_guidance, choose_target
+    rows = {1.0: {"cond_acc": 0.5, "fd": 300}, 3.0: {"cond_acc": 0.93, "fd": 200}, 6.0: {"cond_acc": 0.94, "fd": 260}}
+    assert choose_guidance(rows) == 3.0 and choose_guidance(rows, tol=0.0) == 6.0
+    curves = {(0.95, 3e-5): [{"traj_mse": 0.01}, {"traj_mse": 0.03}], (0.99, 1e-4): [{"traj_mse": 0.02}, {"traj_mse": 0.015}]}
+    assert choose_target(curves) == (0.99, 1e-4)  # the end of the run decides: the drifting candidate loses
+
+
+def test_spread_marker():
+    from toy import bench
+    a = {"fd": {"mean": 100.0, "std": 10.0, "n": 3}}
+    assert bench.exceeds(a, {"fd": {"mean": 125.0, "std": 10.0, "n": 3}}, "fd")
+    assert not bench.exceeds(a, {"fd": {"mean": 115.0, "std": 10.0, "n": 3}}, "fd")
+    assert not bench.exceeds({"fd": {"mean": 1.0, "std": 0.0, "n": 1}}, {"fd": {"mean": 2.0, "std": 0.0, "n": 1}}, "fd")
 
 
 def test_quick_run_end_to_end(tmp_path):
-    """`python toy/run.py --quick`: every artefact written; the teacher's x0 prediction moves most early."""
+    """`python toy/run.py --quick`: every artefact written, every model scored at every step count with spreads
+    over training seeds for the headline rows, and the report states the TC/CD gradient ratio it calibrated."""
     import json
     import math
+    import re
     from toy import run
     out = str(tmp_path / "toy")
     summary = run.main(["--quick", "--out", out])
     for f in ("report.md", "metrics.json", "fig10_x0_change.png", "fig2_probes.png", "fig5_expert_difference.png",
-              "samples_4step.gif", "classifier.pt"):
+              "curves_validation.png", "train_signals.png", "samples.gif", "classifier.pt"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     with open(os.path.join(out, "metrics.json")) as f:
         saved = json.load(f)
     assert saved["kappa"] == summary["kappa"] and 3 <= saved["kappa"] <= 45
-    # paper Fig. 10: the x0 prediction changes more in the first third of the trajectory than in the last
     l1 = summary["fig10_l1"]
-    third = len(l1) // 3
-    assert len(l1) == 49 and sum(l1[:third]) / third > sum(l1[-third:]) / third
-    # every model of the ablation evaluated at 4 steps with finite metrics, and the dual expert's extra
-    # parameters are a fraction of a second full expert's
-    for name in list(run.MODELS) + ["teacher (no distillation)"]:
-        agg = summary["results"][name][4]["agg"]
-        keys = ("traj_mse", "fd", "cond_acc", "motion_err", "hf_ratio")
-        assert all(math.isfinite(agg[k]["mean"]) for k in keys), name
+    assert len(l1) == 49 and all(v >= 0 for v in l1)
+    res, S = summary["results"], run.QUICK
+    for name, (_, _, head) in run.MODELS.items():
+        for steps in S.eval_steps:
+            row = res[name]["own schedule" if name.startswith(("VCM", "PCM")) else "even points"][steps]
+            assert all(math.isfinite(row["agg"][k]["mean"]) for k in ("traj_mse", "fd", "cond_acc")), name
+            assert row["over"] == ("training seeds" if head else "sampling seeds")
+            if head:
+                assert len(row["per_train_seed"]) == S.train_seeds
+    assert set(res[run.TEACHER]) >= {"VCM schedule", "PCM (4 phases) schedule", "DCM schedule"}
     p = summary["param_counts"]
     assert p["OD"] == 2 * p["VCM"] and p["VCM"] < p["DCM (OD+PE+TC+GF)"] < 1.5 * p["VCM"]
+    # the TC weight was calibrated from the gradient ratio the training log measured, and the report says so
+    ratio = summary["tc_ratio_at_w1"]
+    assert 0 < ratio and summary["w_tc"] == pytest.approx(1 / ratio, rel=0.05)
+    log = [json.loads(x) for x in open(os.path.join(out, summary["runs"]["tc_calibration"], "log.jsonl"))]
+    assert any("gn_tc" in r and "gn_cd" in r for r in log)
     report = open(os.path.join(out, "report.md")).read()
-    assert "kappa" in report and "samples_4step.gif" in report
+    m = re.search(r"gradient norm at the\s+student's output is \*\*([0-9.e+-]+) x\*\* CD's", report)
+    assert m and float(m.group(1)) == pytest.approx(ratio, rel=0.01)
+    assert "samples.gif" in report and "kappa" in report

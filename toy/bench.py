@@ -5,8 +5,11 @@ A `Split` is one set of sampling seeds (test or validation: disjoint noise seeds
 their conditioning, noise, real videos and the guided teacher's 50-step reference from the same noise. A model is
 scored by `score(split, fn, ks)`: fn(noise, cond, ks) -> samples at the grid indices ks (solver.student_schedule).
 """
+import os
+
 import torch
 
+import checkpoint
 import sample
 import solver
 from teacher import Teacher
@@ -87,3 +90,71 @@ def exceeds(a, b, key):
         return False
     sa, sb = a[key]["std"], b[key]["std"]
     return (sa > 0 or sb > 0) and abs(a[key]["mean"] - b[key]["mean"]) > sa + sb
+
+
+TEACHER = "teacher (no distillation)"
+
+
+def load_model(ckpt, ema=False):
+    """(model, info) of a train.py step folder; ema: the EMA target's weights (train_state.pt) instead of the online."""
+    model, info = sample.load_student(ckpt)
+    if ema:
+        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)["ema"]
+        (model.detail if info["mode"] == "od" else model).load_state_dict(state)
+    return model, info
+
+
+def curve(run_out, split, grid, guidance, steps, ema=False):
+    """Validation metrics (mean over the split's seeds) of every checkpoint of a run at `steps` student steps."""
+    rows = []
+    for name in checkpoint.step_folders(run_out):
+        model, info = load_model(os.path.join(run_out, name), ema)
+        ks = solver.student_schedule(grid, info["boundaries"], steps)
+        m = seed_mean(score(split, student_fn(model, info, grid, guidance), ks))
+        rows.append(m | {"step": int(name.split("_")[-1])})
+    return rows
+
+
+def agg_over(per_seed):
+    """{"per_seed": [...], "agg": {metric: mean, std, n}} of one run's metrics over sampling seeds."""
+    return {"per_seed": per_seed, "agg": tm.aggregate(per_seed), "over": "sampling seeds"}
+
+
+@torch.no_grad()
+def evaluate(models, teach, test, grid, guidance, S, kappa):
+    """results[label][schedule][steps] = {"per_train_seed", "agg", "over"}, and the GIF's samples (test seed 0).
+
+    Each training seed's metrics are the mean over the sampling seeds; rows with one training run (the undistilled
+    teacher, the kappa sweep) take their spread over the sampling seeds instead."""
+    results, gif, cache = {}, {}, {}
+    schedules = {"VCM": ([], "even"), "PCM (4 phases)": ([(grid.N * j + 2) // 4 - 1 for j in (3, 2, 1)], "even"),
+                 "DCM": ([kappa], "even"), "DCM, proportional points": ([kappa], "proportional")}
+
+    def keep(label, steps):
+        return lambda i, x: gif.__setitem__(f"{label}, {steps} steps", x[:S.gif_n]) if i == 0 and steps in (2, 4) \
+            and label in ("VCM", "PCM (4 phases)", "DCM (OD+PE+TC+GF)", TEACHER + ", VCM schedule") else None
+    for sched, (bounds, points) in schedules.items():
+        for steps in S.eval_steps:
+            ks = tuple(solver.student_schedule(grid, bounds, steps, points))
+            if ks not in cache:
+                cache[ks] = score(test, teacher_fn(teach), list(ks), keep(f"{TEACHER}, {sched} schedule", steps))
+            results.setdefault(TEACHER, {}).setdefault(f"{sched} schedule", {})[steps] = agg_over(cache[ks]) | {"ks": ks}
+    for label, members in models.items():
+        dual = label.startswith("DCM") or label.startswith("OD")
+        for points in ("even", "proportional") if label.startswith("DCM") else ("even",):
+            for steps in S.eval_steps:
+                per_train = []
+                for i, (model, info) in enumerate(members):
+                    ks = solver.student_schedule(grid, info["boundaries"], steps, points)
+                    per = score(test, student_fn(model, info, grid, guidance), ks,
+                                      keep(label, steps) if i == 0 and points == "even" else None)
+                    per_train.append(per)
+                sched = f"{points} points" if dual else "own schedule"
+                if len(members) > 1:
+                    row = {"per_train_seed": per_train, "agg": combine([seed_mean(p) for p in per_train]),
+                           "over": "training seeds", "ks": ks}
+                else:
+                    row = agg_over(per_train[0]) | {"ks": ks}
+                results.setdefault(label, {}).setdefault(sched, {})[steps] = row
+    gif = {"teacher, 50 steps": test.items[0]["ref"][:S.gif_n]} | gif
+    return results, gif

@@ -208,15 +208,6 @@ def expert_difference(sem_dir, det_dir):
     return groups, tensors
 
 
-def load_model(ckpt, ema=False):
-    """(model, info) of a train.py step folder; ema: the EMA target's weights (train_state.pt) instead of the online."""
-    model, info = sample.load_student(ckpt)
-    if ema:
-        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)["ema"]
-        (model.detail if info["mode"] == "od" else model).load_state_dict(state)
-    return model, info
-
-
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -228,17 +219,6 @@ def grad_ratios(run_out):
     names = sorted({k[3:] for r in rows for k in r if k.startswith("gn_") and k != "gn_cd"})
     med = lambda v: sorted(v)[len(v) // 2] if v else None  # noqa: E731
     return {n: med([r[f"gn_{n}"] / r["gn_cd"] for r in rows if f"gn_{n}" in r]) for n in names}
-
-
-def curve(run_out, split, grid, guidance, steps, ema=False):
-    """Validation metrics (mean over the split's seeds) of every checkpoint of a run at `steps` student steps."""
-    rows = []
-    for name in checkpoint.step_folders(run_out):
-        model, info = load_model(os.path.join(run_out, name), ema)
-        ks = solver.student_schedule(grid, info["boundaries"], steps)
-        m = bench.seed_mean(bench.score(split, bench.student_fn(model, info, grid, guidance), ks))
-        rows.append(m | {"step": int(name.split("_")[-1])})
-    return rows
 
 
 def main(argv=None):
@@ -328,10 +308,10 @@ def main(argv=None):
         for ema, lr in S.targets:
             r = run(f"vcm_ema{ema}_lr{lr}", ["--stage", "vcm", "--max-steps", str(S.single_steps), "--lr", str(lr),
                                               "--target-ema", str(ema)], probe=S.probe_every, save=every)
-            curves[(ema, lr)] = curve(r["out"], val, grid, guidance, 4)
+            curves[(ema, lr)] = bench.curve(r["out"], val, grid, guidance, 4)
         target_ema, lr_full = choose_target(curves)
         best = runs[f"vcm_ema{target_ema}_lr{lr_full}"]
-        ema_m = bench.seed_mean(bench.score(val, bench.student_fn(*load_model(best["checkpoint"], True), grid, guidance),
+        ema_m = bench.seed_mean(bench.score(val, bench.student_fn(*bench.load_model(best["checkpoint"], True), grid, guidance),
                                             solver.student_schedule(grid, [], 4)))
         use_ema = ema_m["traj_mse"] < curves[(target_ema, lr_full)][-1]["traj_mse"]
         sm |= {"target_curves": {f"ema {e}, lr {lr:g}": c for (e, lr), c in curves.items()},
@@ -370,7 +350,7 @@ def main(argv=None):
         groups, tensors = expert_difference(os.path.join(runs["sem_s0"]["checkpoint"], "transformer"),
                                             os.path.join(runs["od_s0"]["checkpoint"], "transformer"))
         sm |= {"fig5_groups": groups, "fig5_tensors": tensors,
-               "dcm_curve": curve(runs["dcm_s0"]["out"], val, grid, guidance, 4, use_ema),
+               "dcm_curve": bench.curve(runs["dcm_s0"]["out"], val, grid, guidance, 4, use_ema),
                "grad_ratios": {n: grad_ratios(r["out"]) for n, r in runs.items()}}
 
     # 6. the test split
@@ -379,9 +359,9 @@ def main(argv=None):
         members = {label: [f"{run_}_s{s}" for s in range(S.train_seeds if head else S.ablation_seeds)]
                    for label, (run_, _, head) in MODELS.items()}
         members |= {f"DCM, kappa = {k}": [f"dcm_k{k}"] for k in sweep}
-        models = {label: [load_model(runs[n]["checkpoint"], use_ema) for n in names] for label, names in members.items()}
-        results, gif = evaluate(models, teach, test, grid, guidance, S, kappa)
-        results["teacher (50 steps)"] = {"50 steps": {grid.N: agg_over(test.reference_metrics())}}
+        models = {label: [bench.load_model(runs[n]["checkpoint"], use_ema) for n in names] for label, names in members.items()}
+        results, gif = bench.evaluate(models, teach, test, grid, guidance, S, kappa)
+        results["teacher (50 steps)"] = {"50 steps": {grid.N: bench.agg_over(test.reference_metrics())}}
 
     # 7. report
     with clock("report"):
@@ -395,51 +375,6 @@ def main(argv=None):
         json.dump(sm, f, indent=1, default=str)
     print(f"[toy] done in {sm['wall_s']:.1f} s: {os.path.join(out, 'report.md')}", flush=True)
     return sm
-
-
-def agg_over(per_seed):
-    """{"per_seed": [...], "agg": {metric: mean, std, n}} of one run's metrics over sampling seeds."""
-    return {"per_seed": per_seed, "agg": tm.aggregate(per_seed), "over": "sampling seeds"}
-
-
-@torch.no_grad()
-def evaluate(models, teach, test, grid, guidance, S, kappa):
-    """results[label][schedule][steps] = {"per_train_seed", "agg", "over"}, and the GIF's samples (test seed 0).
-
-    Each training seed's metrics are the mean over the sampling seeds; rows with one training run (the undistilled
-    teacher, the kappa sweep) take their spread over the sampling seeds instead."""
-    results, gif, cache = {}, {}, {}
-    schedules = {"VCM": ([], "even"), "PCM (4 phases)": ([(grid.N * j + 2) // 4 - 1 for j in (3, 2, 1)], "even"),
-                 "DCM": ([kappa], "even"), "DCM, proportional points": ([kappa], "proportional")}
-
-    def keep(label, steps):
-        return lambda i, x: gif.__setitem__(f"{label}, {steps} steps", x[:S.gif_n]) if i == 0 and steps in (2, 4) \
-            and label in ("VCM", "PCM (4 phases)", "DCM (OD+PE+TC+GF)", TEACHER + ", VCM schedule") else None
-    for sched, (bounds, points) in schedules.items():
-        for steps in S.eval_steps:
-            ks = tuple(solver.student_schedule(grid, bounds, steps, points))
-            if ks not in cache:
-                cache[ks] = bench.score(test, bench.teacher_fn(teach), list(ks), keep(f"{TEACHER}, {sched} schedule", steps))
-            results.setdefault(TEACHER, {}).setdefault(f"{sched} schedule", {})[steps] = agg_over(cache[ks]) | {"ks": ks}
-    for label, members in models.items():
-        dual = label.startswith("DCM") or label.startswith("OD")
-        for points in ("even", "proportional") if label.startswith("DCM") else ("even",):
-            for steps in S.eval_steps:
-                per_train = []
-                for i, (model, info) in enumerate(members):
-                    ks = solver.student_schedule(grid, info["boundaries"], steps, points)
-                    per = bench.score(test, bench.student_fn(model, info, grid, guidance), ks,
-                                      keep(label, steps) if i == 0 and points == "even" else None)
-                    per_train.append(per)
-                sched = f"{points} points" if dual else "own schedule"
-                if len(members) > 1:
-                    row = {"per_train_seed": per_train, "agg": bench.combine([bench.seed_mean(p) for p in per_train]),
-                           "over": "training seeds", "ks": ks}
-                else:
-                    row = agg_over(per_train[0]) | {"ks": ks}
-                results.setdefault(label, {}).setdefault(sched, {})[steps] = row
-    gif = {"teacher, 50 steps": test.items[0]["ref"][:S.gif_n]} | gif
-    return results, gif
 
 
 def param_counts(models, tmodel):
