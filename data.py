@@ -124,24 +124,35 @@ class LatentDataset(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.tensors.items()}
 
 
+def patch_of(cfg):
+    """(pt, ph, pw) of a backbone config: Wan's patch_size triple, else (patch_size_t or 1, patch_size, patch_size)."""
+    p = cfg.patch_size
+    return tuple(p) if isinstance(p, (tuple, list)) else (getattr(cfg, "patch_size_t", None) or 1, p, p)
+
+
+def text_width(cfg):
+    """Width of the text states a backbone config takes (`text_embed_dim`; Wan: `text_dim`)."""
+    return cfg.text_dim if hasattr(cfg, "text_dim") else cfg.text_embed_dim
+
+
 def check_fits(cfg, cond=None, latent_shape=None, uncond=None, where="data"):
     """Conditioning tensors (batch first; keys outside COND_KEYS ignored), latents [C, F, H, W] and uncond keys
     against a model config: one DataError naming every mismatch. -> the sorted conditioning keys."""
     pooled, bad = getattr(cfg, "pooled_projection_dim", None), []
     if latent_shape is not None:
-        (C, n_f, H, W), p, pt = latent_shape, cfg.patch_size, getattr(cfg, "patch_size_t", None) or 1
+        (C, n_f, H, W), (pt, ph, pw) = latent_shape, patch_of(cfg)
         if C != cfg.in_channels:
             bad.append(f"latents have {C} channels, the model takes {cfg.in_channels}")
-        if min(n_f, H, W) < 1 or n_f % pt or H % p or W % p:
-            bad.append(f"latent F, H, W = {n_f}, {H}, {W} must be positive and divisible by the patch ({pt}, {p}, {p})")
+        if min(n_f, H, W) < 1 or n_f % pt or H % ph or W % pw:
+            bad.append(f"latent F, H, W = {n_f}, {H}, {W} must be positive and divisible by the patch ({pt}, {ph}, {pw})")
     keys = sorted(set(cond or ()) & set(COND_KEYS))
     if cond is not None:
         want = {"text", "pooled"} if pooled else {"text"}
         if not want <= set(keys) <= want | ({"text_mask"} if pooled else set()):
             bad.append(f"conditioning keys {keys}, the model takes {sorted(want)}{' (+ text_mask)' if pooled else ''}")
         text, mask, pool = (cond.get(k) for k in COND_KEYS)
-        if text is not None and (text.dim() != 3 or text.shape[-1] != cfg.text_embed_dim):
-            bad.append(f"text is {list(text.shape)}, the model takes [B, L, {cfg.text_embed_dim}]")
+        if text is not None and (text.dim() != 3 or text.shape[-1] != text_width(cfg)):
+            bad.append(f"text is {list(text.shape)}, the model takes [B, L, {text_width(cfg)}]")
         if pooled and pool is not None and (pool.dim() != 2 or pool.shape[-1] != pooled):
             bad.append(f"pooled is {list(pool.shape)}, the model takes [B, {pooled}]")
         if text is not None and mask is not None and mask.shape != text.shape[:2]:

@@ -51,6 +51,14 @@ TARGETS = {
                   "single_transformer_blocks.*.norm.linear",
                   "context_embedder.token_refiner.refiner_blocks.*.norm_out.linear"],
     },
+    # Wan (authors: distill_dcm_wan_detail_expert.py, modeling_wan.py add_layer): LoRA on self- and
+    # cross-attention; copies condition_embedder (time MLP, the blocks' time_proj, text projection),
+    # norm_out (parameter-free), proj_out; the top-level scale_shift_table stays shared (their
+    # `scale_shift_table_lora` is commented out). The blocks' modulation comes from the copied time_proj.
+    "Wan": {
+        "lora": [f"blocks.*.{a}.{n}" for a in ("attn1", "attn2") for n in QKVO],
+        "copy": ["condition_embedder", "norm_out", "proj_out"],
+    },
 }
 
 

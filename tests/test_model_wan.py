@@ -86,3 +86,4 @@ def test_bad_inputs_and_configs():
     for bad, msg in [(dict(image_dim=1280), "I2V"), (dict(qk_norm="rms_norm"), "qk_norm"), (dict(attention_head_dim=15), "even")]:
         with pytest.raises(ValueError, match=msg):
             replace(TINY, **bad)
+
