@@ -4,7 +4,8 @@ A dataset is a folder:
 
     DIR/manifest.json            what is inside (see `write_manifest`)
     DIR/shard_00000.safetensors  "latents" [n, C, F, H, W] (already multiplied by the VAE scaling
-                                 factor, as the backbone consumes them), "text" [n, L, D_text],
+                                 factor, or for Wan normalised by the VAE's per-channel mean/std, as the
+                                 backbone consumes them), "text" [n, L, D_text],
                                  optional "text_mask" [n, L] (1 = real token), "pooled" [n, D_pool],
                                  optional extra per-sample tensors (e.g. the toy's "label" [n])
     DIR/uncond.safetensors       the unconditional (empty prompt) conditioning, stored once:
@@ -328,8 +329,9 @@ def encode_dataset(videos, captions, model, weights, out, frames=None, height=No
         num, meta = shard_info(out, s)
         shards.append({"file": shard_name(s), "num": num})
         skipped += json.loads(meta.get("skipped", "[]"))
-    manifest = write_manifest(out, model=model, latent_shape=shape, vae_scaling_factor=cfg["scaling_factor"],
-                              shards=shards, uncond=uncond, extra={"skipped": skipped, "encode": settings})
+    scale = video_io.latent_scale(cfg)  # Wan: per-channel mean/std recorded next to the factor 1
+    manifest = write_manifest(out, model=model, latent_shape=shape, vae_scaling_factor=scale.pop("vae_scaling_factor"),
+                              shards=shards, uncond=uncond, extra={**scale, "skipped": skipped, "encode": settings})
     print(f"{out}: {manifest['num_samples']} videos in {n_shards} shards, {len(skipped)} skipped"
           + "".join(f"\n  skipped {x['reason']}" for x in skipped))
     return manifest
@@ -357,12 +359,12 @@ def main(argv=None):
     e.add_argument("--videos", required=True, help="folder of video files (sorted by name)")
     e.add_argument("--captions", required=True, help=".txt one caption per line (sorted video order) or .json")
     e.add_argument("--out", required=True, help="dataset folder (resumes if it exists)")
-    e.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default: 49 CogVideoX, 33 HunyuanVideo)")
-    e.add_argument("--height", type=int, help="default: 480 CogVideoX, 544 HunyuanVideo")
-    e.add_argument("--width", type=int, help="default: 720 CogVideoX, 960 HunyuanVideo")
+    e.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default: 49 CogVideoX, 33 HunyuanVideo, 81 Wan)")
+    e.add_argument("--height", type=int, help="default: 480 CogVideoX, 544 HunyuanVideo, 480 Wan")
+    e.add_argument("--width", type=int, help="default: 720 CogVideoX, 960 HunyuanVideo, 832 Wan")
     e.add_argument("--shard-size", type=int, default=32)
     e.add_argument("--stride", type=int, default=1, help="take every stride-th frame")
-    e.add_argument("--fps", type=float, help="resample videos to this frame rate first (CogVideoX: 8)")
+    e.add_argument("--fps", type=float, help="resample videos to this frame rate first (CogVideoX: 8, Wan: 16)")
     e.add_argument("--posterior", choices=["sample", "mode"], default="sample",
                    help="latent_dist.sample() (seeded per video) or its mean")
     e.add_argument("--seed", type=int, default=0)
@@ -372,7 +374,7 @@ def main(argv=None):
     q.add_argument("--prompts", required=True, help="text file, one prompt per line")
     q.add_argument("--out", required=True, help="FILE.safetensors")
     for a in (e, q):
-        a.add_argument("--model", required=True, help="cogvideox-2b | cogvideox-5b | hunyuan-video")
+        a.add_argument("--model", required=True, help="cogvideox-2b | cogvideox-5b | hunyuan-video | wan2.1-t2v-1.3b | wan2.1-t2v-14b")
         a.add_argument("--weights", required=True, help="local hub-layout folder: vae/, text_encoder/, tokenizer/...")
         a.add_argument("--device", help="default: cuda if available")
         a.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 on cuda, else fp32)")
