@@ -51,6 +51,8 @@ def test_parity_with_diffusers_via_sharded_folder(cfg, F, tmp_path):
     err = (out - want).abs().max().item()
     print(f"wan parity {cfg.patch_size} max abs err {err:.3g} (output scale {want.abs().max().item():.3g})")
     assert out.shape == want.shape and err <= 1e-5
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # training's mixed precision: the same ops
+        assert torch.equal(ours(**inp), reference_out(ref, inp))
 
 
 def test_taps_and_head_reproduce_output():
