@@ -88,3 +88,13 @@ def test_wan_sizes_and_vae_check(wan_weights):
     assert video_io.latent_shape(real, *video_io.clip_size("wan2.1-t2v-1.3b", real)) == [16, 21, 60, 104]
     with pytest.raises(ValueError, match="AutoencoderKLWan.*needs AutoencoderKLCogVideoX"):
         video_io.vae_config("cogvideox-2b", wan_weights)
+
+
+def test_wan_encode_prompts_cli(wan_weights, tmp_path):
+    (tmp_path / "p.txt").write_text("a cat walks on the grass\n\na red car\n")
+    data.main(["encode-prompts", "--prompts", str(tmp_path / "p.txt"), "--model", "wan2.1-t2v-1.3b",
+               "--weights", wan_weights, "--out", str(tmp_path / "c.safetensors")])
+    cond = data.load_cond(str(tmp_path / "c.safetensors"))
+    assert set(cond) == {"text"} and cond["text"].shape == (3, 512, 16)  # the empty line: the unconditional prompt
+    want = video_io.TextEncoder("tiny-wan", wan_weights)(["a cat walks on the grass", "", "a red car"])["text"]
+    torch.testing.assert_close(cond["text"], want)
