@@ -292,7 +292,6 @@ def train(args, cfg, kind, grid, world, rank, device):
 
     # --- one micro-batch's loss terms
     vgrid = solver.grid_for(cfg, solver.T_TRAIN) if kind == "vpred" else None  # every DDIM training timestep
-    cfg_model = uses_cfg(models.build_transformer(cfg, device="meta"))
     weights = {"diffusion": 1.0, "cd": 1.0, "tc": args.w_tc, "gan_g": args.w_gan, "fm": args.w_fm}
     C, n_f, H, W = ds.manifest["latent_shape"]
     tok_grid = tuple(n // p for n, p in zip((n_f, H, W), data.patch_of(cfg)))
@@ -376,7 +375,7 @@ def train(args, cfg, kind, grid, world, rank, device):
             batch, epoch, pos = next(stream)
             x0 = batch["latents"].float().to(device)
             eps, u, n = data.draws(batch["index"], step, args.seed, x0.shape[1:], gan, device)
-            drop = (u[:, 2] < args.cond_drop) if args.stage == "teacher" and cfg_model else None
+            drop = (u[:, 2] < args.cond_drop) if args.stage == "teacher" and uses_cfg(student) else None
             last = micro == accum - 1
             if args.fsdp:
                 student_mod.set_requires_gradient_sync(last)
