@@ -29,7 +29,8 @@ from data import atomic_save_file
 
 FORMAT = "dcm-detail-v1"
 QKVO = ("to_q", "to_k", "to_v", "to_out.0")
-# where the detail expert differs from the semantic one, per architecture; `*` = one name component.
+# where the detail expert differs from the semantic one, per architecture (`--lora-targets all`); `*` = one
+# name component, `**` = any number of leading ones.
 # "lora": attention linears (authors: to_q/to_k/to_v/to_out.0 of every attention; we add the
 # double blocks' text-stream projections, which are the same attention's linears under other names;
 # single blocks' fused proj_out is an MLP+attention output, not an attention linear: left out).
@@ -52,6 +53,24 @@ TARGETS = {
                   "context_embedder.token_refiner.refiner_blocks.*.norm_out.linear"],
     },
 }
+
+
+# `--lora-targets authors`: the authors' PEFT LoraConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+# which wraps every module whose name is or ends in "." + one of them (HunyuanVideo: also the single blocks'
+# and the token refiner's attention, not add_*_proj / to_add_out), and their add_layer() copies.
+AUTHORS_LORA = [f"**.{n}" for n in QKVO]
+AUTHORS_COPY = {"CogVideoX": ["time_embedding", "norm_out", "proj_out"],  # no authors' CogVideoX: our copies
+                "HunyuanVideo": ["time_text_embed", "norm_out", "proj_out"],  # no token-refiner copy
+                "Wan": ["condition_embedder", "norm_out", "proj_out"]}
+LORA_TARGETS = ("authors", "all")
+
+
+def targets_for(arch, which="authors"):
+    """The target spec {"lora", "copy", "adaln"} of an architecture for --lora-targets `which`."""
+    if which not in LORA_TARGETS or (which == "all") > (arch in TARGETS):
+        raise ValueError(f"no lora_targets {which!r} for {arch} (choose from {LORA_TARGETS})")
+    return TARGETS[arch] if which == "all" else {"lora": AUTHORS_LORA, "copy": AUTHORS_COPY[arch],
+                                                 "adaln": TARGETS.get(arch, {}).get("adaln", [])}
 
 
 class LoRA(nn.Module):
@@ -124,15 +143,17 @@ def arch_of(backbone):
     """The TARGETS key of a backbone from model.py, from its config class (e.g. CogVideoXConfig)."""
     names = [type(getattr(backbone, "config", None)).__name__.removesuffix("Config"), type(backbone).__name__]
     for name in names:
-        for arch in TARGETS:
+        for arch in {**TARGETS, **AUTHORS_COPY}:
             if name.startswith(arch):
                 return arch
     raise ValueError(f"no DualExpert targets for a backbone of class {names[1]} (config {names[0]}); "
-                     f"known architectures: {sorted(TARGETS)} (or pass targets=)")
+                     f"known architectures: {sorted({**TARGETS, **AUTHORS_COPY})} (or pass targets=)")
 
 
 def _matches(pattern, names):
-    rx = re.compile(r"\.".join(r"[^.]+" if p == "*" else re.escape(p) for p in pattern.split(".")))
+    """Names matching a dotted pattern: `*` is one component, a leading `**.` any number (PEFT's suffix rule)."""
+    head, rest = (r"(?:[^.]+\.)*", pattern[3:]) if pattern.startswith("**.") else ("", pattern)
+    rx = re.compile(head + r"\.".join(r"[^.]+" if p == "*" else re.escape(p) for p in rest.split(".")))
     return [n for n in names if rx.fullmatch(n)]
 
 
@@ -190,13 +211,14 @@ class DualExpert(nn.Module):
     trained semantic expert. The copies are taken at construction.
     """
 
-    def __init__(self, backbone, boundary_t, rank=128, alpha=256, copy_adaln=False, targets=None):
+    def __init__(self, backbone, boundary_t, rank=128, alpha=256, copy_adaln=False, targets=None, lora_targets="authors"):
         super().__init__()
         self.backbone = backbone
         self.boundary_t = float(boundary_t)
         self.rank, self.alpha, self.copy_adaln = int(rank), float(alpha), bool(copy_adaln)
         self.arch = arch_of(backbone) if targets is None else "custom"
-        spec = TARGETS[self.arch] if targets is None else targets
+        self.lora_targets = lora_targets if targets is None else "custom"
+        spec = targets_for(self.arch, lora_targets) if targets is None else targets
         if not {"lora", "copy"} <= set(spec) or not set(spec) <= {"lora", "copy", "adaln"}:
             raise ValueError(f"targets must have keys 'lora', 'copy' (and optionally 'adaln'), got {sorted(spec)}")
         self.targets = {k: list(spec.get(k, [])) for k in ("lora", "copy", "adaln")}
@@ -339,7 +361,8 @@ class DualExpert(nn.Module):
 
     def detail_meta(self):
         return {"format": FORMAT, "arch": self.arch, "boundary_t": self.boundary_t, "rank": self.rank,
-                "alpha": self.alpha, "copy_adaln": self.copy_adaln, "targets": self.targets}
+                "alpha": self.alpha, "copy_adaln": self.copy_adaln, "targets": self.targets,
+                "lora_targets": self.lora_targets}
 
     def detail_state(self):
         """Adapter tensors under backbone names: '<linear>.lora_A.weight' / '.lora_B.weight' (PEFT
@@ -371,6 +394,7 @@ class DualExpert(nn.Module):
         info = json.loads(meta["dcm"])
         if info.get("format") != FORMAT:
             raise ValueError(f"{path}: format {info.get('format')!r}, expected {FORMAT!r}")
+        info.setdefault("lora_targets", "custom" if info.get("arch") == "custom" else "all")  # files from before the flag
         return info
 
     @classmethod
@@ -378,7 +402,8 @@ class DualExpert(nn.Module):
         """A DualExpert built with the file's rank/alpha/boundary/targets, its adapter loaded."""
         info = cls.read_detail_meta(path)
         targets = None if info["arch"] != "custom" else info["targets"]
-        expert = cls(backbone, info["boundary_t"], info["rank"], info["alpha"], info["copy_adaln"], targets)
+        expert = cls(backbone, info["boundary_t"], info["rank"], info["alpha"], info["copy_adaln"], targets,
+                     info["lora_targets"] if targets is None else "authors")
         expert.load_detail(path)
         return expert
 

@@ -1,0 +1,201 @@
+"""released.py: the authors' DCM layout (diffusers model + PEFT `lora1` + `*_lora` copies) <-> our DualExpert.
+
+"Their" model is built the way their inference builds it (fastvideo/sample/inference_hy.py): diffusers'
+transformer, `add_adapter(LoraConfig(...), adapter_name="lora1")`, then the add_layer() copies; its forward
+is their routing (hy_forward / hy_forward_origin): semantic = adapters disabled, original modules;
+detail = adapters enabled and the `*_lora` modules in place of the originals.
+"""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import experts
+import model
+import released
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+R, ALPHA = 4, 8
+TINY_HY = model.PRESETS["tiny-hunyuan"]
+
+
+def theirs(ref_cls, cfg, copies, seed=0):
+    """Their model at a tiny size: diffusers class + PEFT lora1 on to_q/to_k/to_v/to_out.0 + copies, all random."""
+    torch.manual_seed(seed)
+    ref = ref_cls(**asdict(cfg)).eval()
+    ref.add_adapter(LoraConfig(r=R, lora_alpha=ALPHA, init_lora_weights=True,
+                               target_modules=["to_k", "to_q", "to_v", "to_out.0"]), adapter_name="lora1")
+    for theirs_name, ours in copies.items():  # add_layer() + init_layer(): copies of the original modules
+        setattr(ref, theirs_name, copy.deepcopy(getattr(ref, ours)))
+    with torch.no_grad():  # every weight random: zero LoRA B / unit norms would hide mapping bugs
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel() if p.ndim > 1 else 4))
+    return ref
+
+
+@contextmanager
+def detail_modules(ref, copies):
+    """Their detail forward: adapter lora1 enabled, each `<name>_lora` module used in place of `<name>`."""
+    originals = {ours: getattr(ref, ours) for ours in copies.values()}
+    ref.set_adapter("lora1")
+    ref.enable_adapters()
+    for theirs_name, ours in copies.items():
+        setattr(ref, ours, getattr(ref, theirs_name))
+    try:
+        yield
+    finally:
+        for ours, m in originals.items():
+            setattr(ref, ours, m)
+
+
+def save_theirs(ref, folder):
+    """Their single-file layout: the full state dict + config.json as their save_checkpoint writes it."""
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()},
+              os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({k: v for k, v in dict(ref.config).items() if not k.startswith("_")}, f)
+    return folder
+
+
+def hy_inputs(B=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cfg, L = TINY_HY, 7
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[-1, 4:] = 0
+    return dict(x=torch.randn(B, cfg.in_channels, 3, 4, 6, generator=g), text=torch.randn(B, L, cfg.text_embed_dim, generator=g),
+                text_mask=mask, pooled=torch.randn(B, cfg.pooled_projection_dim, generator=g),
+                guidance=torch.full((B,), 6016.0))
+
+
+def hy_ref(ref, inp, t):
+    with torch.no_grad():
+        return ref(inp["x"], t, inp["text"], inp["text_mask"], inp["pooled"], inp["guidance"], return_dict=False)[0]
+
+
+def hy_ours(expert, inp, t):
+    with torch.no_grad():
+        return expert(inp["x"], t, text=inp["text"], text_mask=inp["text_mask"], pooled=inp["pooled"], guidance=inp["guidance"])
+
+
+def max_err(a, b):
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def hy(tmp_path_factory):
+    copies = released.LAYOUTS["HunyuanVideo"]["copies"]
+    ref = theirs(HunyuanVideoTransformer3DModel, TINY_HY, copies)
+    folder = save_theirs(ref, str(tmp_path_factory.mktemp("DCM_HY") / "transformer"))
+    return ref, copies, folder
+
+
+def test_hunyuan_layout_loads_and_both_paths_equal_theirs(hy):
+    ref, copies, folder = hy
+    expert, info = released.load_released(os.path.dirname(folder))  # the pipeline folder itself
+    assert info["folder"] == folder and (info["rank"], info["alpha"]) == (R, ALPHA) and info["threshold"] == 981
+    n_peft = sum(1 for n, _ in ref.named_modules() if n.endswith(".lora_A.lora1"))
+    assert len(expert.lora_names) == n_peft == 4 + 2 * 3 + 4  # double, single q/k/v, token refiner
+    inp = hy_inputs()
+    # their rule int(t) <= 981: 981.9 is detail, 982.0 semantic; both sides of a batch (ours routes per sample)
+    t_sem, t_det = torch.tensor([999.0, 982.0]), torch.tensor([981.9, 912.4])
+    ref.disable_adapters()
+    want_sem = hy_ref(ref, inp, t_sem)
+    with detail_modules(ref, copies):
+        want_det = hy_ref(ref, inp, t_det)
+    err_sem, err_det = max_err(hy_ours(expert, inp, t_sem), want_sem), max_err(hy_ours(expert, inp, t_det), want_det)
+    mixed = hy_ours(expert, inp, torch.tensor([999.0, 912.4]))
+    print(f"\nHunyuanVideo released layout: semantic max err {err_sem:.2e}, detail max err {err_det:.2e}")
+    assert err_sem <= 1e-5 and err_det <= 1e-5
+    assert max_err(mixed[:1], want_sem[:1]) <= 1e-5 and max_err(mixed[1:], want_det[1:]) <= 1e-5
+    assert max_err(want_sem, want_det) > 1e-2  # the two paths really differ
+
+
+def test_export_roundtrip_bit_exact(hy, tmp_path):
+    _, _, folder = hy
+    expert, _ = released.load_released(folder)
+    out = released.export_released(expert, str(tmp_path / "transformer"))
+    a, b = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors")), load_file(os.path.join(out, "diffusion_pytorch_model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)  # exactly their file back
+    again, info = released.load_released(out)
+    assert info["alpha"] == ALPHA and all(torch.equal(v, again.state_dict()[k]) for k, v in expert.state_dict().items())
+
+
+def test_trained_here_exports_to_their_keys(tmp_path):
+    """A DualExpert built here (authors' targets) exports to exactly the keys their PEFT model holds."""
+    ref = theirs(HunyuanVideoTransformer3DModel, TINY_HY, released.LAYOUTS["HunyuanVideo"]["copies"])
+    ours = experts.DualExpert(model.build_transformer(TINY_HY), 981.7, R, ALPHA)
+    assert sorted(released.released_state(ours)) == sorted(ref.state_dict())
+    with pytest.raises(ValueError, match="--lora-targets authors"):
+        released.released_state(experts.DualExpert(model.build_transformer(TINY_HY), 981.7, R, ALPHA, lora_targets="all"))
+
+
+def _edit(folder, dst, change):
+    sd = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    change(sd)
+    os.makedirs(dst, exist_ok=True)
+    save_file(sd, os.path.join(dst, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(folder, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
+        g.write(f.read())
+    return dst
+
+
+def test_unknown_or_missing_key_is_one_line_error(hy, tmp_path):
+    _, _, folder = hy
+    extra = _edit(folder, str(tmp_path / "extra"), lambda sd: sd.update({"context_embedder_lora.w": torch.zeros(1)}))
+    with pytest.raises(ValueError, match="key 'context_embedder_lora.w' is not part of the authors' HunyuanVideo layout"):
+        released.load_released(extra)
+    gone = "proj_out_lora.bias"
+    missing = _edit(folder, str(tmp_path / "missing"), lambda sd: sd.pop(gone))
+    with pytest.raises(ValueError, match=f"key '{gone}' of the authors' HunyuanVideo layout is missing"):
+        released.load_released(missing)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", missing, "--out", str(tmp_path / "s")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and gone in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sample_py_uses_their_schedule_and_routing(hy, tmp_path):
+    import sample
+    _, _, folder = hy
+    cond = tmp_path / "cond.safetensors"
+    inp = hy_inputs(1)
+    save_file({"text": inp["text"], "text_mask": inp["text_mask"], "pooled": inp["pooled"]}, str(cond))
+    res = sample.main(["--ckpt", os.path.dirname(folder), "--cond", str(cond), "--frames", "2", "--height", "4",
+                       "--width", "4", "--out", str(tmp_path / "s"), "--device", "cpu"])
+    assert res["sigmas"] == pytest.approx([1.0, 0.992, 0.9818, 0.9124, 0.0], abs=1e-6)
+    assert res["experts"] == ["semantic", "semantic", "detail", "detail"]
+    res = sample.main(["--ckpt", folder, "--cond", str(cond), "--frames", "2", "--height", "4", "--width", "4",
+                       "--out", str(tmp_path / "t"), "--device", "cpu", "--timesteps", "1000,982,981,500"])
+    assert res["experts"] == ["semantic", "semantic", "detail", "detail"] and res["t"][:4] == [1000.0, 982.0, 981.0, 500.0]
+
+
+def test_lora_targets_recorded_in_detail_file(tmp_path):
+    """--lora-targets is in the detail file's meta; from_detail rebuilds that set; files from before the flag
+    (no lora_targets) were saved with today's wider set and load as 'all'; a mismatch is an error."""
+    m = model.build_transformer(TINY_HY)
+    for which in ("all", "authors"):
+        e = experts.DualExpert(m, 981.7, R, ALPHA, lora_targets=which)
+        e.save_detail(tmp_path / f"{which}.safetensors")
+        e2 = experts.DualExpert.from_detail(m, tmp_path / f"{which}.safetensors")
+        assert e2.lora_targets == which and e2.lora_names == e.lora_names and e2.copy_names == e.copy_names
+    old = experts.DualExpert(m, 981.7, R, ALPHA, lora_targets="all")
+    meta = {k: v for k, v in old.detail_meta().items() if k != "lora_targets"}
+    save_file({k: v.detach().contiguous() for k, v in old.detail_state().items()}, str(tmp_path / "old.safetensors"),
+              metadata={"dcm": json.dumps(meta)})
+    assert experts.DualExpert.from_detail(m, tmp_path / "old.safetensors").lora_targets == "all"
+    with pytest.raises(ValueError, match="lora_targets"):
+        experts.DualExpert(m, 981.7, R, ALPHA).load_detail(tmp_path / "all.safetensors")
