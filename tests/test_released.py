@@ -135,11 +135,30 @@ def test_export_roundtrip_bit_exact(hy, tmp_path):
     assert info["alpha"] == ALPHA and all(torch.equal(v, again.state_dict()[k]) for k, v in expert.state_dict().items())
 
 
-def test_trained_here_exports_to_their_keys(tmp_path):
-    """A DualExpert built here (authors' targets) exports to exactly the keys their PEFT model holds."""
-    ref = theirs(HunyuanVideoTransformer3DModel, TINY_HY, released.LAYOUTS["HunyuanVideo"]["copies"])
-    ours = experts.DualExpert(model.build_transformer(TINY_HY), 981.7, R, ALPHA)
-    assert sorted(released.released_state(ours)) == sorted(ref.state_dict())
+def test_trained_here_runs_in_their_model(tmp_path, capsys):
+    """A DualExpert trained here (authors' targets), exported by `released.py export` from a step folder, loads
+    with strict=True into their PEFT model, whose two routes then equal ours; the 'all' set cannot be exported."""
+    copies = released.LAYOUTS["HunyuanVideo"]["copies"]
+    torch.manual_seed(3)
+    ours = experts.DualExpert(model.build_transformer(TINY_HY), 981.762939453125, R, ALPHA).eval()  # kappa 37
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel() if p.ndim > 1 else 4))
+    step = tmp_path / "run" / "step_0000010"
+    ours.save_semantic(step / "transformer")
+    ours.save_detail(step / "detail.safetensors", meta={"kappa": 37})
+    (step / "config.json").write_text(json.dumps({"stage": "detail", "step": 10}))
+    released.main(["export", "--ckpt", str(step.parent), "--out", str(tmp_path / "DCM_MINE" / "transformer")])
+    assert "14 LoRA linears" in capsys.readouterr().out  # and no routing warning: kappa 37 routes as their 981
+    ref = theirs(HunyuanVideoTransformer3DModel, TINY_HY, copies, seed=1)  # other weights, all overwritten
+    ref.load_state_dict(load_file(str(tmp_path / "DCM_MINE" / "transformer" / "diffusion_pytorch_model.safetensors")),
+                        strict=True)
+    inp, t_sem, t_det = hy_inputs(), torch.tensor([999.0, 983.68]), torch.tensor([981.762939453125, 912.4])  # grid t
+    ref.disable_adapters()
+    err_sem = max_err(hy_ours(ours, inp, t_sem), hy_ref(ref, inp, t_sem))
+    with detail_modules(ref, copies):
+        err_det = max_err(hy_ours(ours, inp, t_det), hy_ref(ref, inp, t_det))
+    assert err_sem <= 1e-5 and err_det <= 1e-5
     with pytest.raises(ValueError, match="--lora-targets authors"):
         released.released_state(experts.DualExpert(model.build_transformer(TINY_HY), 981.7, R, ALPHA, lora_targets="all"))
 
