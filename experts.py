@@ -52,25 +52,29 @@ TARGETS = {
                   "single_transformer_blocks.*.norm.linear",
                   "context_embedder.token_refiner.refiner_blocks.*.norm_out.linear"],
     },
+    # Wan = the authors' set (modeling_wan.py add_layer): copies of condition_embedder (time MLP, the blocks'
+    # time_proj, text projection), norm_out (parameter-free), proj_out; scale_shift_table stays shared.
+    "Wan": {
+        "lora": [f"blocks.*.{a}.{n}" for a in ("attn1", "attn2") for n in QKVO],
+        "copy": ["condition_embedder", "norm_out", "proj_out"],
+    },
 }
 
 
 # `--lora-targets authors`: the authors' PEFT LoraConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
 # which wraps every module whose name is or ends in "." + one of them (HunyuanVideo: also the single blocks'
-# and the token refiner's attention, not add_*_proj / to_add_out), and their add_layer() copies.
-AUTHORS_LORA = [f"**.{n}" for n in QKVO]
-AUTHORS_COPY = {"CogVideoX": ["time_embedding", "norm_out", "proj_out"],  # no authors' CogVideoX: our copies
-                "HunyuanVideo": ["time_text_embed", "norm_out", "proj_out"],  # no token-refiner copy
-                "Wan": ["condition_embedder", "norm_out", "proj_out"]}
+# and the token refiner's attention, not add_*_proj / to_add_out), and their add_layer() copies (HunyuanVideo:
+# no token-refiner copy; Wan: as TARGETS; CogVideoX, which they did not distil: our copies).
+AUTHORS_LORA, AUTHORS_COPY = [f"**.{n}" for n in QKVO], {"HunyuanVideo": ["time_text_embed", "norm_out", "proj_out"]}
 LORA_TARGETS = ("authors", "all")
 
 
 def targets_for(arch, which="authors"):
     """The target spec {"lora", "copy", "adaln"} of an architecture for --lora-targets `which`."""
-    if which not in LORA_TARGETS or (which == "all") > (arch in TARGETS):
-        raise ValueError(f"no lora_targets {which!r} for {arch} (choose from {LORA_TARGETS})")
-    return TARGETS[arch] if which == "all" else {"lora": AUTHORS_LORA, "copy": AUTHORS_COPY[arch],
-                                                 "adaln": TARGETS.get(arch, {}).get("adaln", [])}
+    if which not in LORA_TARGETS:
+        raise ValueError(f"lora_targets must be one of {LORA_TARGETS}, got {which!r}")
+    return TARGETS[arch] if which == "all" else {"lora": AUTHORS_LORA, "adaln": TARGETS[arch].get("adaln", []),
+                                                 "copy": AUTHORS_COPY.get(arch, TARGETS[arch]["copy"])}
 
 
 class LoRA(nn.Module):
@@ -143,11 +147,11 @@ def arch_of(backbone):
     """The TARGETS key of a backbone from model.py, from its config class (e.g. CogVideoXConfig)."""
     names = [type(getattr(backbone, "config", None)).__name__.removesuffix("Config"), type(backbone).__name__]
     for name in names:
-        for arch in {**TARGETS, **AUTHORS_COPY}:
+        for arch in TARGETS:
             if name.startswith(arch):
                 return arch
     raise ValueError(f"no DualExpert targets for a backbone of class {names[1]} (config {names[0]}); "
-                     f"known architectures: {sorted({**TARGETS, **AUTHORS_COPY})} (or pass targets=)")
+                     f"known architectures: {sorted(TARGETS)} (or pass targets=)")
 
 
 def _matches(pattern, names):
@@ -402,8 +406,7 @@ class DualExpert(nn.Module):
         """A DualExpert built with the file's rank/alpha/boundary/targets, its adapter loaded."""
         info = cls.read_detail_meta(path)
         targets = None if info["arch"] != "custom" else info["targets"]
-        expert = cls(backbone, info["boundary_t"], info["rank"], info["alpha"], info["copy_adaln"], targets,
-                     info["lora_targets"] if targets is None else "authors")
+        expert = cls(backbone, info["boundary_t"], info["rank"], info["alpha"], info["copy_adaln"], targets, info["lora_targets"])
         expert.load_detail(path)
         return expert
 

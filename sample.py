@@ -37,7 +37,7 @@ import experts
 import model as models
 import released
 import solver
-from teacher import Teacher, embedded_guidance
+from teacher import Teacher, embedded_guidance, uses_cfg
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RELEASED = ("cogvideox-2b", "cogvideox-5b", "hunyuan-video")
@@ -208,7 +208,7 @@ def get_cond(path, info, n, what="cond"):
     if path:
         cond = data.load_cond(path)
     else:  # text tokens: CogVideoX's fixed T5 length, HunyuanVideo's 256 Llama tokens
-        cond = {"text": torch.zeros(1, getattr(cfg, "max_text_seq_length", 256), cfg.text_embed_dim)}
+        cond = {"text": torch.zeros(1, getattr(cfg, "max_text_seq_length", 256), data.text_width(cfg))}
         cond.update({"pooled": torch.zeros(1, pooled)} if pooled else {})
     data.check_fits(cfg, cond, where=path or "all-zero conditioning")
     if (b := cond["text"].shape[0]) not in (1, n):
@@ -273,7 +273,7 @@ def parse_args(argv):
     a("--num", type=int, default=1, help="number of samples")
     a("--batch-size", type=int, help="default --num")
     a("--cond", help="conditioning file (data.load_cond), batch 1 or --num")
-    a("--uncond", help="--teacher with CFG (CogVideoX): the empty prompt's conditioning (default: the run's dataset's)")
+    a("--uncond", help="--teacher with CFG (CogVideoX, Wan): the empty prompt's conditioning (default: the run's dataset's)")
     a("--frames", type=int, help="latent frames (default: the run's data, else the model config)")
     a("--height", type=int, help="latent height")
     a("--width", type=int, help="latent width")
@@ -336,10 +336,11 @@ def main(argv=None):
         t, alpha, sigma = solver.sample_points(grid, ks)
     names, (f, h, w) = expert_names(info, t[:-1]), latent_size(args, info)
     cond = get_cond(args.cond, info, args.num)
-    uncond = get_cond(args.uncond, info, 1, "uncond") if teacher and grid.kind == "vpred" and guidance != 1 else None
+    uncond = get_cond(args.uncond, info, 1, "uncond") if teacher and uses_cfg(model) and guidance != 1 else None
     n_steps = len(t) - 1
     meta = {"seed": args.seed, "steps": n_steps, "grid_indices": ks, "t": t.tolist(), "sigmas": sigma.tolist(),
-            "schedule": custom or None, "experts": names, "mode": info["mode"], "ckpt": info["folder"], "detail": args.detail, "guidance": guidance,
+            "schedule": custom or None, "experts": names, "mode": info["mode"], "ckpt": info["folder"],
+            "detail": args.detail, "guidance": guidance,
             "model": model_name(cfg), "pixel_space": info["pixel_space"], "dtype": str(args.dtype), "device": args.device}
     if args.decode and not info["pixel_space"]:
         import video_io

@@ -130,9 +130,9 @@ def grid_for(model_config, n=50, snr_shift_scale=None):
     else:
         name = type(model_config).__name__
         get = lambda key, default=None: getattr(model_config, key, default)  # noqa: E731
-    if "Hunyuan" in name:
+    if "Hunyuan" in name or "Wan" in name:  # the authors distil both on shift 17 (distill_wan_*.sh: --shift 17)
         if snr_shift_scale is not None:
-            raise ValueError("snr_shift_scale applies to CogVideoX only, not to a HunyuanVideo config")
+            raise ValueError(f"snr_shift_scale applies to CogVideoX only, not to a {name} config")
         return flow_grid(n, 17.0, 0.001)
     if "CogVideoX" in name:
         if snr_shift_scale is None:
@@ -140,7 +140,15 @@ def grid_for(model_config, n=50, snr_shift_scale=None):
             snr_shift_scale = 1.0 if get("use_rotary_positional_embeddings", False) else 3.0
         return cogvideox_grid(n, snr_shift_scale)
     raise ValueError(f"grid_for: unknown model config {name or type(model_config).__name__!r}; "
-                     "expected a CogVideoX or HunyuanVideo config")
+                     "expected a CogVideoX, HunyuanVideo or Wan config")
+
+
+def default_kappa(model_config, n=50):
+    """The authors' cut: semantic indices randint(38, 50) -> kappa 37 (HunyuanVideo, also used for CogVideoX),
+    randint(35, 50) -> kappa 34 (Wan, distill_dcm_wan_semantic_expert.py); scaled to an n-step grid."""
+    name = model_config.get("_class_name", "") if isinstance(model_config, dict) else type(model_config).__name__
+    first = 35 if "Wan" in name else 38  # first semantic index at N = 50
+    return (first * n) // 50 - 1
 
 
 def boundary_t(grid, kappa):
