@@ -63,7 +63,7 @@ def their_names(expert):
         raise ReleasedError(f"copied layers {expert.copy_names} are not the authors' {sorted(copies)}")
     wrapped, names = set(expert.lora_names), {}
     for k in expert.backbone.state_dict():
-        module, leaf = k.rsplit(".", 1)
+        module, _, leaf = k.rpartition(".")  # top-level parameters (Wan's scale_shift_table) have no module
         names[f"{module}.base_layer.{leaf}" if module in wrapped else k] = f"backbone.{k}"
     for n in expert.lora_names:
         names[f"{n}.lora_A.{ADAPTER}.weight"] = f"lora.{experts._key(n)}.A"

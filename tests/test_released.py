@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -18,18 +19,24 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import experts
 import model
 import released
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
-from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
+from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R, ALPHA = 4, 8
-TINY_HY = model.PRESETS["tiny-hunyuan"]
+TINY_HY, TINY_WAN = model.PRESETS["tiny-hunyuan"], model.PRESETS["tiny-wan"]
+# their threshold: int(t) <= 981 (HunyuanVideo) / 978 (Wan) -> detail; t just above and below it on each side
+ARCHS = {"HunyuanVideo": dict(ref_cls=HunyuanVideoTransformer3DModel, cfg=TINY_HY, n_lora=4 + 2 * 3 + 4,
+                              t_sem=[999.0, 982.0], t_det=[981.9, 912.4]),  # double, single q/k/v, refiner
+         "Wan": dict(ref_cls=WanTransformer3DModel, cfg=TINY_WAN, n_lora=TINY_WAN.num_layers * 8,
+                     t_sem=[999.0, 979.0], t_det=[978.9, 500.0])}  # self- and cross-attention q/k/v/out
 
 
 def theirs(ref_cls, cfg, copies, seed=0):
@@ -81,14 +88,21 @@ def hy_inputs(B=2, seed=1):
                 guidance=torch.full((B,), 6016.0))
 
 
+def wan_inputs(B=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(x=torch.randn(B, TINY_WAN.in_channels, 3, 4, 6, generator=g), text=torch.randn(B, 7, TINY_WAN.text_dim, generator=g))
+
+
 def hy_ref(ref, inp, t):
     with torch.no_grad():
+        if "pooled" not in inp:  # Wan
+            return ref(inp["x"], t, inp["text"], return_dict=False)[0]
         return ref(inp["x"], t, inp["text"], inp["text_mask"], inp["pooled"], inp["guidance"], return_dict=False)[0]
 
 
 def hy_ours(expert, inp, t):
     with torch.no_grad():
-        return expert(inp["x"], t, text=inp["text"], text_mask=inp["text_mask"], pooled=inp["pooled"], guidance=inp["guidance"])
+        return expert(inp["x"], t, **{k: v for k, v in inp.items() if k != "x"})
 
 
 def max_err(a, b):
@@ -96,37 +110,48 @@ def max_err(a, b):
     return (a - b).abs().max().item()
 
 
-@pytest.fixture(scope="module")
-def hy(tmp_path_factory):
-    copies = released.LAYOUTS["HunyuanVideo"]["copies"]
-    ref = theirs(HunyuanVideoTransformer3DModel, TINY_HY, copies)
-    folder = save_theirs(ref, str(tmp_path_factory.mktemp("DCM_HY") / "transformer"))
+def their_folder(arch, tmp_path_factory):
+    copies = released.LAYOUTS[arch]["copies"]
+    ref = theirs(ARCHS[arch]["ref_cls"], ARCHS[arch]["cfg"], copies)
+    folder = save_theirs(ref, str(tmp_path_factory.mktemp(f"DCM_{arch}") / "transformer"))
     return ref, copies, folder
 
 
-def test_hunyuan_layout_loads_and_both_paths_equal_theirs(hy):
-    ref, copies, folder = hy
+@pytest.fixture(scope="module")
+def hy(tmp_path_factory):
+    return their_folder("HunyuanVideo", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    return their_folder("Wan", tmp_path_factory)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layout_loads_and_both_paths_equal_theirs(arch, request):
+    ref, copies, folder = request.getfixturevalue({"HunyuanVideo": "hy", "Wan": "wan"}[arch])
     expert, info = released.load_released(os.path.dirname(folder))  # the pipeline folder itself
-    assert info["folder"] == folder and (info["rank"], info["alpha"]) == (R, ALPHA) and info["threshold"] == 981
+    assert info["folder"] == folder and (info["rank"], info["alpha"]) == (R, ALPHA)
     n_peft = sum(1 for n, _ in ref.named_modules() if n.endswith(".lora_A.lora1"))
-    assert len(expert.lora_names) == n_peft == 4 + 2 * 3 + 4  # double, single q/k/v, token refiner
-    inp = hy_inputs()
-    # their rule int(t) <= 981: 981.9 is detail, 982.0 semantic; both sides of a batch (ours routes per sample)
-    t_sem, t_det = torch.tensor([999.0, 982.0]), torch.tensor([981.9, 912.4])
+    assert len(expert.lora_names) == n_peft == ARCHS[arch]["n_lora"]
+    inp = hy_inputs() if arch == "HunyuanVideo" else wan_inputs()
+    # both sides of their threshold in one batch each (ours routes per sample, theirs by t[0])
+    t_sem, t_det = torch.tensor(ARCHS[arch]["t_sem"]), torch.tensor(ARCHS[arch]["t_det"])
     ref.disable_adapters()
     want_sem = hy_ref(ref, inp, t_sem)
     with detail_modules(ref, copies):
         want_det = hy_ref(ref, inp, t_det)
     err_sem, err_det = max_err(hy_ours(expert, inp, t_sem), want_sem), max_err(hy_ours(expert, inp, t_det), want_det)
-    mixed = hy_ours(expert, inp, torch.tensor([999.0, 912.4]))
-    print(f"\nHunyuanVideo released layout: semantic max err {err_sem:.2e}, detail max err {err_det:.2e}")
+    mixed = hy_ours(expert, inp, torch.tensor([t_sem[0], t_det[1]]))
+    print(f"\n{arch} released layout: semantic max err {err_sem:.2e}, detail max err {err_det:.2e}")
     assert err_sem <= 1e-5 and err_det <= 1e-5
     assert max_err(mixed[:1], want_sem[:1]) <= 1e-5 and max_err(mixed[1:], want_det[1:]) <= 1e-5
     assert max_err(want_sem, want_det) > 1e-2  # the two paths really differ
 
 
-def test_export_roundtrip_bit_exact(hy, tmp_path):
-    _, _, folder = hy
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_roundtrip_bit_exact(arch, request, tmp_path):
+    _, _, folder = request.getfixturevalue({"HunyuanVideo": "hy", "Wan": "wan"}[arch])
     expert, _ = released.load_released(folder)
     out = released.export_released(expert, str(tmp_path / "transformer"))
     a, b = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors")), load_file(os.path.join(out, "diffusion_pytorch_model.safetensors"))
@@ -161,6 +186,12 @@ def test_trained_here_runs_in_their_model(tmp_path, capsys):
     assert err_sem <= 1e-5 and err_det <= 1e-5
     with pytest.raises(ValueError, match="--lora-targets authors"):
         released.released_state(experts.DualExpert(model.build_transformer(TINY_HY), 981.7, R, ALPHA, lora_targets="all"))
+    # the same student in sample.py on a custom schedule: each point on the side of its boundary_t (kappa 37)
+    import sample
+    save_file({k: inp[k][:1] for k in ("text", "text_mask", "pooled")}, str(tmp_path / "cond.safetensors"))
+    res = sample.main(["--ckpt", str(step), "--cond", str(tmp_path / "cond.safetensors"), "--frames", "2", "--height", "4",
+                       "--width", "4", "--out", str(tmp_path / "s"), "--device", "cpu", "--timesteps", "1000,981.77,981.76,500"])
+    assert res["experts"] == ["semantic", "semantic", "detail", "detail"] and res["grid_indices"] is None
 
 
 def _edit(folder, dst, change):
@@ -182,6 +213,8 @@ def test_unknown_or_missing_key_is_one_line_error(hy, tmp_path):
     missing = _edit(folder, str(tmp_path / "missing"), lambda sd: sd.pop(gone))
     with pytest.raises(ValueError, match=f"key '{gone}' of the authors' HunyuanVideo layout is missing"):
         released.load_released(missing)
+    with pytest.raises(ValueError, match="the authors' DCM layout .* sample it with sample.py --ckpt"):
+        checkpoint.load_transformer(folder)  # a plain-transformer loader names the layout, not 300 keys
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", missing, "--out", str(tmp_path / "s")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and gone in r.stderr and "Traceback" not in r.stderr
@@ -218,3 +251,49 @@ def test_lora_targets_recorded_in_detail_file(tmp_path):
     assert experts.DualExpert.from_detail(m, tmp_path / "old.safetensors").lora_targets == "all"
     with pytest.raises(ValueError, match="lora_targets"):
         experts.DualExpert(m, 981.7, R, ALPHA).load_detail(tmp_path / "all.safetensors")
+
+
+def test_sample_py_wan_schedule(wan, tmp_path):
+    import sample
+    _, _, folder = wan
+    save_file({"text": wan_inputs(1)["text"]}, str(tmp_path / "cond.safetensors"))
+    res = sample.main(["--ckpt", folder, "--cond", str(tmp_path / "cond.safetensors"), "--frames", "2", "--height", "4",
+                       "--width", "4", "--out", str(tmp_path / "s"), "--device", "cpu"])
+    assert res["t"] == [1000.0, 992.0, 982.0, 949.0, 905.0, 810.0, 0.0] and res["schedule"] == {"timesteps": [1000, 992, 982, 949, 905, 810]}
+    assert res["experts"] == ["semantic"] * 3 + ["detail"] * 3  # int(t) <= 978
+
+
+def test_custom_points_as_their_scheduler():
+    """t of --sigmas / --timesteps as their InferencePCMFMScheduler.set_timesteps(sigmas) computes it (float32
+    sigmas * 1000; Wan: sigmas = tensor(t) / 1000), sigmas ending in 0; bad schedules are errors."""
+    import solver
+    hy = [1.0, 0.9920, 0.9818, 0.9124]
+    t, alpha, sigma = solver.custom_points(solver.flow_grid(), sigmas=hy)
+    assert torch.equal(t[:-1].float(), torch.tensor(hy) * 1000) and t[-1] == 0 and sigma[-1] == 0
+    assert torch.equal(sigma[:-1].float(), torch.tensor(hy)) and torch.equal(alpha, 1 - sigma)
+    wan_t = [1000, 992, 982, 949, 905, 810]
+    t, _, _ = solver.custom_points(solver.flow_grid(), timesteps=wan_t)
+    assert torch.equal(t[:-1].float(), torch.tensor([(torch.tensor([x]) / 1000).item() for x in wan_t]) * 1000)
+    for bad in ([900, 950], [1001, 5], [0.0], []):
+        with pytest.raises(ValueError, match="strictly decreasing"):
+            solver.custom_points(solver.flow_grid(), timesteps=bad)
+    with pytest.raises(ValueError, match="integer timesteps"):
+        solver.custom_points(solver.cogvideox_grid(1000), sigmas=[0.5])
+    t, alpha, sigma = solver.custom_points(solver.cogvideox_grid(1000), timesteps=[999, 500])
+    g = solver.cogvideox_grid(1000)
+    assert t.tolist() == [999, 500, 0] and alpha[1] == g.alpha[501] and sigma.tolist()[-1] == 0
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--timesteps", "900,950"], "--timesteps: timesteps must be strictly decreasing"),
+    (["--sigmas", "1.0,x"], "--sigmas '1.0,x' is not a comma-separated list"),
+    (["--sigmas", "1.5,0.5"], "--sigmas: sigmas must be strictly decreasing in \\(0, 1\\]"),
+    (["--timesteps", "999,500", "--teacher"], "neither with --teacher"),
+])
+def test_sample_py_schedule_flag_errors(argv, match, capsys):
+    import sample
+    with pytest.raises(SystemExit) as e:
+        sample.cli(["--ckpt", "nowhere"] + argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and err.startswith("error: ")
+    assert re.search(match, err), err
