@@ -40,8 +40,9 @@ import solver
 from teacher import Teacher, embedded_guidance, uses_cfg
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-RELEASED = ("cogvideox-2b", "cogvideox-5b", "hunyuan-video")
+RELEASED = ("cogvideox-2b", "cogvideox-5b", "hunyuan-video", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
 HUNYUAN_LATENT = (9, 68, 120)  # HunyuanVideo's 33 x 544 x 960 clips through its 4x8x8 VAE (its config has no size)
+WAN_LATENT = (21, 60, 104)  # Wan2.1's 81 x 480 x 832 clips through its 4x8x8 VAE (the authors' distillation size)
 
 
 class SampleError(ValueError):
@@ -191,7 +192,8 @@ def teacher_sample(model, x, cond, grid, guidance=6.0, uncond=None, callback=Non
 def model_name(cfg):
     """The released preset this config equals, else a video_io model name of its family (it picks the VAE)."""
     name = next((n for n in RELEASED if models.PRESETS.get(n) == cfg), None)
-    return name or ("hunyuan-video" if "Hunyuan" in type(cfg).__name__ else "cogvideox-2b")
+    family = type(cfg).__name__
+    return name or ("hunyuan-video" if "Hunyuan" in family else "wan2.1-t2v-1.3b" if "Wan" in family else "cogvideox-2b")
 
 
 def get_cond(path, info, n, what="cond"):
@@ -207,8 +209,9 @@ def get_cond(path, info, n, what="cond"):
         print(f"warning: no --{what}: sampling with all-zero conditioning", file=sys.stderr)
     if path:
         cond = data.load_cond(path)
-    else:  # text tokens: CogVideoX's fixed T5 length, HunyuanVideo's 256 Llama tokens
-        cond = {"text": torch.zeros(1, getattr(cfg, "max_text_seq_length", 256), data.text_width(cfg))}
+    else:  # text tokens: CogVideoX's fixed T5 length, HunyuanVideo's 256 Llama tokens, Wan's 512 umT5 tokens
+        n_text = getattr(cfg, "max_text_seq_length", 512 if isinstance(cfg, models.WanConfig) else 256)
+        cond = {"text": torch.zeros(1, n_text, data.text_width(cfg))}
         cond.update({"pooled": torch.zeros(1, pooled)} if pooled else {})
     data.check_fits(cfg, cond, where=path or "all-zero conditioning")
     if (b := cond["text"].shape[0]) not in (1, n):
@@ -224,7 +227,7 @@ def latent_size(args, info):
     elif hasattr(cfg, "sample_frames"):
         default = ((cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1, cfg.sample_height, cfg.sample_width)
     else:
-        default = HUNYUAN_LATENT
+        default = WAN_LATENT if isinstance(cfg, models.WanConfig) else HUNYUAN_LATENT
     f, h, w = (a if a is not None else d for a, d in zip((args.frames, args.height, args.width), default))
     data.check_fits(cfg, latent_shape=(cfg.in_channels, f, h, w),
                     where=f"latent size --frames {f} --height {h} --width {w}")

@@ -150,9 +150,9 @@ def test_teacher_loss_falls(tmp_path, preset):
     assert last < 0.6 * first, (first, last)
 
 
-@pytest.mark.parametrize("stage", ["semantic", "detail"])
-def test_exact_resume(base, tmp_path, stage, capsys):
-    b = base("tiny-cogvideox")
+@pytest.mark.parametrize("stage,preset", [("semantic", "tiny-cogvideox"), ("detail", "tiny-cogvideox"), ("detail", "tiny-wan")])
+def test_exact_resume(base, tmp_path, stage, preset, capsys):
+    b = base(preset)
     # batch 3 of 8 samples, 2 micro-steps: the data order wraps an epoch mid-run
     argv = ["--stage", stage, "--teacher", b["teacher"]["checkpoint"], "--init", b["semantic"]["checkpoint"],
             "--data", b["data"], "--batch-size", 3, "--grad-accum", 2, "--lr", 1e-3, "--target-ema", 0.9,
