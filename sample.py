@@ -106,6 +106,9 @@ class Routed(torch.nn.Module):
 def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=False, steps=None, shift=None):
     """(model, info); info: mode (teacher|dual|od|vcm|pcm|semantic), cfg, run, grid, boundaries, boundary_t, ..."""
     if rel := released.find(path):  # the authors' single-file layout: their routing and schedule
+        if detail or teacher or steps:
+            raise SampleError(f"{rel}: the authors' student holds its detail expert and samples their schedule; "
+                              "change it with --timesteps / --sigmas, not --detail / --teacher / --steps")
         m, r = released.load_released(rel, dtype, device)
         m.eval().requires_grad_(False)
         return m, {"mode": "released", "cfg": m.config, "run": {}, "grid": solver.flow_grid(), "boundaries": [],
@@ -324,9 +327,6 @@ def main(argv=None):
     cfg, grid, run, teacher = info["cfg"], info["grid"], info["run"], info["mode"] == "teacher"
     guidance = args.guidance if args.guidance is not None else run.get("guidance", 6.0)
     custom = {k: v for k, v in (("sigmas", args.sigmas), ("timesteps", args.timesteps)) if v}
-    if info["mode"] == "released" and (args.steps or args.teacher):
-        raise SampleError(f"{info['folder']}: the authors' student samples their schedule {info['schedule']}; "
-                          "change it with --timesteps / --sigmas, not --steps / --teacher")
     custom = custom or dict([info["schedule"]] if info.get("schedule") else [])
     if custom:
         ks, fine = None, grid if grid.kind == "flow" else solver.grid_for(cfg, solver.T_TRAIN)

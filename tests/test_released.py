@@ -233,6 +233,8 @@ def test_sample_py_uses_their_schedule_and_routing(hy, tmp_path):
     res = sample.main(["--ckpt", folder, "--cond", str(cond), "--frames", "2", "--height", "4", "--width", "4",
                        "--out", str(tmp_path / "t"), "--device", "cpu", "--timesteps", "1000,982,981,500"])
     assert res["experts"] == ["semantic", "semantic", "detail", "detail"] and res["t"][:4] == [1000.0, 982.0, 981.0, 500.0]
+    with pytest.raises(sample.SampleError, match="not --detail / --teacher / --steps"):
+        sample.main(["--ckpt", folder, "--steps", "4", "--cond", str(cond)])
 
 
 def test_lora_targets_recorded_in_detail_file(tmp_path):
