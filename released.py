@@ -31,8 +31,9 @@ import experts
 import solver
 
 ADAPTER = "lora1"
-# per architecture: their copy module -> ours; detail when int(t) <= threshold; the sampling schedule of
-# their scripts/inference/*.sh (HunyuanVideo: cus_sigmas of inference_hy.py; Wan: cus_timesteps of inference_wan.py)
+# per architecture: their copy module -> ours; detail when int(t) <= threshold (their inference scripts; their Wan
+# detail-training script routes at 981, its inference at 978: we follow inference); the sampling schedule of
+# scripts/inference/*.sh (HunyuanVideo: cus_sigmas in inference_hy.py; Wan: cus_timesteps in inference_wan.py)
 LAYOUTS = {
     "HunyuanVideo": {"copies": {"time_text_embed_lora": "time_text_embed", "norm_out_lora": "norm_out",
                                 "proj_out_lora": "proj_out"},
@@ -48,7 +49,8 @@ class ReleasedError(ValueError):
 
 
 def boundary_t(threshold):
-    """DualExpert boundary_t equal to their rule int(t) <= threshold: the largest float32 below threshold + 1."""
+    """DualExpert boundary_t equal to their rule int(t) <= threshold for float32 t >= 0 (what the samplers pass):
+    the largest float32 below threshold + 1."""
     return float(torch.nextafter(torch.tensor(threshold + 1.0), torch.tensor(0.0)))
 
 
@@ -109,7 +111,8 @@ def read_config(folder):
 
 def load_released(path, dtype=None, device="cpu"):
     """(DualExpert, info) from the authors' layout at `path` (pipeline folder or transformer/); info holds
-    arch, threshold, schedule (kind, values), folder, rank, alpha. Strict: every key named on a mismatch."""
+    arch, threshold, schedule (kind, values), folder, rank, alpha. Strict: the first unknown, missing or
+    mis-shaped key is named in the error."""
     folder = find(path)
     if folder is None:
         raise ReleasedError(f"{path}: not the authors' DCM layout (no '{ADAPTER}' LoRA keys in its transformer weights)")
