@@ -57,6 +57,7 @@ TARGETS = {
     "Wan": {
         "lora": [f"blocks.*.{a}.{n}" for a in ("attn1", "attn2") for n in QKVO],
         "copy": ["condition_embedder", "norm_out", "proj_out"],
+        "adaln": [],  # per block only a scale_shift_table parameter, added to the (copied) time_proj output
     },
 }
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from layers import (
-    timestep_embedding, TimestepMLP, attention, apply_rope, RMSNorm, FeedForward, reject_cond, check_taps, run_block,
+    timestep_embedding, TimestepMLP, attention, apply_rope, FeedForward, reject_cond, check_taps, run_block,
 )
 
 
@@ -73,7 +73,8 @@ class WanAttention(nn.Module):
         self.heads = heads
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' to_out.1 is a no-op dropout
-        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        # torch's fused RMSNorm in the input dtype, as diffusers (one kernel; layers.RMSNorm upcasts in several)
+        self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
 
     def forward(self, x, ctx=None, rope=None):
         ctx = x if ctx is None else ctx
