@@ -62,10 +62,9 @@ TARGETS = {
 }
 
 
-# `--lora-targets authors`: the authors' PEFT LoraConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-# which wraps every module whose name is or ends in "." + one of them (HunyuanVideo: also the single blocks'
-# and the token refiner's attention, not add_*_proj / to_add_out), and their add_layer() copies (HunyuanVideo:
-# no token-refiner copy; Wan: as TARGETS; CogVideoX, which they did not distil: our copies).
+# `--lora-targets authors`: their PEFT target_modules=["to_q", "to_k", "to_v", "to_out.0"], which wraps every module
+# named or ending in "." + one of them (HunyuanVideo: also the single blocks' and the token refiner's attention, not
+# add_*_proj / to_add_out), + their add_layer() copies (HunyuanVideo: no refiner copy; CogVideoX, not theirs: ours).
 AUTHORS_LORA, AUTHORS_COPY = [f"**.{n}" for n in QKVO], {"HunyuanVideo": ["time_text_embed", "norm_out", "proj_out"]}
 LORA_TARGETS = ("authors", "all")
 
