@@ -173,6 +173,9 @@ def test_trained_here_runs_in_their_model(tmp_path, capsys):
     released.main(["export", "--ckpt", str(step.parent), "--out", str(tmp_path / "DCM_MINE" / "transformer")])
     out = capsys.readouterr()
     assert "14 LoRA linears" in out.out and "warning" not in out.err  # kappa 37 routes the grid as their 981
+    import solver
+    kappa36 = experts.DualExpert(model.build_transformer(TINY_HY, device="meta"), 979.7507934570312, R, ALPHA)
+    assert released.routing_disagreements(kappa36, solver.flow_grid()) == [pytest.approx(981.7629, abs=1e-3)]
     ref = theirs(HunyuanVideoTransformer3DModel, TINY_HY, copies, seed=1)  # other weights, all overwritten
     ref.load_state_dict(load_file(str(tmp_path / "DCM_MINE" / "transformer" / "diffusion_pytorch_model.safetensors")),
                         strict=True)
