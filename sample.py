@@ -5,12 +5,18 @@
     python sample.py --ckpt sem/transformer --detail det.safetensors     # semantic backbone + adapter
     python sample.py --ckpt out/teacher --teacher --steps 50             # the teacher, with guidance
     python sample.py --latents samples/latents.safetensors --decode WEIGHTS   # decode an earlier run
+    python sample.py --ckpt DCM_HY --cond prompts.safetensors --decode DCM_HY    # the authors' released student
+    python sample.py --ckpt out/detail --timesteps 1000,992,982,949,905,810      # a custom schedule
 
 Students (paper supp. 6): steps split evenly between the phases, uniform inside each
 (solver.student_schedule), one model call and Euler/DDIM jump per point, the last to the clean end;
 no CFG, HunyuanVideo's embedded guidance still passed (the teacher's value: teacher.embedded_guidance).
 The dual expert routes t <= boundary_t to its detail path; single students (vcm, pcm, semantic-only)
-use the run's phases.
+use the run's phases. --timesteps / --sigmas replace the schedule (flow: t = 1000 sigma, any points; CogVideoX:
+integer timesteps); the output metadata lists the expert of each point.
+The authors' released students (released.py: `DCM_HY/`, `DCM_WAN/` or their transformer/) sample with the
+authors' schedules and routing: HunyuanVideo sigmas 1, 0.992, 0.9818, 0.9124 with int(t) <= 981 on the
+detail expert; Wan timesteps 1000, 992, 982, 949, 905, 810 with int(t) <= 978; per sample here.
 Without --cond: the run's dataset's unconditional conditioning if found, else zeros (non-released
 models only; the released ones need --cond from `python data.py encode-prompts`), with a warning.
 Noise comes from one seeded CPU generator for all --num samples: bitwise reproducible on a fixed
@@ -29,6 +35,7 @@ import checkpoint
 import data
 import experts
 import model as models
+import released
 import solver
 from teacher import Teacher, embedded_guidance, uses_cfg
 
@@ -98,6 +105,15 @@ class Routed(torch.nn.Module):
 
 def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=False, steps=None, shift=None):
     """(model, info); info: mode (teacher|dual|od|vcm|pcm|semantic), cfg, run, grid, boundaries, boundary_t, ..."""
+    if rel := released.find(path):  # the authors' single-file layout: their routing and schedule
+        if detail or teacher or steps:
+            raise SampleError(f"{rel}: the authors' student holds its detail expert and samples their schedule; "
+                              "change it with --timesteps / --sigmas, not --detail / --teacher / --steps")
+        m, r = released.load_released(rel, dtype, device)
+        m.eval().requires_grad_(False)
+        return m, {"mode": "released", "cfg": m.config, "run": {}, "grid": solver.flow_grid(), "boundaries": [],
+                   "boundary_t": m.boundary_t, "folder": rel, "pixel_space": False, "schedule": r["schedule"],
+                   "threshold": r["threshold"]}
     folder, weights, run = resolve(path)
     run = run or {}
     stage = run.get("stage")
@@ -256,6 +272,8 @@ def parse_args(argv):
     a("--teacher", action="store_true", help="N-step teacher sampling with its guidance (the reference)")
     a("--latents", help="only write videos of an earlier run's latents.safetensors")
     a("--steps", type=int, help="students: default 4; --teacher: the run's N, else 50")
+    a("--timesteps", help="students: custom schedule of model timesteps, e.g. 1000,992,982,949,905,810")
+    a("--sigmas", help="students, flow models: custom schedule of sigmas, e.g. 1.0,0.992,0.9818,0.9124 (then 0)")
     a("--shift", type=float, help="--teacher, flow: grid shift (default the run's, else 17; HunyuanVideo's sampler: 7)")
     a("--seed", type=int, default=0)
     a("--num", type=int, default=1, help="number of samples")
@@ -278,6 +296,18 @@ def parse_args(argv):
         raise SampleError("--teacher samples a plain backbone; it takes no --detail adapter")
     if any(v is not None and v < 1 for v in (args.num, args.batch_size, args.steps)):
         raise SampleError("--num, --batch-size and --steps must be >= 1")
+    if args.timesteps and args.sigmas or (args.timesteps or args.sigmas) and (args.teacher or args.steps):
+        raise SampleError("give at most one of --timesteps and --sigmas, and neither with --teacher or --steps")
+    for name in ("timesteps", "sigmas"):
+        if (v := getattr(args, name)) is not None:
+            try:
+                setattr(args, name, [float(x) for x in v.split(",")])
+            except ValueError:
+                raise SampleError(f"--{name} {v!r} is not a comma-separated list of numbers") from None
+            try:
+                solver.custom_points(solver.flow_grid(2), **{name: getattr(args, name)})
+            except ValueError as e:
+                raise SampleError(f"--{name}: {e}") from None
     args.out = args.out or (os.path.dirname(os.path.abspath(args.latents)) if args.latents else "samples")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     args.dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
@@ -296,23 +326,35 @@ def main(argv=None):
     model, info = load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps, args.shift)
     cfg, grid, run, teacher = info["cfg"], info["grid"], info["run"], info["mode"] == "teacher"
     guidance = args.guidance if args.guidance is not None else run.get("guidance", 6.0)
-    ks = list(range(grid.N - 1, -1, -1)) if teacher else solver.student_schedule(grid, info["boundaries"], args.steps or 4)
-    t, _, sigma = solver.sample_points(grid, ks)
+    custom = {k: v for k, v in (("sigmas", args.sigmas), ("timesteps", args.timesteps)) if v}
+    custom = custom or dict([info["schedule"]] if info.get("schedule") else [])
+    if custom:
+        ks, fine = None, grid if grid.kind == "flow" else solver.grid_for(cfg, solver.T_TRAIN)
+        try:
+            t, alpha, sigma = solver.custom_points(fine, **custom)
+        except ValueError as e:
+            raise SampleError(f"--{next(iter(custom))}: {e}") from None
+    else:
+        ks = list(range(grid.N - 1, -1, -1)) if teacher else solver.student_schedule(grid, info["boundaries"], args.steps or 4)
+        t, alpha, sigma = solver.sample_points(grid, ks)
     names, (f, h, w) = expert_names(info, t[:-1]), latent_size(args, info)
     cond = get_cond(args.cond, info, args.num)
     uncond = get_cond(args.uncond, info, 1, "uncond") if teacher and uses_cfg(model) and guidance != 1 else None
-    meta = {"seed": args.seed, "steps": len(ks), "grid_indices": ks, "t": t.tolist(), "sigmas": sigma.tolist(),
-            "experts": names, "mode": info["mode"], "ckpt": info["folder"], "detail": args.detail, "guidance": guidance,
+    n_steps = len(t) - 1
+    meta = {"seed": args.seed, "steps": n_steps, "grid_indices": ks, "t": t.tolist(), "sigmas": sigma.tolist(),
+            "schedule": custom or None, "experts": names, "mode": info["mode"], "ckpt": info["folder"],
+            "detail": args.detail, "guidance": guidance,
             "model": model_name(cfg), "pixel_space": info["pixel_space"], "dtype": str(args.dtype), "device": args.device}
     if args.decode and not info["pixel_space"]:
         import video_io
         video_io.vae_config(meta["model"], args.decode)  # a bad weights folder fails now, not after sampling
     routing = f", boundary_t {info['boundary_t']:.3f} (kappa {info['boundaries']})" if info["boundary_t"] else ""
-    print(f"{info['folder']}: {info['mode']}{routing}; {grid.kind} grid N={grid.N}; {len(ks)} steps; "
+    routing = f", detail expert where int(t) <= {info['threshold']} (the authors' rule)" if "threshold" in info else routing
+    print(f"{info['folder']}: {info['mode']}{routing}; {grid.kind} grid N={grid.N}; {n_steps} steps; "
           f"latents {args.num} x [{cfg.in_channels}, {f}, {h}, {w}] {args.dtype} on {args.device}")
 
     noise = torch.randn((args.num, cfg.in_channels, f, h, w), generator=torch.Generator().manual_seed(args.seed))
-    secs, outs, bs = [0.0] * len(ks), [], args.batch_size or args.num
+    secs, outs, bs = [0.0] * n_steps, [], args.batch_size or args.num
     clock = [time.perf_counter()]
 
     def timer(i, x_next, x0):  # seconds of step i, summed over the batches
@@ -326,12 +368,13 @@ def main(argv=None):
         if teacher:
             outs.append(teacher_sample(model, x, c, grid, guidance, uncond, timer).cpu())
         else:
-            outs.append(student_sample(model, x, c, grid, info["boundaries"], len(ks), guidance, timer).cpu())
+            outs.append(solver.sample(model_fn(model, c, guidance), x.float(), t, alpha, sigma, grid.kind, timer,
+                                      progress=False).cpu())
     total = time.perf_counter() - clock[0]
-    for i, (k, name) in enumerate(zip(ks, names)):
-        print(f"step {i + 1}/{len(ks)}: k={k} t={float(t[i]):.2f} sigma {float(sigma[i]):.4f} -> {float(sigma[i + 1]):.4f} "
+    for i, (k, name) in enumerate(zip(ks or ["-"] * n_steps, names)):
+        print(f"step {i + 1}/{n_steps}: k={k} t={float(t[i]):.2f} sigma {float(sigma[i]):.4f} -> {float(sigma[i + 1]):.4f} "
               f"expert={name} {secs[i]:.3f} s")
-    print(f"total {total:.3f} s, {total / len(ks):.3f} s/step ({args.num} samples)")
+    print(f"total {total:.3f} s, {total / n_steps:.3f} s/step ({args.num} samples)")
 
     x, path = torch.cat(outs), os.path.join(args.out, "latents.safetensors")
     os.makedirs(args.out, exist_ok=True)

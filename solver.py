@@ -312,3 +312,23 @@ def sample(model_fn, x, t, alpha, sigma, kind, callback=None, progress=True):
         if callback is not None:
             callback(i, x, x0)
     return x.to(in_dtype)
+
+
+def custom_points(grid, sigmas=None, timesteps=None):
+    """(t, alpha, sigma) float64 [n+1] of a given schedule plus the clean end, built as the authors' samplers
+    do. flow: sigma in float32 (timesteps / 1000), t = float32(1000 * sigma); vpred: integer timesteps,
+    looked up on `grid`, which must hold every one (grid_for(config, 1000): t[k + 1] = k)."""
+    if (sigmas is None) == (timesteps is None):
+        raise ValueError("give exactly one of sigmas and timesteps")
+    vals, name = (list(sigmas), "sigmas") if timesteps is None else (list(timesteps), "timesteps")
+    top = 1.0 if timesteps is None else T_TRAIN
+    if not vals or any(a <= b for a, b in zip(vals, vals[1:])) or not all(0 < v <= top for v in vals):
+        raise ValueError(f"{name} must be strictly decreasing in (0, {top:g}], got {vals}")
+    if grid.kind == "flow":
+        s = torch.tensor(vals, dtype=torch.float32) / (1 if timesteps is None else T_TRAIN)
+        sigma = torch.cat([s.double(), torch.zeros(1, dtype=torch.float64)])
+        return torch.cat([(s * T_TRAIN).double(), sigma[-1:]]), 1 - sigma, sigma
+    if timesteps is None or any(v != int(v) or v > T_TRAIN - 1 for v in vals) or grid.N != T_TRAIN:
+        raise ValueError(f"v-prediction models take integer timesteps in 1..{T_TRAIN - 1} (on a {T_TRAIN}-point grid), "
+                         f"got {name} {vals}")
+    return sample_points(grid, [int(v) for v in vals])

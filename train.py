@@ -86,6 +86,7 @@ def parse_args(argv):
     a("--loss", default=loss, choices=("huber", "l2"), help="consistency loss: pseudo-Huber c=1e-3 or L2")
     a("--detail-full", action="store_true", help="detail: full fine-tuned copy instead of LoRA (ablation OD)")
     a("--lora-rank", type=int, default=lora_rank, help="detail LoRA rank (alpha = 2 x rank)")
+    a("--lora-targets", default="authors", choices=experts.LORA_TARGETS, help="detail: the authors' PEFT set or ours (all)")
     a("--disc-hidden", type=int, default=disc_hidden, help="discriminator width (multiple of 32)")
     a("--cond-drop", type=float, default=cond_drop, help="teacher stage, CFG models: uncond probability")
     a("--guidance", type=float, default=guidance, help="teacher guidance scale")
@@ -140,7 +141,7 @@ def build_student(args, cfg, grid, ckpt=None, device="cpu"):
     m = (models.build_transformer(cfg, device=device, dtype=torch.float32) if device == "meta" or not src
          else load(src, torch.float32, device))
     if args.stage == "detail" and not args.detail_full:
-        m = experts.DualExpert(m, solver.boundary_t(grid, args.kappa), args.lora_rank, 2 * args.lora_rank)
+        m = experts.DualExpert(m, solver.boundary_t(grid, args.kappa), args.lora_rank, 2 * args.lora_rank, lora_targets=args.lora_targets)
         if ckpt:
             m.load_detail(os.path.join(ckpt, "detail.safetensors"))
     return m
