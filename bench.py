@@ -19,6 +19,7 @@ from dataclasses import asdict
 
 import torch
 
+import data
 import experts
 import losses
 import model as M
@@ -31,11 +32,13 @@ GPU_SHAPES = {
     "cogvideox-2b": (2, 13, 60, 90, 226),   # 49 frames 480x720 -> 17,776 tokens
     "cogvideox-5b": (2, 13, 60, 90, 226),
     "hunyuan-video": (1, 9, 68, 120, 256),  # 33 frames 544x960 -> 18,616 tokens
+    "wan2.1-t2v-1.3b": (1, 21, 60, 104, 512),  # 81 frames 480x832 -> 32,760 tokens (the authors' Wan size)
 }
 CPU_SHAPES = {
     "tiny-cogvideox": (2, 3, 12, 16, 8),
     "tiny-cogvideox-rope": (2, 3, 12, 16, 8),
     "tiny-hunyuan": (2, 3, 12, 16, 8),
+    "tiny-wan": (2, 3, 12, 16, 8),
 }
 TRAIN_SHAPE = (1, 8, 60, 90, 226)  # CogVideoX-2B, 29 frames 480x720 -> 11,026 tokens (paper's setting)
 TEXT_REAL = 60  # HunyuanVideo prompt tokens that are not padding (a typical prompt)
@@ -48,9 +51,11 @@ def make_inputs(cfg, shape, device, dtype, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
     x = rnd(B, cfg.in_channels, n_f, H, W)
-    cond = {"text": rnd(B, L, cfg.text_embed_dim)}
+    cond = {"text": rnd(B, L, data.text_width(cfg))}
     if isinstance(cfg, M.CogVideoXConfig):
         t = torch.randint(0, 1000, (B,), generator=g).to(device).float()
+    elif isinstance(cfg, M.WanConfig):  # umT5 states only (padding rows are zeros in real data, attended to)
+        t = (torch.rand(B, generator=g) * 1000).to(device, dtype)
     else:
         t = (torch.rand(B, generator=g) * 1000).to(device, dtype)
         mask = torch.zeros(B, L, dtype=torch.long)
@@ -63,8 +68,8 @@ def make_inputs(cfg, shape, device, dtype, seed=0):
 def diffusers_twin(ours, cfg, device, dtype):
     """diffusers' model with our weights (same config keys, same state-dict keys)."""
     import diffusers
-    cls = (diffusers.CogVideoXTransformer3DModel if isinstance(cfg, M.CogVideoXConfig)
-           else diffusers.HunyuanVideoTransformer3DModel)
+    cls = (diffusers.CogVideoXTransformer3DModel if isinstance(cfg, M.CogVideoXConfig) else
+           diffusers.WanTransformer3DModel if isinstance(cfg, M.WanConfig) else diffusers.HunyuanVideoTransformer3DModel)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -87,6 +92,8 @@ def diffusers_call(ref, cfg, x, t, cond):
             rope = (cos[n_text:], sin[n_text:])  # video rows only
         return ref(hidden_states=x.transpose(1, 2), encoder_hidden_states=cond["text"], timestep=t,
                    image_rotary_emb=rope, return_dict=False)[0].transpose(1, 2)
+    if isinstance(cfg, M.WanConfig):
+        return ref(hidden_states=x, timestep=t, encoder_hidden_states=cond["text"], return_dict=False)[0]
     return ref(hidden_states=x, timestep=t, encoder_hidden_states=cond["text"],
                encoder_attention_mask=cond["text_mask"], pooled_projections=cond["pooled"],
                guidance=cond["guidance"], return_dict=False)[0]
@@ -168,9 +175,10 @@ def row_forward(name, shape, device, dtype, compile_too, peak_tflops):
     return row  # the models go with this frame, before the next row is built
 
 
-def row_end_to_end(name, shape, device, dtype, kappa=37, steps=4):
-    """Teacher 50 DDIM steps with CFG vs the dual-expert student at 4 steps (no CFG), batch 1."""
+def row_end_to_end(name, shape, device, dtype, kappa=None, steps=4):
+    """Teacher 50 steps (DDIM or Euler) with CFG vs the dual-expert student at 4 steps (no CFG), batch 1."""
     cfg = M.PRESETS[name]
+    kappa = solver.default_kappa(cfg) if kappa is None else kappa
     backbone = M.build_transformer(name, device=device, dtype=dtype).eval().requires_grad_(False)
     grid = solver.grid_for(cfg)
     x, _, cond = make_inputs(cfg, (1,) + shape[1:], device, dtype)
@@ -322,6 +330,13 @@ def main(argv=None):
     if "e2e" in rows:
         result["e2e"] = row_end_to_end(small[0], small[1], device, dtype)
         print(json.dumps(result["e2e"]), flush=True)
+        wan = "wan2.1-t2v-1.3b" if gpu else "tiny-wan"  # Wan: 50 Euler steps + CFG vs 4 steps, kappa 34
+        if wan in presets:
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
+            result["e2e_wan"] = row_end_to_end(wan, shapes[wan], device, dtype)
+            print(json.dumps(result["e2e_wan"]), flush=True)
         if gpu:
             torch.cuda.empty_cache()
     if "train" in rows:
@@ -353,10 +368,10 @@ def table(result):
         if "ours+compile" in r:
             lines.append(f"| ... with torch.compile | {r['ours+compile']['s']:.3f} | | {r['ratio_compiled']:.3f} | "
                          f"{r['ours+compile']['peak_gib']:.2f} | | {r['ours+compile']['tflops']:.0f} |")
-    if result["e2e"]:
-        e = result["e2e"]
-        lines += ["", f"end to end ({e['preset']}): teacher {e['teacher_steps']} steps + CFG {e['teacher_s']:.2f} s, "
-                  f"student {e['student_steps']} steps {e['student_s']:.2f} s: speed-up {e['speedup']:.1f}x"]
+    for e in (result["e2e"], result.get("e2e_wan")):
+        if e:
+            lines += ["", f"end to end ({e['preset']}): teacher {e['teacher_steps']} steps + CFG {e['teacher_s']:.2f} s, "
+                      f"student {e['student_steps']} steps {e['student_s']:.2f} s: speed-up {e['speedup']:.1f}x"]
     if result.get("fuse"):
         lines += ["", "| fused projection (one GEMM instead of several) | separate ms | fused ms | saved per forward ms |",
                   "|---|---|---|---|"]

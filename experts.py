@@ -29,7 +29,8 @@ from data import atomic_save_file
 
 FORMAT = "dcm-detail-v1"
 QKVO = ("to_q", "to_k", "to_v", "to_out.0")
-# where the detail expert differs from the semantic one, per architecture; `*` = one name component.
+# where the detail expert differs from the semantic one, per architecture (`--lora-targets all`); `*` = one
+# name component, `**` = any number of leading ones.
 # "lora": attention linears (authors: to_q/to_k/to_v/to_out.0 of every attention; we add the
 # double blocks' text-stream projections, which are the same attention's linears under other names;
 # single blocks' fused proj_out is an MLP+attention output, not an attention linear: left out).
@@ -51,7 +52,29 @@ TARGETS = {
                   "single_transformer_blocks.*.norm.linear",
                   "context_embedder.token_refiner.refiner_blocks.*.norm_out.linear"],
     },
+    # Wan = the authors' set (modeling_wan.py add_layer): copies of condition_embedder (time MLP, the blocks'
+    # time_proj, text projection), norm_out (parameter-free), proj_out; scale_shift_table stays shared.
+    "Wan": {
+        "lora": [f"blocks.*.{a}.{n}" for a in ("attn1", "attn2") for n in QKVO],
+        "copy": ["condition_embedder", "norm_out", "proj_out"],
+        "adaln": [],  # per block only a scale_shift_table parameter, added to the (copied) time_proj output
+    },
 }
+
+
+# `--lora-targets authors`: their PEFT target_modules=["to_q", "to_k", "to_v", "to_out.0"], which wraps every module
+# named or ending in "." + one of them (HunyuanVideo: also the single blocks' and the token refiner's attention, not
+# add_*_proj / to_add_out), + their add_layer() copies (HunyuanVideo: no refiner copy; CogVideoX, not theirs: ours).
+AUTHORS_LORA, AUTHORS_COPY = [f"**.{n}" for n in QKVO], {"HunyuanVideo": ["time_text_embed", "norm_out", "proj_out"]}
+LORA_TARGETS = ("authors", "all")
+
+
+def targets_for(arch, which="authors"):
+    """The target spec {"lora", "copy", "adaln"} of an architecture for --lora-targets `which`."""
+    if which not in LORA_TARGETS:
+        raise ValueError(f"lora_targets must be one of {LORA_TARGETS}, got {which!r}")
+    return TARGETS[arch] if which == "all" else {"lora": AUTHORS_LORA, "adaln": TARGETS[arch].get("adaln", []),
+                                                 "copy": AUTHORS_COPY.get(arch, TARGETS[arch]["copy"])}
 
 
 class LoRA(nn.Module):
@@ -132,7 +155,9 @@ def arch_of(backbone):
 
 
 def _matches(pattern, names):
-    rx = re.compile(r"\.".join(r"[^.]+" if p == "*" else re.escape(p) for p in pattern.split(".")))
+    """Names matching a dotted pattern: `*` is one component, a leading `**.` any number (PEFT's suffix rule)."""
+    head, rest = (r"(?:[^.]+\.)*", pattern[3:]) if pattern.startswith("**.") else ("", pattern)
+    rx = re.compile(head + r"\.".join(r"[^.]+" if p == "*" else re.escape(p) for p in rest.split(".")))
     return [n for n in names if rx.fullmatch(n)]
 
 
@@ -190,13 +215,14 @@ class DualExpert(nn.Module):
     trained semantic expert. The copies are taken at construction.
     """
 
-    def __init__(self, backbone, boundary_t, rank=128, alpha=256, copy_adaln=False, targets=None):
+    def __init__(self, backbone, boundary_t, rank=128, alpha=256, copy_adaln=False, targets=None, lora_targets="authors"):
         super().__init__()
         self.backbone = backbone
         self.boundary_t = float(boundary_t)
         self.rank, self.alpha, self.copy_adaln = int(rank), float(alpha), bool(copy_adaln)
         self.arch = arch_of(backbone) if targets is None else "custom"
-        spec = TARGETS[self.arch] if targets is None else targets
+        self.lora_targets = lora_targets if targets is None else "custom"
+        spec = targets_for(self.arch, lora_targets) if targets is None else targets
         if not {"lora", "copy"} <= set(spec) or not set(spec) <= {"lora", "copy", "adaln"}:
             raise ValueError(f"targets must have keys 'lora', 'copy' (and optionally 'adaln'), got {sorted(spec)}")
         self.targets = {k: list(spec.get(k, [])) for k in ("lora", "copy", "adaln")}
@@ -339,7 +365,8 @@ class DualExpert(nn.Module):
 
     def detail_meta(self):
         return {"format": FORMAT, "arch": self.arch, "boundary_t": self.boundary_t, "rank": self.rank,
-                "alpha": self.alpha, "copy_adaln": self.copy_adaln, "targets": self.targets}
+                "alpha": self.alpha, "copy_adaln": self.copy_adaln, "targets": self.targets,
+                "lora_targets": self.lora_targets}
 
     def detail_state(self):
         """Adapter tensors under backbone names: '<linear>.lora_A.weight' / '.lora_B.weight' (PEFT
@@ -371,6 +398,7 @@ class DualExpert(nn.Module):
         info = json.loads(meta["dcm"])
         if info.get("format") != FORMAT:
             raise ValueError(f"{path}: format {info.get('format')!r}, expected {FORMAT!r}")
+        info.setdefault("lora_targets", "custom" if info.get("arch") == "custom" else "all")  # files from before the flag
         return info
 
     @classmethod
@@ -378,7 +406,7 @@ class DualExpert(nn.Module):
         """A DualExpert built with the file's rank/alpha/boundary/targets, its adapter loaded."""
         info = cls.read_detail_meta(path)
         targets = None if info["arch"] != "custom" else info["targets"]
-        expert = cls(backbone, info["boundary_t"], info["rank"], info["alpha"], info["copy_adaln"], targets)
+        expert = cls(backbone, info["boundary_t"], info["rank"], info["alpha"], info["copy_adaln"], targets, info["lora_targets"])
         expert.load_detail(path)
         return expert
 

@@ -1,5 +1,5 @@
-"""Video diffusion transformers (CogVideoX, HunyuanVideo) in plain PyTorch: the config registry, the presets
-and `build_transformer`. The architectures are one file each (cogvideox.py, hunyuan_video.py) on the shared
+"""Video diffusion transformers (CogVideoX, HunyuanVideo, Wan2.1) in plain PyTorch: the config registry, the presets
+and `build_transformer`. The architectures are one file each (cogvideox.py, hunyuan_video.py, wan.py) on the shared
 layers of layers.py; each declares its `ARCHITECTURE` and `PRESETS`, which this file registers.
 `model.CogVideoXTransformer` etc. resolve to the architecture files.
 
@@ -19,8 +19,9 @@ import torch
 
 import cogvideox
 import hunyuan_video
+import wan
 
-_ARCH_MODULES = (cogvideox, hunyuan_video)
+_ARCH_MODULES = (cogvideox, hunyuan_video, wan)
 ARCHITECTURES = {}  # diffusers `_class_name` -> (ConfigCls, ModelCls)
 PRESETS = {}  # name -> config
 for _m in _ARCH_MODULES:

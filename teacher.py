@@ -1,8 +1,8 @@
 """The frozen teacher: a pretrained backbone, its guidance, and its ODE solver on the N-step grid (DESIGN sec. 1).
 
 Guidance, per architecture:
-- CFG (CogVideoX, v-prediction): out = u + g * (c - u), cond and uncond batched in one forward;
-  the unconditional conditioning is given once with batch 1 and broadcast to the batch.
+- CFG (CogVideoX, v-prediction; Wan2.1, flow): out = u + g * (c - u), cond and uncond batched in one
+  forward; the unconditional conditioning is given once with batch 1 and broadcast to the batch.
 - embedded guidance (HunyuanVideo): the model takes guidance = 1000 * g (bf16-rounded, `embedded_guidance`)
   as an input, one pass.
 - CFG also for a flow model whose config has no `guidance_embeds` when it is given `uncond` (the toy's teacher,
@@ -30,12 +30,18 @@ def embedded_guidance(scale):
     return float(torch.tensor(1000.0 * scale, dtype=torch.float32).to(torch.bfloat16))
 
 
+def uses_cfg(model):
+    """True for a teacher guided by CFG: v-prediction models and backbones declaring `guidance = "cfg"` (Wan)."""
+    return getattr(model, "prediction", None) == "vpred" or getattr(model, "guidance", None) == "cfg"
+
+
 class Teacher:
     """Frozen teacher v_T(x, t, cond) with guidance and one solver step per grid index (DESIGN sec. 1, step 4)."""
 
     def __init__(self, model, grid, guidance_scale=6.0, uncond=None, embedded_guidance=None):
-        """embedded_guidance: None = by kind (flow: embedded if config.guidance_embeds, else CFG when `uncond` is
-        given, else none; vpred: CFG), True = embedded (the config must have guidance_embeds), False = CFG."""
+        """embedded_guidance: None = by model (`uses_cfg`: CFG; other flow models: embedded if
+        config.guidance_embeds, else CFG when `uncond` is given, else none), True = embedded (the config must have
+        guidance_embeds), False = CFG."""
         pred = getattr(model, "prediction", None)
         if pred is not None and pred != grid.kind:
             raise ValueError(f"model predicts {pred!r} but the grid is {grid.kind!r}")
@@ -43,8 +49,9 @@ class Teacher:
         if embedded_guidance and not has_embeds:
             raise ValueError("embedded_guidance=True but the model's config has no guidance_embeds")
         if embedded_guidance is None:
-            # flow models guide through their embedding when they have one, else by CFG if they can; v-pred: CFG
-            embedded_guidance = grid.kind == "flow" and (has_embeds or uncond is None)
+            # flow models guide through their embedding when they have one, else by CFG if given `uncond`;
+            # v-pred models and Wan use CFG
+            embedded_guidance = grid.kind == "flow" and not uses_cfg(model) and (has_embeds or uncond is None)
         if embedded_guidance:
             self.mode = "embedded" if has_embeds else "none"
         else:

@@ -8,7 +8,7 @@
 Stages (k = index on the teacher's N-step grid, kappa = the DCM cut):
   teacher   diffusion training (losses.diffusion_time, diffusion_loss): flow: logit-normal sigma, target
             v = eps - x0; vpred: t ~ U{0..999} on CogVideoX's DDIM alphas, target v = alpha*eps - sigma*x0.
-            CFG models (no guidance input) train on the dataset's uncond conditioning with probability --cond-drop.
+            CFG models (CogVideoX, Wan, no guidance input) train on the dataset's uncond conditioning w.p. --cond-drop.
   vcm       one student, one phase k in 0..N-1 -> clean end;  pcm: --phases P even phases.
   semantic  k in kappa+1..N-1 -> x_kappa, + temporal coherence (--w-tc).
   detail    DualExpert on the semantic expert (--init): LoRA + copied layers, k in 0..kappa -> clean
@@ -37,7 +37,7 @@ import experts
 import losses
 import model as models
 import solver
-from teacher import Teacher, embedded_guidance
+from teacher import Teacher, embedded_guidance, uses_cfg
 
 # --- run settings: defaults of the command-line flags (dicts where the stages differ)
 STAGES = ("teacher", "vcm", "pcm", "semantic", "detail")
@@ -49,7 +49,7 @@ batch_size, grad_accum = 1, 1           # per process; global batch = batch x ac
 weight_decay, grad_clip = 1e-3, 1.0     # AdamW (0.9, 0.999)
 d_lr, d_betas, d_weight_decay = 1e-5, (0.0, 0.999), 1e-3
 grid_steps, shift, phases = 50, 17.0, 4
-kappa = None                            # 37 at N = 50 (authors), 38N//50 - 1 in general
+kappa = None                            # authors at N = 50: 37 (34 for Wan); solver.default_kappa
 guidance = 6.0                          # CFG scale (CogVideoX) / embedded guidance -> 6016 (HunyuanVideo)
 cond_drop, target_ema, loss = 0.1, 0.0, "huber"
 lora_rank, disc_hidden = 128, 1024
@@ -77,7 +77,7 @@ def parse_args(argv):
     a("--weight-decay", type=float, default=weight_decay)
     a("--d-lr", type=float, default=d_lr, help="discriminator lr (AdamW, constant)")
     a("--d-betas", type=float, nargs=2, default=d_betas, metavar=("B1", "B2"), help="discriminator AdamW betas")
-    a("--kappa", type=int, default=kappa, help="DCM boundary grid index (default 37 at N=50)")
+    a("--kappa", type=int, default=kappa, help="DCM boundary grid index (default 37 at N=50, Wan 34)")
     a("--phases", type=int, default=phases, help="pcm: number of evenly spaced phases")
     a("--seed", type=int, default=seed)
     a("--resume", action="store_true", help="go on from the newest complete checkpoint in --out")
@@ -88,6 +88,7 @@ def parse_args(argv):
     a("--loss", default=loss, choices=("huber", "l2"), help="consistency loss: pseudo-Huber c=1e-3 or L2")
     a("--detail-full", action="store_true", help="detail: full fine-tuned copy instead of LoRA (ablation OD)")
     a("--lora-rank", type=int, default=lora_rank, help="detail LoRA rank (alpha = 2 x rank)")
+    a("--lora-targets", default="authors", choices=experts.LORA_TARGETS, help="detail: the authors' PEFT set or ours (all)")
     a("--disc-hidden", type=int, default=disc_hidden, help="discriminator width (multiple of 32)")
     a("--cond-drop", type=float, default=cond_drop, help="teacher stage, CFG models: uncond probability")
     a("--guidance", type=float, default=guidance, help="teacher guidance scale")
@@ -107,14 +108,13 @@ def parse_args(argv):
         if getattr(args, name) is None:
             setattr(args, name, table.get(args.stage, 0.0))
     args.out = args.out or os.path.join("out", args.stage)
-    args.kappa = (38 * args.grid_steps) // 50 - 1 if args.kappa is None else args.kappa
     if args.stage == "detail" and not args.init:
         raise TrainError("--stage detail needs --init: the semantic expert checkpoint to build on")
     if args.stage != "teacher" and not (args.teacher or args.dry_run):
         raise TrainError(f"--stage {args.stage} needs --teacher (the model to distil)")
     if not (args.data or args.dry_run):
         raise TrainError("--data is required (a dataset folder, see data.py)")
-    if not 0 <= args.kappa <= args.grid_steps - 2:
+    if args.kappa is not None and not 0 <= args.kappa <= args.grid_steps - 2:
         raise TrainError(f"--kappa {args.kappa} must lie in 0..N-2 = 0..{args.grid_steps - 2}")
     return args
 
@@ -143,7 +143,7 @@ def build_student(args, cfg, grid, ckpt=None, device="cpu"):
     m = (models.build_transformer(cfg, device=device, dtype=torch.float32) if device == "meta" or not src
          else load(src, torch.float32, device))
     if args.stage == "detail" and not args.detail_full:
-        m = experts.DualExpert(m, solver.boundary_t(grid, args.kappa), args.lora_rank, 2 * args.lora_rank)
+        m = experts.DualExpert(m, solver.boundary_t(grid, args.kappa), args.lora_rank, 2 * args.lora_rank, lora_targets=args.lora_targets)
         if ckpt:
             m.load_detail(os.path.join(ckpt, "detail.safetensors"))
     return m
@@ -193,6 +193,7 @@ def main(argv=None):
     """One run; returns {"step", "losses", "out", "checkpoint"} (dry run: the sizes)."""
     args = parse_args(argv)
     cfg = model_config(args)
+    args.kappa = solver.default_kappa(cfg, args.grid_steps) if args.kappa is None else args.kappa
     kind = models.build_transformer(cfg, device="meta").prediction
     grid = solver.flow_grid(args.grid_steps, args.shift) if kind == "flow" else solver.grid_for(cfg, args.grid_steps)
     if args.dry_run:
@@ -249,7 +250,7 @@ def train(args, cfg, kind, grid, world, rank, device):
     teacher, disc = None, losses.Discriminator.for_model(student, args.disc_hidden).to(device) if gan else None
     if args.stage != "teacher":
         tmodel = load(args.teacher, torch.bfloat16 if args.dtype == "bf16" else torch.float32, load_device)
-        teacher = Teacher(tmodel, grid, args.guidance, uncond)  # CFG where the model has no guidance input
+        teacher = Teacher(tmodel, grid, args.guidance, uncond)  # CFG: uses_cfg models, flow without guidance input
     if ema is not None and state:
         ema.load_state_dict(state["ema"])
     frozen_teacher = [] if teacher is None else [teacher.model]
@@ -296,7 +297,7 @@ def train(args, cfg, kind, grid, world, rank, device):
     vgrid = solver.grid_for(cfg, solver.T_TRAIN) if kind == "vpred" else None  # every DDIM training timestep
     weights = {"diffusion": 1.0, "cd": 1.0, "tc": args.w_tc, "gan_g": args.w_gan, "fm": args.w_fm}
     C, n_f, H, W = ds.manifest["latent_shape"]
-    tok_grid = (n_f // (getattr(cfg, "patch_size_t", None) or 1), H // cfg.patch_size, W // cfg.patch_size)
+    tok_grid = tuple(n // p for n, p in zip((n_f, H, W), data.patch_of(cfg)))
 
     def make_cond(batch, drop=None):
         cond = {k: batch[k].to(device) for k in cond_keys}
@@ -318,10 +319,9 @@ def train(args, cfg, kind, grid, world, rank, device):
         terms = {"cd": l_cd}
         if k is None and args.w_tc:
             terms["tc"] = losses.temporal_coherence_loss(xhat, x_tgt)
-        if k is None and gan:  # re-noised to k_adv in the detail sub-trajectory
-            k_adv = k_between(u[:, 1], 0, kap).to(device)
-            terms["gan_g"], terms["fm"], feats = losses.adversarial_terms(teacher.model, disc, x_tgt, xhat, n, k_end,
-                                                                          k_adv, grid, scond, tok_grid)
+        if k is None and gan:  # the GAN's inputs are re-noised to k_adv in the detail sub-trajectory
+            terms["gan_g"], terms["fm"], feats = losses.adversarial_terms(
+                teacher.model, disc, x_tgt, xhat, n, k_end, k_between(u[:, 1], 0, kap).to(device), grid, scond, tok_grid)
         losses.output_grad_norms(xhat, terms, weights, into=out_gn)  # a dict on probe steps: how hard each term pulls
         return terms, feats if k is None and gan else None
 
@@ -377,7 +377,7 @@ def train(args, cfg, kind, grid, world, rank, device):
             batch, epoch, pos = next(stream)
             x0 = batch["latents"].float().to(device)
             eps, u, n = data.draws(batch["index"], step, args.seed, x0.shape[1:], gan, device)
-            drop = (u[:, 2] < args.cond_drop) if args.stage == "teacher" and not getattr(cfg, "guidance_embeds", 0) else None
+            drop = (u[:, 2] < args.cond_drop) if args.stage == "teacher" and (uses_cfg(student) or not getattr(cfg, "guidance_embeds", 0)) else None
             last = micro == accum - 1
             if args.fsdp:
                 student_mod.set_requires_gradient_sync(last)
