@@ -145,8 +145,8 @@ def test_choose_kappa_reads_the_fig10_curve():
 
 def test_guidance_and_target_rules():
     from toy.run import choose_guidance, choose_target
-    rows = {1.0: {"cond_acc": 0.5, "fd": 300}, 3.0: {"cond_acc": 0.93, "fd": 200}, 6.0: {"cond_acc": 0.94, "fd": 260}}
-    assert choose_guidance(rows) == 3.0 and choose_guidance(rows, tol=0.0) == 6.0
+    rows = {1.0: {"cond_acc": 0.5, "fd": 300}, 3.0: {"cond_acc": 0.9, "fd": 200}, 6.0: {"cond_acc": 0.94, "fd": 450}}
+    assert choose_guidance(rows) == 3.0 and choose_guidance(rows, fd_factor=3.0) == 6.0
     curves = {(0.95, 3e-5): [{"traj_mse": 0.01}, {"traj_mse": 0.03}], (0.99, 1e-4): [{"traj_mse": 0.02}, {"traj_mse": 0.015}]}
     assert choose_target(curves) == (0.99, 1e-4)  # the end of the run decides: the drifting candidate loses
 

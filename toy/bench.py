@@ -121,20 +121,25 @@ def agg_over(per_seed):
 
 
 @torch.no_grad()
-def evaluate(models, teach, test, grid, guidance, S, kappa):
+def evaluate(models, teach, test, grid, guidance, S, kappa, headline, sweep=()):
     """results[label][schedule][steps] = {"per_train_seed", "agg", "over"}, and the GIF's samples (test seed 0).
 
-    Each training seed's metrics are the mean over the sampling seeds; rows with one training run (the undistilled
+    Headline models at every S.eval_steps, the others at 2 and 4 steps (1 step runs only their semantic expert);
+    DCM with both point rules; the undistilled teacher on every student's schedule, the sweep's cuts included. Each
+    training seed's metrics are the mean over the sampling seeds; rows with one training run (the undistilled
     teacher, the kappa sweep) take their spread over the sampling seeds instead."""
     results, gif, cache = {}, {}, {}
-    schedules = {"VCM": ([], "even"), "PCM (4 phases)": ([(grid.N * j + 2) // 4 - 1 for j in (3, 2, 1)], "even"),
-                 "DCM": ([kappa], "even"), "DCM, proportional points": ([kappa], "proportional")}
+    few = [st for st in S.eval_steps if st > 1]
+    schedules = {"VCM": ([], "even", S.eval_steps),
+                 "PCM (4 phases)": ([(grid.N * j + 2) // 4 - 1 for j in (3, 2, 1)], "even", S.eval_steps),
+                 "DCM": ([kappa], "even", S.eval_steps), "DCM, proportional points": ([kappa], "proportional", few)}
+    schedules |= {f"DCM, kappa = {k}": ([k], "even", few) for k in sweep}
 
     def keep(label, steps):
         return lambda i, x: gif.__setitem__(f"{label}, {steps} steps", x[:S.gif_n]) if i == 0 and steps in (2, 4) \
             and label in ("VCM", "PCM (4 phases)", "DCM (OD+PE+TC+GF)", TEACHER + ", VCM schedule") else None
-    for sched, (bounds, points) in schedules.items():
-        for steps in S.eval_steps:
+    for sched, (bounds, points, steps_list) in schedules.items():
+        for steps in steps_list:
             ks = tuple(solver.student_schedule(grid, bounds, steps, points))
             if ks not in cache:
                 cache[ks] = score(test, teacher_fn(teach), list(ks), keep(f"{TEACHER}, {sched} schedule", steps))
@@ -142,12 +147,12 @@ def evaluate(models, teach, test, grid, guidance, S, kappa):
     for label, members in models.items():
         dual = label.startswith("DCM") or label.startswith("OD")
         for points in ("even", "proportional") if label.startswith("DCM") else ("even",):
-            for steps in S.eval_steps:
+            for steps in S.eval_steps if label in headline else few:
                 per_train = []
                 for i, (model, info) in enumerate(members):
                     ks = solver.student_schedule(grid, info["boundaries"], steps, points)
                     per = score(test, student_fn(model, info, grid, guidance), ks,
-                                      keep(label, steps) if i == 0 and points == "even" else None)
+                                keep(label, steps) if i == 0 and points == "even" else None)
                     per_train.append(per)
                 sched = f"{points} points" if dual else "own schedule"
                 if len(members) > 1:

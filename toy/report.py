@@ -255,17 +255,20 @@ def ablation_compare(res, steps_list):
 
 
 def sweep_table(res, kappas, chosen, steps_list):
-    rows = ["| kappa | points | steps | " + " | ".join(t for t, _ in METRICS.values()) + " |",
-            "|" + "---|" * (3 + len(METRICS))]
+    """DCM retrained at each cut, and the undistilled teacher on the same points (the schedule's own effect)."""
+    rows = ["| kappa | model | points | steps | " + " | ".join(t for t, _ in METRICS.values()) + " |",
+            "|" + "---|" * (4 + len(METRICS))]
     for k in sorted(kappas + [chosen]):
         model = DCM if k == chosen else f"DCM, kappa = {k}"
         for pts in ("even points", "proportional points"):
+            tsched = ("DCM schedule" if pts.startswith("even") else "DCM, proportional points schedule") \
+                if k == chosen else f"DCM, kappa = {k} schedule" if pts.startswith("even") else None
             for st in steps_list:
-                row = cell(res, model, pts, st)
-                if row is not None:
-                    name = f"{k} (chosen, mean of seeds)" if k == chosen else str(k)
-                    rows.append(f"| {name} | {pts.split()[0]} | {st} | "
-                                + " | ".join(fmt(row["agg"], m) for m in METRICS) + " |")
+                for who, row in (("teacher", cell(res, TEACHER, tsched, st) if tsched else None),
+                                 ("DCM" + (" (mean of seeds)" if k == chosen else ""), cell(res, model, pts, st))):
+                    if row is not None:
+                        rows.append(f"| {k}{' (chosen)' if k == chosen else ''} | {who} | {pts.split()[0]} | {st} | "
+                                    + " | ".join(fmt(row["agg"], m) for m in METRICS) + " |")
     return "\n".join(rows)
 
 
@@ -311,15 +314,18 @@ def write(out, s, models, gif, run_dirs):
              "marks a difference larger than the sum of the two rows' spreads (`toy/bench.py: exceeds`).\n")
 
     L.append("## The teacher\n")
-    L.append("CFG scale on the validation split (50 steps; rule `choose_guidance`: best class accuracy, then among "
-             "those within 0.02 of it the lowest FD):\n")
-    L.append("| CFG scale | class acc. | FD | motion err. | HF ratio |\n|---|---|---|---|---|")
+    L.append("CFG scale on the validation split (50 steps; rule `choose_guidance`: the best class accuracy among "
+             "the scales whose FD is within 2x the lowest):\n")
+    L.append("| CFG scale | class acc. | shape / colour / direction acc. | FD | motion err. | HF ratio |\n"
+             "|---|---|---|---|---|---|")
     for g, r in s["guidance_rows"].items():
         L.append(f"| {g}{' (chosen)' if float(g) == float(s['guidance']) else ''} | {r['cond_acc']:.3f} | "
+                 f"{r['shape_acc']:.2f} / {r['colour_acc']:.2f} / {r['dir_acc']:.2f} | "
                  f"{r['fd']:.0f} | {r['motion_err']:.3f} | {r['hf_ratio']:.3f} |")
     t50 = cell(res, "teacher (50 steps)", "50 steps", N)["agg"]
     gap = {st: cell(res, TEACHER, "VCM schedule", st) for st in steps_list}
-    L.append(f"\nOn the test split the teacher at 50 steps scores class accuracy {fmt(t50, 'cond_acc')}, FD "
+    L.append(f"\nOn the test split the teacher at 50 steps scores class accuracy {fmt(t50, 'cond_acc')} (shape "
+             f"{fmt(t50, 'shape_acc')}, colour {fmt(t50, 'colour_acc')}, direction {fmt(t50, 'dir_acc')}), FD "
              f"{fmt(t50, 'fd')}; the same teacher with CFG on a uniform schedule: " + "; ".join(
                  f"{st} steps: accuracy {fmt(g['agg'], 'cond_acc')}, FD {fmt(g['agg'], 'fd')}, traj. MSE "
                  f"{fmt(g['agg'], 'traj_mse')}" for st, g in gap.items() if g) + ". That gap is what distillation "
