@@ -1,6 +1,6 @@
 """The layers every backbone shares (cogvideox.py, hunyuan_video.py, ...): timestep sinusoids and MLP, SDPA
 attention, RoPE, RMSNorm, the diffusers-named feed-forward, per-block activation checkpointing and the
-input checks. The backbones import this file only; model.py imports the backbones (no import cycle).
+input checks; parallel.py's sequence-parallel hooks are re-exported. The backbones import this file only; model.py imports the backbones (no import cycle).
 """
 
 import math
@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from parallel import sp_attention, sp_gather, sp_rows, sp_shard  # noqa: F401 - the backbones' sequence-parallel hooks
 
 
 def timestep_embedding(t, dim, flip_sin_to_cos=True, shift=0, max_period=10000):
@@ -34,9 +36,14 @@ class TimestepMLP(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-def attention(q, k, v, mask=None):
-    """Softmax attention on [B, heads, L, d] in the input dtype (SDPA picks the fused kernel)."""
+def _sdpa(q, k, v, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def attention(q, k, v, mask=None, sp=None):
+    """Softmax attention on [B, heads, L, d] in the input dtype (SDPA picks the fused kernel); sp: the Shard of
+    parallel.sp_shard when the video rows of L are this rank's slice (Ulysses, parallel.py), else None."""
+    return _sdpa(q, k, v, mask) if sp is None else sp_attention(q, k, v, mask, sp, _sdpa)
 
 
 def apply_rope(x, cos, sin):
