@@ -14,6 +14,8 @@ alike is split over the ranks: its SUM over the group is N times the single-proc
 over the whole world that DDP and FSDP2 take (world = DP x SP) is the DP average of the single-process gradients.
 This file imports torch only (layers.py re-exports it to the backbones).
 """
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,38 @@ def init(sp):
     groups = [dist.new_group(list(range(i, i + sp))) for i in range(0, world, sp)] if sp > 1 else [None]
     set_group(groups[rank // sp] if sp > 1 else None)
     return world // sp, rank // sp
+
+
+def check(sp, cfg, world):
+    """A run's --sp N against the launch (and the model, when cfg is given) before any expensive work: ValueError."""
+    if sp == 1:
+        return
+    if sp < 1:
+        raise ValueError(f"--sp {sp} must be >= 1")
+    if "RANK" not in os.environ:
+        raise ValueError(f"--sp {sp} needs N processes per sample: launch with torchrun "
+                         f"(torchrun --nproc_per_node={sp} ... --sp {sp}), not a plain python process")
+    if world % sp:
+        raise ValueError(f"--sp {sp} must divide the world size {world} (world = data parallel x sequence parallel)")
+    if cfg is not None:
+        check_heads(cfg, sp)
+
+
+@contextmanager
+def distributed(device, sp=1, fsdp=False):
+    """torch.distributed for one run: torchrun's default group (or a 1-process group for --fsdp in a plain process)
+    when not already set up, and the SP groups -> yields (dp_size, dp_rank); undone on exit."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    own = (world > 1 or fsdp) and not dist.is_initialized()
+    if own:
+        alone = {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **alone)
+    try:
+        yield init(sp) if dist.is_initialized() else (1, 0)
+    finally:
+        set_group(None)
+        if own:
+            dist.destroy_process_group()
 
 
 @dataclass(frozen=True)
