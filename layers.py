@@ -1,6 +1,7 @@
 """The layers every backbone shares (cogvideox.py, hunyuan_video.py, ...): timestep sinusoids and MLP, SDPA
 attention, RoPE, RMSNorm, the diffusers-named feed-forward, per-block activation checkpointing and the
-input checks; parallel.py's sequence-parallel hooks are re-exported. The backbones import this file only; model.py imports the backbones (no import cycle).
+input checks; parallel.py's sequence-parallel hooks are re-exported. The backbones import this file only
+(parallel.py imports torch only); model.py imports the backbones (no import cycle).
 """
 
 import math

@@ -40,6 +40,11 @@ def size():
     return 1 if _GROUP is None else dist.get_world_size(_GROUP)
 
 
+def lead():
+    """True on the rank that writes a run's files: rank 0, or the only process."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def check_heads(cfg, sp):
     """N must divide the attention head count (Ulysses gives each rank heads/N heads); ValueError otherwise."""
     heads = cfg.num_attention_heads

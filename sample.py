@@ -297,7 +297,7 @@ def main(argv=None):
         if args.ckpt and os.path.isdir(weights := resolve(args.ckpt)[1]):  # heads before the group and the weights
             parallel.check_heads(checkpoint.read_config(weights), args.sp)
         with parallel.distributed(torch.device(args.device), args.sp), open(os.devnull, "w") as null, \
-                contextlib.redirect_stdout(null if parallel.dist.get_rank() else sys.stdout):
+                contextlib.redirect_stdout(sys.stdout if parallel.lead() else null):
             return main(argv)
     if args.latents:
         if not os.path.isfile(args.latents):
@@ -347,7 +347,7 @@ def main(argv=None):
     print(f"total {total:.3f} s, {total / len(ks):.3f} s/step ({args.num} samples)")
 
     x, path = torch.cat(outs), os.path.join(args.out, "latents.safetensors")
-    if parallel.get_group() is not None and parallel.dist.get_rank():  # sequence parallel: rank 0 writes
+    if parallel.get_group() is not None and not parallel.lead():  # sequence parallel: rank 0 writes
         return {**meta, "latents": x, "path": None, "videos": [], "out": args.out}
     os.makedirs(args.out, exist_ok=True)
     data.atomic_save_file({"latents": x}, path, metadata={k: json.dumps(v) for k, v in meta.items()})
