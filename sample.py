@@ -5,7 +5,7 @@
     python sample.py --ckpt sem/transformer --detail det.safetensors     # semantic backbone + adapter
     python sample.py --ckpt out/teacher --teacher --steps 50             # the teacher, with guidance
     python sample.py --latents samples/latents.safetensors --decode WEIGHTS   # decode an earlier run
-    torchrun --nproc_per_node=4 sample.py --ckpt out/detail --sp 4     # sequence parallel: 4 GPUs, one sample set
+    torchrun --nproc_per_node=4 sample.py -- --ckpt out/detail --sp 4  # sequence parallel: 4 GPUs, one sample set
 
 Students (paper supp. 6): steps split evenly between the phases, uniform inside each
 (solver.student_schedule), one model call and Euler/DDIM jump per point, the last to the clean end;
