@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from layers import (
     timestep_embedding, TimestepMLP, attention, apply_rope, FeedForward, reject_cond, check_taps, run_block,
-    ACTIVATIONS, sp_shard, sp_gather, sp_rows,
+    ACTIVATIONS,
 )
+from layers import sp_gather, sp_rows, sp_shard
 
 
 @dataclass

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from layers import (
     timestep_embedding, TimestepMLP, attention, apply_rope, RMSNorm, FeedForward, reject_cond, check_taps, run_block,
-    sp_shard, sp_gather, sp_rows,
 )
+from layers import sp_gather, sp_rows, sp_shard
 
 
 @dataclass

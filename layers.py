@@ -37,14 +37,12 @@ class TimestepMLP(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-def _sdpa(q, k, v, mask=None):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 def attention(q, k, v, mask=None, sp=None):
     """Softmax attention on [B, heads, L, d] in the input dtype (SDPA picks the fused kernel); sp: the Shard of
     parallel.sp_shard when the video rows of L are this rank's slice (Ulysses, parallel.py), else None."""
-    return _sdpa(q, k, v, mask) if sp is None else sp_attention(q, k, v, mask, sp, _sdpa)
+    if sp is not None:  # sequence parallel: all-to-all to [all tokens, heads/N], this function, and back
+        return sp_attention(q, k, v, mask, sp, attention)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def apply_rope(x, cos, sin):
