@@ -85,6 +85,8 @@ def distributed(device, sp=1, fsdp=False):
     """torch.distributed for one run: torchrun's default group (or a 1-process group for --fsdp in a plain process)
     when not already set up, and the SP groups -> yields (dp_size, dp_rank); undone on exit."""
     world = int(os.environ.get("WORLD_SIZE", 1))
+    if device.type == "cuda" and device.index is None:  # "cuda" = this process's GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     own = (world > 1 or fsdp) and not dist.is_initialized()
     if own:
         alone = {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}

@@ -4,8 +4,8 @@
     python sample.py --ckpt out/detail/step_0001000 --steps 4 --num 4 --cond prompts.safetensors
     python sample.py --ckpt sem/transformer --detail det.safetensors     # semantic backbone + adapter
     python sample.py --ckpt out/teacher --teacher --steps 50             # the teacher, with guidance
-    python sample.py --latents samples/latents.safetensors --decode WEIGHTS   # decode an earlier run
     torchrun --nproc_per_node=4 sample.py -- --ckpt out/detail --sp 4  # sequence parallel: 4 GPUs, one sample set
+    python sample.py --latents samples/latents.safetensors --decode WEIGHTS   # decode an earlier run
 
 Students (paper supp. 6): steps split evenly between the phases, uniform inside each
 (solver.student_schedule), one model call and Euler/DDIM jump per point, the last to the clean end;
@@ -270,8 +270,8 @@ def parse_args(argv):
     a("--device", default="auto", help="auto | cpu | cuda[:i]")
     a("--out", help="output folder (default samples/; with --latents: the latents' folder)")
     a("--decode", help="real models: local hub-layout folder with vae/: decode the latents to MP4")
-    a("--fps", type=int, default=8)
     a("--sp", type=int, default=1, help="sequence parallel degree N: torchrun N processes sample one set together")
+    a("--fps", type=int, default=8)
     args = p.parse_args(argv)
     if not (args.ckpt or args.latents):
         raise SampleError("give --ckpt (a checkpoint to sample from) or --latents (latents to decode)")
@@ -281,11 +281,6 @@ def parse_args(argv):
         raise SampleError("--num, --batch-size and --steps must be >= 1")
     args.out = args.out or (os.path.dirname(os.path.abspath(args.latents)) if args.latents else "samples")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    parallel.check(args.sp, None, int(os.environ.get("WORLD_SIZE", 1)))
-    if args.sp > 1 and int(os.environ["WORLD_SIZE"]) != args.sp:
-        raise SampleError(f"--sp {args.sp}: sample.py runs one sequence-parallel group, launch exactly {args.sp} processes")
-    if args.sp > 1 and args.device == "cuda":
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     args.dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     return args
 
@@ -293,9 +288,11 @@ def parse_args(argv):
 def main(argv=None):
     """Sample (or only decode) as the flags say; returns a summary dict (latents [num, C, F, H, W] float32 cpu)."""
     args = parse_args(argv)
-    if args.sp > 1 and parallel.get_group() is None:  # every rank samples the same latents; rank 0 writes them
-        if args.ckpt and os.path.isdir(weights := resolve(args.ckpt)[1]):  # heads before the group and the weights
-            parallel.check_heads(checkpoint.read_config(weights), args.sp)
+    if args.sp > 1 and parallel.get_group() is None:  # torchrun: the SP group samples the same latents, rank 0 writes
+        world, weights = int(os.environ.get("WORLD_SIZE", 1)), args.ckpt and resolve(args.ckpt)[1]
+        parallel.check(args.sp, checkpoint.read_config(weights) if weights and os.path.isdir(weights) else None, world)
+        if world != args.sp:
+            raise SampleError(f"--sp {args.sp}: sample.py runs one sequence-parallel group, launch exactly {args.sp} processes")
         with parallel.distributed(torch.device(args.device), args.sp), open(os.devnull, "w") as null, \
                 contextlib.redirect_stdout(sys.stdout if parallel.lead() else null):
             return main(argv)
@@ -307,7 +304,6 @@ def main(argv=None):
         return {"latents": x, "videos": decode(x, meta, args), "out": args.out}
     model, info = load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps, args.shift)
     cfg, grid, run, teacher = info["cfg"], info["grid"], info["run"], info["mode"] == "teacher"
-    parallel.check_heads(cfg, args.sp)
     guidance = args.guidance if args.guidance is not None else run.get("guidance", 6.0)
     ks = list(range(grid.N - 1, -1, -1)) if teacher else solver.student_schedule(grid, info["boundaries"], args.steps or 4)
     t, _, sigma = solver.sample_points(grid, ks)
@@ -346,9 +342,9 @@ def main(argv=None):
               f"expert={name} {secs[i]:.3f} s")
     print(f"total {total:.3f} s, {total / len(ks):.3f} s/step ({args.num} samples)")
 
+    if not parallel.lead():  # sequence parallel: every rank sampled the same latents, rank 0 writes them
+        return {**meta, "latents": torch.cat(outs), "path": None, "videos": [], "out": args.out}
     x, path = torch.cat(outs), os.path.join(args.out, "latents.safetensors")
-    if parallel.get_group() is not None and not parallel.lead():  # sequence parallel: rank 0 writes
-        return {**meta, "latents": x, "path": None, "videos": [], "out": args.out}
     os.makedirs(args.out, exist_ok=True)
     data.atomic_save_file({"latents": x}, path, metadata={k: json.dumps(v) for k, v in meta.items()})
     print(f"latents -> {path}")
