@@ -54,7 +54,8 @@ def check_heads(cfg, sp):
 
 
 def init(sp):
-    """Split the default group's world into SP groups of `sp` consecutive ranks (one node first) -> (dp_size, dp_rank).
+    """Split the default group's world into SP groups of `sp` consecutive ranks -> (dp_size, dp_rank); torchrun numbers
+    a node's ranks consecutively, so a group stays inside a node when sp divides the GPUs per node.
 
     Every rank creates every group (torch.distributed requires it). sp == 1 sets no group."""
     world, rank = dist.get_world_size(), dist.get_rank()
