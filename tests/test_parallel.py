@@ -1,6 +1,5 @@
 """parallel.py: Ulysses sequence parallelism over 2 gloo processes equals one process (forward, taps, input and
 parameter gradients) for every backbone, with a token count not divisible by 2 and per-sample text padding."""
-import os
 
 import pytest
 import torch
