@@ -1,6 +1,7 @@
 """The layers every backbone shares (cogvideox.py, hunyuan_video.py, ...): timestep sinusoids and MLP, SDPA
 attention, RoPE, RMSNorm, the diffusers-named feed-forward, per-block activation checkpointing and the
-input checks. The backbones import this file only; model.py imports the backbones (no import cycle).
+input checks; parallel.py's sequence-parallel hooks are re-exported. The backbones import this file only
+(parallel.py imports torch only); model.py imports the backbones (no import cycle).
 """
 
 import math
@@ -9,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from parallel import sp_attention, sp_gather, sp_rows, sp_shard  # noqa: F401 - the backbones' sequence-parallel hooks
 
 
 def timestep_embedding(t, dim, flip_sin_to_cos=True, shift=0, max_period=10000):
@@ -34,8 +37,11 @@ class TimestepMLP(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-def attention(q, k, v, mask=None):
-    """Softmax attention on [B, heads, L, d] in the input dtype (SDPA picks the fused kernel)."""
+def attention(q, k, v, mask=None, sp=None):
+    """Softmax attention on [B, heads, L, d] in the input dtype (SDPA picks the fused kernel); sp: the Shard of
+    parallel.sp_shard when the video rows of L are this rank's slice (Ulysses, parallel.py), else None."""
+    if sp is not None:  # sequence parallel: all-to-all to [all tokens, heads/N], this function, and back
+        return sp_attention(q, k, v, mask, sp, attention)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

@@ -4,6 +4,7 @@
     python sample.py --ckpt out/detail/step_0001000 --steps 4 --num 4 --cond prompts.safetensors
     python sample.py --ckpt sem/transformer --detail det.safetensors     # semantic backbone + adapter
     python sample.py --ckpt out/teacher --teacher --steps 50             # the teacher, with guidance
+    torchrun --nproc_per_node=4 sample.py -- --ckpt out/detail --sp 4  # sequence parallel: 4 GPUs, one sample set
     python sample.py --latents samples/latents.safetensors --decode WEIGHTS   # decode an earlier run
     python sample.py --ckpt DCM_HY --cond prompts.safetensors --decode DCM_HY    # the authors' released student
     python sample.py --ckpt out/detail --timesteps 1000,992,982,949,905,810      # a custom schedule
@@ -23,6 +24,7 @@ Noise comes from one seeded CPU generator for all --num samples: bitwise reprodu
 device, and a sample's noise depends on the seed and its index, not on the batch size.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,6 +37,7 @@ import checkpoint
 import data
 import experts
 import model as models
+import parallel
 import released
 import solver
 from teacher import Teacher, embedded_guidance, uses_cfg
@@ -288,6 +291,7 @@ def parse_args(argv):
     a("--device", default="auto", help="auto | cpu | cuda[:i]")
     a("--out", help="output folder (default samples/; with --latents: the latents' folder)")
     a("--decode", help="real models: local hub-layout folder with vae/: decode the latents to MP4")
+    a("--sp", type=int, default=1, help="sequence parallel degree N: torchrun N processes sample one set together")
     a("--fps", type=int, default=8)
     args = p.parse_args(argv)
     if not (args.ckpt or args.latents):
@@ -317,6 +321,14 @@ def parse_args(argv):
 def main(argv=None):
     """Sample (or only decode) as the flags say; returns a summary dict (latents [num, C, F, H, W] float32 cpu)."""
     args = parse_args(argv)
+    if args.sp > 1 and parallel.get_group() is None:  # torchrun: the SP group samples the same latents, rank 0 writes
+        world, weights = int(os.environ.get("WORLD_SIZE", 1)), args.ckpt and resolve(args.ckpt)[1]
+        parallel.check(args.sp, checkpoint.read_config(weights) if weights and os.path.isdir(weights) else None, world)
+        if world != args.sp:
+            raise SampleError(f"--sp {args.sp}: sample.py runs one sequence-parallel group, launch exactly {args.sp} processes")
+        with parallel.distributed(torch.device(args.device), args.sp), open(os.devnull, "w") as null, \
+                contextlib.redirect_stdout(sys.stdout if parallel.lead() else null):
+            return main(argv)
     if args.latents:
         if not os.path.isfile(args.latents):
             raise SampleError(f"latents file {args.latents} does not exist")
@@ -376,6 +388,8 @@ def main(argv=None):
               f"expert={name} {secs[i]:.3f} s")
     print(f"total {total:.3f} s, {total / n_steps:.3f} s/step ({args.num} samples)")
 
+    if not parallel.lead():  # sequence parallel: every rank sampled the same latents, rank 0 writes them
+        return {**meta, "latents": torch.cat(outs), "path": None, "videos": [], "out": args.out}
     x, path = torch.cat(outs), os.path.join(args.out, "latents.safetensors")
     os.makedirs(args.out, exist_ok=True)
     data.atomic_save_file({"latents": x}, path, metadata={k: json.dumps(v) for k, v in meta.items()})

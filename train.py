@@ -3,7 +3,7 @@
     python train.py --config tiny-cogvideox --stage teacher --data DIR --out out/teacher
     python train.py --stage semantic --teacher out/teacher/step_0010000 --data DIR --out out/sem
     python train.py --stage detail --teacher T --init out/sem/step_0001500 --data DIR --out out/det
-    torchrun --nproc_per_node=8 train.py ... [--fsdp] [--dtype bf16] [--grad-ckpt]
+    torchrun --nproc_per_node=8 train.py ... [--fsdp] [--dtype bf16] [--grad-ckpt] [--sp 4]
 
 Stages (k = index on the teacher's N-step grid, kappa = the DCM cut):
   teacher   diffusion training (losses.diffusion_time, diffusion_loss): flow: logit-normal sigma, target
@@ -36,6 +36,7 @@ import data
 import experts
 import losses
 import model as models
+import parallel
 import solver
 from teacher import Teacher, embedded_guidance, uses_cfg
 
@@ -96,6 +97,7 @@ def parse_args(argv):
     a("--save-every", type=int, default=save_every)
     a("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast with fp32 master weights")
     a("--fsdp", action="store_true", help="FSDP2: shard student and teacher per block")
+    a("--sp", type=int, default=1, help="sequence parallel degree N (torchrun; world = DP x N; N divides the heads)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing per block")
     a("--compile", action="store_true", help="torch.compile the student")
     a("--dry-run", action="store_true", help="print sizes and memory per GPU, then exit")
@@ -203,18 +205,12 @@ def main(argv=None):
         dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         torch.cuda.set_device(dev)
     device = torch.device(dev)
-    own_group = (world > 1 or args.fsdp) and not dist.is_initialized()
-    if own_group:
-        alone = {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **alone)
-    try:
-        return train(args, cfg, kind, grid, world, rank, device)
-    finally:
-        if own_group:
-            dist.destroy_process_group()
+    parallel.check(args.sp, cfg, world)
+    with parallel.distributed(device, args.sp, args.fsdp) as (dp, dp_rank):  # an SP group trains the same samples
+        return train(args, cfg, kind, grid, world, rank, device, dp, dp_rank)
 
 
-def train(args, cfg, kind, grid, world, rank, device):
+def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
     distributed, out, B, accum = dist.is_initialized(), args.out, args.batch_size, args.grad_accum
     N, kap = grid.N, args.kappa
     log0 = print if rank == 0 else (lambda *a, **k: None)
@@ -227,9 +223,9 @@ def train(args, cfg, kind, grid, world, rank, device):
     # --- data: the DistributedSampler's seeded order, resumable at a micro-batch position
     ds = data.LatentDataset(args.data)
     cond_keys = data.check_fits(cfg, ds.tensors, ds.manifest["latent_shape"], ds.uncond, where=ds.dir)
-    if len(ds) // world < B:
-        raise data.DataError(f"{ds.dir}: {len(ds)} samples are fewer than batch {B} x world {world}")
-    sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    if len(ds) // dp < B:
+        raise data.DataError(f"{ds.dir}: {len(ds)} samples are fewer than batch {B} x data parallel {dp}")
+    sampler = torch.utils.data.DistributedSampler(ds, dp, dp_rank, shuffle=True, seed=args.seed, drop_last=True)
     uncond = {k: v.to(device) for k, v in ds.uncond.items()}
 
     # --- checkpoint to go on from: saved with the same stage, phases, grid and adapter
@@ -282,11 +278,11 @@ def train(args, cfg, kind, grid, world, rank, device):
     paths = {k: os.path.abspath(getattr(args, k)) for k in ("data", "teacher", "init") if getattr(args, k)}
     run_config = {**vars(args), **paths, "model_config": models.config_to_dict(cfg), "prediction": kind,
                   "boundaries": boundaries, "k_range": [k_lo, k_hi], "world_size": world,
-                  "global_batch": B * accum * world, "params": n_total, "trainable": n_train,
+                  "global_batch": B * accum * dp, "params": n_total, "trainable": n_train,
                   "grid": {"kind": grid.kind, "N": N, "t": grid.t.tolist(), "sigma": grid.sigma.tolist()},
                   "data_manifest": {k: v for k, v in ds.manifest.items() if k != "shards"}}
     log0(json.dumps({k: v for k, v in run_config.items() if k != "grid"}, indent=1, default=str))
-    log0(f"global batch {B} x {accum} x {world} = {B * accum * world}; params {n_total} ({n_train} trainable)")
+    log0(f"global batch {B} x {accum} x {dp} = {B * accum * dp} (SP {args.sp}); params {n_total} ({n_train} trainable)")
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         data.atomic_write_json(run_config, os.path.join(out, "config.json"))
@@ -355,8 +351,8 @@ def train(args, cfg, kind, grid, world, rank, device):
     torch.manual_seed(args.seed + rank)
     if state and state["world_size"] == world:
         checkpoint.set_rng_state(state["rng"][rank])
-    elif state:
-        log0(f"world size {world} != the checkpoint's {state['world_size']}: the data order continues, not exactly")
+    elif state and state.get("dp", state["world_size"]) != dp:  # another SP degree alone keeps the data order
+        log0(f"data parallel size {dp} != the checkpoint's: the data order continues, not exactly")
     row = {}
     for path in [os.path.join(out, f) for f in ("log.jsonl", "probes.jsonl")] if rank == 0 else []:
         if os.path.isfile(path):
@@ -426,7 +422,7 @@ def train(args, cfg, kind, grid, world, rank, device):
         if probes and step % args.probe_every == 0:
             run_probes(step)
         if step == args.max_steps or (args.save_every > 0 and step % args.save_every == 0):
-            rest = {"epoch": epoch, "pos": pos, "world_size": world, "disc": disc and disc.state_dict(),
+            rest = {"epoch": epoch, "pos": pos, "world_size": world, "dp": dp, "disc": disc and disc.state_dict(),
                     "d_opt": d_opt and d_opt.state_dict()}
             checkpoint.save_step(out, step, student, opt, rest, run_config, ema, sharded=args.fsdp,
                                  build=lambda: build_student(args, cfg, grid, device="meta"),
