@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from layers import (
     timestep_embedding, TimestepMLP, attention, apply_rope, FeedForward, reject_cond, check_taps, run_block,
-    ACTIVATIONS,
+    ACTIVATIONS, cached_table,
 )
 
 
@@ -77,6 +77,7 @@ def _sincos(pos, dim):
     return torch.cat([out.sin(), out.cos()], dim=-1)
 
 
+@cached_table()
 def cogvideox_sincos_table(cfg, grid, device, dtype):
     """2B fixed 3D positional table [F*h*w, D] for a token grid (F, h, w): D/4 time, 3D/8 w, 3D/8 h."""
     n_f, n_h, n_w = grid
@@ -105,6 +106,7 @@ def _crop_region(n_h, n_w, base_h, base_w):
     return (top, left), (top + rh, left + rw)
 
 
+@cached_table()
 def cogvideox_rope(cfg, grid, n_text, device):
     """5B 3D RoPE cos/sin [n_text + F*h*w, d] fp32; text rows are the identity rotation.
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from layers import (
     timestep_embedding, TimestepMLP, attention, apply_rope, RMSNorm, FeedForward, reject_cond, check_taps, run_block,
+    cached_table,
 )
 
 
@@ -216,6 +217,7 @@ class HunyuanVideoTransformer(nn.Module):
             c = run_block(self, block, c, temb, mask)
         return c
 
+    @cached_table()
     def _rope(self, grid, n_text, device):
         """cos, sin [Lv+Lt, head_dim] fp32 for integer (f, h, w) token positions; identity rows for text."""
         cfg, angles = self.config, []
