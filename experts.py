@@ -162,6 +162,11 @@ def _graft(root, replacements):
     return copied[""]
 
 
+def _at(v, idx):
+    """v[idx] with the (host or device) index moved to v's device without a host sync."""
+    return v[idx.to(v.device, non_blocking=True)]
+
+
 def _take(kwargs, idx, B):
     """The sub-batch `idx` of every per-sample tensor in kwargs (batch-1 / 0-dim tensors broadcast)."""
     out = {}
@@ -169,7 +174,7 @@ def _take(kwargs, idx, B):
         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] != 1:
             if v.shape[0] != B:
                 raise ValueError(f"'{k}' has leading dim {v.shape[0]}, expected the batch size {B} (or 1)")
-            v = v[idx]
+            v = _at(v, idx)
         out[k] = v
     return out
 
@@ -177,7 +182,7 @@ def _take(kwargs, idx, B):
 def _join(a, b, inv):
     """Concatenate two sub-batch results (tensors, or tuples/lists of them) and undo the split order."""
     if isinstance(a, torch.Tensor):
-        return torch.cat([a, b])[inv]
+        return _at(torch.cat([a, b]), inv)
     if isinstance(a, (tuple, list)):
         return type(a)(_join(x, y, inv) for x, y in zip(a, b, strict=True))
     raise TypeError(f"cannot scatter a backbone result of type {type(a).__name__}")
@@ -270,8 +275,9 @@ class DualExpert(nn.Module):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or (B is not None and t.shape[0] != B):
             raise ValueError(f"t must be a 1-D tensor [B{'' if B is None else f'={B}'}], got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        # rounding the boundary like t was rounded keeps a float32 grid timestep on its own side
-        return t <= torch.tensor(self.boundary_t, dtype=t.dtype, device=t.device)
+        # rounding the boundary like t was rounded keeps a float32 grid timestep on its own side; a host t (the
+        # training step's) routes without reading the device, a device t costs a host sync in _route
+        return t <= torch.full((), self.boundary_t, dtype=t.dtype, device=t.device)
 
     def _route(self, mask, call):
         """call(tree, idx) on each path's sub-batch (idx None = whole batch), results scattered back."""
@@ -292,14 +298,14 @@ class DualExpert(nn.Module):
         def call(tree, idx):
             if idx is None:
                 return tree(x, t, **extra, **cond)
-            return tree(x[idx], t[idx], **extra, **_take(cond, idx, B))
+            return tree(_at(x, idx), _at(t, idx), **extra, **_take(cond, idx, B))
         return self._route(self.detail_mask(t, B), call)
 
     def time_embed(self, t, **cond):
         mask = self.detail_mask(t)
         B = t.shape[0]
         return self._route(mask,
-                           lambda tree, idx: tree.time_embed(t if idx is None else t[idx],
+                           lambda tree, idx: tree.time_embed(t if idx is None else _at(t, idx),
                                                             **(cond if idx is None else _take(cond, idx, B))))
 
     def head(self, h, temb, grid, t=None):
@@ -308,7 +314,7 @@ class DualExpert(nn.Module):
             raise ValueError("DualExpert.head needs t to pick the expert (or call .semantic.head / .detail.head)")
         B = h.shape[0]
         return self._route(self.detail_mask(t, B), lambda tree, idx: tree.head(
-            h if idx is None else h[idx], temb if idx is None else temb[idx], grid))
+            h if idx is None else _at(h, idx), temb if idx is None else _at(temb, idx), grid))
 
     # --- training -------------------------------------------------------------------------------
     def set_mode(self, mode):
