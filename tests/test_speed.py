@@ -5,9 +5,16 @@ import dataclasses
 import pytest
 import torch
 import torch._dynamo as dynamo
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cogvideox
+import experts
+import losses
 import model as models
+import solver
+import train
+from teacher import Teacher
 
 CPU = torch.device("cpu")
 
@@ -66,3 +73,108 @@ def test_whole_cogvideox_forward_traces_into_one_graph_with_the_cached_table():
         ex = dynamo.explain(m)(x, t, text=text)
         assert ex.graph_break_count == 0 and ex.graph_count == 1
         assert torch.equal(m(x, t, text=text), want)
+
+
+# ------------------------------------------------------------------------------------------------ host syncs
+class HostReads(TorchDispatchMode):
+    """Counts what makes the host wait for a device: a value read (item/bool/int/tolist = _local_scalar_dense),
+    a data-dependent shape (nonzero), a device -> host copy, a blocking host -> device copy (CUDA's sync debug
+    mode flags that too). A "device" is anything but the CPU: run the models on "meta" and the host-side
+    bookkeeping stays on the CPU, so a count of 0 proves no Python branch on a device tensor's value."""
+
+    def __init__(self, device_only=True):
+        super().__init__()
+        self.device_only, self.reads = device_only, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ts = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        on_dev = any(t.device.type != "cpu" for t in ts) or not self.device_only
+        name = func.overloadpacket.__name__
+        if name in ("_local_scalar_dense", "nonzero", "is_nonzero") and on_dev:
+            self.reads.append(name)
+        if name == "_to_copy" and ts:
+            src, dst = ts[0].device, torch.device(kwargs.get("device") or ts[0].device)
+            if src.type != "cpu" and dst.type == "cpu":
+                self.reads.append("device->host copy")
+            elif src.type == "cpu" and dst.type != "cpu" and not kwargs.get("non_blocking", False):
+                self.reads.append("blocking host->device copy")
+        return func(*args, **(kwargs or {}))
+
+
+def cd_step(preset, stage, device, dtype=torch.float32, B=2):
+    """Build tiny models on `device`; return step(): one CD training step of `stage` (semantic: CD + TC; detail:
+    dual expert CD + GAN + FM + D step) with backward, clipping and AdamW; host indices as train.py draws them."""
+    torch.manual_seed(0)
+    cfg = models.PRESETS[preset]
+    grid, kappa = solver.grid_for(cfg, 10), 6
+    backbone = models.build_transformer(preset, device=device, dtype=dtype)
+    tmodel = models.build_transformer(preset, device=device, dtype=dtype)
+    student = experts.DualExpert(backbone, solver.boundary_t(grid, kappa), 4, 8) if stage == "detail" else backbone
+    disc = losses.Discriminator.for_model(tmodel, hidden=32).to(device) if stage == "detail" else None
+    hv = "hunyuan" in preset
+    cond = {"text": torch.randn(B, 5, cfg.text_embed_dim)}
+    cond |= {"pooled": torch.randn(B, cfg.pooled_projection_dim)} if hv else {}  # no text mask: see the README
+    cond = {k: v.to(device, dtype) for k, v in cond.items()}
+    scond = cond | ({"guidance": torch.full((B,), 6016.0, device=device, dtype=dtype)} if hv else {})
+    uncond = None if hv else {"text": torch.zeros(1, 5, cfg.text_embed_dim, device=device, dtype=dtype)}
+    teacher = Teacher(tmodel, grid, 6.0, uncond)
+    shape, tok = (B, cfg.in_channels, 2, 4, 4), ((2 // getattr(cfg, "patch_size_t", None)) if hv else 2, 2, 2)
+    x0, eps, n = (torch.randn(shape).to(device, dtype) for _ in range(3))
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    lo, hi = (0, kappa) if stage == "detail" else (kappa + 1, grid.N - 1)
+    u = torch.tensor([[0.1, 0.7], [0.9, 0.2]], dtype=torch.float64)[:B]  # data.draws' host uniforms
+
+    def step(update=True):
+        k = train.k_between(u[:, 0], lo, hi)
+        loss, xhat, x_tgt, k_end = losses.consistency_step(student, student, teacher, grid, [kappa], x0, eps, k,
+                                                           cond, scond)
+        if stage == "detail":
+            g, fm, feats = losses.adversarial_terms(tmodel, disc, x_tgt, xhat, n, k_end, train.k_between(u[:, 1], 0, kappa),
+                                                    grid, scond, tok)
+            loss = loss + 0.5 * g + 0.1 * fm
+            losses.discriminator_loss(disc, feats, tok).backward()
+        else:
+            loss = loss + losses.temporal_coherence_loss(xhat, x_tgt)
+        loss.backward()
+        if update:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+STEPS = [("tiny-cogvideox", "semantic"), ("tiny-cogvideox", "detail"), ("tiny-hunyuan", "detail")]
+
+
+def test_host_read_counter_sees_reads():
+    x = torch.ones(3)
+    with HostReads(device_only=False) as all_reads, HostReads() as dev_reads:
+        bool(x.sum() > 0), x.tolist(), x.nonzero(), x.to("meta")
+    assert all_reads.reads == ["_local_scalar_dense", "_local_scalar_dense", "nonzero", "blocking host->device copy"]
+    assert dev_reads.reads == ["blocking host->device copy"]
+
+
+@pytest.mark.parametrize("preset,stage", STEPS)
+def test_cd_step_reads_no_device_value(preset, stage):
+    """The whole step runs with every model and latent on the meta device (which has no values to read)."""
+    step = cd_step(preset, stage, torch.device("meta"))
+    with HostReads() as reads:
+        loss = step()
+    assert loss.device.type == "meta" and reads.reads == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset,stage", STEPS)
+def test_cd_step_has_no_cuda_sync(preset, stage):
+    step = cd_step(preset, stage, torch.device("cuda"), torch.float32)
+    step()  # warm-up: lazy CUDA initialisation (handles, allocator) may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss)
