@@ -82,8 +82,10 @@ class LoRA(nn.Module):
 class LoRALinear(nn.Module):
     """y = base(x) + scale * B A x: an nn.Linear with its adapter (the detail path's attention linears).
 
-    merge() folds the delta into base.weight and keeps the original weight, so unmerge() restores it
-    bit for bit (costs one weight copy while merged; merged vs unmerged outputs agree to round-off).
+    merge() holds W + delta (fp32 sum, cast back) as this layer's own weight: one matmul per call, and base.weight
+    (shared with the semantic tree in a DualExpert) is never touched; unmerge() drops it. Costs one weight copy
+    while merged; merged vs unmerged outputs agree to round-off. A merged layer gives its LoRA no gradient:
+    merge for sampling.
     """
 
     def __init__(self, base, rank, alpha, lora=None):
@@ -94,30 +96,29 @@ class LoRALinear(nn.Module):
         w = base.weight
         self.lora = lora if lora is not None else LoRA(
             base.in_features, base.out_features, rank, alpha, device=w.device, dtype=w.dtype)
-        self._unmerged_weight = None
+        self._merged_weight = None  # a plain attribute: never in the state dict
 
     @property
     def merged(self):
-        return self._unmerged_weight is not None
+        return self._merged_weight is not None
 
     def forward(self, x):
-        y = self.base(x)
-        return y if self.merged else y + self.lora(x)
+        if self.merged:
+            return F.linear(x, self._merged_weight, self.base.bias)
+        return self.base(x) + self.lora(x)
 
     @torch.no_grad()
     def merge(self):
         if self.merged:
             raise RuntimeError("LoRALinear is already merged")
         w = self.base.weight
-        self._unmerged_weight = w.detach().clone()
-        w.copy_((w.float() + self.lora.weight_delta()).to(w.dtype))
+        self._merged_weight = (w.float() + self.lora.weight_delta()).to(w.dtype)
 
     @torch.no_grad()
     def unmerge(self):
         if not self.merged:
             raise RuntimeError("LoRALinear is not merged")
-        self.base.weight.copy_(self._unmerged_weight)
-        self._unmerged_weight = None
+        self._merged_weight = None
 
 
 def arch_of(backbone):
@@ -315,6 +316,15 @@ class DualExpert(nn.Module):
         B = h.shape[0]
         return self._route(self.detail_mask(t, B), lambda tree, idx: tree.head(
             h if idx is None else _at(h, idx), temb if idx is None else _at(temb, idx), grid))
+
+    def merge_lora(self, merged=True):
+        """Sampling: fold each LoRA into a merged weight of the detail tree's own linear (one GEMM per call, no
+        low-rank pair); the semantic tree's weights stay as they are. merged=False goes back to the LoRA pair.
+        Merge after moving the model (the merged weights are plain attributes, not moved by .to())."""
+        for m in self.detail.modules():
+            if isinstance(m, LoRALinear) and m.merged != merged:
+                m.merge() if merged else m.unmerge()
+        return self
 
     # --- training -------------------------------------------------------------------------------
     def set_mode(self, mode):

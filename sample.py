@@ -9,8 +9,9 @@
 Students (paper supp. 6): steps split evenly between the phases, uniform inside each
 (solver.student_schedule), one model call and Euler/DDIM jump per point, the last to the clean end;
 no CFG, HunyuanVideo's embedded guidance still passed (the teacher's value: teacher.embedded_guidance).
-The dual expert routes t <= boundary_t to its detail path; single students (vcm, pcm, semantic-only)
-use the run's phases.
+The dual expert routes t <= boundary_t to its detail path, its LoRA merged into the detail path's own copies of
+the attention linears once per run (--no-merge: the unmerged low-rank pairs); single students (vcm, pcm,
+semantic-only) use the run's phases.
 Without --cond: the run's dataset's unconditional conditioning if found, else zeros (non-released
 models only; the released ones need --cond from `python data.py encode-prompts`), with a warning.
 Noise comes from one seeded CPU generator for all --num samples: bitwise reproducible on a fixed
@@ -268,6 +269,7 @@ def parse_args(argv):
     a("--out", help="output folder (default samples/; with --latents: the latents' folder)")
     a("--decode", help="real models: local hub-layout folder with vae/: decode the latents to MP4")
     a("--fps", type=int, default=8)
+    a("--no-merge", action="store_true", help="dual expert: keep the detail LoRA unmerged (default: merged once)")
     args = p.parse_args(argv)
     if not (args.ckpt or args.latents):
         raise SampleError("give --ckpt (a checkpoint to sample from) or --latents (latents to decode)")
@@ -291,6 +293,8 @@ def main(argv=None):
             x, meta = f.get_tensor("latents"), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
         return {"latents": x, "videos": decode(x, meta, args), "out": args.out}
     model, info = load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps, args.shift)
+    if info["mode"] == "dual" and not args.no_merge:
+        model.merge_lora()  # one GEMM per detail linear instead of three (round-off differences only)
     cfg, grid, run, teacher = info["cfg"], info["grid"], info["run"], info["mode"] == "teacher"
     guidance = args.guidance if args.guidance is not None else run.get("guidance", 6.0)
     ks = list(range(grid.N - 1, -1, -1)) if teacher else solver.student_schedule(grid, info["boundaries"], args.steps or 4)
@@ -300,7 +304,8 @@ def main(argv=None):
     uncond = get_cond(args.uncond, info, 1, "uncond") if teacher and grid.kind == "vpred" and guidance != 1 else None
     meta = {"seed": args.seed, "steps": len(ks), "grid_indices": ks, "t": t.tolist(), "sigmas": sigma.tolist(),
             "experts": names, "mode": info["mode"], "ckpt": info["folder"], "detail": args.detail, "guidance": guidance,
-            "model": model_name(cfg), "pixel_space": info["pixel_space"], "dtype": str(args.dtype), "device": args.device}
+            "model": model_name(cfg), "pixel_space": info["pixel_space"], "dtype": str(args.dtype), "device": args.device,
+            "lora_merged": info["mode"] == "dual" and not args.no_merge}
     if args.decode and not info["pixel_space"]:
         import video_io
         video_io.vae_config(meta["model"], args.decode)  # a bad weights folder fails now, not after sampling

@@ -178,3 +178,26 @@ def test_cd_step_has_no_cuda_sync(preset, stage):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------------------------------------ LoRA merge
+def test_merging_the_detail_lora_leaves_the_semantic_tree_alone():
+    torch.manual_seed(0)
+    backbone = models.build_transformer("tiny-cogvideox").eval()
+    e = experts.DualExpert(backbone, 500.0, rank=4, alpha=8).eval()
+    with torch.no_grad():
+        for p in e.lora.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x, text = torch.randn(2, 4, 2, 4, 4), torch.randn(2, 5, 32)
+    t = torch.tensor([800.0, 100.0])  # one sample per expert
+    with torch.no_grad():
+        before, sem = e(x, t, text=text), backbone(x, t, text=text)
+        w = [p.clone() for p in backbone.parameters()]
+        e.merge_lora()
+        merged, sem_after = e(x, t, text=text), backbone(x, t, text=text)
+        assert all(torch.equal(a, b) for a, b in zip(w, backbone.parameters()))
+        assert torch.equal(sem_after, sem) and torch.equal(merged[0], before[0])  # the semantic path: bit for bit
+        torch.testing.assert_close(merged, before, rtol=0, atol=1e-5)  # the detail path: round-off
+        assert not torch.equal(merged[1], before[1])  # ... really the merged weights
+        e.merge_lora(False)
+        assert torch.equal(e(x, t, text=text), before)
