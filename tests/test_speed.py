@@ -201,3 +201,34 @@ def test_merging_the_detail_lora_leaves_the_semantic_tree_alone():
         assert not torch.equal(merged[1], before[1])  # ... really the merged weights
         e.merge_lora(False)
         assert torch.equal(e(x, t, text=text), before)
+
+
+# ------------------------------------------------------------------------------------------------ bench races
+def test_diffusers_adapter_equals_our_model_in_every_hook_the_losses_use():
+    import bench_train
+    torch.manual_seed(0)
+    ours = models.build_transformer("tiny-cogvideox-rope").eval()
+    ref = bench_train.DiffusersCogVideoX.twin_of(ours).eval()
+    x, t, text = torch.randn(2, 4, 3, 6, 8), torch.tensor([900.0, 10.0]), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        (v, feats), (v_ref, feats_ref) = ours(x, t, text=text, taps=[0, 1]), ref(x, t, text=text, taps=[0, 1])
+        torch.testing.assert_close(v_ref, v, rtol=1e-5, atol=1e-5)
+        for a, b in zip(feats_ref, feats, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        temb = ours.time_embed(t)
+        torch.testing.assert_close(ref.time_embed(t), temb)
+        torch.testing.assert_close(ref.head(feats[1], temb, (3, 6, 8)), ours.head(feats[1], temb, (3, 6, 8)),
+                                   rtol=1e-5, atol=1e-5)
+    assert ref.default_taps() == ours.default_taps() and ref._sink is None
+
+
+def test_bench_training_races_run_on_cpu(tmp_path):
+    """The new rows at tiny size: both stages, ours vs diffusers-built, the same draws (losses agree)."""
+    import bench
+    r = bench.main(["--device", "cpu", "--rows", "train,detail", "--repeat", "1", "--warmup", "0",
+                    "--out", str(tmp_path / "b.json")])
+    assert [x["stage"] for x in r["train_race"]] == ["semantic", "detail"]
+    for x in r["train_race"]:
+        assert x["model_flops"] > 0 and x["ratio"] == x["ours"]["s"] / x["diffusers"]["s"]
+        assert x["ours"]["loss"] == pytest.approx(x["diffusers"]["loss"], rel=1e-4)  # the same step on both
+    assert "| detail (tiny-cogvideox" in bench.table(r)
