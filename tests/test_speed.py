@@ -232,3 +232,21 @@ def test_bench_training_races_run_on_cpu(tmp_path):
         assert x["model_flops"] > 0 and x["ratio"] == x["ours"]["s"] / x["diffusers"]["s"]
         assert x["ours"]["loss"] == pytest.approx(x["diffusers"]["loss"], rel=1e-4)  # the same step on both
     assert "| detail (tiny-cogvideox" in bench.table(r)
+
+
+# ------------------------------------------------------------------------------------------------ fused AdamW
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_train_uses_fused_adamw_on_cuda_only(device, tmp_path, monkeypatch):
+    from test_train import make_dataset
+    made = []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            made.append(kw.get("fused"))
+            super().__init__(params, **kw)
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    ds = make_dataset(tmp_path / "ds", "tiny-cogvideox", n=2)
+    train.main(["--config", "tiny-cogvideox", "--stage", "teacher", "--data", ds, "--out", str(tmp_path / "run"),
+                "--max-steps", "1", "--device", device, "--probe-every", "0", "--save-every", "0"])
+    assert made == [True if device == "cuda" else None]  # CPU: the default implementation, as before
