@@ -71,7 +71,7 @@ class DiffusersCogVideoX(nn.Module):
 
     def time_embed(self, t, **cond):
         w = self.ref.time_embedding.linear_1.weight
-        return self.ref.time_embedding(self.ref.time_proj(t.to(w.device, non_blocking=True)).to(w.dtype))
+        return self.ref.time_embedding(self.ref.time_proj(t.to(w.device, non_blocking=w.device.type != "cpu")).to(w.dtype))
 
     def head(self, h, temb, grid):
         """Video tokens [B, F*h*w, D] -> [B, C, F, H, W] through diffusers' norm_final, norm_out, proj_out."""
@@ -89,7 +89,7 @@ class DiffusersCogVideoX(nn.Module):
         self._sink = {} if taps is not None else None
         try:
             out = self.ref(hidden_states=x.transpose(1, 2), encoder_hidden_states=text,  # diffusers: [B, F, C, H, W]
-                           timestep=t.to(x.device, non_blocking=True), image_rotary_emb=rope, return_dict=False)[0]
+                           timestep=t.to(x.device, non_blocking=x.device.type != "cpu"), image_rotary_emb=rope, return_dict=False)[0]
             feats = None if taps is None else [self._sink[i] for i in taps]
         finally:
             self._sink = None

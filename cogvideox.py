@@ -225,7 +225,7 @@ class CogVideoXTransformer(nn.Module):
         if not torch.is_tensor(t) or t.ndim != 1:
             raise ValueError(f"t must be a 1-D tensor [B], got {tuple(t.shape) if torch.is_tensor(t) else type(t)}")
         w = self.time_embedding.linear_1.weight
-        t = t.to(w.device, non_blocking=True)  # t may come from the host (no sync: a dual expert routes on it there)
+        t = t.to(w.device, non_blocking=w.device.type != "cpu")  # t may come from the host (a dual expert routes on it)
         emb = timestep_embedding(t, w.shape[1], self.config.flip_sin_to_cos, self.config.freq_shift)
         return self.time_embedding(emb.to(w.dtype))
 

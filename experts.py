@@ -164,8 +164,9 @@ def _graft(root, replacements):
 
 
 def _at(v, idx):
-    """v[idx] with the (host or device) index moved to v's device without a host sync."""
-    return v[idx.to(v.device, non_blocking=True)]
+    """v[idx] with the (host or device) index moved to v's device without a host sync (non-blocking host ->
+    device only: a non-blocking copy to the host could be read before it lands)."""
+    return v[idx.to(v.device, non_blocking=v.device.type != "cpu")]
 
 
 def _take(kwargs, idx, B):

@@ -189,7 +189,7 @@ class HunyuanVideoTransformer(nn.Module):
     def _sinus(mlp, t):
         """Timestep/guidance MLP on 256 fp32 sinusoids (cos first, shift 0) of t [B] (t on the host or the device)."""
         w = mlp.linear_1.weight
-        return mlp(timestep_embedding(t.to(w.device, non_blocking=True), 256).to(w.dtype))
+        return mlp(timestep_embedding(t.to(w.device, non_blocking=w.device.type != "cpu"), 256).to(w.dtype))
 
     def time_embed(self, t, pooled=None, guidance=None, **cond):
         """AdaLN conditioning temb [B, D] = MLP(t) + MLP(guidance) + MLP(pooled CLIP text)."""

@@ -35,7 +35,7 @@ def consistency_loss(xhat, x_tgt, kind="huber", c=1e-3):
 
 def col(c, x):
     """A per-sample coefficient [B] as float32 [B, 1, 1, 1, 1] against x."""
-    return c.to(device=x.device, non_blocking=True).float().view(-1, *[1] * (x.dim() - 1))
+    return c.to(device=x.device, non_blocking=x.device.type != "cpu").float().view(-1, *[1] * (x.dim() - 1))
 
 
 def diffusion_time(u, kind, grid=None):
@@ -51,7 +51,7 @@ def diffusion_loss(model, x0, eps, t, alpha, sigma, kind, cond):
     """The teacher's objective: MSE of model(alpha x0 + sigma eps, t) against its target, flow: eps - x0,
     vpred: alpha eps - sigma x0 (per-sample t, alpha, sigma [B])."""
     a, s = col(alpha, x0), col(sigma, x0)
-    out = model(a * x0 + s * eps, t.float().to(x0.device, non_blocking=True), **cond).float()
+    out = model(a * x0 + s * eps, t.float().to(x0.device, non_blocking=x0.device.type != "cpu"), **cond).float()
     return F.mse_loss(out, eps - x0 if kind == "flow" else a * eps - s * x0)
 
 
@@ -68,7 +68,7 @@ def on(device, **rows):
     """Host per-sample rows [B] -> float64 on `device`, stacked and moved in one transfer (from pinned memory,
     non-blocking, on CUDA: the host never waits for the device)."""
     packed = torch.stack([torch.as_tensor(v).to(torch.float64) for v in rows.values()])  # [n_rows, B]
-    if device.type == "cuda":
+    if device.type == "cuda" and packed.device.type == "cpu":
         packed = packed.pin_memory()
     return dict(zip(rows, packed.to(device, non_blocking=True).unbind(0)))
 

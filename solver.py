@@ -160,7 +160,7 @@ def boundary_t(grid, kappa):
 
 def _bcast(c, x):
     """A scalar or per-sample [B] coefficient as a tensor broadcastable against x [B, ...]."""
-    c = torch.as_tensor(c, dtype=torch.float64).to(device=x.device, non_blocking=True)  # host -> device: no sync
+    c = torch.as_tensor(c, dtype=torch.float64).to(device=x.device, non_blocking=x.device.type != "cpu")  # no sync
     if c.dim() == 1:
         if c.shape[0] != x.shape[0]:
             raise ValueError(f"per-sample coefficient has {c.shape[0]} entries for a batch of {x.shape[0]}")

@@ -100,7 +100,7 @@ class Teacher:
     def _t(self, x, k):
         """Model-native t [B] float32 at grid index k (int or LongTensor [B])."""
         t, _, _ = self.grid.at(k)
-        return t.to(device=x.device, dtype=torch.float32, non_blocking=True).expand(x.shape[0]).contiguous()
+        return t.to(device=x.device, dtype=torch.float32, non_blocking=x.device.type != "cpu").expand(x.shape[0]).contiguous()
 
     @torch.no_grad()
     def out(self, x, k, cond):
