@@ -60,9 +60,9 @@ def test_table_cache_is_bounded_and_safe_under_inference_mode_and_autograd():
     x = torch.randn(4, 32, requires_grad=True)
     (x * tab).sum().backward()  # ... and used later in training (mul saves the table for backward)
     assert torch.equal(x.grad, tab)
-    for n in range(1, 20):
-        fn(cfg, (1, 2, n), torch.device("cpu"), torch.float32)
-    assert fn.cache_len() == 8  # least recently used dropped
+    tabs = [fn(cfg, (1, 2, n), torch.device("cpu"), torch.float32) for n in range(3, 20)]
+    assert fn.cache_len() == 8  # the least recently used are dropped, the recent ones kept
+    assert fn(cfg, (1, 2, 19), CPU, torch.float32) is tabs[-1] and fn(cfg, (1, 2, 2), CPU, torch.float32) is not tab
 
 
 def test_whole_cogvideox_forward_traces_into_one_graph_with_the_cached_table():
