@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from layers import (
     timestep_embedding, TimestepMLP, attention, apply_rope, FeedForward, reject_cond, check_taps, run_block,
-    ACTIVATIONS,
+    ACTIVATIONS, cached_table,
 )
 from layers import sp_gather, sp_rows, sp_shard
 
@@ -78,6 +78,7 @@ def _sincos(pos, dim):
     return torch.cat([out.sin(), out.cos()], dim=-1)
 
 
+@cached_table()
 def cogvideox_sincos_table(cfg, grid, device, dtype):
     """2B fixed 3D positional table [F*h*w, D] for a token grid (F, h, w): D/4 time, 3D/8 w, 3D/8 h."""
     n_f, n_h, n_w = grid
@@ -106,6 +107,7 @@ def _crop_region(n_h, n_w, base_h, base_w):
     return (top, left), (top + rh, left + rw)
 
 
+@cached_table()
 def cogvideox_rope(cfg, grid, n_text, device):
     """5B 3D RoPE cos/sin [n_text + F*h*w, d] fp32; text rows are the identity rotation.
 
@@ -224,6 +226,7 @@ class CogVideoXTransformer(nn.Module):
         if not torch.is_tensor(t) or t.ndim != 1:
             raise ValueError(f"t must be a 1-D tensor [B], got {tuple(t.shape) if torch.is_tensor(t) else type(t)}")
         w = self.time_embedding.linear_1.weight
+        t = t.to(w.device, non_blocking=w.device.type != "cpu")  # t may come from the host (a dual expert routes on it)
         emb = timestep_embedding(t, w.shape[1], self.config.flip_sin_to_cos, self.config.freq_shift)
         return self.time_embedding(emb.to(w.dtype))
 

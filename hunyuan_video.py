@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from layers import (
     timestep_embedding, TimestepMLP, attention, apply_rope, RMSNorm, FeedForward, reject_cond, check_taps, run_block,
+    cached_table,
 )
 from layers import sp_gather, sp_rows, sp_shard
 
@@ -187,8 +188,9 @@ class HunyuanVideoTransformer(nn.Module):
 
     @staticmethod
     def _sinus(mlp, t):
-        """Timestep/guidance MLP on 256 fp32 sinusoids (cos first, shift 0) of t [B]."""
-        return mlp(timestep_embedding(t, 256).to(mlp.linear_1.weight.dtype))
+        """Timestep/guidance MLP on 256 fp32 sinusoids (cos first, shift 0) of t [B] (t on the host or the device)."""
+        w = mlp.linear_1.weight
+        return mlp(timestep_embedding(t.to(w.device, non_blocking=w.device.type != "cpu"), 256).to(w.dtype))
 
     def time_embed(self, t, pooled=None, guidance=None, **cond):
         """AdaLN conditioning temb [B, D] = MLP(t) + MLP(guidance) + MLP(pooled CLIP text)."""
@@ -217,6 +219,7 @@ class HunyuanVideoTransformer(nn.Module):
             c = run_block(self, block, c, temb, mask)
         return c
 
+    @cached_table()
     def _rope(self, grid, n_text, device):
         """cos, sin [Lv+Lt, head_dim] fp32 for integer (f, h, w) token positions; identity rows for text."""
         cfg, angles = self.config, []
@@ -262,16 +265,18 @@ class HunyuanVideoTransformer(nn.Module):
                 raise ValueError(f"text_mask must be [B, L] = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
             valid = text_mask.bool()  # the original model (and diffusers, masking by count) assume right padding
             n = valid.sum(dim=1, keepdim=True)
-            if not bool(((torch.arange(valid.shape[1], device=n.device) < n) == valid).all() & (n > 0).all()):
-                raise ValueError("text_mask must be 1 on a non-empty prefix of the tokens and 0 after (right padding)")
+            return ((torch.arange(valid.shape[1], device=n.device) < n) == valid).all() & (n > 0).all()  # read in forward
 
     def forward(self, x, t, text=None, text_mask=None, pooled=None, guidance=None, taps=None):
         """Flow velocity [B, C, F, H, W]; with `taps` also a list of video tokens [B, Lv, D] after those blocks."""
-        self._check(x, t, text, text_mask, pooled, guidance)
+        ok = self._check(x, t, text, text_mask, pooled, guidance)
         cfg, (B, _, f, hgt, wid) = self.config, x.shape
         tap_set, feats = check_taps(taps, cfg.num_layers + cfg.num_single_layers), []
         if text_mask is not None:  # drop padding columns of all samples (exact); no mask left lets SDPA use flash
-            lo, hi = torch.stack(torch.aminmax(text_mask.sum(dim=1))).tolist()
+            # the forward's one host read (data-dependent shapes): the mask's check and its shared padding together
+            lo, hi, ok = torch.stack([*torch.aminmax(text_mask.sum(dim=1)), ok.long()]).tolist()
+            if not ok:
+                raise ValueError("text_mask must be 1 on a non-empty prefix of the tokens and 0 after (right padding)")
             text, text_mask = text[:, :hi], (text_mask[:, :hi] if lo < hi else None)
         temb = self.time_embed(t, pooled=pooled, guidance=guidance)
         c = self._refine(text, text_mask, t)

@@ -12,9 +12,10 @@
 Students (paper supp. 6): steps split evenly between the phases, uniform inside each
 (solver.student_schedule), one model call and Euler/DDIM jump per point, the last to the clean end;
 no CFG, HunyuanVideo's embedded guidance still passed (the teacher's value: teacher.embedded_guidance).
-The dual expert routes t <= boundary_t to its detail path; single students (vcm, pcm, semantic-only)
-use the run's phases. --timesteps / --sigmas replace the schedule (flow: t = 1000 sigma, any points; CogVideoX:
-integer timesteps); the output metadata lists the expert of each point.
+The dual expert routes t <= boundary_t to its detail path, its LoRA merged into the detail path's own copies of
+the attention linears once per run (--no-merge: the unmerged low-rank pairs); single students (vcm, pcm,
+semantic-only) use the run's phases. --timesteps / --sigmas replace the schedule (flow: t = 1000 sigma, any points;
+CogVideoX: integer timesteps); the output metadata lists the expert of each point.
 The authors' released students (released.py: `DCM_HY/`, `DCM_WAN/` or their transformer/) sample with the
 authors' schedules and routing: HunyuanVideo sigmas 1, 0.992, 0.9818, 0.9124 with int(t) <= 981 on the
 detail expert; Wan timesteps 1000, 992, 982, 949, 905, 810 with int(t) <= 978; per sample here.
@@ -293,6 +294,7 @@ def parse_args(argv):
     a("--decode", help="real models: local hub-layout folder with vae/: decode the latents to MP4")
     a("--sp", type=int, default=1, help="sequence parallel degree N: torchrun N processes sample one set together")
     a("--fps", type=int, default=8)
+    a("--no-merge", action="store_true", help="dual expert: keep the detail LoRA unmerged (default: merged once)")
     args = p.parse_args(argv)
     if not (args.ckpt or args.latents):
         raise SampleError("give --ckpt (a checkpoint to sample from) or --latents (latents to decode)")
@@ -336,6 +338,8 @@ def main(argv=None):
             x, meta = f.get_tensor("latents"), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
         return {"latents": x, "videos": decode(x, meta, args), "out": args.out}
     model, info = load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps, args.shift)
+    if info["mode"] == "dual" and not args.no_merge:
+        model.merge_lora()  # one GEMM per detail linear instead of three (round-off differences only)
     cfg, grid, run, teacher = info["cfg"], info["grid"], info["run"], info["mode"] == "teacher"
     guidance = args.guidance if args.guidance is not None else run.get("guidance", 6.0)
     custom = {k: v for k, v in (("sigmas", args.sigmas), ("timesteps", args.timesteps)) if v}
@@ -356,7 +360,8 @@ def main(argv=None):
     meta = {"seed": args.seed, "steps": n_steps, "grid_indices": ks, "t": t.tolist(), "sigmas": sigma.tolist(),
             "schedule": custom or None, "experts": names, "mode": info["mode"], "ckpt": info["folder"],
             "detail": args.detail, "guidance": guidance,
-            "model": model_name(cfg), "pixel_space": info["pixel_space"], "dtype": str(args.dtype), "device": args.device}
+            "model": model_name(cfg), "pixel_space": info["pixel_space"], "dtype": str(args.dtype), "device": args.device,
+            "lora_merged": info["mode"] == "dual" and not args.no_merge}
     if args.decode and not info["pixel_space"]:
         import video_io
         video_io.vae_config(meta["model"], args.decode)  # a bad weights folder fails now, not after sampling

@@ -261,13 +261,13 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
         for m in [student] + ([ema] if ema else []) + frozen_teacher:
             shard(m, mesh)
     elif distributed:
-        student_mod = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
+        student_mod = torch.nn.parallel.DistributedDataParallel(student)  # no device_ids: host t stays on the host
     for p in disc.parameters() if disc is not None and distributed else ():
         dist.broadcast(p.data, 0)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    d_opt = torch.optim.AdamW(disc.parameters(), lr=d_lr, betas=d_betas, weight_decay=d_weight_decay) if disc else None
+    fused = all(p.is_cuda and p.is_floating_point() for p in params) or None  # fused AdamW on CUDA, else the default
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, fused=fused)
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=d_lr, betas=d_betas, weight_decay=d_weight_decay, fused=fused) if disc else None
     if state:
         set_optimizer_state_dict(student, opt, state["opt"], options=StateDictOptions(full_state_dict=True))
         for m, key in ((disc, "disc"), (d_opt, "d_opt")) if disc else ():
@@ -307,7 +307,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
         if args.stage == "teacher":
             t, a, s = grid.at(k) if k is not None else losses.diffusion_time(u[:, 0], kind, vgrid)
             return {"diffusion": losses.diffusion_loss(student_mod, x0, eps, t, a, s, kind, scond)}, None
-        kk = (k_between(u[:, 0], k_lo, k_hi) if k is None else k).to(device)
+        kk = k_between(u[:, 0], k_lo, k_hi) if k is None else k  # host indices (u is on the CPU): no sync in the step
         l_cd, xhat, x_tgt, k_end = losses.consistency_step(student_mod, student if ema is None else ema, teacher, grid,
                                                            boundaries, x0, eps, kk, cond, scond, args.loss)
         terms = {"cd": l_cd}
@@ -315,7 +315,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
             terms["tc"] = losses.temporal_coherence_loss(xhat, x_tgt)
         if k is not None or not gan:
             return terms, None
-        k_adv = k_between(u[:, 1], 0, kap).to(device)  # re-noise into the detail sub-trajectory
+        k_adv = k_between(u[:, 1], 0, kap)  # re-noise into the detail sub-trajectory (host indices)
         terms["gan_g"], terms["fm"], feats = losses.adversarial_terms(teacher.model, disc, x_tgt, xhat, n, k_end, k_adv,
                                                                       grid, scond, tok_grid)
         return terms, feats
@@ -393,13 +393,14 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
         if distributed:
             dist.all_reduce(vals)
             vals /= world
-        gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        row = dict(zip(sorted(sums), vals.tolist())) | {"grad_norm": float(getattr(gn, "full_tensor", lambda: gn)())}
+        gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # below: the step's one host sync (the NaN check)
+        norms = [getattr(gn, "full_tensor", lambda: gn)()]
         if disc is not None:
             for p in disc.parameters() if distributed else ():
                 dist.all_reduce(p.grad)
                 p.grad /= world
-            row["d_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(disc.parameters(), grad_clip))
+            norms.append(torch.nn.utils.clip_grad_norm_(disc.parameters(), grad_clip))
+        row = dict(zip(sorted(sums) + ["grad_norm", "d_grad_norm"], torch.cat([vals, torch.stack(norms)]).tolist()))
         bad = [k for k, v in row.items() if not np.isfinite(v)]
         if bad:  # stop before the update: the last checkpoint stays the last good state
             good = checkpoint.latest_step(out, checkpoint.RESUMABLE, quiet=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from layers import (
     timestep_embedding, TimestepMLP, attention, apply_rope, FeedForward, reject_cond, check_taps, run_block,
-    sp_gather, sp_rows, sp_shard,
+    sp_gather, sp_rows, sp_shard, cached_table,
 )
 
 
@@ -119,8 +119,9 @@ class WanConditionEmbedder(nn.Module):
         self.text_embedder = TimestepMLP(cfg.text_dim, dim)  # PixArt text projection: linear_1, GELU-tanh, linear_2
 
     def time(self, t):
-        """temb [B, D] from fp32 sinusoids of t [B] (cos first, shift 0)."""
+        """temb [B, D] from fp32 sinusoids of t [B] (cos first, shift 0; t on the host or the device)."""
         w = self.time_embedder.linear_1.weight
+        t = t.to(w.device, non_blocking=w.device.type != "cpu")  # t may come from the host (a dual expert routes on it)
         return self.time_embedder(timestep_embedding(t, w.shape[1]).to(w.dtype))
 
     def text(self, text):
@@ -157,6 +158,7 @@ class WanTransformer(nn.Module):
             raise ValueError(f"t must be a 1-D tensor [B], got {tuple(t.shape) if torch.is_tensor(t) else type(t)}")
         return self.condition_embedder.time(t)
 
+    @cached_table()
     def _rope(self, grid, device):
         """cos, sin [f*h*w, head_dim] fp32: head dim split t d-2*(2(d//6)) / h 2(d//6) / w 2(d//6), theta 1e4."""
         d = self.config.attention_head_dim
