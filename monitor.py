@@ -60,11 +60,13 @@ def add_args(p):
 
 
 def tile(videos, cols=None, gap=1):
-    """Videos [K, 3, F, H, W] in [-1, 1] -> one grid video [3, F, rows*(H+gap)-gap, cols*(W+gap)-gap] (gap white)."""
+    """Videos [K, 3, F, H, W] in [-1, 1] -> one grid video [3, F, H', W'], white gaps, sides rounded up to even
+    (H.264's yuv420p needs them)."""
     K, C, F, H, W = videos.shape
     cols = cols or K
     rows = -(-K // cols)
-    out = torch.ones(C, F, rows * (H + gap) - gap, cols * (W + gap) - gap)
+    even = lambda n: n + n % 2  # noqa: E731
+    out = torch.ones(C, F, even(rows * (H + gap) - gap), even(cols * (W + gap) - gap))
     for i, v in enumerate(videos.float().clamp(-1, 1)):
         r, c = divmod(i, cols)
         out[:, :, r * (H + gap):r * (H + gap) + H, c * (W + gap):c * (W + gap) + W] = v
@@ -226,8 +228,8 @@ class Monitor:
                 data.atomic_save_file({"latents": x}, os.path.join(tmp, f"latents_{s}step.safetensors"),
                                       metadata={k: json.dumps(v) for k, v in meta.items()})
                 videos[s] = self._pixels(x, tmp, s)
-            if self.pixel and self.real is not None:
-                videos["data"] = self._pixels(self.real, tmp, "data")
+            if self.pixel and self.real is not None:  # the training clips of the K prompts, once per run
+                videos["data"], self.real = self._pixels(self.real, tmp, "data"), None
         print(f"validation samples -> {folder}", file=sys.stderr)
         for s, v in videos.items():
             if self.tb and v is not None:

@@ -106,9 +106,11 @@ def test_toy_grids_and_tensorboard_events(toy_run):
     out = toy_run["out"]
     folder = os.path.join(out, "samples")
     assert sorted(os.listdir(folder)) == ["step_0000000", "step_0000002", "step_0000003"]
-    want = sorted([f"grid_{s}{e}" for s in ("2step", "4step", "8step", "data") for e in (".gif", ".mp4")]
+    want = sorted([f"grid_{s}step{e}" for s in (2, 4, 8) for e in (".gif", ".mp4")]
                   + [f"latents_{s}step.safetensors" for s in (2, 4, 8)])
     assert sorted(os.listdir(os.path.join(folder, "step_0000003"))) == want
+    data_row = ["grid_data.gif", "grid_data.mp4"]  # the K prompts' training clips, at the first validation
+    assert sorted(os.listdir(os.path.join(folder, "step_0000000"))) == sorted(want + data_row)
     gif = Image.open(os.path.join(folder, "step_0000003", "grid_4step.gif"))
     assert gif.n_frames == 6 and gif.size == (3 * 16 + 2, 16)  # 3 samples of 6 frames 16x16, 1-px gaps
     files = os.listdir(os.path.join(out, "tb"))
@@ -122,7 +124,7 @@ def test_toy_grids_and_tensorboard_events(toy_run):
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(r["step"], pytest.approx(r["loss"])) for r in log]
     assert set(acc.Tags()["images"]) == {"samples/2step", "samples/4step", "samples/8step", "samples/data"}
     events = acc.Images("samples/4step")
-    assert [e.step for e in events] == [0, 2, 3]
+    assert [e.step for e in events] == [0, 2, 3] and [e.step for e in acc.Images("samples/data")] == [0]
     import io
     frames = Image.open(io.BytesIO(events[-1].encoded_image_string))
     assert frames.format == "GIF" and frames.n_frames == 6 and (events[-1].width, events[-1].height) == frames.size
@@ -147,5 +149,5 @@ def test_tile_places_each_video():
     from monitor import tile
     v = torch.rand(5, 3, 2, 4, 6) * 2 - 1
     g = tile(v, cols=3)
-    assert g.shape == (3, 2, 2 * 5 - 1, 3 * 7 - 1)
+    assert g.shape == (3, 2, 2 * 5 - 1 + 1, 3 * 7 - 1)  # 9 rows rounded up to even, 20 columns already are
     assert torch.equal(g[:, :, 5:9, 7:13], v[4]) and (g[:, :, 4] == 1).all()
