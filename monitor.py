@@ -20,6 +20,7 @@ TensorBoard (optional package, imported only with --tensorboard): OUT/tb/ mirror
 as an animated GIF (written here with Pillow, so moviepy is not needed).
 """
 import argparse
+import atexit
 import io
 import json
 import os
@@ -154,6 +155,7 @@ class Monitor:
             if self.tb:  # a resumed run drops the events its previous life wrote after the checkpoint's step
                 self.tb = self.writer_cls(os.path.join(self.out, "tb"), purge_step=step + 1 if step else None,
                                           flush_secs=30)
+                atexit.register(self.tb.close)  # a run stopped by an error still leaves its events on disk
         if self.tb:
             self._mirror(step)
         due = step == self.args.max_steps or step % self.every == 0 if self.every else False
