@@ -189,6 +189,7 @@ def vbench_main(args):
     dims = args.dimensions or list(DIMENSIONS)
     if bad := [d for d in dims if d not in DIMENSIONS]:
         raise EvalError(f"--dimensions: unknown {bad}; VBench's are {', '.join(DIMENSIONS)}")
+    folder, weights, run = sample.resolve(args.ckpt)
     info_path = args.prompts or vbench_info()
     if info_path is None:
         raise EvalError("vbench is not installed (pip install vbench): give --prompts FILE (one prompt per line, or "
@@ -196,7 +197,6 @@ def vbench_main(args):
     prompts = read_prompts(info_path, dims)
     work = [(p, i, video_name(p, i)) for p in prompts for i in range(args.per_prompt)]
     videos, results = os.path.join(args.out, "videos"), os.path.join(args.out, "vbench_results")
-    folder, weights, run = sample.resolve(args.ckpt)
     teacher_path = args.teacher or (run or {}).get("teacher")
     name = sample.model_name(checkpoint.read_config(weights))
     video_io.vae_config(name, args.weights)  # bad weights fail now, before any model loads

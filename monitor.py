@@ -101,8 +101,8 @@ class Monitor:
         self.args, self.cfg, self.grid, self.boundaries, self.rank, self.device = args, cfg, grid, boundaries, rank, device
         self.out, self.every, self.first, self.tb, self.vae = args.out, args.sample_every, None, None, None
         self.teacher = args.stage == "teacher"
-        if self.every < 0:
-            raise ValueError(f"--sample-every {self.every} must be >= 0")
+        if self.every < 0 or (args.sample_num is not None and args.sample_num < 1):
+            raise ValueError(f"--sample-every {self.every} must be >= 0 and --sample-num {args.sample_num} >= 1")
         if self.every:
             self._setup_sampling(ds)
         if args.tensorboard and rank == 0:
@@ -134,8 +134,6 @@ class Monitor:
             K = min(args.sample_num or NUM, len(ds))
             self.index = torch.linspace(0, len(ds) - 1, K).round().long()
             cond = {k: ds.tensors[k][self.index] for k in data.check_fits(cfg, ds.tensors, where=ds.dir)}
-        if K < 1:
-            raise ValueError(f"--sample-num {K} must be >= 1")
         self.K, self.cond, self.uncond = K, cond, {k: v for k, v in ds.uncond.items()}
         shape = ds.manifest["latent_shape"]
         self.noise = torch.randn(K, *shape, generator=torch.Generator().manual_seed(args.seed + 7_000_003))
