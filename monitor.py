@@ -169,11 +169,10 @@ class Monitor:
             path = os.path.join(self.out, name)
             if not os.path.isfile(path):
                 continue
-            with open(path) as f:
+            with open(path, "rb") as f:
                 f.seek(self.offsets.get(name, 0))
-                text = f.read()
-            lines = text.split("\n")[:-1]  # a line still being written has no newline yet
-            self.offsets[name] = self.offsets.get(name, 0) + sum(len(s.encode()) + 1 for s in lines)
+                lines = f.read().split(b"\n")[:-1]  # a line still being written has no newline yet
+            self.offsets[name] = self.offsets.get(name, 0) + sum(len(s) + 1 for s in lines)
             for row in map(json.loads, filter(None, lines)):
                 if row["step"] <= self.first:
                     continue
