@@ -92,3 +92,20 @@ def test_scores_follow_vbench_normalisation(tmp_path, capsys):
     md = ev.main(["table", "--results", str(tmp_path / "res"), "--out", str(tmp_path)])
     assert "| student | ? | – | 80.00 | 100.00 | 0.00 |" in md and (tmp_path / "table.md").read_text().strip() == md
     assert json.load(open(tmp_path / "vbench_scores.json"))["total"] == pytest.approx(80)
+
+
+def test_validation_during_training_decodes_through_the_vae(student, hy_weights, tmp_path):  # noqa: F811
+    """train.py --sample-decode: rank 0 writes each validation sample as an MP4 of the VAE's decode of its latents."""
+    import video_io
+    from safetensors.torch import load_file
+    train.main(["--stage", "semantic", "--teacher", str(student / "teacher"), "--data", str(student / "data"),
+                "--out", str(tmp_path / "run"), "--max-steps", "1", "--device", "cpu", "--probe-every", "0",
+                "--sample-every", "1", "--sample-steps", "2", "--sample-num", "2", "--sample-decode", hy_weights])
+    folder = tmp_path / "run" / "samples" / "step_0000001"
+    assert sorted(os.listdir(folder)) == ["latents_2step.safetensors", "sample_2step_0.mp4", "sample_2step_1.mp4"]
+    lat = load_file(str(folder / "latents_2step.safetensors"))["latents"]
+    vae = video_io.load_vae("hunyuan-video", hy_weights, tiling=True)
+    want = video_io.to_uint8(video_io.decode_latents(vae, lat[1:2])[0]).astype(float)
+    got = read_back(str(folder / "sample_2step_1.mp4")).astype(float)
+    other = video_io.to_uint8(video_io.decode_latents(vae, lat[0:1])[0]).astype(float)
+    assert got.shape == (5, 16, 16, 3) and abs(got - want).mean() < 0.5 * abs(got - other).mean()  # H.264 is lossy
