@@ -10,7 +10,7 @@ guidance at each step count as N) at step 0, every N steps and the last step, in
 `latents_{s}step.safetensors` (sample.py's latents format: `sample.py --latents FILE --decode WEIGHTS` decodes
 it later), the toy's pixels as a GIF + MP4 grid per step count, real latents through the VAE with
 --sample-decode (rank 0). It does not perturb training: no global RNG draw, no_grad, every module's train/eval
-flag and every parameter's requires_grad restored, EMA / discriminator / optimizer untouched (tested: weights
+flag restored, requires_grad untouched, EMA / discriminator / optimizer untouched (tested: weights
 and RNG states bit-identical with and without it). Under FSDP (and sequence parallelism) every rank runs the
 forward, which all-gathers weights; under DDP rank 0 alone samples the unwrapped module (its forward has no
 collectives) and the other ranks wait at the next gradient all-reduce, so the process group's timeout must
@@ -94,6 +94,17 @@ def preview(latents):
     return (x - lo) / (hi - lo).clamp_min(1e-8) * 2 - 1
 
 
+class _AsTeacher:
+    """The model being trained, seen by sample.teacher_sample's Teacher, which would otherwise set it to eval and
+    requires_grad False: FSDP2 fixes at its first forward (our step-0 validation) which parameters it trains."""
+
+    def __init__(self, model):
+        self.model, self.prediction, self.config = model, model.prediction, model.config
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
 class Monitor:
     """Validation sampling and TensorBoard of one run; `mon(step, model)` between steps (returns step)."""
 
@@ -108,8 +119,8 @@ class Monitor:
         if args.tensorboard and rank == 0:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {e}") from None
+            except ImportError as e:  # a flag error: train.py prints it as one line
+                raise ValueError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {e}") from None
             self.writer_cls = SummaryWriter
             self.tb = True
         self.offsets = {}
@@ -186,7 +197,6 @@ class Monitor:
         if not self.collective and self.rank != 0:
             return None
         modes = [(m, m.training) for m in model.modules()]
-        grads = [(p, p.requires_grad) for p in model.parameters()]
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.dtype == "bf16")
         guidance, bs = self.args.guidance, max(self.args.batch_size, 1)
         model.eval()
@@ -198,16 +208,14 @@ class Monitor:
                     for b0 in range(0, self.K, bs):  # the training micro-batch fits, so does a sampling one
                         x = self.noise[b0:b0 + bs].to(self.device)
                         c = {k: v[b0:b0 + bs].to(self.device) for k, v in self.cond.items()}
-                        if self.teacher:  # Teacher() sets eval + requires_grad False: both restored below
+                        if self.teacher:  # the N-step guided sampler at N = s
                             g = sample.make_grid(self.cfg, self.grid.kind, {"shift": self.args.shift}, s)
                             un = {k: v.to(self.device) for k, v in self.uncond.items()}
-                            parts.append(sample.teacher_sample(model, x, c, g, guidance, un).cpu())
+                            parts.append(sample.teacher_sample(_AsTeacher(model), x, c, g, guidance, un).cpu())
                         else:
                             parts.append(sample.student_sample(model, x, c, self.grid, self.boundaries, s, guidance).cpu())
                     lat[s] = torch.cat(parts)
         finally:
-            for p, r in grads:
-                p.requires_grad_(r)
             model.train()  # DualExpert.train also sets its grafted copies; then every flag as it was
             for m, t in modes:
                 m.training = t
