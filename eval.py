@@ -202,6 +202,8 @@ def vbench_main(args):
     video_io.vae_config(name, args.weights)  # bad weights fail now, before any model loads
     video_io.weights_path(args.weights, "text_encoder")
     os.makedirs(videos, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(videos), ".tmp-*")):  # a video cut off by a crash
+        os.remove(stale)
     todo = [w for w in work if not os.path.isfile(os.path.join(videos, w[2]))]
     print(f"{len(prompts)} prompts x {args.per_prompt} = {len(work)} videos in {videos}: {len(work) - len(todo)} done, "
           f"{len(todo)} to go")
