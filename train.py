@@ -36,6 +36,7 @@ import data
 import experts
 import losses
 import model as models
+import monitor
 import parallel
 import solver
 from teacher import Teacher, embedded_guidance, uses_cfg
@@ -62,7 +63,7 @@ class TrainError(Exception):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = monitor.add_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     a = p.add_argument
     a("--config", help=f"model preset ({', '.join(models.PRESETS)}) or config.json (diffusers or a run's); "
                        "default: the teacher's")
@@ -227,6 +228,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
         raise data.DataError(f"{ds.dir}: {len(ds)} samples are fewer than batch {B} x data parallel {dp}")
     sampler = torch.utils.data.DistributedSampler(ds, dp, dp_rank, shuffle=True, seed=args.seed, drop_last=True)
     uncond = {k: v.to(device) for k, v in ds.uncond.items()}
+    mon = monitor.Monitor(args, cfg, grid, boundaries, ds, rank, device)  # checks its flags before models load
 
     # --- checkpoint to go on from: saved with the same stage, phases, grid and adapter
     if not args.resume and checkpoint.step_folders(out):
@@ -366,7 +368,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
     stream = data.batches(ds, sampler, B, epoch, pos)
     nan_at = int(os.environ.get("DCM_TRAIN_NAN_AT_STEP", -1))  # test hook: poison the loss of this step
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc=args.stage, mininterval=2)
-    while step < args.max_steps:
+    while mon(step, student) < args.max_steps:  # validation samples / TensorBoard between steps (monitor.py)
         t0, sums = time.time(), {}
         for micro in range(accum):
             batch, epoch, pos = next(stream)
