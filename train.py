@@ -102,6 +102,10 @@ def parse_args(argv):
     a("--compile", action="store_true", help="torch.compile the student")
     a("--dry-run", action="store_true", help="print sizes and memory per GPU, then exit")
     a("--world-size", type=int, help="dry-run: plan for this many GPUs (default WORLD_SIZE or 1)")
+    a("--frames", type=int, help="dry-run: latent frames (with --height/--width; default: --data's, else the model's)")
+    a("--height", type=int, help="dry-run: latent height")
+    a("--width", type=int, help="dry-run: latent width")
+    a("--gpu-mem", type=float, default=80.0, help="dry-run: GiB per GPU to fit in")
     a("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
     for name, table in (("max_steps", max_steps), ("lr", lr), ("w_tc", w_tc), ("w_gan", w_gan), ("w_fm", w_fm)):
