@@ -110,8 +110,7 @@ def shape_of(args, cfg, sp):
     elif hasattr(cfg, "sample_frames"):  # CogVideoX: the config's training size, frames in latent units
         size = [(cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1, cfg.sample_height, cfg.sample_width]
     else:
-        raise ValueError(f"--dry-run needs the latent size: --frames/--height/--width or --data ({type(cfg).__name__} "
-                         "has no default size)")
+        return None, None  # no size known: the plan leaves the activations out and says so
     f, h, w = size
     if min(size) < 1 or f % pt or h % p or w % p:
         raise ValueError(f"--frames/--height/--width {f}x{h}x{w}: latent sizes must be >= 1 and divisible by the "
@@ -139,6 +138,10 @@ def plan(args, cfg, counts, sp, device="cuda"):
     grads = 4 * T / sh + (4 * T if world > 1 and not args.fsdp else 0)  # DDP: its gradient buckets are a 2nd copy
     gather = 2 * 4 * block if args.fsdp else 0  # FSDP2: the block in use and the prefetched one, unsharded fp32
     cache = 2 * T * bf16  # autocast caches a bf16 cast of every trainable fp32 weight until it exits (before backward)
+    out = {"static": static, "grads": grads, "passes": {}, "latents": 0, "peak_pass": None, "shape": shape,
+           "world": world, "sp": sp, "total": sum(static.values()) + grads}
+    if shape is None:  # no latent size known: weights, grads and optimizer states only
+        return out
     D = cfg.num_attention_heads * cfg.attention_head_dim
     latents = 6 * 4 * B * shape.video * sp * cfg.in_channels * cfg.patch_size ** 2  # x0, eps, x_k, x_tgt, xhat, v (fp32)
     rope = 8 * cfg.attention_head_dim * shape.joint * (getattr(cfg, "use_rotary_positional_embeddings", True))
@@ -170,17 +173,15 @@ def plan(args, cfg, counts, sp, device="cuda"):
     # the block being recomputed (checkpointing) holds its saved tensors, or a forward's working set if larger
     bwd_block = (max(s_one, working_bytes(cfg, shape, B, args.dtype, sp)) if ckpt else 0) + W_GRAD * unit
     # backward: the blocks' saved tensors are freed as their weight gradients appear, so the blocks' part peaks at
-    # max(saved, grads) plus the block being recomputed; bf16 autocast hands the weight gradients over in bf16 and
-    # casts them to the fp32 .grad only at the end of the backward (measured): 2 bytes per trainable parameter in
-    # flight, then the fp32 grads once the activations are gone
+    # max(saved, grads) plus the block being recomputed; under bf16 autocast the CPU measurement shows the weight
+    # gradients held in bf16 while the blocks run (2 bytes per trainable parameter), the fp32 .grad after them
     passes["backward (grads + one block)"] = max(s_all + kept, 2 * T if bf16 else grads) + bwd_block + gather
-    passes["end of backward (fp32 grads)"] = grads + (2 * T if bf16 else 0)
+    passes["end of backward (fp32 grads)"] = grads
     if gan:
         passes["discriminator step"] = extra_d
     # grads exist only from the backward on (zero_grad sets them to None): they are in the backward's row
     total = sum(static.values()) + max(passes.values()) + latents
-    return {"static": static, "grads": grads, "passes": passes, "latents": latents, "peak_pass": max(passes, key=passes.get),
-            "total": total, "shape": shape, "world": world, "sp": sp}
+    return out | {"passes": passes, "latents": latents, "peak_pass": max(passes, key=passes.get), "total": total}
 
 
 def counts_of(args, cfg, build):
@@ -211,22 +212,26 @@ def dry_run(args, cfg, build):
     counts = counts_of(args, cfg, build)
     device = "cpu" if args.device == "cpu" else "cuda"  # CUDA autocast saves fp32 layer_norm inputs; CPU's does not
     p = plan(args, cfg, counts, sp, device)
-    world, (f, h, w) = p["world"], shape_of(args, cfg, sp)[1]
+    world, size = p["world"], shape_of(args, cfg, sp)[1]
     fits = {n: plan(args, cfg, counts, n, device)["total"] <= gpu * GIB for n in sp_degrees(cfg, world)}
-    min_sp = next((n for n, ok in fits.items() if ok), None)
+    min_sp = next((n for n, ok in fits.items() if ok), None) if size else None
     print(f"stage {args.stage}, {type(cfg).__name__}, world {world}{' FSDP' if args.fsdp else ' DDP'}, SP {sp}, "
           f"{args.dtype}, grad ckpt {'on' if args.grad_ckpt else 'off'}, batch {args.batch_size} per rank")
-    print(f"latent {f}x{h}x{w}: {p['shape'].video} video tokens per rank (after SP) + {p['shape'].text} text")
+    print(f"latent {'x'.join(map(str, size))}: {p['shape'].video} video tokens per rank (after SP) + {p['shape'].text} "
+          "text" if size else "latent size unknown (give --frames/--height/--width or --data): activations NOT counted")
     print(f"params: student {counts['params'] / 1e9:.3f} B ({counts['trainable'] / 1e9:.4f} B trainable), "
           f"teacher {counts['teacher'] / 1e9:.3f} B, discriminator {counts['disc'] / 1e6:.1f} M")
-    rows = {**p["static"], "grads (fp32)": p["grads"], "latents in flight": p["latents"]}
+    rows = {**p["static"], "grads (fp32, in the backward rows)": p["grads"], "latents in flight": p["latents"],
+            "autocast bf16 weight cache (forward)": 2 * counts["trainable"] * (args.dtype == "bf16")}
     for k, v in rows.items():
-        print(f"  {k:34s} {v / GIB:9.2f} GiB per GPU")
+        print(f"  {k:40s} {v / GIB:9.2f} GiB per GPU")
     for k, v in p["passes"].items():
-        print(f"  activations: {k:21s} {v / GIB:9.2f} GiB{'  <- peak' if k == p['peak_pass'] else ''}")
+        print(f"  {'activations: ' + k:40s} {v / GIB:9.2f} GiB{'  <- peak' if k == p['peak_pass'] else ''}")
     ok = p["total"] <= gpu * GIB
-    print(f"  {'total (peak)':34s} {p['total'] / GIB:9.2f} GiB per GPU: {'fits' if ok else 'does NOT fit'} in {gpu:g} GiB")
-    print("smallest SP degree that fits: " + (str(min_sp) if min_sp else f"none up to {max(fits)} (world {world})"))
+    print(f"  {'total (peak)' if size else 'total (without activations)':40s} {p['total'] / GIB:9.2f} GiB per GPU: "
+          f"{'fits' if ok else 'does NOT fit'} in {gpu:g} GiB")
+    if size:
+        print("smallest SP degree that fits: " + (str(min_sp) if min_sp else f"none up to {max(fits)} (world {world})"))
     print(f"global batch {args.batch_size} x {args.grad_accum} x {world // sp} = {args.batch_size * args.grad_accum * world // sp}")
     mem = {**p["static"], "grads (fp32)": p["grads"]}
     return {"params": counts["params"], "trainable": counts["trainable"], "teacher": counts["teacher"],
