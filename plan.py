@@ -206,9 +206,10 @@ def sp_degrees(cfg, world):
 def dry_run(args, cfg, build):
     """Print the per-GPU plan, whether it fits --gpu-mem GiB and the smallest SP degree that fits; return it."""
     sp = getattr(args, "sp", None) or 1
-    gpu = getattr(args, "gpu_mem", None) or 80.0
+    gpu = getattr(args, "gpu_mem", 80.0)
     if gpu <= 0 or args.batch_size < 1:
         raise ValueError(f"--gpu-mem {gpu} and --batch-size {args.batch_size} must be > 0")
+    shape_of(args, cfg, sp)  # a bad size fails before any model is built
     counts = counts_of(args, cfg, build)
     device = "cpu" if args.device == "cpu" else "cuda"  # CUDA autocast saves fp32 layer_norm inputs; CPU's does not
     p = plan(args, cfg, counts, sp, device)

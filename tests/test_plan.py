@@ -44,7 +44,7 @@ CONFIGS = {  # width 128 and 1024 video tokens: activations dominate the weights
     "cogvideox": dataclasses.replace(model.PRESETS["tiny-cogvideox"], num_attention_heads=2, attention_head_dim=64,
                                      time_embed_dim=64, max_text_seq_length=8),
     "hunyuan": dataclasses.replace(model.PRESETS["tiny-hunyuan"], num_attention_heads=2, attention_head_dim=64,
-                                   rope_axes_dim=(16, 24, 24), num_layers=2, num_single_layers=2),
+                                   rope_axes_dim=(16, 24, 24), num_layers=1, num_single_layers=1),
 }
 SIZE = (4, 32, 32)  # latent F, H, W: 1024 video tokens
 
@@ -79,3 +79,90 @@ def measured(argv, monkeypatch):
     with tracker:
         train.main(argv + ["--max-steps", "2"])
     return tracker.peak - tracker.start
+
+
+def block_saved(block, args, dtype):
+    """Bytes autograd saves in one block's forward: parameters, their autocast casts and the inputs left out."""
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    skip = params | {a.untyped_storage().data_ptr() for a in args if torch.is_tensor(a) and not a.requires_grad}
+    shapes = {tuple(p.shape) for p in block.parameters()} | {tuple(p.shape)[::-1] for p in block.parameters()}  # W, W.t()
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip and not (t.dtype == torch.bfloat16 and tuple(t.shape) in shapes):
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(*args)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("grads", ["full", "none"])
+def test_block_units_equal_saved_tensors(dtype, grads):
+    """plan.block_units (the per-block formula) against the bytes autograd saves in each kind of block, trained
+    (the student) and frozen (the teacher's GAN pass, input gradient only); within 8% (measured: fp32 <= 1%, bf16 <= 7%: README)."""
+    B, Lv, Lt, D = 1, 512, 32, 128
+    act = torch.bfloat16 if dtype == "bf16" else torch.float32
+    x, c = (torch.randn(B, n, D, dtype=act, requires_grad=True) for n in (Lv, Lt))
+    h = torch.randn(B, Lv + Lt, D, dtype=act, requires_grad=True)
+    cos, sin = torch.randn(Lv + Lt, 64), torch.randn(Lv + Lt, 64)
+    cog, hun = (model.build_transformer(CONFIGS[k]) for k in ("cogvideox", "hunyuan"))
+    for m in (cog, hun):
+        m.requires_grad_(grads == "full")
+    blocks = {("cogvideox", "block"): (cog.transformer_blocks[0], (x, c, torch.randn(B, 64))),
+              ("hunyuan", "double"): (hun.transformer_blocks[0], (x, c, torch.randn(B, D), None, cos, sin)),
+              ("hunyuan", "single"): (hun.single_transformer_blocks[0], (h, torch.randn(B, D), None, cos, sin))}
+    for (arch, kind), (block, args) in blocks.items():
+        got = block_saved(block, args, dtype)
+        want = plan.block_units(CONFIGS[arch], dtype, "cpu", grads)[kind][2] * D * B * (Lv + Lt)
+        print(f"{arch} {kind} {dtype} {grads}: saved {got} formula {want:.0f} error {want / got - 1:+.1%}")
+        assert abs(got / want - 1) < 0.08, (arch, kind, dtype, grads, got, want)
+
+
+STEPS = [("cogvideox", "semantic", True, "fp32"), ("cogvideox", "detail", False, "fp32"),
+         ("hunyuan", "semantic", False, "bf16"), ("hunyuan", "detail", True, "bf16")]
+
+
+@pytest.mark.parametrize("arch,stage,ckpt,dtype", STEPS)
+def test_step_peak_within_15_percent(tmp_path, monkeypatch, arch, stage, ckpt, dtype):
+    """The dry run's activations + grads + latents against the measured peak of one real train.py step (CPU, the
+    LiveBytes measurement above): within the issue's 15% (measured: 1-7%, see README)."""
+    argv = make_run(tmp_path, CONFIGS[arch]) + ["--stage", stage, "--dtype", dtype] + ["--grad-ckpt"] * ckpt
+    got = measured(argv + ["--out", str(tmp_path / "run")], monkeypatch)
+    p = train.main(argv + ["--dry-run"])["plan"]
+    want = p["total"] - sum(p["static"].values())
+    assert abs(want / got - 1) < 0.15, (got, want, p["passes"])
+
+
+def test_plans_scale_and_answer(capsys):
+    """Full-size plans on the meta device: SP divides the video tokens and the activations, FSDP the states; the
+    paper's HunyuanVideo semantic step (115,200 tokens) does not fit 80 GiB at SP 1 on 24 GPUs and does at SP 2."""
+    base = ["--stage", "semantic", "--config", "hunyuan-video", "--dry-run", "--dtype", "bf16", "--grad-ckpt", "--fsdp",
+            "--world-size", "24", "--frames", "32", "--height", "90", "--width", "160"]
+    r = train.main(base)
+    assert r["plan"]["shape"].video == 115200 and not r["fits"] and r["min_sp"] == 2
+    out = capsys.readouterr().out
+    assert "does NOT fit in 80 GiB" in out and "smallest SP degree that fits: 2" in out
+    args, cfg = train.parse_args(base), model.PRESETS["hunyuan-video"]
+    counts = {k: r[k] for k in ("params", "trainable", "teacher", "disc")} | {"block": 0, "taps": []}
+    p1, p4 = (plan.plan(args, cfg, counts, sp) for sp in (1, 4))
+    assert p4["shape"].video == 115200 // 4 and p4["total"] < p1["total"] and p4["static"] == p1["static"]
+    assert p1["static"]["AdamW states (fp32)"] == 8 * counts["trainable"] / 24
+    args.frames = args.height = args.width = None  # no size known: weights, grads and optimizer only
+    assert plan.plan(args, cfg, counts, 1)["passes"] == {}
+
+
+def test_dry_run_bad_input(monkeypatch):
+    """Impossible sizes: one error line naming the flags, non-zero exit, before any model is built."""
+    base = ["train.py", "--stage", "semantic", "--config", "tiny-hunyuan", "--dry-run"]
+    for bad, want in ((["--frames", "32", "--height", "91", "--width", "160"], "divisible by the patch"),
+                      (["--frames", "0", "--height", "90", "--width", "160"], "must be >= 1"),
+                      (["--frames", "32"], "go together"),
+                      (["--frames", "4", "--height", "8", "--width", "8", "--gpu-mem", "0"], "--gpu-mem 0.0")):
+        monkeypatch.setattr("sys.argv", base + bad)
+        with pytest.raises(SystemExit) as e:
+            train._cli()
+        assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and want in e.value.code, e.value.code
