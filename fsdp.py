@@ -3,24 +3,22 @@ and the host-memory peak it reaches.
 
 Start-up (`start_up`): the student (a DualExpert in the detail stage), its EMA and the frozen teacher are built on
 the meta device, sharded, given empty local shards on the training device, and each rank then reads only its own
-rows of every parameter from the safetensors files (`safe_open(...).get_slice`), or from the mmap-loaded
-train_state.pt (the EMA on resume). No rank ever holds a full copy: per rank, host memory is its shards (on the GPU
-in a real run) plus one slice in flight. A fresh detail adapter draws its LoRA A matrices from the same seeded CPU
-generator, in the same order, as `DualExpert` does on a full model, so the start-up equals the full-copy one bit for
-bit (tested). `DCM_FSDP_FULL_COPY=1` runs the old start-up (every rank loads everything, then shards): the reference.
-
-    python fsdp.py --measure [--ranks 2]   # peak host memory per rank, meta vs full-copy start-up, ~400 MB model
+rows of every parameter: straight from the safetensors files with plain reads (no mmap, whose touched pages would
+count as this process's memory), the EMA on resume from the mmap-loaded train_state.pt. No rank holds a full copy:
+per rank, host memory is its shards (on the GPU in a real run) plus one tensor's rows in flight. A fresh detail
+adapter draws its LoRA A matrices from the same seeded CPU generator, in the same order, as `DualExpert` does on a
+full model, so the start-up equals the full-copy one bit for bit (tests/test_fsdp.py). `DCM_FSDP_FULL_COPY=1` runs
+the old start-up (every rank loads everything, then shards): the reference. Measured host memory:
+`python tests/fsdp_host_memory.py` (README).
 """
 import json
 import math
 import os
 import resource
 import struct
-import sys
 from copy import deepcopy
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -74,15 +72,18 @@ class _Folder:
         buf = bytearray((hi - lo) * row)
         f = self.handle[key]
         f.seek(start + lo * row)
-        f.readinto(buf)
-        return torch.frombuffer(buf, dtype=dt).view(hi - lo, *shape[1:]) if shape else torch.frombuffer(buf, dtype=dt)[0]
+        if f.readinto(buf) != len(buf):
+            raise ValueError(f"{f.name}: truncated (tensor {key} ends past the end of the file)")
+        t = torch.frombuffer(buf, dtype=dt)
+        return t.view(hi - lo, *shape[1:]) if shape else t[0]
 
 
 class _Tensors:
-    """A dict of (mmap-backed) tensors read slice by slice: train_state.pt's EMA, a converted original checkpoint."""
+    """Tensors (or safetensors slices) by key, read row range by row range: train_state.pt's EMA (mmap-loaded), a
+    converted original checkpoint, a detail adapter file."""
 
-    def __init__(self, sd):
-        self.sd, self.shapes = sd, {k: tuple(v.shape) for k, v in sd.items()}
+    def __init__(self, sd, shapes=None):
+        self.sd, self.shapes = sd, shapes or {k: tuple(v.shape) for k, v in sd.items()}
 
     def read(self, key, rows):
         return self.sd[key][rows]
@@ -145,16 +146,15 @@ def _fresh_lora(models_):
 
 
 def _open_detail(m, path):
-    """The adapter file of a resumed detail run, checked like DualExpert.load_detail: a _Folder-like reader."""
+    """The adapter file of a resumed detail run as a _Tensors reader, checked like DualExpert.load_detail."""
     info, mine = experts.DualExpert.read_detail_meta(path), m.detail_meta()
     bad = [f"{k}: file {info.get(k)!r} vs expert {v!r}" for k, v in mine.items() if info.get(k) != v]
     if bad:
         raise ValueError(f"{path} was saved for a different detail expert: " + "; ".join(bad))
-    f = safe_open(path, framework="pt")
-    src = _Tensors({})
-    src.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    src.read = lambda key, rows: f.get_slice(key)[rows]
-    want = set(k for k in m.detail_state())
+    f = safe_open(path, framework="pt")  # small (the adapter): its slices are read directly
+    slices = {k: f.get_slice(k) for k in f.keys()}
+    src = _Tensors(slices, {k: tuple(v.get_shape()) for k, v in slices.items()})
+    want = set(m.detail_state())
     if set(src.shapes) != want:
         raise ValueError(f"{path}: missing keys {sorted(want - set(src.shapes))[:10]}, "
                          f"unexpected keys {sorted(set(src.shapes) - want)[:10]}")

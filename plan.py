@@ -143,7 +143,7 @@ def plan(args, cfg, counts, sp, device="cuda"):
     if shape is None:  # no latent size known: weights, grads and optimizer states only
         return out
     D = cfg.num_attention_heads * cfg.attention_head_dim
-    latents = 6 * 4 * B * shape.video * sp * cfg.in_channels * cfg.patch_size ** 2  # x0, eps, x_k, x_tgt, xhat, v (fp32)
+    latents = 6 * 4 * B * shape.video * sp * cfg.in_channels * cfg.patch_size ** 2  # x0, eps, x_k, x_tgt, xhat, v
     rope = 8 * cfg.attention_head_dim * shape.joint * (getattr(cfg, "use_rotary_positional_embeddings", True))
     io = 4 * B * D * e * shape.video + rope  # patch embedding output, the head's saved tensors, RoPE cos/sin (fp32)
     # passes before the student's: the teacher (no grad, CFG doubles the batch), the target (no grad)
@@ -152,7 +152,8 @@ def plan(args, cfg, counts, sp, device="cuda"):
         passes["teacher forward (no grad)"] = working_bytes(cfg, shape, cfg_batch * B, args.dtype, sp) + (
             2 * te * block if args.fsdp else 0)
         passes["target forward (no grad)"] = working_bytes(cfg, shape, B, args.dtype, sp) + gather + cache
-    s_all, s_one = saved_bytes(cfg, shape, B, args.dtype, ckpt, device, "lora" if stage == "detail" and T < P else "full")
+    trains = "lora" if stage == "detail" and T < P else "full"
+    s_all, s_one = saved_bytes(cfg, shape, B, args.dtype, ckpt, device, trains)
     work = working_bytes(cfg, shape, B, args.dtype, sp) if ckpt else 0  # a checkpointed block in progress
     held = s_all + io + cache + gather  # the student's graph, held from its forward to the backward
     passes["student forward"] = held + work
@@ -233,7 +234,8 @@ def dry_run(args, cfg, build):
           f"{'fits' if ok else 'does NOT fit'} in {gpu:g} GiB")
     if size:
         print("smallest SP degree that fits: " + (str(min_sp) if min_sp else f"none up to {max(fits)} (world {world})"))
-    print(f"global batch {args.batch_size} x {args.grad_accum} x {world // sp} = {args.batch_size * args.grad_accum * world // sp}")
+    dp = world // sp
+    print(f"global batch {args.batch_size} x {args.grad_accum} x {dp} = {args.batch_size * args.grad_accum * dp}")
     mem = {**p["static"], "grads (fp32)": p["grads"]}
     return {"params": counts["params"], "trainable": counts["trainable"], "teacher": counts["teacher"],
             "disc": counts["disc"], "memory": mem, "world": world, "plan": p, "total": p["total"], "fits": ok,

@@ -21,7 +21,8 @@ COMMON = ["--teacher", teacher, "--data", data, "--batch-size", "2", "--lr", "1e
           "--lora-rank", "4", "--disc-hidden", "32", "--probe-every", "0", "--device", "cpu", "--fsdp"]
 CASES = {  # name: (extra flags, resumes the run of this case); bf16: the teacher is stored in bf16
     "detail": (["--stage", "detail", "--init", init, "--dtype", "bf16", "--max-steps", "1"], None),
-    "detail_resume": (["--stage", "detail", "--init", init, "--dtype", "bf16", "--max-steps", "2", "--resume"], "detail"),
+    "detail_resume": (["--stage", "detail", "--init", init, "--dtype", "bf16", "--max-steps", "2", "--resume"],
+                      "detail"),
 }
 dist.init_process_group("gloo")
 rank, start_up = dist.get_rank(), fsdp.start_up
