@@ -136,7 +136,9 @@ def plan(args, cfg, counts, sp, device="cuda"):
               "EMA target (fp32)": 4 * P / sh * ema, f"teacher ({args.dtype})": te * Pt / sh,
               "discriminator + grads + AdamW": 16 * Pd}
     grads = 4 * T / sh + (4 * T if world > 1 and not args.fsdp else 0)  # DDP: its gradient buckets are a 2nd copy
-    gather = 2 * 4 * block if args.fsdp else 0  # FSDP2: the block in use and the prefetched one, unsharded fp32
+    gather = 4 * block if args.fsdp else 0  # FSDP2: the block in use, all-gathered (fp32)
+    # and in the backward its unsharded fp32 grads plus the flat buffer they are reduce-scattered from
+    scatter = 2 * 4 * block * T / P if args.fsdp else 0
     cache = 2 * T * bf16  # autocast caches a bf16 cast of every trainable fp32 weight until it exits (before backward)
     out = {"static": static, "grads": grads, "passes": {}, "latents": 0, "peak_pass": None, "shape": shape,
            "world": world, "sp": sp, "total": sum(static.values()) + grads}
@@ -176,7 +178,7 @@ def plan(args, cfg, counts, sp, device="cuda"):
     # backward: the blocks' saved tensors are freed as their weight gradients appear, so the blocks' part peaks at
     # max(saved, grads) plus the block being recomputed; under bf16 autocast the CPU measurement shows the weight
     # gradients held in bf16 while the blocks run (2 bytes per trainable parameter), the fp32 .grad after them
-    passes["backward (grads + one block)"] = max(s_all + kept, 2 * T if bf16 else grads) + bwd_block + gather
+    passes["backward (grads + one block)"] = max(s_all + kept, 2 * T if bf16 else grads) + bwd_block + gather + scatter
     passes["end of backward (fp32 grads)"] = grads
     if gan:
         passes["discriminator step"] = extra_d
