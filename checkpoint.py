@@ -159,7 +159,11 @@ def load_transformer(path, dtype=None, device=None):
         shapes, load = {k: tuple(v.shape) for k, v in src.items()}, lambda: _drain(src)
     else:
         folder = transformer_folder(path)
-        cfg, (shapes, load) = read_config(os.path.join(folder, "config.json")), _folder_tensors(folder)
+        shapes, load = _folder_tensors(folder)
+        if any(".lora_A.lora1." in k for k in shapes):  # PEFT's adapter keys: a dual expert, not one transformer
+            raise ValueError(f"{path}: the authors' DCM layout (semantic weights + PEFT 'lora1' + *_lora copies): "
+                             "sample it with sample.py --ckpt, load it with released.load_released")
+        cfg = read_config(os.path.join(folder, "config.json"))
     model = M.build_transformer(cfg, device="meta")
     check_keys(model, shapes, path)
     sd = {}

@@ -32,7 +32,7 @@ def shard(m, mesh):
     """FSDP2: every transformer block its own unit, the rest in the root's."""
     from torch.distributed.fsdp import fully_shard
     for mod in list(m.modules()):
-        for name in ("transformer_blocks", "single_transformer_blocks"):
+        for name in ("transformer_blocks", "single_transformer_blocks", "blocks"):  # blocks: Wan
             for block in getattr(mod, name, None) or ():
                 fully_shard(block, mesh=mesh)
     fully_shard(m, mesh=mesh)

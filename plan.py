@@ -18,6 +18,7 @@ from safetensors import safe_open
 import data
 import losses
 import model as models
+from teacher import uses_cfg
 
 GIB = 2**30
 W_GRAD = 3  # backward working set of one block beyond its saved tensors (units): grads of the block's output, input
@@ -33,6 +34,12 @@ class Shape:
     @property
     def joint(self):
         return self.video + self.text
+
+
+def _ratio(cfg):
+    """MLP hidden width / D (Wan gives ffn_dim)."""
+    D = cfg.num_attention_heads * cfg.attention_head_dim
+    return cfg.ffn_dim / D if hasattr(cfg, "ffn_dim") else getattr(cfg, "mlp_ratio", 4.0)
 
 
 def block_units(cfg, dtype, device="cuda", grads="full"):
@@ -53,13 +60,21 @@ def block_units(cfg, dtype, device="cuda", grads="full"):
     3 + r; AdaLN 4; LoRA 2. Single block: always 5 + r + RMS; weights 2 + r (modulated input, the [attention, MLP]
     concat 1 + r); AdaLN 2; LoRA 1. RMSNorm (q and k) computes in fp32: it keeps its input (fp32 mode: q itself;
     bf16: two fp32 casts) and, when its weight trains, the fp32 normalised product. Refiner blocks (text only): as
-    CogVideoX's. CUDA autocast runs layer_norm in fp32: its saved inputs are fp32 copies (device "cuda"), which a CPU
-    measurement cannot show (CPU autocast keeps them in bf16)."""
+    CogVideoX's. Wan block (video tokens; the text enters by cross-attention): its three LayerNorms and three q/k
+    RMSNorms keep fp32 inputs (4 bytes each: an fp32 copy, and autocast runs rms_norm in fp32), always; also SDPA 4,
+    the cross-attention's q and output (2), the GELU input (r); weights 8 + r (the four projection inputs that see video tokens, the
+    MLP input, the second MLP linear input r, the three q/k RMSNorms' normalised products for their weights); AdaLN: the two fp32 normed tensors and the fp32 MLP output (4 bytes
+    each) and the gated self-attention output; LoRA: the four attention-linear inputs. CUDA autocast runs layer_norm
+    in fp32: its saved inputs are fp32 copies (device "cuda"), which a CPU measurement cannot show (CPU autocast
+    keeps them in bf16)."""
     e, bf16 = (2 if dtype == "bf16" else 4), dtype == "bf16"
     w, t, lora = grads == "full", grads in ("full", "lora"), grads == "lora"
     ln = 4 if device == "cuda" else e  # bytes of a saved layer_norm input
     rms = 2 * ((8 if bf16 else 4) + 4 * w)  # q and k: fp32 input(s), + the fp32 product when the weight trains
-    r = getattr(cfg, "mlp_ratio", 4.0)
+    r = _ratio(cfg)
+    if "Wan" in type(cfg).__name__:
+        always, weights = (6 + r) * e + 24, (8 + r) * e  # 3 LayerNorm + 3 RMSNorm inputs in fp32 (autocast)
+        return {"block": (cfg.num_layers, "video", always + w * weights + t * (12 + e) + (lora and not w) * 4 * e)}
 
     def units(always, n_ln, weights, adaln, lora_in):
         return (always + w * weights + t * adaln + (lora and not w) * lora_in) * e + n_ln * ln
@@ -91,13 +106,15 @@ def working_bytes(cfg, shape, B, dtype, sp=1):
     """One block's no-grad working set: residual, normed, q, k, v, attention output, 2 MLP-sized tensors (4 + 2r
     units), plus the Ulysses all-to-all buffers under SP (q, k, v, output exist before and after the exchange)."""
     D, e = cfg.num_attention_heads * cfg.attention_head_dim, (2 if dtype == "bf16" else 4)
-    r = getattr(cfg, "mlp_ratio", 4.0)
+    r = _ratio(cfg)
     return B * D * e * shape.joint * (6 + 2 * r + (4 if sp > 1 else 0))
 
 
 def shape_of(args, cfg, sp):
     """Per-rank Shape from --frames/--height/--width (latent units), else the --data manifest, else the config."""
-    pt, p, text = getattr(cfg, "patch_size_t", None) or 1, cfg.patch_size, None
+    pt, p = (cfg.patch_size[0], cfg.patch_size[1]) if isinstance(cfg.patch_size, tuple) else (
+        getattr(cfg, "patch_size_t", None) or 1, cfg.patch_size)
+    text = None
     size = [getattr(args, k, None) for k in ("frames", "height", "width")]
     if any(v is not None for v in size):
         if any(v is None for v in size):
@@ -116,7 +133,7 @@ def shape_of(args, cfg, sp):
         raise ValueError(f"--frames/--height/--width {f}x{h}x{w}: latent sizes must be >= 1 and divisible by the "
                          f"patch sizes ({pt}, {p}, {p})")
     if text is None:
-        text = cfg.max_text_seq_length if hasattr(cfg, "max_text_seq_length") else 256  # HunyuanVideo: 256 padded
+        text = getattr(cfg, "max_text_seq_length", 512 if "Wan" in type(cfg).__name__ else 256)  # padded lengths
     return Shape(math.ceil(f // pt * (h // p) * (w // p) / sp), text), (f, h, w)
 
 
@@ -131,7 +148,7 @@ def plan(args, cfg, counts, sp, device="cuda"):
     ckpt = args.grad_ckpt
     ema = args.target_ema > 0 and stage != "teacher"
     gan = stage == "detail" and bool(args.w_gan or args.w_fm)
-    cfg_batch = 2 if (stage != "teacher" and cfg.__class__.__name__.startswith("CogVideoX")) else 1  # CFG: cond+uncond
+    cfg_batch = 2 if stage != "teacher" and counts["cfg"] else 1  # CFG teachers run cond + uncond in one batch
     static = {"student weights (fp32)": 4 * P / sh, "AdamW states (fp32)": 8 * T / sh,
               "EMA target (fp32)": 4 * P / sh * ema, f"teacher ({args.dtype})": te * Pt / sh,
               "discriminator + grads + AdamW": 16 * Pd}
@@ -145,9 +162,11 @@ def plan(args, cfg, counts, sp, device="cuda"):
     if shape is None:  # no latent size known: weights, grads and optimizer states only
         return out
     D = cfg.num_attention_heads * cfg.attention_head_dim
-    latents = 6 * 4 * B * shape.video * sp * cfg.in_channels * cfg.patch_size ** 2  # x0, eps, x_k, x_tgt, xhat, v
+    full = shape.video * sp  # SP gathers the video tokens before the head and for the GAN taps
+    latents = 6 * 4 * B * full * cfg.in_channels * (math.prod(cfg.patch_size) if isinstance(cfg.patch_size, tuple)
+                                                     else cfg.patch_size ** 2)  # x0, eps, x_k, x_tgt, xhat, v (fp32)
     rope = 8 * cfg.attention_head_dim * shape.joint * (getattr(cfg, "use_rotary_positional_embeddings", True))
-    io = 4 * B * D * e * shape.video + rope  # patch embedding output, the head's saved tensors, RoPE cos/sin (fp32)
+    io = B * D * e * (shape.video + 3 * full) + rope  # patch embedding output, the head's tensors, RoPE cos/sin
     # passes before the student's: the teacher (no grad, CFG doubles the batch), the target (no grad)
     passes = {}
     if stage != "teacher":
@@ -164,14 +183,14 @@ def plan(args, cfg, counts, sp, device="cuda"):
         n_taps = len(counts["taps"])
         t_all, t_one = saved_bytes(cfg, shape, B, args.dtype, ckpt, device, "none")
         h = args.disc_hidden
-        feats = n_taps * B * shape.video * D * e  # the real features (no grad), kept for FM and the D step
-        disc = n_taps * B * shape.video * (2 * D + 6 * h) * e  # per tap: permuted copy, 6 hidden-wide (conv, GN, act)
-        fm = n_taps * B * shape.video * 3 * D * e  # feature matching: the head on each fake tap (LN, mod, proj input)
+        feats = n_taps * B * full * D * e  # the real features (no grad), kept for FM and the D step
+        disc = n_taps * B * full * (2 * D + 6 * h) * e  # per tap: permuted copy, 6 hidden-wide (conv, GN, act)
+        fm = n_taps * B * full * 3 * D * e  # feature matching: the head on each fake tap (LN, mod, proj input)
         kept = t_all + feats + io  # + the teacher's own embedding, head and RoPE tables; the backward frees D/FM first
         # the fake pass's block in progress, then the discriminator's and FM's tensors on top of its graph
         passes["GAN + FM passes (teacher graph)"] = held + kept + max(work, disc + fm)
         s_one = max(s_one, t_one)
-        extra_d = feats + n_taps * 2 * B * shape.video * (3 * D + 6 * h) * e  # D step: fake+real batched, 2B
+        extra_d = feats + n_taps * 2 * B * full * (3 * D + 6 * h) * e  # D step: fake+real batched, 2B
     unit = B * D * e * shape.joint
     # the block being recomputed (checkpointing) holds its saved tensors, or a forward's working set if larger
     bwd_block = (max(s_one, working_bytes(cfg, shape, B, args.dtype, sp)) if ckpt else 0) + W_GRAD * unit
@@ -195,10 +214,10 @@ def counts_of(args, cfg, build):
     gan = args.stage == "detail" and (args.w_gan or args.w_fm)
     with torch.device("meta"):
         disc = count(losses.Discriminator.for_model(student, args.disc_hidden)) if gan else 0
-    blocks = [b for m in student.modules() for n in ("transformer_blocks", "single_transformer_blocks")
+    blocks = [b for m in student.modules() for n in ("transformer_blocks", "single_transformer_blocks", "blocks")
               for b in (getattr(m, n, None) or ())]
     return {"params": count(student), "trainable": count(student, True), "teacher": teach, "disc": disc,
-            "block": max(count(b) for b in blocks), "taps": student.default_taps()}
+            "block": max(count(b) for b in blocks), "taps": student.default_taps(), "cfg": uses_cfg(getattr(student, "backbone", student))}
 
 
 def sp_degrees(cfg, world):
@@ -212,6 +231,10 @@ def dry_run(args, cfg, build):
     gpu = getattr(args, "gpu_mem", 80.0)
     if gpu <= 0 or args.batch_size < 1:
         raise ValueError(f"--gpu-mem {gpu} and --batch-size {args.batch_size} must be > 0")
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    if sp < 1 or cfg.num_attention_heads % sp or world % sp:
+        raise ValueError(f"--sp {sp} must divide the attention heads ({cfg.num_attention_heads}) and the world size "
+                         f"({world}; --world-size)")
     shape_of(args, cfg, sp)  # a bad size fails before any model is built
     counts = counts_of(args, cfg, build)
     device = "cpu" if args.device == "cpu" else "cuda"  # CUDA autocast saves fp32 layer_norm inputs; CPU's does not
