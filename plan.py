@@ -156,7 +156,9 @@ def plan(args, cfg, counts, sp, device="cuda"):
     gather = 4 * block if args.fsdp else 0  # FSDP2: the block in use, all-gathered (fp32)
     # and in the backward its unsharded fp32 grads plus the flat buffer they are reduce-scattered from
     scatter = 2 * 4 * block * T / P if args.fsdp else 0
-    cache = 2 * T * bf16  # autocast caches a bf16 cast of every trainable fp32 weight until it exits (before backward)
+    # autocast caches a bf16 cast of every trainable fp32 weight until it exits (before backward); train.py turns the
+    # cache off under FSDP, where it would keep a copy of every unsharded weight
+    cache = 2 * T * bf16 * (not args.fsdp)
     out = {"static": static, "grads": grads, "passes": {}, "latents": 0, "peak_pass": None, "shape": shape,
            "world": world, "sp": sp, "total": sum(static.values()) + grads}
     if shape is None:  # no latent size known: weights, grads and optimizer states only
@@ -249,7 +251,7 @@ def dry_run(args, cfg, build):
     print(f"params: student {counts['params'] / 1e9:.3f} B ({counts['trainable'] / 1e9:.4f} B trainable), "
           f"teacher {counts['teacher'] / 1e9:.3f} B, discriminator {counts['disc'] / 1e6:.1f} M")
     rows = {**p["static"], "grads (fp32, in the backward rows)": p["grads"], "latents in flight": p["latents"],
-            "autocast bf16 weight cache (forward)": 2 * counts["trainable"] * (args.dtype == "bf16")}
+            "autocast bf16 weight cache (forward)": 2 * counts["trainable"] * (args.dtype == "bf16" and not args.fsdp)}
     for k, v in rows.items():
         print(f"  {k:40s} {v / GIB:9.2f} GiB per GPU")
     for k, v in p["passes"].items():

@@ -187,7 +187,9 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
     distributed, out, B, accum = dist.is_initialized(), args.out, args.batch_size, args.grad_accum
     N, kap = grid.N, args.kappa
     log0 = print if rank == 0 else (lambda *a, **k: None)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")  # noqa: E731
+    # FSDP: no autocast weight cache, it would hold a bf16 copy of every unsharded weight through the forward
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16",  # noqa: E731
+                                      cache_enabled=not args.fsdp)
     boundaries = {"teacher": [], "vcm": [], "semantic": [kap], "detail": [kap],
                   "pcm": [(N * j + args.phases // 2) // args.phases - 1 for j in range(args.phases - 1, 0, -1)]}[args.stage]
     k_lo, k_hi = {"semantic": (kap + 1, N - 1), "detail": (0, kap)}.get(args.stage, (0, N - 1))
