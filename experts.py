@@ -105,8 +105,10 @@ class LoRA(nn.Module):
 class LoRALinear(nn.Module):
     """y = base(x) + scale * B A x: an nn.Linear with its adapter (the detail path's attention linears).
 
-    merge() folds the delta into base.weight and keeps the original weight, so unmerge() restores it
-    bit for bit (costs one weight copy while merged; merged vs unmerged outputs agree to round-off).
+    merge() holds W + delta (fp32 sum, cast back) as this layer's own weight: one matmul per call, and base.weight
+    (shared with the semantic tree in a DualExpert) is never touched; unmerge() drops it. Costs one weight copy
+    while merged; merged vs unmerged outputs agree to round-off. A merged layer gives its LoRA no gradient:
+    merge for sampling.
     """
 
     def __init__(self, base, rank, alpha, lora=None):
@@ -117,30 +119,29 @@ class LoRALinear(nn.Module):
         w = base.weight
         self.lora = lora if lora is not None else LoRA(
             base.in_features, base.out_features, rank, alpha, device=w.device, dtype=w.dtype)
-        self._unmerged_weight = None
+        self._merged_weight = None  # a plain attribute: never in the state dict
 
     @property
     def merged(self):
-        return self._unmerged_weight is not None
+        return self._merged_weight is not None
 
     def forward(self, x):
-        y = self.base(x)
-        return y if self.merged else y + self.lora(x)
+        if self.merged:
+            return F.linear(x, self._merged_weight, self.base.bias)
+        return self.base(x) + self.lora(x)
 
     @torch.no_grad()
     def merge(self):
         if self.merged:
             raise RuntimeError("LoRALinear is already merged")
         w = self.base.weight
-        self._unmerged_weight = w.detach().clone()
-        w.copy_((w.float() + self.lora.weight_delta()).to(w.dtype))
+        self._merged_weight = (w.float() + self.lora.weight_delta()).to(w.dtype)
 
     @torch.no_grad()
     def unmerge(self):
         if not self.merged:
             raise RuntimeError("LoRALinear is not merged")
-        self.base.weight.copy_(self._unmerged_weight)
-        self._unmerged_weight = None
+        self._merged_weight = None
 
 
 def arch_of(backbone):
@@ -187,6 +188,12 @@ def _graft(root, replacements):
     return copied[""]
 
 
+def _at(v, idx):
+    """v[idx] with the (host or device) index moved to v's device without a host sync (non-blocking host ->
+    device only: a non-blocking copy to the host could be read before it lands)."""
+    return v[idx.to(v.device, non_blocking=v.device.type != "cpu")]
+
+
 def _take(kwargs, idx, B):
     """The sub-batch `idx` of every per-sample tensor in kwargs (batch-1 / 0-dim tensors broadcast)."""
     out = {}
@@ -194,7 +201,7 @@ def _take(kwargs, idx, B):
         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] != 1:
             if v.shape[0] != B:
                 raise ValueError(f"'{k}' has leading dim {v.shape[0]}, expected the batch size {B} (or 1)")
-            v = v[idx]
+            v = _at(v, idx)
         out[k] = v
     return out
 
@@ -202,7 +209,7 @@ def _take(kwargs, idx, B):
 def _join(a, b, inv):
     """Concatenate two sub-batch results (tensors, or tuples/lists of them) and undo the split order."""
     if isinstance(a, torch.Tensor):
-        return torch.cat([a, b])[inv]
+        return _at(torch.cat([a, b]), inv)
     if isinstance(a, (tuple, list)):
         return type(a)(_join(x, y, inv) for x, y in zip(a, b, strict=True))
     raise TypeError(f"cannot scatter a backbone result of type {type(a).__name__}")
@@ -296,8 +303,9 @@ class DualExpert(nn.Module):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or (B is not None and t.shape[0] != B):
             raise ValueError(f"t must be a 1-D tensor [B{'' if B is None else f'={B}'}], got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        # rounding the boundary like t was rounded keeps a float32 grid timestep on its own side
-        return t <= torch.tensor(self.boundary_t, dtype=t.dtype, device=t.device)
+        # rounding the boundary like t was rounded keeps a float32 grid timestep on its own side; a host t (the
+        # training step's) routes without reading the device, a device t costs a host sync in _route
+        return t <= torch.full((), self.boundary_t, dtype=t.dtype, device=t.device)
 
     def _route(self, mask, call):
         """call(tree, idx) on each path's sub-batch (idx None = whole batch), results scattered back."""
@@ -318,14 +326,14 @@ class DualExpert(nn.Module):
         def call(tree, idx):
             if idx is None:
                 return tree(x, t, **extra, **cond)
-            return tree(x[idx], t[idx], **extra, **_take(cond, idx, B))
+            return tree(_at(x, idx), _at(t, idx), **extra, **_take(cond, idx, B))
         return self._route(self.detail_mask(t, B), call)
 
     def time_embed(self, t, **cond):
         mask = self.detail_mask(t)
         B = t.shape[0]
         return self._route(mask,
-                           lambda tree, idx: tree.time_embed(t if idx is None else t[idx],
+                           lambda tree, idx: tree.time_embed(t if idx is None else _at(t, idx),
                                                             **(cond if idx is None else _take(cond, idx, B))))
 
     def head(self, h, temb, grid, t=None):
@@ -334,7 +342,16 @@ class DualExpert(nn.Module):
             raise ValueError("DualExpert.head needs t to pick the expert (or call .semantic.head / .detail.head)")
         B = h.shape[0]
         return self._route(self.detail_mask(t, B), lambda tree, idx: tree.head(
-            h if idx is None else h[idx], temb if idx is None else temb[idx], grid))
+            h if idx is None else _at(h, idx), temb if idx is None else _at(temb, idx), grid))
+
+    def merge_lora(self, merged=True):
+        """Sampling: fold each LoRA into a merged weight of the detail tree's own linear (one GEMM per call, no
+        low-rank pair); the semantic tree's weights stay as they are. merged=False goes back to the LoRA pair.
+        Merge after moving the model (the merged weights are plain attributes, not moved by .to())."""
+        for m in self.detail.modules():
+            if isinstance(m, LoRALinear) and m.merged != merged:
+                m.merge() if merged else m.unmerge()
+        return self
 
     # --- training -------------------------------------------------------------------------------
     def set_mode(self, mode):

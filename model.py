@@ -5,8 +5,9 @@ layers of layers.py; each declares its `ARCHITECTURE` and `PRESETS`, which this 
 
 Module and parameter names equal diffusers' state-dict keys, so a diffusers `transformer/` folder
 loads 1:1 (see checkpoint.py). Public call: `model(x [B,C,F,H,W], t [B], text=...) -> [B,C,F,H,W]`.
-Positional tables and sinusoids are computed in fp32/fp64 for the actual latent size on every call
-(never stored in the state dict); attention runs in the input dtype through SDPA.
+Positional tables and sinusoids are computed in fp32/fp64 for the actual latent size (never stored in the
+state dict; the tables are cached per size, device and dtype: layers.cached_table); attention runs in the input
+dtype through SDPA.
 """
 
 from contextlib import contextmanager

@@ -4,6 +4,7 @@
     python sample.py --ckpt out/detail/step_0001000 --steps 4 --num 4 --cond prompts.safetensors
     python sample.py --ckpt sem/transformer --detail det.safetensors     # semantic backbone + adapter
     python sample.py --ckpt out/teacher --teacher --steps 50             # the teacher, with guidance
+    torchrun --nproc_per_node=4 sample.py -- --ckpt out/detail --sp 4  # sequence parallel: 4 GPUs, one sample set
     python sample.py --latents samples/latents.safetensors --decode WEIGHTS   # decode an earlier run
     python sample.py --ckpt DCM_HY --cond prompts.safetensors --decode DCM_HY    # the authors' released student
     python sample.py --ckpt out/detail --timesteps 1000,992,982,949,905,810      # a custom schedule
@@ -12,9 +13,10 @@
 Students (paper supp. 6): steps split evenly between the phases (--points even; proportional: by phase length;
 or explicit grid indices), uniform inside each (solver.student_schedule), one model call and Euler/DDIM jump per point, the last to the clean end;
 no CFG, HunyuanVideo's embedded guidance still passed (the teacher's value: teacher.embedded_guidance).
-The dual expert routes t <= boundary_t to its detail path; single students (vcm, pcm, semantic-only)
-use the run's phases. --timesteps / --sigmas replace the schedule (flow: t = 1000 sigma, any points; CogVideoX:
-integer timesteps); the output metadata lists the expert of each point.
+The dual expert routes t <= boundary_t to its detail path, its LoRA merged into the detail path's own copies of
+the attention linears once per run (--no-merge: the unmerged low-rank pairs); single students (vcm, pcm,
+semantic-only) use the run's phases. --timesteps / --sigmas replace the schedule (flow: t = 1000 sigma, any points;
+CogVideoX: integer timesteps); the output metadata lists the expert of each point.
 The authors' released students (released.py: `DCM_HY/`, `DCM_WAN/` or their transformer/) sample with the
 authors' schedules and routing: HunyuanVideo sigmas 1, 0.992, 0.9818, 0.9124 with int(t) <= 981 on the
 detail expert; Wan timesteps 1000, 992, 982, 949, 905, 810 with int(t) <= 978; per sample here.
@@ -24,6 +26,7 @@ Noise comes from one seeded CPU generator for all --num samples: bitwise reprodu
 device, and a sample's noise depends on the seed and its index, not on the batch size.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -36,6 +39,7 @@ import checkpoint
 import data
 import experts
 import model as models
+import parallel
 import released
 import solver
 from teacher import Teacher, embedded_guidance, uses_cfg
@@ -291,7 +295,9 @@ def parse_args(argv):
     a("--device", default="auto", help="auto | cpu | cuda[:i]")
     a("--out", help="output folder (default samples/; with --latents: the latents' folder)")
     a("--decode", help="real models: local hub-layout folder with vae/: decode the latents to MP4")
+    a("--sp", type=int, default=1, help="sequence parallel degree N: torchrun N processes sample one set together")
     a("--fps", type=int, default=8)
+    a("--no-merge", action="store_true", help="dual expert: keep the detail LoRA unmerged (default: merged once)")
     args = p.parse_args(argv)
     if not (args.ckpt or args.latents):
         raise SampleError("give --ckpt (a checkpoint to sample from) or --latents (latents to decode)")
@@ -326,6 +332,14 @@ def parse_args(argv):
 def main(argv=None):
     """Sample (or only decode) as the flags say; returns a summary dict (latents [num, C, F, H, W] float32 cpu)."""
     args = parse_args(argv)
+    if args.sp > 1 and parallel.get_group() is None:  # torchrun: the SP group samples the same latents, rank 0 writes
+        world, weights = int(os.environ.get("WORLD_SIZE", 1)), args.ckpt and resolve(args.ckpt)[1]
+        parallel.check(args.sp, checkpoint.read_config(weights) if weights and os.path.isdir(weights) else None, world)
+        if world != args.sp:
+            raise SampleError(f"--sp {args.sp}: sample.py runs one sequence-parallel group, launch exactly {args.sp} processes")
+        with parallel.distributed(torch.device(args.device), args.sp), open(os.devnull, "w") as null, \
+                contextlib.redirect_stdout(sys.stdout if parallel.lead() else null):
+            return main(argv)
     if args.latents:
         if not os.path.isfile(args.latents):
             raise SampleError(f"latents file {args.latents} does not exist")
@@ -333,6 +347,8 @@ def main(argv=None):
             x, meta = f.get_tensor("latents"), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
         return {"latents": x, "videos": decode(x, meta, args), "out": args.out}
     model, info = load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps, args.shift)
+    if info["mode"] == "dual" and not args.no_merge:
+        model.merge_lora()  # one GEMM per detail linear instead of three (round-off differences only)
     cfg, grid, run, teacher = info["cfg"], info["grid"], info["run"], info["mode"] == "teacher"
     guidance = args.guidance if args.guidance is not None else run.get("guidance", 6.0)
     custom = {k: v for k, v in (("sigmas", args.sigmas), ("timesteps", args.timesteps)) if v}
@@ -354,7 +370,8 @@ def main(argv=None):
     meta = {"seed": args.seed, "steps": n_steps, "grid_indices": ks, "t": t.tolist(), "sigmas": sigma.tolist(),
             "schedule": custom or None, "experts": names, "mode": info["mode"], "ckpt": info["folder"],
             "detail": args.detail, "guidance": guidance,
-            "model": model_name(cfg), "pixel_space": info["pixel_space"], "dtype": str(args.dtype), "device": args.device}
+            "model": model_name(cfg), "pixel_space": info["pixel_space"], "dtype": str(args.dtype), "device": args.device,
+            "lora_merged": info["mode"] == "dual" and not args.no_merge}
     if args.decode and not info["pixel_space"]:
         import video_io
         video_io.vae_config(meta["model"], args.decode)  # a bad weights folder fails now, not after sampling
@@ -386,6 +403,8 @@ def main(argv=None):
               f"expert={name} {secs[i]:.3f} s")
     print(f"total {total:.3f} s, {total / n_steps:.3f} s/step ({args.num} samples)")
 
+    if not parallel.lead():  # sequence parallel: every rank sampled the same latents, rank 0 writes them
+        return {**meta, "latents": torch.cat(outs), "path": None, "videos": [], "out": args.out}
     x, path = torch.cat(outs), os.path.join(args.out, "latents.safetensors")
     os.makedirs(args.out, exist_ok=True)
     data.atomic_save_file({"latents": x}, path, metadata={k: json.dumps(v) for k, v in meta.items()})

@@ -79,14 +79,20 @@ class Grid:
             raise ValueError("Grid sigmas must increase strictly with the grid index k")
 
     def at(self, k):
-        """(t, alpha, sigma) float64 at grid index k: an int (0-dim results) or a LongTensor [B] (k may be -1)."""
+        """(t, alpha, sigma) float64 at grid index k: an int (0-dim results) or a LongTensor [B] (k may be -1).
+
+        Host (CPU) indices give host values: the training step keeps its indices there, so nothing here reads a
+        device. A device k is gathered on its device and range-checked asynchronously (no host sync either)."""
         if isinstance(k, torch.Tensor):
             if k.dtype not in (torch.int64, torch.int32) or k.dim() > 1:
                 raise ValueError(f"grid index tensor must be an integer tensor [B], got {k.dtype} {tuple(k.shape)}")
+            if k.device.type != "cpu":
+                torch._assert_async(((k >= -1) & (k <= self.N - 1)).all(), f"grid index out of range -1..{self.N - 1}")
+                return tuple(v.to(k.device, non_blocking=True)[k.long() + 1] for v in (self.t, self.alpha, self.sigma))
             if k.numel() and (int(k.min()) < -1 or int(k.max()) > self.N - 1):
                 raise ValueError(f"grid index out of range -1..{self.N - 1}: {k.tolist()}")
-            i = k.long().cpu() + 1
-            return tuple(v[i].to(k.device) for v in (self.t, self.alpha, self.sigma))
+            i = k.long() + 1
+            return tuple(v[i] for v in (self.t, self.alpha, self.sigma))
         k = int(k)
         if not -1 <= k <= self.N - 1:
             raise ValueError(f"grid index {k} out of range -1..{self.N - 1}")
@@ -162,7 +168,7 @@ def boundary_t(grid, kappa):
 
 def _bcast(c, x):
     """A scalar or per-sample [B] coefficient as a tensor broadcastable against x [B, ...]."""
-    c = torch.as_tensor(c, dtype=torch.float64).to(device=x.device)
+    c = torch.as_tensor(c, dtype=torch.float64).to(device=x.device, non_blocking=x.device.type != "cpu")  # no sync
     if c.dim() == 1:
         if c.shape[0] != x.shape[0]:
             raise ValueError(f"per-sample coefficient has {c.shape[0]} entries for a batch of {x.shape[0]}")
@@ -235,7 +241,9 @@ def phase_end(k, boundaries):
     """Endpoint index of the phase holding k: the largest boundary below k, else -1 (DESIGN sec. 1)."""
     b = _check_boundaries(boundaries)
     if isinstance(k, torch.Tensor):
-        if k.numel() and int(k.min()) < 0:
+        if k.device.type != "cpu":  # checked on the device: no host sync
+            torch._assert_async((k >= 0).all(), "phase_end: grid indices must be >= 0 (k = -1 is an endpoint)")
+        elif k.numel() and int(k.min()) < 0:
             raise ValueError(f"phase_end: grid indices must be >= 0 (k = -1 is an endpoint), got {k.tolist()}")
         end = torch.full_like(k, -1)
         for v in reversed(b):  # ascending: the last boundary below k wins

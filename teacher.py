@@ -109,7 +109,7 @@ class Teacher:
     def _t(self, x, k):
         """Model-native t [B] float32 at grid index k (int or LongTensor [B])."""
         t, _, _ = self.grid.at(k)
-        return t.to(device=x.device, dtype=torch.float32).expand(x.shape[0]).contiguous()
+        return t.to(device=x.device, dtype=torch.float32, non_blocking=x.device.type != "cpu").expand(x.shape[0]).contiguous()
 
     @torch.no_grad()
     def out(self, x, k, cond):
@@ -119,7 +119,9 @@ class Teacher:
     @torch.no_grad()
     def step(self, x_k, k, cond):
         """One teacher ODE step: the point at grid index k-1 (DESIGN sec. 1, step 4)."""
-        if (k < 0).any() if isinstance(k, torch.Tensor) else k < 0:
+        if isinstance(k, torch.Tensor) and k.device.type != "cpu":  # device indices: checked without a host sync
+            torch._assert_async((k >= 0).all(), "Teacher.step needs grid indices >= 0")
+        elif (k < 0).any() if isinstance(k, torch.Tensor) else k < 0:
             raise ValueError("Teacher.step needs grid indices >= 0 (k = -1 is the endpoint)")
         return solver.jump(x_k, self.out(x_k, k, cond), k, k - 1, self.grid)
 

@@ -3,12 +3,13 @@
     python train.py --config tiny-cogvideox --stage teacher --data DIR --out out/teacher
     python train.py --stage semantic --teacher out/teacher/step_0010000 --data DIR --out out/sem
     python train.py --stage detail --teacher T --init out/sem/step_0001500 --data DIR --out out/det
-    torchrun --nproc_per_node=8 train.py ... [--fsdp] [--dtype bf16] [--grad-ckpt]
+    torchrun --nproc_per_node=8 train.py ... [--fsdp] [--dtype bf16] [--grad-ckpt] [--sp 4]
 
 Stages (k = index on the teacher's N-step grid, kappa = the DCM cut):
   teacher   diffusion training (losses.diffusion_time, diffusion_loss): flow: logit-normal sigma, target
             v = eps - x0; vpred: t ~ U{0..999} on CogVideoX's DDIM alphas, target v = alpha*eps - sigma*x0.
-            CFG models (CogVideoX, Wan, no guidance input) train on the dataset's uncond conditioning w.p. --cond-drop.
+            CFG models (CogVideoX, Wan, flow models without a guidance input) train on the dataset's uncond
+            conditioning with probability --cond-drop.
   vcm       one student, one phase k in 0..N-1 -> clean end;  pcm: --phases P even phases.
   semantic  k in kappa+1..N-1 -> x_kappa, + temporal coherence (--w-tc).
   detail    DualExpert on the semantic expert (--init): LoRA + copied layers, k in 0..kappa -> clean
@@ -29,13 +30,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from tqdm.auto import tqdm
 
 import checkpoint
 import data
 import experts
+import fsdp
 import losses
 import model as models
+import monitor
+import parallel
+import plan
 import solver
 from teacher import Teacher, embedded_guidance, uses_cfg
 
@@ -61,7 +67,7 @@ class TrainError(Exception):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = monitor.add_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     a = p.add_argument
     a("--config", help=f"model preset ({', '.join(models.PRESETS)}) or config.json (diffusers or a run's); "
                        "default: the teacher's")
@@ -98,10 +104,15 @@ def parse_args(argv):
     a("--save-every", type=int, default=save_every)
     a("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast with fp32 master weights")
     a("--fsdp", action="store_true", help="FSDP2: shard student and teacher per block")
+    a("--sp", type=int, default=1, help="sequence parallel degree N (torchrun; world = DP x N; N divides the heads)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing per block")
     a("--compile", action="store_true", help="torch.compile the student")
     a("--dry-run", action="store_true", help="print sizes and memory per GPU, then exit")
     a("--world-size", type=int, help="dry-run: plan for this many GPUs (default WORLD_SIZE or 1)")
+    a("--frames", type=int, help="dry-run: latent frames (with --height/--width; default: --data's, else the model's)")
+    a("--height", type=int, help="dry-run: latent height")
+    a("--width", type=int, help="dry-run: latent width")
+    a("--gpu-mem", type=float, default=80.0, help="dry-run: GiB per GPU to fit in")
     a("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
     for name, table in (("max_steps", max_steps), ("lr", lr), ("w_tc", w_tc), ("w_gan", w_gan), ("w_fm", w_fm)):
@@ -149,44 +160,9 @@ def build_student(args, cfg, grid, ckpt=None, device="cpu"):
     return m
 
 
-def shard(m, mesh):
-    """FSDP2: every transformer block its own unit, the rest in the root's."""
-    from torch.distributed.fsdp import fully_shard
-    for mod in list(m.modules()):
-        for name in ("transformer_blocks", "single_transformer_blocks"):
-            for block in getattr(mod, name, None) or ():
-                fully_shard(block, mesh=mesh)
-    fully_shard(m, mesh=mesh)
-
-
 def k_between(u, lo, hi):
     """Uniform grid index in lo..hi from u in [0, 1)."""
     return (lo + (u * (hi - lo + 1)).long()).clamp(max=hi)
-
-
-def dry_run(args, cfg, grid):
-    """Parameter counts and per-GPU memory of weights/grads/AdamW/EMA/teacher/discriminator (meta device)."""
-    world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
-    count = lambda m, train=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not train)  # noqa: E731
-    student = build_student(args, cfg, grid, device="meta")
-    total, train = count(student), count(student, True)
-    teach = 0 if args.stage == "teacher" else count(models.build_transformer(cfg, device="meta"))
-    gan = args.stage == "detail" and (args.w_gan or args.w_fm)
-    with torch.device("meta"):
-        disc = count(losses.Discriminator.for_model(student, args.disc_hidden)) if gan else 0
-    sh = world if args.fsdp else 1
-    mem = {"student weights (fp32)": 4 * total / sh, "grads (fp32)": 4 * train / sh,
-           "AdamW states (fp32)": 8 * train / sh, "EMA target (fp32)": 4 * total / sh * (args.target_ema > 0 and args.stage != "teacher"),
-           f"teacher ({args.dtype})": (2 if args.dtype == "bf16" else 4) * teach / sh,
-           "discriminator + grads + AdamW": 16 * disc}
-    print(f"stage {args.stage}, {type(cfg).__name__}, world {world}{' FSDP' if args.fsdp else ''}, {args.dtype}")
-    print(f"params: student {total / 1e9:.3f} B ({train / 1e9:.4f} B trainable), teacher {teach / 1e9:.3f} B, "
-          f"discriminator {disc / 1e6:.1f} M")
-    for k, v in mem.items():
-        print(f"  {k:32s} {v / 2**30:9.2f} GiB per GPU")
-    print(f"  {'total (without activations)':32s} {sum(mem.values()) / 2**30:9.2f} GiB per GPU")
-    print(f"global batch {args.batch_size} x {args.grad_accum} x {world} = {args.batch_size * args.grad_accum * world}")
-    return {"params": total, "trainable": train, "teacher": teach, "disc": disc, "memory": mem, "world": world}
 
 
 def main(argv=None):
@@ -197,7 +173,7 @@ def main(argv=None):
     kind = models.build_transformer(cfg, device="meta").prediction
     grid = solver.flow_grid(args.grid_steps, args.shift) if kind == "flow" else solver.grid_for(cfg, args.grid_steps)
     if args.dry_run:
-        return dry_run(args, cfg, grid)
+        return plan.dry_run(args, cfg, lambda: build_student(args, cfg, grid, device="meta"))
     # torchrun sets RANK/WORLD_SIZE; --fsdp in a plain process runs a 1-process group
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -205,22 +181,18 @@ def main(argv=None):
         dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         torch.cuda.set_device(dev)
     device = torch.device(dev)
-    own_group = (world > 1 or args.fsdp) and not dist.is_initialized()
-    if own_group:
-        alone = {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **alone)
-    try:
-        return train(args, cfg, kind, grid, world, rank, device)
-    finally:
-        if own_group:
-            dist.destroy_process_group()
+    parallel.check(args.sp, cfg, world)
+    with parallel.distributed(device, args.sp, args.fsdp) as (dp, dp_rank):  # an SP group trains the same samples
+        return train(args, cfg, kind, grid, world, rank, device, dp, dp_rank)
 
 
-def train(args, cfg, kind, grid, world, rank, device):
+def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
     distributed, out, B, accum = dist.is_initialized(), args.out, args.batch_size, args.grad_accum
     N, kap = grid.N, args.kappa
     log0 = print if rank == 0 else (lambda *a, **k: None)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")  # noqa: E731
+    # FSDP: no autocast weight cache, it would hold a bf16 copy of every unsharded weight through the forward
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16",  # noqa: E731
+                                      cache_enabled=not args.fsdp)
     boundaries = {"teacher": [], "vcm": [], "semantic": [kap], "detail": [kap],
                   "pcm": [(N * j + args.phases // 2) // args.phases - 1 for j in range(args.phases - 1, 0, -1)]}[args.stage]
     k_lo, k_hi = {"semantic": (kap + 1, N - 1), "detail": (0, kap)}.get(args.stage, (0, N - 1))
@@ -229,10 +201,11 @@ def train(args, cfg, kind, grid, world, rank, device):
     # --- data: the DistributedSampler's seeded order, resumable at a micro-batch position
     ds = data.LatentDataset(args.data)
     cond_keys = data.check_fits(cfg, ds.tensors, ds.manifest["latent_shape"], ds.uncond, where=ds.dir)
-    if len(ds) // world < B:
-        raise data.DataError(f"{ds.dir}: {len(ds)} samples are fewer than batch {B} x world {world}")
-    sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    if len(ds) // dp < B:
+        raise data.DataError(f"{ds.dir}: {len(ds)} samples are fewer than batch {B} x data parallel {dp}")
+    sampler = torch.utils.data.DistributedSampler(ds, dp, dp_rank, shuffle=True, seed=args.seed, drop_last=True)
     uncond = {k: v.to(device) for k, v in ds.uncond.items()}
+    mon = monitor.Monitor(args, cfg, grid, boundaries, ds, rank, device)  # checks its flags before models load
 
     # --- checkpoint to go on from: saved with the same stage, phases, grid and adapter
     if not args.resume and checkpoint.step_folders(out):
@@ -242,38 +215,41 @@ def train(args, cfg, kind, grid, world, rank, device):
     if ckpt:
         log0(f"resuming from {ckpt} (step {state['step']})")
 
-    # --- models: the same init seed on every rank; FSDP2 moves CPU weights to the GPU shard by shard
+    # --- models: the same init seed on every rank; --fsdp: meta build, each rank reads its own shards (fsdp.py)
     torch.manual_seed(args.seed)
-    load_device = torch.device("cpu") if args.fsdp else device
-    student = build_student(args, cfg, grid, ckpt, load_device).to(load_device).train()
-    ema = deepcopy(student).requires_grad_(False) if args.target_ema > 0 and args.stage != "teacher" else None
+    tdtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.fsdp:  # FSDP2 per block + root, the EMA and the frozen teacher sharded too
+        mesh = init_device_mesh(device.type, (world,))
+        student, ema, tmodel = fsdp.start_up(args, ckpt, state, mesh, device, tdtype,
+                                             lambda c, d: build_student(args, cfg, grid, c, d), load)
+    else:
+        student = build_student(args, cfg, grid, ckpt, device).to(device)
+        ema = deepcopy(student).requires_grad_(False) if args.target_ema > 0 and args.stage != "teacher" else None
+        tmodel = None if args.stage == "teacher" else load(args.teacher, tdtype, device)
+        if ema is not None and state:
+            ema.load_state_dict(state["ema"])
+    print(f"rank {rank}: peak host memory at start-up {fsdp.host_peak_gib():.2f} GiB (ru_maxrss)", flush=True)
+    student.train()
     teacher, disc = None, losses.Discriminator.for_model(student, args.disc_hidden).to(device) if gan else None
-    if args.stage != "teacher":
-        tmodel = load(args.teacher, torch.bfloat16 if args.dtype == "bf16" else torch.float32, load_device)
+    if tmodel is not None:
         teacher = Teacher(tmodel, grid, args.guidance, uncond)  # CFG: uses_cfg models, flow without guidance input
-    if ema is not None and state:
-        ema.load_state_dict(state["ema"])
     frozen_teacher = [] if teacher is None else [teacher.model]
     for m in [student] + frozen_teacher if args.grad_ckpt else []:
         m.gradient_checkpointing = True
     if args.compile:
         student.compile()
 
-    # --- distributed: DDP, or FSDP2 per block + root (EMA and the frozen teacher sharded too)
+    # --- distributed: DDP (FSDP2: sharded at start-up)
     student_mod = student
-    if args.fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(device.type, (world,))
-        for m in [student] + ([ema] if ema else []) + frozen_teacher:
-            shard(m, mesh)
-    elif distributed:
-        student_mod = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
+    if distributed and not args.fsdp:
+        student_mod = torch.nn.parallel.DistributedDataParallel(student)  # no device_ids: host t stays on the host
     for p in disc.parameters() if disc is not None and distributed else ():
         dist.broadcast(p.data, 0)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    d_opt = torch.optim.AdamW(disc.parameters(), lr=args.d_lr, betas=tuple(args.d_betas), weight_decay=d_weight_decay) if disc else None
+    fused = all(p.is_cuda and p.is_floating_point() for p in params) or None  # fused AdamW on CUDA, else the default
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, fused=fused)
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=args.d_lr, betas=tuple(args.d_betas), weight_decay=d_weight_decay,
+                              fused=fused) if disc else None
     if state:
         set_optimizer_state_dict(student, opt, state["opt"], options=StateDictOptions(full_state_dict=True))
         for m, key in ((disc, "disc"), (d_opt, "d_opt")) if disc else ():
@@ -284,11 +260,11 @@ def train(args, cfg, kind, grid, world, rank, device):
     paths = {k: os.path.abspath(getattr(args, k)) for k in ("data", "teacher", "init") if getattr(args, k)}
     run_config = {**vars(args), **paths, "model_config": models.config_to_dict(cfg), "prediction": kind,
                   "boundaries": boundaries, "k_range": [k_lo, k_hi], "world_size": world,
-                  "global_batch": B * accum * world, "params": n_total, "trainable": n_train,
+                  "global_batch": B * accum * dp, "params": n_total, "trainable": n_train,
                   "grid": {"kind": grid.kind, "N": N, "t": grid.t.tolist(), "sigma": grid.sigma.tolist()},
                   "data_manifest": {k: v for k, v in ds.manifest.items() if k != "shards"}}
     log0(json.dumps({k: v for k, v in run_config.items() if k != "grid"}, indent=1, default=str))
-    log0(f"global batch {B} x {accum} x {world} = {B * accum * world}; params {n_total} ({n_train} trainable)")
+    log0(f"global batch {B} x {accum} x {dp} = {B * accum * dp} (SP {args.sp}); params {n_total} ({n_train} trainable)")
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         data.atomic_write_json(run_config, os.path.join(out, "config.json"))
@@ -309,21 +285,24 @@ def train(args, cfg, kind, grid, world, rank, device):
         return cond, scond
 
     def loss_terms(x0, eps, u, n, cond, scond, k=None, out_gn=None):
-        """Generator terms {name: loss} and the discriminator's (fake, real) features; k given = a probe."""
+        """Generator terms {name: loss} and the discriminator's (fake, real) features; k given = a probe; a dict
+        out_gn gets each term's gradient norm at the student's output (losses.output_grad_norms)."""
         if args.stage == "teacher":
             t, a, s = grid.at(k) if k is not None else losses.diffusion_time(u[:, 0], kind, vgrid)
             return {"diffusion": losses.diffusion_loss(student_mod, x0, eps, t, a, s, kind, scond)}, None
-        kk = (k_between(u[:, 0], k_lo, k_hi) if k is None else k).to(device)
+        kk = k_between(u[:, 0], k_lo, k_hi) if k is None else k  # host indices (u is on the CPU): no sync in the step
         l_cd, xhat, x_tgt, k_end = losses.consistency_step(student_mod, student if ema is None else ema, teacher, grid,
                                                            boundaries, x0, eps, kk, cond, scond, args.loss)
         terms = {"cd": l_cd}
         if k is None and args.w_tc:
             terms["tc"] = losses.temporal_coherence_loss(xhat, x_tgt)
-        if k is None and gan:  # the GAN's inputs are re-noised to k_adv in the detail sub-trajectory
-            terms["gan_g"], terms["fm"], feats = losses.adversarial_terms(
-                teacher.model, disc, x_tgt, xhat, n, k_end, k_between(u[:, 1], 0, kap).to(device), grid, scond, tok_grid)
+        feats = None
+        if k is None and gan:
+            k_adv = k_between(u[:, 1], 0, kap)  # re-noise into the detail sub-trajectory (host indices)
+            terms["gan_g"], terms["fm"], feats = losses.adversarial_terms(teacher.model, disc, x_tgt, xhat, n, k_end,
+                                                                          k_adv, grid, scond, tok_grid)
         losses.output_grad_norms(xhat, terms, weights, into=out_gn)  # a dict on probe steps: how hard each term pulls
-        return terms, feats if k is None and gan else None
+        return terms, feats
 
     # --- fixed probe batches, high / low noise (paper Fig. 2): data, noise and k drawn once
     g = torch.Generator().manual_seed(args.seed + 4242)
@@ -356,8 +335,8 @@ def train(args, cfg, kind, grid, world, rank, device):
     torch.manual_seed(args.seed + rank)
     if state and state["world_size"] == world:
         checkpoint.set_rng_state(state["rng"][rank])
-    elif state:
-        log0(f"world size {world} != the checkpoint's {state['world_size']}: the data order continues, not exactly")
+    elif state and state.get("dp", state["world_size"]) != dp:  # another SP degree alone keeps the data order
+        log0(f"data parallel size {dp} != the checkpoint's: the data order continues, not exactly")
     row = {}
     for path in [os.path.join(out, f) for f in ("log.jsonl", "probes.jsonl")] if rank == 0 else []:
         if os.path.isfile(path):
@@ -371,13 +350,14 @@ def train(args, cfg, kind, grid, world, rank, device):
     stream = data.batches(ds, sampler, B, epoch, pos)
     nan_at = int(os.environ.get("DCM_TRAIN_NAN_AT_STEP", -1))  # test hook: poison the loss of this step
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc=args.stage, mininterval=2)
-    while step < args.max_steps:
+    while mon(step, student) < args.max_steps:  # validation samples / TensorBoard between steps (monitor.py)
         t0, sums, out_gn = time.time(), {}, ({} if probes and (step + 1) % args.probe_every == 0 else None)
         for micro in range(accum):
             batch, epoch, pos = next(stream)
             x0 = batch["latents"].float().to(device)
             eps, u, n = data.draws(batch["index"], step, args.seed, x0.shape[1:], gan, device)
-            drop = (u[:, 2] < args.cond_drop) if args.stage == "teacher" and (uses_cfg(student) or not getattr(cfg, "guidance_embeds", 0)) else None
+            cfg_model = uses_cfg(student) or not getattr(cfg, "guidance_embeds", False)  # + flow w/o guidance input
+            drop = (u[:, 2] < args.cond_drop) if args.stage == "teacher" and cfg_model else None
             last = micro == accum - 1
             if args.fsdp:
                 student_mod.set_requires_gradient_sync(last)
@@ -398,13 +378,14 @@ def train(args, cfg, kind, grid, world, rank, device):
         if distributed:
             dist.all_reduce(vals)
             vals /= world
-        gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        row = dict(zip(sorted(sums), vals.tolist())) | {"grad_norm": float(getattr(gn, "full_tensor", lambda: gn)())}
+        gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # below: the step's one host sync (the NaN check)
+        norms = [getattr(gn, "full_tensor", lambda: gn)()]
         if disc is not None:
             for p in disc.parameters() if distributed else ():
                 dist.all_reduce(p.grad)
                 p.grad /= world
-            row["d_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(disc.parameters(), grad_clip))
+            norms.append(torch.nn.utils.clip_grad_norm_(disc.parameters(), grad_clip))
+        row = dict(zip(sorted(sums) + ["grad_norm", "d_grad_norm"], torch.cat([vals, torch.stack(norms)]).tolist()))
         bad = [k for k, v in row.items() if not np.isfinite(v)]
         if bad:  # stop before the update: the last checkpoint stays the last good state
             good = checkpoint.latest_step(out, checkpoint.RESUMABLE, quiet=True)
@@ -427,7 +408,7 @@ def train(args, cfg, kind, grid, world, rank, device):
         if probes and step % args.probe_every == 0:
             run_probes(step)
         if step == args.max_steps or (args.save_every > 0 and step % args.save_every == 0):
-            rest = {"epoch": epoch, "pos": pos, "world_size": world, "disc": disc and disc.state_dict(),
+            rest = {"epoch": epoch, "pos": pos, "world_size": world, "dp": dp, "disc": disc and disc.state_dict(),
                     "d_opt": d_opt and d_opt.state_dict()}
             checkpoint.save_step(out, step, student, opt, rest, run_config, ema, sharded=args.fsdp,
                                  build=lambda: build_student(args, cfg, grid, device="meta"),

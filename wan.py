@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from layers import (
     timestep_embedding, TimestepMLP, attention, apply_rope, FeedForward, reject_cond, check_taps, run_block,
+    sp_gather, sp_rows, sp_shard, cached_table,
 )
 
 
@@ -76,13 +77,13 @@ class WanAttention(nn.Module):
         # torch's fused RMSNorm in the input dtype, as diffusers (one kernel; layers.RMSNorm upcasts in several)
         self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
 
-    def forward(self, x, ctx=None, rope=None):
+    def forward(self, x, ctx=None, rope=None, sp=None):
         ctx = x if ctx is None else ctx
         q, k = _heads(self.norm_q(self.to_q(x)), self.heads), _heads(self.norm_k(self.to_k(ctx)), self.heads)
         v = _heads(self.to_v(ctx), self.heads)  # [B, heads, L, d] each
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.to_out[0](attention(q, k, v).transpose(1, 2).flatten(2))  # [B, L, heads*d] -> [B, L, D]
+        return self.to_out[0](attention(q, k, v, sp=sp).transpose(1, 2).flatten(2))  # [B, L, heads*d] -> [B, L, D]
 
 
 class WanBlock(nn.Module):
@@ -98,10 +99,10 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(dim, cfg.ffn_dim, "gelu-approximate")
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, c, e, rope):  # x video [B, L, D], c text [B, Lt, D], e = time_proj output [B, 6, D]
+    def forward(self, x, c, e, rope, sp=None):  # x video [B, L, D], c text [B, Lt, D], e = time_proj output [B, 6, D]
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + e.float()).chunk(6, dim=1)  # [B, 1, D]
         n = (_ln(x, self.eps) * (1 + scale) + shift).type_as(x)
-        x = (x.float() + self.attn1(n, rope=rope) * gate).type_as(x)
+        x = (x.float() + self.attn1(n, rope=rope, sp=sp) * gate).type_as(x)
         n = _ln(x, self.eps, self.norm2).type_as(x) if hasattr(self, "norm2") else x
         x = x + self.attn2(n, c)
         n = (_ln(x, self.eps) * (1 + c_scale) + c_shift).type_as(x)
@@ -118,8 +119,9 @@ class WanConditionEmbedder(nn.Module):
         self.text_embedder = TimestepMLP(cfg.text_dim, dim)  # PixArt text projection: linear_1, GELU-tanh, linear_2
 
     def time(self, t):
-        """temb [B, D] from fp32 sinusoids of t [B] (cos first, shift 0)."""
+        """temb [B, D] from fp32 sinusoids of t [B] (cos first, shift 0; t on the host or the device)."""
         w = self.time_embedder.linear_1.weight
+        t = t.to(w.device, non_blocking=w.device.type != "cpu")  # t may come from the host (a dual expert routes on it)
         return self.time_embedder(timestep_embedding(t, w.shape[1]).to(w.dtype))
 
     def text(self, text):
@@ -156,6 +158,7 @@ class WanTransformer(nn.Module):
             raise ValueError(f"t must be a 1-D tensor [B], got {tuple(t.shape) if torch.is_tensor(t) else type(t)}")
         return self.condition_embedder.time(t)
 
+    @cached_table()
     def _rope(self, grid, device):
         """cos, sin [f*h*w, head_dim] fp32: head dim split t d-2*(2(d//6)) / h 2(d//6) / w 2(d//6), theta 1e4."""
         d = self.config.attention_head_dim
@@ -210,11 +213,13 @@ class WanTransformer(nn.Module):
         temb = self.condition_embedder.time(t).type_as(text)  # diffusers casts temb to the text's dtype before time_proj and the head
         e = self.condition_embedder.time_proj(F.silu(temb)).unflatten(1, (6, -1))  # [B, 6D] -> [B, 6, D]
         c = self.condition_embedder.text(text)  # [B, Lt, D]
+        h, sp = sp_shard(h)  # sequence parallel: this rank's video tokens (else unchanged); text stays whole
+        rope = tuple(sp_rows(r, sp) for r in rope)
         for i, block in enumerate(self.blocks):
-            h = run_block(self, block, h, c, e, rope)
+            h = run_block(self, block, h, c, e, rope, sp)
             if i in tap_set:
-                feats.append(h)
-        v = self.head(h, temb, (f, hgt, wid))
+                feats.append(sp_gather(h, sp))
+        v = self.head(sp_gather(h, sp), temb, (f, hgt, wid))
         return v if taps is None else (v, feats)
 
 

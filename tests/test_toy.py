@@ -169,7 +169,8 @@ def test_quick_run_end_to_end(tmp_path):
     out = str(tmp_path / "toy")
     summary = run.main(["--quick", "--out", out])
     for f in ("report.md", "metrics.json", "fig10_x0_change.png", "fig2_probes.png", "fig5_expert_difference.png",
-              "curves_validation.png", "train_signals.png", "samples.gif", "classifier.pt"):
+              "curves_validation.png", "train_signals.png", "samples.gif", "classifier.pt", "train_losses.png",
+              "runs/dcm_s0/samples/step_0000000/grid_4step.gif"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     with open(os.path.join(out, "metrics.json")) as f:
         saved = json.load(f)
@@ -195,4 +196,5 @@ def test_quick_run_end_to_end(tmp_path):
     report = open(os.path.join(out, "report.md")).read()
     m = re.search(r"gradient norm at the\s+student's output is \*\*([0-9.e+-]+) x\*\* CD's", report)
     assert m and float(m.group(1)) == pytest.approx(ratio, rel=0.01)
-    assert "samples.gif" in report and "kappa" in report
+    assert "samples.gif" in report and "kappa" in report and "train_losses.png" in report
+    assert "runs/dcm_s0/samples/step_0000003/grid_4step.gif" in report  # the validation grids of train.py

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+import plot  # noqa: E402 - the repo's plot.py (toy/run.py puts the repo root on sys.path)
 from toy import bench  # noqa: E402
 
 # metric key -> (column title, direction: -1 lower is better, +1 higher, 0 closer to 1 is better)
@@ -79,20 +80,6 @@ def fig10(path, l1, kappa, N, q, checks):
     axes[0].set_ylabel("mean |x0(k) - x0(k+1)|")
     axes[1].set_ylabel("cumulative share of the change")
     fig.suptitle("teacher: change of the x0 prediction per step")
-    savefig(fig, path)
-
-
-def fig2(path, probes):
-    """Paper Fig. 2(b): consistency loss and gradient norm on fixed high- vs low-noise probes during VCM."""
-    steps = [r["step"] for r in probes]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, key, title in zip(axes, ("loss", "grad_norm"), ("consistency loss", "gradient norm")):
-        for name, c in (("high", "C3"), ("low", "C0")):
-            ax.plot(steps, [r[f"{name}_{key}"] for r in probes], color=c, label=f"{name} noise")
-        ax.set_yscale("log")
-        ax.set_xlabel("VCM training step")
-        ax.set_title(title)
-        ax.legend()
     savefig(fig, path)
 
 
@@ -277,9 +264,11 @@ def write(out, s, models, gif, run_dirs):
     S, N = s["settings"], len(s["grid_sigma"]) - 1
     res, params, kap, sig = s["results"], s["param_counts"], s["kappa"], s["grid_sigma"]
     fig10(os.path.join(out, "fig10_x0_change.png"), s["fig10_l1"], kap, N, S["kappa_q"], s["kappa_checks"])
-    probes = read_jsonl(os.path.join(run_dirs["vcm_s0"], "probes.jsonl"))
-    if probes:
-        fig2(os.path.join(out, "fig2_probes.png"), probes)
+    probes = plot.read_run(run_dirs["vcm_s0"])["probes"]
+    if probes:  # paper Fig. 2, drawn by plot.py as for any run
+        plot.probe_curves(os.path.join(out, "fig2_probes.png"), [{"probes": probes}], ["VCM"])
+    curves = {k: run_dirs[f"{k}_s0"] for k in ("vcm", "pcm", "sem_tc", "dcm")}
+    plot.loss_curves(os.path.join(out, "train_losses.png"), [plot.read_run(d) for d in curves.values()], list(curves))
     fig5(os.path.join(out, "fig5_expert_difference.png"), s["fig5_groups"], s["fig5_tensors"])
     fig_curves(os.path.join(out, "curves_validation.png"), s["target_curves"], s["dcm_curve"])
     logs = {n: read_jsonl(os.path.join(run_dirs[n], "log.jsonl")) for n in ("sem_tc_s0", "dcm_s0", "pe_gf_s0")
@@ -395,6 +384,20 @@ def write(out, s, models, gif, run_dirs):
                  f"grad norm high {np.mean([r['high_grad_norm'] for r in probes]):.4g} / low "
                  f"{np.mean([r['low_grad_norm'] for r in probes]):.4g} (last probe, step {h['step']}: loss "
                  f"{h['high_loss']:.4g} / {h['low_loss']:.4g}).\n")
+    L.append("## Training curves (plot.py)\n")
+    L.append("![losses](train_losses.png)\n\nEvery loss term of the VCM, PCM, semantic (+TC) and DCM detail runs of "
+             f"training seed 0, drawn by `python plot.py {' '.join(os.path.relpath(d, out) for d in curves.values())}` "
+             "(which also draws the probes and the learning-rate / gradient-norm curves).\n")
+    val = os.path.join(run_dirs["dcm_s0"], "samples")
+    vsteps = sorted(os.listdir(val)) if os.path.isdir(val) else []
+    if vsteps:
+        L.append("## Validation samples while DCM's detail expert trains (train.py --sample-every)\n")
+        L.append("The same noise and 6 prompts at every validation, 4 sampling steps: at the start (the semantic "
+                 "expert + a zero LoRA) and after the last step; the run folder holds the grids at 2, 4 and 8 steps "
+                 "(`runs/dcm_s0/samples/`).\n")
+        for st in (vsteps[0], vsteps[-1]):
+            rel = os.path.relpath(os.path.join(val, st, "grid_4step.gif"), out)
+            L.append(f"{st}: ![{st}]({rel})\n")
     L.append("## Fig. 5: which layers differ between two separately trained experts (row OD, seed 0)\n")
     L.append("![fig5](fig5_expert_difference.png)\n")
     L.append("| layer group | parameters | relative difference |\n|---|---|---|")

@@ -77,6 +77,7 @@ class Settings:
     lora_rank: int = 8
     disc_hidden: int = 64
     probe_every: int = 10
+    sample_every: int = 50        # validation samples of the DCM detail run, seed 0 (train.py --sample-every)
     curve_points: int = 5         # checkpoints evaluated along the selection / DCM runs
     train_seeds: int = 3          # headline rows (VCM, PCM, DCM)
     ablation_seeds: int = 2       # the other Table 3 rows
@@ -91,7 +92,7 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(n_data=256, clf_steps=60, teacher=((60, 1e-3), (20, 2e-4)), batch=8, guidance_grid=(1.0, 3.0),
-                 student_batch=8, single_steps=6, sem_steps=3, det_steps=3, tc_calib_steps=2, probe_every=2,
+                 student_batch=8, single_steps=6, sem_steps=3, det_steps=3, tc_calib_steps=2, probe_every=2, sample_every=3,
                  curve_points=2, train_seeds=2, ablation_seeds=1, val_n=16, eval_seeds=2, eval_n=16,
                  eval_steps=(2, 4), fig10_n=8, gif_n=3, kappa_sweep=(20,))
 # model name -> (training run that holds it, paper Table 3 flags OD, PE, TC, GF, headline row)
@@ -335,7 +336,8 @@ def main(argv=None):
         runs[f"vcm_s{s}"] = best if s == 0 else run(f"vcm_s{s}", ["--stage", "vcm"] + full(S.single_steps), s)
         run(f"pcm_s{s}", ["--stage", "pcm", "--phases", "4"] + full(S.single_steps), s)
         run(f"sem_tc_s{s}", ["--stage", "semantic"] + tc + full(S.sem_steps), s)
-        run(f"dcm_s{s}", ["--stage", "detail", "--init", f"@sem_tc_s{s}"] + lora, s, save=0 if s else every // 2)
+        watch = [] if s else ["--sample-every", str(S.sample_every), "--sample-num", "6"]  # validation grids (report)
+        run(f"dcm_s{s}", ["--stage", "detail", "--init", f"@sem_tc_s{s}"] + lora + watch, s, save=0 if s else every // 2)
     for s in range(S.ablation_seeds):
         run(f"sem_s{s}", ["--stage", "semantic"] + no_tc + full(S.sem_steps), s)
         run(f"od_s{s}", ["--stage", "detail", "--detail-full", "--init", f"@sem_s{s}"] + no_gf + full(S.det_steps), s)
