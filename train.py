@@ -351,7 +351,10 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
     nan_at = int(os.environ.get("DCM_TRAIN_NAN_AT_STEP", -1))  # test hook: poison the loss of this step
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc=args.stage, mininterval=2)
     while mon(step, student) < args.max_steps:  # validation samples / TensorBoard between steps (monitor.py)
-        t0, sums, out_gn = time.time(), {}, ({} if probes and (step + 1) % args.probe_every == 0 else None)
+        # per-term gradient norms at the output on probe steps; not under FSDP, whose resharded teacher the GAN terms'
+        # extra backward would need gathered again
+        t0, sums = time.time(), {}
+        out_gn = {} if probes and (step + 1) % args.probe_every == 0 and not args.fsdp else None
         for micro in range(accum):
             batch, epoch, pos = next(stream)
             x0 = batch["latents"].float().to(device)
