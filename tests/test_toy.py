@@ -197,4 +197,5 @@ def test_quick_run_end_to_end(tmp_path):
     m = re.search(r"gradient norm at the\s+student's output is \*\*([0-9.e+-]+) x\*\* CD's", report)
     assert m and float(m.group(1)) == pytest.approx(ratio, rel=0.01)
     assert "samples.gif" in report and "kappa" in report and "train_losses.png" in report
-    assert "runs/dcm_s0/samples/step_0000003/grid_4step.gif" in report  # the validation grids of train.py
+    assert "validation_step_0000003_4step.gif" in report  # the validation grids of train.py, next to the report
+    assert os.path.getsize(os.path.join(out, "validation_step_0000003_4step.gif")) > 0

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 
 import matplotlib
 
@@ -395,9 +396,9 @@ def write(out, s, models, gif, run_dirs):
         L.append("The same noise and 6 prompts at every validation, 4 sampling steps: at the start (the semantic "
                  "expert + a zero LoRA) and after the last step; the run folder holds the grids at 2, 4 and 8 steps "
                  "(`runs/dcm_s0/samples/`).\n")
-        for st in (vsteps[0], vsteps[-1]):
-            rel = os.path.relpath(os.path.join(val, st, "grid_4step.gif"), out)
-            L.append(f"{st}: ![{st}]({rel})\n")
+        for st in (vsteps[0], vsteps[-1]):  # copied next to the report, which is kept without the run folders
+            shutil.copy(os.path.join(val, st, "grid_4step.gif"), os.path.join(out, f"validation_{st}_4step.gif"))
+            L.append(f"{st}: ![{st}](validation_{st}_4step.gif)\n")
     L.append("## Fig. 5: which layers differ between two separately trained experts (row OD, seed 0)\n")
     L.append("![fig5](fig5_expert_difference.png)\n")
     L.append("| layer group | parameters | relative difference |\n|---|---|---|")
