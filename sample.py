@@ -14,7 +14,9 @@ use the run's phases.
 Without --cond: the run's dataset's unconditional conditioning if found, else zeros (non-released
 models only; the released ones need --cond from `python data.py encode-prompts`), with a warning.
 Noise comes from one seeded CPU generator for all --num samples: bitwise reproducible on a fixed
-device, and a sample's noise depends on the seed and its index, not on the batch size.
+device and --batch-size, and a sample's noise depends on the seed and its index, not on the batch size
+(its latents do by float rounding only: differently batched matmuls, measured in README "Sampling").
+Weights, adapter and conditioning are checked for NaN/inf and --out for writability before sampling.
 """
 import argparse
 import json
@@ -23,9 +25,10 @@ import sys
 import time
 
 import torch
-from safetensors import safe_open
+from tqdm.auto import tqdm
 
 import checkpoint
+import checks
 import data
 import experts
 import model as models
@@ -61,7 +64,7 @@ def resolve(path):
     run = _read_json(os.path.join(path, "config.json")) if os.path.isfile(os.path.join(path, "config.json")) else None
     if checkpoint.STEP.fullmatch(os.path.basename(os.path.normpath(path))) or (run and "stage" in run):
         if missing := checkpoint.step_missing(path):
-            raise SampleError(f"incomplete checkpoint {path}: missing {', '.join(missing)}")
+            raise SampleError(f"damaged or incomplete checkpoint {path}: {', '.join(missing)}")
         return path, os.path.join(path, "transformer"), run
     try:
         checkpoint.transformer_folder(path)
@@ -108,7 +111,7 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         mode = stage
     else:
         raise SampleError(f"{path} is a plain backbone: pass --teacher (N-step sampling with guidance) or --detail ADAPTER")
-    m = checkpoint.load_transformer(weights, dtype=dtype, device=device)
+    m = checks.finite_model(_named(checkpoint.load_transformer, weights, weights, dtype=dtype, device=device), weights)
     teaching = mode == "teacher"  # students keep the grid they were distilled on: --steps/--shift are the teacher's
     grid = make_grid(m.config, m.prediction, run, steps if teaching else None, shift if teaching else None)
     boundaries, bt = [] if mode == "teacher" else run.get("boundaries"), None
@@ -116,7 +119,7 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         file = detail or os.path.join(folder, "detail.safetensors")
         if not os.path.isfile(file):
             raise SampleError(f"detail adapter {file} does not exist")
-        m = experts.DualExpert.from_detail(m, file)
+        m = checks.finite_model(_named(experts.DualExpert.from_detail, f"detail adapter {file}", m, file), file)
         bt, kappa = m.boundary_t, experts.DualExpert.read_detail_meta(file).get("kappa")
         t32, bt32 = grid.t.float(), torch.tensor(bt).float()
         if kappa is None:  # an adapter saved without kappa: its boundary_t must be a grid point
@@ -136,6 +139,16 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         or (m.config.out_channels or m.config.in_channels) == 3
     return m, {"mode": mode, "cfg": m.config, "run": run, "grid": grid, "boundaries": boundaries, "boundary_t": bt,
                "folder": folder, "pixel_space": pixel}
+
+
+def _named(fn, what, *a, **k):
+    """fn(*a, **k) with a damaged file's error (safetensors, OS, key checks) as one SampleError naming `what`."""
+    try:
+        return fn(*a, **k)
+    except (SampleError, checks.InputError):
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated/garbage files fail in the parser with many error types
+        raise SampleError(f"cannot load {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def expert_names(info, t):
@@ -198,6 +211,7 @@ def get_cond(path, info, n, what="cond"):
         cond = {"text": torch.zeros(1, getattr(cfg, "max_text_seq_length", 256), cfg.text_embed_dim)}
         cond.update({"pooled": torch.zeros(1, pooled)} if pooled else {})
     data.check_fits(cfg, cond, where=path or "all-zero conditioning")
+    checks.finite(cond, f"--{what} {path}")
     if (b := cond["text"].shape[0]) not in (1, n):
         raise SampleError(f"{path}: conditioning batch {b} must be 1 or --num {n}")
     return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
@@ -223,7 +237,7 @@ def decode(x, meta, args):
     import video_io
     if meta.get("pixel_space"):
         paths = []
-        for i, v in enumerate(x):  # [3, F, H, W] in [-1, 1]
+        for i, v in enumerate(tqdm(x, desc="videos", unit="sample", leave=False)):  # [3, F, H, W] in [-1, 1]
             for ext in (".gif", ".mp4"):
                 try:
                     paths.append(video_io.write_video(v, os.path.join(args.out, f"sample_{i:03d}{ext}"), args.fps))
@@ -243,6 +257,26 @@ def decode(x, meta, args):
         return []
     return video_io.decode_to_video(x, meta["model"], args.decode, os.path.join(args.out, "sample.mp4"), args.fps,
                                     device=args.device)
+
+
+def read_latents(path):
+    """(latents [n, C, F, H, W], metadata) of a latents.safetensors written by sample.py."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise SampleError(f"latents file {path} does not exist")
+    with safe_open(path, framework="pt") as f:
+        if "latents" not in f.keys():
+            raise SampleError(f"{path} holds no 'latents' tensor (keys: {sorted(f.keys())})")
+        return f.get_tensor("latents"), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+
+def memory_needed(cfg, num, bs, f, h, w, dtype):
+    """Estimated bytes of a sample run: noise + results (float32) and one batch's activations (~16 per token
+    and width, a block's worth with its 4x MLP; SDPA keeps attention linear in tokens)."""
+    p, pt = cfg.patch_size, getattr(cfg, "patch_size_t", None) or 1
+    tokens = (f // pt) * (h // p) * (w // p) + getattr(cfg, "max_text_seq_length", 256)
+    width = cfg.num_attention_heads * cfg.attention_head_dim
+    return 2 * 4 * num * cfg.in_channels * f * h * w + 16 * bs * tokens * width * torch.finfo(dtype).bits // 8
 
 
 def parse_args(argv):
@@ -268,15 +302,17 @@ def parse_args(argv):
     a("--out", help="output folder (default samples/; with --latents: the latents' folder)")
     a("--decode", help="real models: local hub-layout folder with vae/: decode the latents to MP4")
     a("--fps", type=int, default=8)
+    a("--verify", default="sha256", choices=("sha256", "none"), help="check step folders against their checksums")
     args = p.parse_args(argv)
     if not (args.ckpt or args.latents):
         raise SampleError("give --ckpt (a checkpoint to sample from) or --latents (latents to decode)")
     if args.teacher and args.detail:
         raise SampleError("--teacher samples a plain backbone; it takes no --detail adapter")
-    if any(v is not None and v < 1 for v in (args.num, args.batch_size, args.steps)):
-        raise SampleError("--num, --batch-size and --steps must be >= 1")
-    args.out = args.out or (os.path.dirname(os.path.abspath(args.latents)) if args.latents else "samples")
-    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if any(v is not None and v < 1 for v in (args.num, args.batch_size, args.steps, args.fps)):
+        raise SampleError("--num, --batch-size, --steps and --fps must be >= 1")
+    args.out = checks.out_dir(args.out or (os.path.dirname(os.path.abspath(args.latents)) if args.latents else "samples"))
+    args.device = str(checks.device(args.device))
+    checkpoint.verify_checksums = args.verify != "none"
     args.dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     return args
 
@@ -285,10 +321,7 @@ def main(argv=None):
     """Sample (or only decode) as the flags say; returns a summary dict (latents [num, C, F, H, W] float32 cpu)."""
     args = parse_args(argv)
     if args.latents:
-        if not os.path.isfile(args.latents):
-            raise SampleError(f"latents file {args.latents} does not exist")
-        with safe_open(args.latents, framework="pt") as f:
-            x, meta = f.get_tensor("latents"), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        x, meta = _named(read_latents, f"--latents {args.latents}", args.latents)
         return {"latents": x, "videos": decode(x, meta, args), "out": args.out}
     model, info = load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps, args.shift)
     cfg, grid, run, teacher = info["cfg"], info["grid"], info["run"], info["mode"] == "teacher"
@@ -296,6 +329,12 @@ def main(argv=None):
     ks = list(range(grid.N - 1, -1, -1)) if teacher else solver.student_schedule(grid, info["boundaries"], args.steps or 4)
     t, _, sigma = solver.sample_points(grid, ks)
     names, (f, h, w) = expert_names(info, t[:-1]), latent_size(args, info)
+    checks.memory(memory_needed(cfg, args.num, min(args.batch_size or args.num, args.num), f, h, w, args.dtype),
+                  f"sampling {args.num} x [{cfg.in_channels}, {f}, {h}, {w}] (--num/--frames/--height/--width)",
+                  torch.device(args.device))
+    if info["mode"] in ("dual", "od") and len(set(names)) == 1:
+        print(f"warning: --steps {len(ks)} on a dual expert: only the {names[0]} expert runs "
+              f"(steps are split between the experts, noisiest phase first)", file=sys.stderr)
     cond = get_cond(args.cond, info, args.num)
     uncond = get_cond(args.uncond, info, 1, "uncond") if teacher and grid.kind == "vpred" and guidance != 1 else None
     meta = {"seed": args.seed, "steps": len(ks), "grid_indices": ks, "t": t.tolist(), "sigmas": sigma.tolist(),
@@ -312,11 +351,14 @@ def main(argv=None):
     secs, outs, bs = [0.0] * len(ks), [], args.batch_size or args.num
     clock = [time.perf_counter()]
 
+    bar = tqdm(total=len(ks) * -(-args.num // bs), desc="steps", unit="step")
+
     def timer(i, x_next, x0):  # seconds of step i, summed over the batches
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         secs[i] += time.perf_counter() - clock[-1]
         clock.append(time.perf_counter())
+        bar.update()
     for b0 in range(0, args.num, bs):
         x, c = noise[b0:b0 + bs].to(args.device), {k: v[b0:b0 + bs].to(args.device) for k, v in cond.items()}
         clock.append(time.perf_counter())
@@ -325,12 +367,14 @@ def main(argv=None):
         else:
             outs.append(student_sample(model, x, c, grid, info["boundaries"], len(ks), guidance, timer).cpu())
     total = time.perf_counter() - clock[0]
+    bar.close()
     for i, (k, name) in enumerate(zip(ks, names)):
         print(f"step {i + 1}/{len(ks)}: k={k} t={float(t[i]):.2f} sigma {float(sigma[i]):.4f} -> {float(sigma[i + 1]):.4f} "
               f"expert={name} {secs[i]:.3f} s")
     print(f"total {total:.3f} s, {total / len(ks):.3f} s/step ({args.num} samples)")
 
     x, path = torch.cat(outs), os.path.join(args.out, "latents.safetensors")
+    checks.finite({"latents": x}, "the sampled latents (not written)")
     os.makedirs(args.out, exist_ok=True)
     data.atomic_save_file({"latents": x}, path, metadata={k: json.dumps(v) for k, v in meta.items()})
     print(f"latents -> {path}")

@@ -123,11 +123,27 @@ class Clock:
         return time.time() - self.start
 
 
+class Tee:
+    """A stream writing to several (stderr: train.py's progress bar on the console and in the run's log)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
 def train_run(out, name, argv):
-    """train.main(argv) into out/runs/name with its console output in out/logs/name.log -> summary."""
+    """train.main(argv) into out/runs/name, its output in out/logs/name.log and its progress bar also on the
+    console -> summary."""
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     with open(os.path.join(out, "logs", f"{name}.log"), "a") as log, \
-            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            contextlib.redirect_stdout(log), contextlib.redirect_stderr(Tee(log, sys.stderr)):
         summary = train.main(argv + ["--out", os.path.join(out, "runs", name)])
     return summary
 
