@@ -100,7 +100,10 @@ def read_config(path):
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: a config must be a JSON object")
-    return M.config_from_dict(d.get("model_config", d))
+    try:
+        return M.config_from_dict(d.get("model_config", d))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _shard_files(folder):
@@ -268,7 +271,6 @@ def atomic_dir(final):
 # ---- train.py step folders ---------------------------------------------------------------------
 STEP = re.compile(r"step_\d{7}")
 RESUMABLE = ("config.json", "train_state.pt")  # what a step folder needs to go on from, beyond the weights
-TMP = re.compile(r"\.step_\d{7}\.tmp-.*")  # atomic_dir's temp folders: left behind only by a killed save
 verify_checksums = True  # step folders are checked against their integrity.CHECKSUMS (--verify none: False)
 # run settings a resumed run must share with its checkpoint: the state's shape (never overridable) and
 # what the run trains on and towards (--resume-anyway goes on with the new values)
@@ -316,22 +318,14 @@ def step_missing(folder, need=("config.json",)):
         files, missing = [], missing + ["transformer weights"]
     files += [f for f in need if f.endswith((".safetensors", ".pt")) and f not in missing]
     missing += [f"{f} (unreadable)" for f in files if not _readable(os.path.join(folder, f))]
-    return missing or (integrity.verify(folder) if verify_checksums else [])
+    skip = () if "train_state.pt" in need else ("train_state.pt",)  # sampling does not read the train state
+    return missing or (integrity.verify(folder, skip) if verify_checksums else [])
 
 
 def check_step(path):
     """A step folder given directly (--init, --teacher, --ckpt) must be complete and match its checksums."""
     if STEP.fullmatch(os.path.basename(os.path.normpath(path))) and (bad := step_missing(path)):
         raise ValueError(f"checkpoint {path} is damaged or incomplete: {', '.join(bad)}")
-
-
-def clean_tmp(out):
-    """Remove the temp folders of saves that were killed midway (never a live checkpoint); -> their names."""
-    names = sorted(d for d in os.listdir(out) if TMP.fullmatch(d)) if os.path.isdir(out) else []
-    for d in names:
-        shutil.rmtree(os.path.join(out, d), ignore_errors=True)
-        print(f"removed {os.path.join(out, d)}: the leftover of an interrupted save", file=sys.stderr)
-    return names
 
 
 def keep_last(out, k):
@@ -396,7 +390,7 @@ def open_run(out, resume, settings, anyway=False, main=True):
     if not resume and step_folders(out):
         raise ValueError(f"{out} already holds checkpoints: pass --resume or choose another --out")
     if main:
-        clean_tmp(out)
+        integrity.clean_tmp(out)
     ckpt, state = resume_from(out, settings, anyway) if resume else (None, None)
     if resume and main:
         print(f"resuming from {ckpt} (step {state['step']})" if ckpt else f"--resume: no checkpoint in {out}, "
