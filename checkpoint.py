@@ -375,7 +375,7 @@ def resume_from(out, settings, anyway=False):
         except Exception as e:  # noqa: BLE001 - garbage bytes fail the unpickler in many ways
             bad = [f"train_state.pt or config.json (unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__})"]
         if bad:
-            print(f"skipping damaged checkpoint {ckpt}: {', '.join(bad)}", file=sys.stderr)
+            print(f"skipping incomplete or damaged checkpoint {ckpt}: {', '.join(bad)}", file=sys.stderr)
             continue
         same_run(ckpt, old, settings, anyway)
         return ckpt, state

@@ -257,7 +257,7 @@ def test_newest_complete_step_wins(runs, tmp_path, capsys):
     os.makedirs(out / "step_0000005" / "transformer")  # a newer, incomplete step is skipped, saying so
     s = sample.main(["--ckpt", str(out), "--out", str(tmp_path / "o"), *SIZE])
     assert s["ckpt"].endswith("step_0000001")
-    assert "skipping incomplete checkpoint" in capsys.readouterr().err
+    assert "skipping incomplete or damaged checkpoint" in capsys.readouterr().err
 
 
 def test_command_line_error_has_no_traceback(tmp_path):
