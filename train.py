@@ -233,7 +233,7 @@ def train(args, cfg, kind, grid, world, rank, device):
     sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     uncond = {k: v.to(device) for k, v in ds.uncond.items()}
 
-    # --- checkpoint to go on from: saved with the same stage, phases, grid and adapter
+    # --- a new run, or going on from the newest intact checkpoint of the same run (checkpoint.same_run)
     paths = {k: os.path.abspath(getattr(args, k)) for k in ("data", "teacher", "init") if getattr(args, k)}
     ckpt, state = checkpoint.open_run(out, args.resume, vars(args) | paths | {"boundaries": boundaries},
                                       args.resume_anyway, rank == 0)
@@ -282,7 +282,7 @@ def train(args, cfg, kind, grid, world, rank, device):
                   "global_batch": B * accum * world, "params": n_total, "trainable": n_train,
                   "grid": {"kind": grid.kind, "N": N, "t": grid.t.tolist(), "sigma": grid.sigma.tolist()},
                   "data_manifest": {k: v for k, v in ds.manifest.items() if k != "shards"}}
-    log0(checks.run_summary(run_config, os.path.join(out, "config.json")))
+    log0(checks.run_summary(run_config | {"device": str(device)}, os.path.join(out, "config.json")))
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         data.atomic_write_json(run_config, os.path.join(out, "config.json"))

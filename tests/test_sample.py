@@ -18,6 +18,7 @@ import torch
 import checkpoint
 import data
 import experts
+import integrity
 import model as models
 import sample
 import solver
@@ -66,6 +67,7 @@ def runs(tmp_path_factory):
             prm.add_(0.3 * torch.randn(prm.shape, generator=g))
     meta = experts.DualExpert.read_detail_meta(os.path.join(step, "detail.safetensors"))
     expert.save_detail(os.path.join(step, "detail.safetensors"), {"kappa": meta["kappa"]})
+    integrity.write_checksums(step)  # an intended change: record it, or the step counts as corrupted
     return p
 
 
