@@ -111,8 +111,8 @@ class LatentDataset(torch.utils.data.Dataset):
     def __init__(self, dir):
         self.dir = dir
         self.manifest = read_manifest(dir)
-        checks.memory(sum(os.path.getsize(os.path.join(dir, s["file"])) for s in self.manifest["shards"]),
-                      f"dataset {dir} (held in memory)")
+        checks.memory(2 * sum(os.path.getsize(os.path.join(dir, s["file"])) for s in self.manifest["shards"]),
+                      f"dataset {dir} (held in memory: its shards, then their concatenation)")
         parts = [checks.load_safetensors(os.path.join(dir, s["file"]), "dataset shard") for s in self.manifest["shards"]]
         keys = set(parts[0]) if parts else set()
         if parts and not {"latents", "text"} <= keys:
