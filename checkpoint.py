@@ -369,9 +369,10 @@ def resume_from(out, settings, anyway=False):
         ckpt = os.path.join(out, name)
         bad = step_missing(ckpt, RESUMABLE)
         try:  # mmap: ranks read only the pages they use of the full optimizer state
-            state = None if bad else torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu",
-                                                weights_only=False, mmap=True)
-            old = None if bad else json.load(open(os.path.join(ckpt, "config.json")))
+            if not bad:
+                state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False, mmap=True)
+                with open(os.path.join(ckpt, "config.json")) as f:
+                    old = json.load(f)
         except Exception as e:  # noqa: BLE001 - garbage bytes fail the unpickler in many ways
             bad = [f"train_state.pt or config.json (unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__})"]
         if bad:

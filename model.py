@@ -35,7 +35,8 @@ def config_from_fields(cls, d):
     unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown config keys {unknown}")
-    bad = [f"{f.name}={d[f.name]!r} (want {getattr(f.type, '__name__', f.type)}{' >= 1' * (f.name in _AT_LEAST_1)})" for f in fields(cls) if f.name in d and not _fits(f, d[f.name])]
+    want = lambda f: f"{getattr(f.type, '__name__', f.type)}{' >= 1' * (f.name in _AT_LEAST_1)}"  # noqa: E731
+    bad = [f"{f.name}={d[f.name]!r} (want {want(f)})" for f in fields(cls) if f.name in d and not _fits(f, d[f.name])]
     if bad:
         raise ValueError(f"{cls.__name__}: bad config values {', '.join(bad)}")
     return cls(**{k: v for k, v in d.items() if k in known})
