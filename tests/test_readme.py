@@ -86,6 +86,9 @@ def test_the_tiny_block_runs_verbatim(tmp_path, monkeypatch, capsys):
                         for o in outs)
     err = capsys.readouterr()
     assert "resuming from" in err.out + err.err and "Traceback" not in err.err
+    # progress and a compact run config on the console, the full config in the run folder
+    assert "steps: 100%" in err.err and "full config -> runs/tiny/det/config.json" in err.out
+    assert len(err.out) < 20_000 and os.path.getsize("runs/tiny/det/config.json") > 1000
 
 
 class Parsed(Exception):

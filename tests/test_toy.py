@@ -139,13 +139,15 @@ def test_choose_kappa_reads_the_fig10_curve():
     assert choose_kappa([1.0] + [0.0] * (N - 2), 0.25, N)[0] == N - 5
 
 
-def test_quick_run_end_to_end(tmp_path):
+def test_quick_run_end_to_end(tmp_path, capsys):
     """`python toy/run.py --quick`: every artefact written; the teacher's x0 prediction moves most early."""
     import json
     import math
     from toy import run
     out = str(tmp_path / "toy")
     summary = run.main(["--quick", "--out", out])
+    console = capsys.readouterr()  # each phase's progress reaches the console, not only out/logs/*.log
+    assert "[toy] distil dcm" in console.out and "teacher: 100%" in console.err and "detail: 100%" in console.err
     for f in ("report.md", "metrics.json", "fig10_x0_change.png", "fig2_probes.png", "fig5_expert_difference.png",
               "samples_4step.gif", "classifier.pt"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
