@@ -120,6 +120,8 @@ def train_args(args):
         raise InputError("--data is required (a dataset folder, see data.py)")
     at_least(args, 1, "max_steps", "batch_size", "grad_accum", "lora_rank", "disc_hidden", "world_size")
     at_least(args, 0, "save_every", "probe_every", "keep_last")
+    if args.stage == "detail" and args.disc_hidden % 32:
+        raise InputError(f"--disc-hidden {args.disc_hidden} must be a multiple of 32 (the heads' GroupNorm(32))")
     if args.grid_steps < 2:
         raise InputError(f"--grid-steps {args.grid_steps}: the teacher's grid needs N >= 2 steps")
     if args.stage == "pcm" and not 2 <= args.phases <= args.grid_steps:

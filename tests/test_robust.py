@@ -120,6 +120,8 @@ TRAIN_CASES = {  # name -> (argv builder(fx, out), expected part of the message)
                        "--max-steps -3 must be >= 1"),
     "--target-ema 1.5": (lambda fx, o: ["--config", "tiny-hunyuan", "--data", fx["data"], "--target-ema", 1.5, "--out", o],
                          "--target-ema 1.5 must lie in [0.0, 1.0)"),
+    "--disc-hidden 33": (lambda fx, o: ["--stage", "detail", "--teacher", fx["teacher"], "--init", fx["sem"],
+                                        "--data", fx["data"], "--disc-hidden", 33, "--out", o], "must be a multiple of 32"),
     "--out an existing file": (lambda fx, o: ["--config", "tiny-hunyuan", "--data", fx["data"], "--out", write(o, "x")],
                                "is an existing file, not a folder"),
     "--out under a file": (lambda fx, o: ["--config", "tiny-hunyuan", "--data", fx["data"], "--out",
