@@ -1,9 +1,10 @@
 """Measured speed and memory: our backbones against diffusers', the 4-step student against the 50-step
-teacher, and one DCM training step (issue: bench). Prints a table and writes JSON.
+teacher, and the DCM training steps against the same steps built on diffusers' model (bench_train.py).
+Prints a table and writes JSON.
 
-    python bench.py                      # GPU: real sizes, random bf16 weights
+    python bench.py --compile            # GPU: real sizes, random bf16 weights, eager and compiled rows
     python bench.py --device cpu         # tiny presets: the ours/diffusers ratio, smoke runs of the rest
-    python bench.py --rows forward --compile
+    python bench.py --rows forward,train,detail --compile
 
 diffusers is the reference we race, so it is needed here (and in the tests), never in the library.
 """
@@ -20,6 +21,7 @@ from dataclasses import asdict
 import torch
 
 import checks
+import data
 import experts
 import losses
 import model as M
@@ -32,11 +34,13 @@ GPU_SHAPES = {
     "cogvideox-2b": (2, 13, 60, 90, 226),   # 49 frames 480x720 -> 17,776 tokens
     "cogvideox-5b": (2, 13, 60, 90, 226),
     "hunyuan-video": (1, 9, 68, 120, 256),  # 33 frames 544x960 -> 18,616 tokens
+    "wan2.1-t2v-1.3b": (1, 21, 60, 104, 512),  # 81 frames 480x832 -> 32,760 tokens (the authors' Wan size)
 }
 CPU_SHAPES = {
     "tiny-cogvideox": (2, 3, 12, 16, 8),
     "tiny-cogvideox-rope": (2, 3, 12, 16, 8),
     "tiny-hunyuan": (2, 3, 12, 16, 8),
+    "tiny-wan": (2, 3, 12, 16, 8),
 }
 TRAIN_SHAPE = (1, 8, 60, 90, 226)  # CogVideoX-2B, 29 frames 480x720 -> 11,026 tokens (paper's setting)
 TEXT_REAL = 60  # HunyuanVideo prompt tokens that are not padding (a typical prompt)
@@ -49,9 +53,11 @@ def make_inputs(cfg, shape, device, dtype, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
     x = rnd(B, cfg.in_channels, n_f, H, W)
-    cond = {"text": rnd(B, L, cfg.text_embed_dim)}
+    cond = {"text": rnd(B, L, data.text_width(cfg))}
     if isinstance(cfg, M.CogVideoXConfig):
         t = torch.randint(0, 1000, (B,), generator=g).to(device).float()
+    elif isinstance(cfg, M.WanConfig):  # umT5 states only (padding rows are zeros in real data, attended to)
+        t = (torch.rand(B, generator=g) * 1000).to(device, dtype)
     else:
         t = (torch.rand(B, generator=g) * 1000).to(device, dtype)
         mask = torch.zeros(B, L, dtype=torch.long)
@@ -64,8 +70,8 @@ def make_inputs(cfg, shape, device, dtype, seed=0):
 def diffusers_twin(ours, cfg, device, dtype):
     """diffusers' model with our weights (same config keys, same state-dict keys)."""
     import diffusers
-    cls = (diffusers.CogVideoXTransformer3DModel if isinstance(cfg, M.CogVideoXConfig)
-           else diffusers.HunyuanVideoTransformer3DModel)
+    cls = (diffusers.CogVideoXTransformer3DModel if isinstance(cfg, M.CogVideoXConfig) else
+           diffusers.WanTransformer3DModel if isinstance(cfg, M.WanConfig) else diffusers.HunyuanVideoTransformer3DModel)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -88,6 +94,8 @@ def diffusers_call(ref, cfg, x, t, cond):
             rope = (cos[n_text:], sin[n_text:])  # video rows only
         return ref(hidden_states=x.transpose(1, 2), encoder_hidden_states=cond["text"], timestep=t,
                    image_rotary_emb=rope, return_dict=False)[0].transpose(1, 2)
+    if isinstance(cfg, M.WanConfig):
+        return ref(hidden_states=x, timestep=t, encoder_hidden_states=cond["text"], return_dict=False)[0]
     return ref(hidden_states=x, timestep=t, encoder_hidden_states=cond["text"],
                encoder_attention_mask=cond["text_mask"], pooled_projections=cond["pooled"],
                guidance=cond["guidance"], return_dict=False)[0]
@@ -139,7 +147,7 @@ def param_gib(model):
 
 
 # --- rows ------------------------------------------------------------------------------------------
-def row_forward(name, shape, device, dtype, compile_too, peak_tflops):
+def row_forward(name, shape, device, dtype, compile_too, peak_tflops, backend="inductor"):
     """Ours vs diffusers: median forward seconds, added peak memory, achieved TFLOP/s."""
     cfg = M.PRESETS[name]
     torch.manual_seed(0)
@@ -152,7 +160,7 @@ def row_forward(name, shape, device, dtype, compile_too, peak_tflops):
         del v_ref
         fns = {"ours": lambda: ours(x, t, **cond), "diffusers": lambda: diffusers_call(ref, cfg, x, t, cond)}
         if compile_too:
-            compile_blocks(ours)
+            compile_blocks(ours, backend)
             fns["ours+compile"] = lambda: ours(x, t, **cond)
         secs, mem = race(fns, device)
     flops = forward_flops(ours, x, t, cond)
@@ -169,9 +177,11 @@ def row_forward(name, shape, device, dtype, compile_too, peak_tflops):
     return row  # the models go with this frame, before the next row is built
 
 
-def row_end_to_end(name, shape, device, dtype, kappa=37, steps=4):
-    """Teacher 50 DDIM steps with CFG vs the dual-expert student at 4 steps (no CFG), batch 1."""
+def row_end_to_end(name, shape, device, dtype, kappa=None, steps=4):
+    """Teacher 50 steps (DDIM or Euler) with CFG vs the dual-expert student at 4 steps (no CFG), batch 1; the student
+    with its detail LoRA merged (as sample.py runs it) and unmerged."""
     cfg = M.PRESETS[name]
+    kappa = solver.default_kappa(cfg) if kappa is None else kappa
     backbone = M.build_transformer(name, device=device, dtype=dtype).eval().requires_grad_(False)
     grid = solver.grid_for(cfg)
     x, _, cond = make_inputs(cfg, (1,) + shape[1:], device, dtype)
@@ -184,67 +194,33 @@ def row_end_to_end(name, shape, device, dtype, kappa=37, steps=4):
                                         grid.kind, progress=False)
     with torch.no_grad():
         timed(run_student, device)  # warm-up
-        s_student, m_student, _ = timed(run_student, device)
-        s_teacher, m_teacher, _ = timed(lambda: teacher.sample(x, cond, progress=False), device)
+        s_unmerged, _, _ = timed(run_student, device)
+        student.merge_lora()
+        timed(run_student, device)
+        s_student, _, _ = timed(run_student, device)
+        s_teacher, _, _ = timed(lambda: teacher.sample(x, cond, progress=False), device)
     return {"preset": name, "teacher_steps": grid.N, "student_steps": steps, "teacher_s": s_teacher,
-            "student_s": s_student, "speedup": s_teacher / s_student,
+            "student_s": s_student, "speedup": s_teacher / s_student, "lora_merged": True,
+            "student_unmerged_s": s_unmerged, "speedup_unmerged": s_teacher / s_unmerged,
             "student_forwards": len(ks), "teacher_forwards": grid.N}
 
 
-def compile_blocks(model):
-    """torch.compile each transformer block (one compiled graph serves every block of a class)."""
-    for block in model.modules():
-        if type(block).__name__.endswith("Block"):
-            block.compile()
+def compile_blocks(model, backend="inductor"):
+    """torch.compile each transformer block (one compiled graph serves every block of a class); a DualExpert's
+    detail tree holds its own copies of the LoRA'd blocks: those too."""
+    # a training step calls a block class in up to ~8 guard variants (grad on/off x fp32 student / bf16 teacher x
+    # LoRA'd or plain): past the default recompile limit dynamo would quietly fall back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    trees = [model] + ([model.detail] if isinstance(model, experts.DualExpert) else [])
+    for block in {id(b): b for tree in trees for b in tree.modules() if type(b).__name__.endswith("Block")}.values():
+        block.compile(backend=backend)
 
 
-def row_train_semantic(name, shape, device, peak_tflops, kappa=37, steps=6, compile_too=False):
-    """One semantic-stage CD step (DESIGN sec. 1 steps 1-6 + TC), grad ckpt, bf16 autocast: s, peak GiB, MFU."""
-    cfg = M.PRESETS[name]
-    torch.manual_seed(0)
-    student = M.build_transformer(name, device=device, dtype=torch.float32).train()  # fp32 master weights
-    student.gradient_checkpointing = True
-    teacher_model = M.build_transformer(name, device=device, dtype=torch.bfloat16)
-    teacher_model.load_state_dict(student.state_dict())
-    if compile_too:
-        compile_blocks(student)
-        compile_blocks(teacher_model)
-    grid = solver.grid_for(cfg)
-    x0, _, cond = make_inputs(cfg, shape, device, torch.bfloat16)
-    teacher = Teacher(teacher_model, grid, guidance_scale=6.0, uncond={"text": torch.zeros_like(cond["text"])})
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.9, 0.999), weight_decay=1e-3,
-                            fused=device.type == "cuda")
-    B, x0 = x0.shape[0], x0.float()
-    lo, hi, _ = solver.phase_ranges(grid.N, [kappa])[0]
-
-    def step():  # the semantic stage's CD step, target = the student under no_grad (authors)
-        k = torch.randint(lo, hi + 1, (B,), device=device)
-        eps = torch.randn_like(x0)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            l_cd, xhat, x_tgt, _ = losses.consistency_step(student, student, teacher, grid, [kappa], x0, eps, k,
-                                                           cond, cond)
-        loss = l_cd + losses.temporal_coherence_loss(xhat, x_tgt)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    secs = []
-    if device.type == "cuda":  # peak of the whole step: weights, grads, AdamW states, teacher, activations
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(steps + 2 * compile_too):  # compiling: two more warm-up steps
-        s, _, loss = timed(step, device)
-        if i >= 2 + 2 * compile_too:
-            secs.append(s)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    x, t, c = make_inputs(cfg, shape, device, torch.bfloat16)
-    f1 = forward_flops(teacher_model, x, t, c)  # one batch-1 forward
-    flops = 2 * f1 + f1 + 3 * f1  # teacher CFG (batch 2) + target + student fwd/bwd (recompute not counted)
-    sec = statistics.median(secs)
-    return {"preset": name, "shape": list(shape), "compiled": compile_too, "s": sec, "peak_gib": peak,
-            "model_flops": flops, "mfu": flops / sec / 1e12 / peak_tflops if peak_tflops else None,
-            "loss": loss.item()}
+def free(device):
+    """Drop the last row's models before the next row's peak is read."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def row_fused_projections(device, dtype):
@@ -280,21 +256,27 @@ def matmul_ceiling(device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rows", default="forward,e2e,train,fuse", help="comma list of forward, e2e, train, fuse")
+    p.add_argument("--rows", default="forward,e2e,train,detail,fuse",
+                   help="comma list of forward, e2e, train (semantic CD step race), detail (detail step race), fuse")
     p.add_argument("--presets", default=None, help="comma list (default: the real ones on GPU, tiny on CPU)")
-    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile per block")
+    p.add_argument("--compile", action="store_true", help="also time with torch.compile per block")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: eager)")
+    p.add_argument("--repeat", type=int, default=5, help="training races: timed steps per side (median)")
+    p.add_argument("--warmup", type=int, default=2, help="training races: untimed steps first")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--table", metavar="JSON", help="only print the markdown table of a saved result")
     args = p.parse_args(argv)
+    rows, known = set(args.rows.split(",")), {"forward", "e2e", "train", "detail", "fuse"}
+    if not rows <= known:
+        raise checks.InputError(f"--rows {args.rows!r}: choose from {', '.join(sorted(known))} (comma list)")
+    if args.repeat < 1 or args.warmup < 0:
+        raise checks.InputError("--repeat must be >= 1, --warmup >= 0")
     if args.table:
         saved = checks.read_json(args.table, "--table")
         if not {"info", "forward"} <= set(saved):
             raise checks.InputError(f"--table {args.table} is not a bench.py result (no 'info' and 'forward')")
         print(table(saved))
         return None
-    rows, known = set(args.rows.split(",")), {"forward", "e2e", "train", "fuse"}
-    if not rows or not rows <= known:
-        raise checks.InputError(f"--rows {args.rows!r}: choose from {', '.join(sorted(known))} (comma list)")
     device = checks.device(args.device)
     checks.out_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
     gpu = device.type == "cuda"
@@ -312,11 +294,11 @@ def main(argv=None):
         sys.exit("bench.py races diffusers' models: pip install -r requirements-dev.txt")
     peak = matmul_ceiling(device) if gpu else None
     info["bf16_matmul_tflops"] = peak
-    result = {"info": info, "forward": [], "e2e": None, "train": None, "train_compiled": None}
+    result = {"info": info, "forward": [], "e2e": None, "train_race": []}
     for name in presets if "forward" in rows else []:
         if name not in shapes:
             sys.exit(f"no benchmark shape for preset {name!r}; known: {sorted(shapes)}")
-        r = row_forward(name, shapes[name], device, dtype, args.compile, peak)
+        r = row_forward(name, shapes[name], device, dtype, args.compile, peak, args.compile_backend)
         result["forward"].append(r)
         print(json.dumps(r), flush=True)
         if gpu:
@@ -330,18 +312,22 @@ def main(argv=None):
     if "e2e" in rows:
         result["e2e"] = row_end_to_end(small[0], small[1], device, dtype)
         print(json.dumps(result["e2e"]), flush=True)
-        if gpu:
-            torch.cuda.empty_cache()
-    if "train" in rows:
-        gc.collect()  # the models of the rows above must be gone before the training step's peak is read
-        if gpu:
-            torch.cuda.empty_cache()
-        result["train"] = row_train_semantic(small[0], small[2], device, peak)
-        print(json.dumps(result["train"]), flush=True)
-        if args.compile:
+        wan = "wan2.1-t2v-1.3b" if gpu else "tiny-wan"  # Wan: 50 Euler steps + CFG vs 4 steps, kappa 34
+        if wan in presets:
             gc.collect()
-            result["train_compiled"] = row_train_semantic(small[0], small[2], device, peak, compile_too=True)
-            print(json.dumps(result["train_compiled"]), flush=True)
+            if gpu:
+                torch.cuda.empty_cache()
+            result["e2e_wan"] = row_end_to_end(wan, shapes[wan], device, dtype)
+            print(json.dumps(result["e2e_wan"]), flush=True)
+        if gpu:
+            torch.cuda.empty_cache()
+    for stage in [s for s in ("semantic", "detail") if {"semantic": "train", "detail": "detail"}[s] in rows]:
+        import bench_train  # its races build on this file's helpers
+        free(device)  # the models of the rows above must be gone before a training step's peak is read
+        r = bench_train.row_train(small[0], stage, small[2], device, peak, args.compile, args.compile_backend,
+                                  args.warmup, args.repeat, disc_hidden=1024 if gpu else 32)
+        result["train_race"].append(r)
+        print(json.dumps(r), flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(table(result))
@@ -351,26 +337,35 @@ def main(argv=None):
 def table(result):
     """Markdown table of a bench result (the README's copy is regenerated from this)."""
     i = result["info"]
-    lines = [f"device: {i['device']}, torch {i['torch']}, diffusers {i['diffusers']}, {i['date']}", "",
-             "| model, shape | ours s | diffusers s | ours/diffusers | ours peak GiB | diffusers peak GiB | ours TFLOP/s |",
-             "|---|---|---|---|---|---|---|"]
+    ceiling = i.get("bf16_matmul_tflops")
+    mfu = lambda d: f"{d['mfu']:.2f}" if d.get("mfu") is not None else "n/a"  # noqa: E731
+    lines = [f"device: {i['device']}, torch {i['torch']}, diffusers {i['diffusers']}, {i['date']}"
+             + (f"; measured bf16 matmul ceiling {ceiling:.0f} TFLOP/s (the MFU denominator)" if ceiling else ""), "",
+             "| model, shape | ours s | diffusers s | ours/diffusers | ours peak GiB | diffusers peak GiB | ours TFLOP/s "
+             "| ours MFU | diffusers MFU |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["forward"]:
         lines.append(f"| {r['preset']} {r['shape']} | {r['ours']['s']:.3f} | {r['diffusers']['s']:.3f} | "
                      f"{r['ratio']:.3f} | {r['ours']['peak_gib']:.2f} | {r['diffusers']['peak_gib']:.2f} | "
-                     f"{r['ours']['tflops']:.0f} |")
+                     f"{r['ours']['tflops']:.0f} | {mfu(r['ours'])} | {mfu(r['diffusers'])} |")
         if "ours+compile" in r:
             lines.append(f"| ... with torch.compile | {r['ours+compile']['s']:.3f} | | {r['ratio_compiled']:.3f} | "
-                         f"{r['ours+compile']['peak_gib']:.2f} | | {r['ours+compile']['tflops']:.0f} |")
-    if result["e2e"]:
-        e = result["e2e"]
-        lines += ["", f"end to end ({e['preset']}): teacher {e['teacher_steps']} steps + CFG {e['teacher_s']:.2f} s, "
-                  f"student {e['student_steps']} steps {e['student_s']:.2f} s: speed-up {e['speedup']:.1f}x"]
+                         f"{r['ours+compile']['peak_gib']:.2f} | | {r['ours+compile']['tflops']:.0f} | "
+                         f"{mfu(r['ours+compile'])} | |")
+    for e in (result["e2e"], result.get("e2e_wan")):
+        if e:
+            lines += ["", f"end to end ({e['preset']}): teacher {e['teacher_steps']} steps + CFG {e['teacher_s']:.2f} s, "
+                      f"student {e['student_steps']} steps {e['student_s']:.2f} s: speed-up {e['speedup']:.1f}x"
+                      + (f" (detail LoRA merged; unmerged {e['student_unmerged_s']:.2f} s, {e['speedup_unmerged']:.1f}x)"
+                         if e.get("lora_merged") else "")]
     if result.get("fuse"):
         lines += ["", "| fused projection (one GEMM instead of several) | separate ms | fused ms | saved per forward ms |",
                   "|---|---|---|---|"]
         lines += [f"| {r['case']} | {r['separate_ms']:.3f} | {r['fused_ms']:.3f} | {r['saving_ms_per_forward']:.1f} |"
                   for r in result["fuse"]]
-    for key in ("train", "train_compiled"):
+    if result.get("train_race"):
+        import bench_train
+        lines += bench_train.table_lines(result)
+    for key in ("train", "train_compiled"):  # the single-sided training row of earlier results (bench_h100.json)
         r = result.get(key)
         if r:
             how = "blocks compiled" if r.get("compiled") else "eager"

@@ -178,7 +178,11 @@ def load_transformer(path, dtype=None, device=None):
         shapes, load = {k: tuple(v.shape) for k, v in src.items()}, lambda: _drain(src)
     else:
         folder = transformer_folder(path)
-        cfg, (shapes, load) = read_config(os.path.join(folder, "config.json")), _folder_tensors(folder)
+        shapes, load = _folder_tensors(folder)
+        if any(".lora_A.lora1." in k for k in shapes):  # PEFT's adapter keys: a dual expert, not one transformer
+            raise ValueError(f"{path}: the authors' DCM layout (semantic weights + PEFT 'lora1' + *_lora copies): "
+                             "sample it with sample.py --ckpt, load it with released.load_released")
+        cfg = read_config(os.path.join(folder, "config.json"))
     model = M.build_transformer(cfg, device="meta")
     check_keys(model, shapes, path)
     sd = {}
@@ -274,7 +278,7 @@ RESUMABLE = ("config.json", "train_state.pt")  # what a step folder needs to go 
 verify_checksums = True  # step folders are checked against their integrity.CHECKSUMS (--verify none: False)
 # run settings a resumed run must share with its checkpoint: the state's shape (never overridable) and
 # what the run trains on and towards (--resume-anyway goes on with the new values)
-RESUME_SHAPE = ("stage", "detail_full", "grid_steps", "shift", "lora_rank", "disc_hidden", "boundaries")
+RESUME_SHAPE = ("stage", "detail_full", "grid_steps", "shift", "lora_rank", "lora_targets", "disc_hidden", "boundaries")
 RESUME_RUN = ("teacher", "init", "data", "batch_size", "grad_accum", "seed", "w_tc", "w_gan", "w_fm", "loss",
               "target_ema", "guidance", "cond_drop")
 

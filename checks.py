@@ -68,6 +68,28 @@ def memory(nbytes, what, dev=torch.device("cpu")):
         raise InputError(f"{what} needs {nbytes / 2**30:.2f} GiB, only {free / 2**30:.2f} GiB is free on {dev}")
 
 
+def sampling_memory(cfg, num, batch, size, dtype, dev):
+    """Refuse a sample run that cannot fit: noise + results (float32) and one batch's activations (about 16 values
+    per token and channel: a block's with its 4x MLP; SDPA keeps attention linear in the tokens)."""
+    (f, h, w), p, pt = size, cfg.patch_size, getattr(cfg, "patch_size_t", None) or 1
+    p, pt = (p[-1], p[0]) if isinstance(p, (tuple, list)) else (p, pt)  # Wan: patch_size (t, h, w)
+    tokens = (f // pt) * (h // p) * (w // p) + getattr(cfg, "max_text_seq_length", 512)
+    width = cfg.num_attention_heads * cfg.attention_head_dim
+    need = 2 * 4 * num * cfg.in_channels * f * h * w + 16 * batch * tokens * width * torch.finfo(dtype).bits // 8
+    memory(need, f"sampling {num} x [{cfg.in_channels}, {f}, {h}, {w}] (--num/--frames/--height/--width)",
+           torch.device(dev))
+
+
+def named(fn, what, *a, **k):
+    """fn(*a, **k) with a damaged file's error (safetensors, OS, key checks) as one InputError naming `what`."""
+    try:
+        return fn(*a, **k)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated/garbage files fail in the parser with many error types
+        raise InputError(f"cannot load {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def finite(tensors, where):
     """Every floating tensor of `tensors` (dict or named_parameters pairs) is free of NaN/inf."""
     items = tensors.items() if isinstance(tensors, dict) else tensors
@@ -189,7 +211,8 @@ def run_summary(run, path):
              f"  data {run['data']} ({run['data_manifest'].get('num_samples')} x {run['data_manifest'].get('latent_shape')})",
              *[f"  {k} {run[k]}" for k in ("teacher", "init") if run.get(k)],
              f"  {run['max_steps']} steps, lr {run['lr']}, global batch {run['batch_size']} x {run['grad_accum']} x "
-             f"{run['world_size']} = {run['global_batch']}, seed {run['seed']}",
+             f"{run['global_batch'] // (run['batch_size'] * run['grad_accum'])} = {run['global_batch']} "
+             f"(SP {run.get('sp', 1)}), seed {run['seed']}",
              f"  grid {g.get('kind')} N={g.get('N')}, boundaries {run['boundaries']}, k in {run['k_range']}; loss {run['loss']}, "
              + ", ".join(f"{k} {run[k]}" for k in ("w_tc", "w_gan", "w_fm", "target_ema")),
              f"  full config -> {path}"]

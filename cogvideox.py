@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from layers import (
     timestep_embedding, TimestepMLP, attention, apply_rope, FeedForward, reject_cond, check_taps, run_block,
-    ACTIVATIONS,
+    ACTIVATIONS, cached_table,
 )
+from layers import sp_gather, sp_rows, sp_shard
 
 
 @dataclass
@@ -77,6 +78,7 @@ def _sincos(pos, dim):
     return torch.cat([out.sin(), out.cos()], dim=-1)
 
 
+@cached_table()
 def cogvideox_sincos_table(cfg, grid, device, dtype):
     """2B fixed 3D positional table [F*h*w, D] for a token grid (F, h, w): D/4 time, 3D/8 w, 3D/8 h."""
     n_f, n_h, n_w = grid
@@ -105,6 +107,7 @@ def _crop_region(n_h, n_w, base_h, base_w):
     return (top, left), (top + rh, left + rw)
 
 
+@cached_table()
 def cogvideox_rope(cfg, grid, n_text, device):
     """5B 3D RoPE cos/sin [n_text + F*h*w, d] fp32; text rows are the identity rotation.
 
@@ -143,13 +146,13 @@ class CogVideoXAttention(nn.Module):
         self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
         self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
 
-    def forward(self, h, rope=None):
+    def forward(self, h, rope=None, sp=None):
         q, k, v = (lin(h).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, heads, L, d]
                    for lin in (self.to_q, self.to_k, self.to_v))
         q, k = self.norm_q(q).to(v.dtype), self.norm_k(k).to(v.dtype)  # fp32 under autocast: back to v's dtype
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.to_out[0](attention(q, k, v).transpose(1, 2).flatten(2))  # [B, L, heads*d] -> [B, L, D]
+        return self.to_out[0](attention(q, k, v, sp=sp).transpose(1, 2).flatten(2))  # [B, L, heads*d] -> [B, L, D]
 
 
 class AdaNormZero(nn.Module):
@@ -180,10 +183,10 @@ class CogVideoXBlock(nn.Module):
         self.norm2 = AdaNormZero(cfg.time_embed_dim, dim, cfg.norm_eps, affine)
         self.ff = FeedForward(dim, 4 * dim, cfg.activation_fn)
 
-    def forward(self, x, c, temb, rope=None):  # x video [B, Lv, D], c text [B, Lt, D]
+    def forward(self, x, c, temb, rope=None, sp=None):  # x video [B, Lv, D] (under SP this rank's), c text [B, Lt, D]
         n_text = c.shape[1]
         nx, nc, gate, c_gate = self.norm1(x, c, temb)
-        a = self.attn1(torch.cat([nc, nx], dim=1), rope)  # [B, Lt+Lv, D]
+        a = self.attn1(torch.cat([nc, nx], dim=1), rope, sp)  # [B, Lt+Lv, D]
         x, c = x + gate * a[:, n_text:], c + c_gate * a[:, :n_text]
         nx, nc, gate, c_gate = self.norm2(x, c, temb)
         f = self.ff(torch.cat([nc, nx], dim=1))  # [B, Lt+Lv, D]
@@ -223,6 +226,7 @@ class CogVideoXTransformer(nn.Module):
         if not torch.is_tensor(t) or t.ndim != 1:
             raise ValueError(f"t must be a 1-D tensor [B], got {tuple(t.shape) if torch.is_tensor(t) else type(t)}")
         w = self.time_embedding.linear_1.weight
+        t = t.to(w.device, non_blocking=w.device.type != "cpu")  # t may come from the host (a dual expert routes on it)
         emb = timestep_embedding(t, w.shape[1], self.config.flip_sin_to_cos, self.config.freq_shift)
         return self.time_embedding(emb.to(w.dtype))
 
@@ -248,12 +252,14 @@ class CogVideoXTransformer(nn.Module):
             rope = cogvideox_rope(cfg, grid, c.shape[1], x.device)
         else:
             h = h + cogvideox_sincos_table(cfg, grid, x.device, h.dtype)
+        h, sp = sp_shard(h, video_at=c.shape[1])  # sequence parallel: this rank's video tokens (else unchanged)
+        rope = None if rope is None else tuple(sp_rows(r, sp) for r in rope)
         tap_set, feats = check_taps(taps, cfg.num_layers), []
         for i, block in enumerate(self.transformer_blocks):
-            h, c = run_block(self, block, h, c, temb, rope)
+            h, c = run_block(self, block, h, c, temb, rope, sp)
             if i in tap_set:
-                feats.append(h)
-        out = self.head(h, temb, (n_f, H, W))
+                feats.append(sp_gather(h, sp))
+        out = self.head(sp_gather(h, sp), temb, (n_f, H, W))
         return out if taps is None else (out, feats)
 
     def _check(self, x, t, text, cond):

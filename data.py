@@ -4,7 +4,8 @@ A dataset is a folder:
 
     DIR/manifest.json            what is inside (see `write_manifest`)
     DIR/shard_00000.safetensors  "latents" [n, C, F, H, W] (already multiplied by the VAE scaling
-                                 factor, as the backbone consumes them), "text" [n, L, D_text],
+                                 factor, or for Wan normalised by the VAE's per-channel mean/std, as the
+                                 backbone consumes them), "text" [n, L, D_text],
                                  optional "text_mask" [n, L] (1 = real token), "pooled" [n, D_pool],
                                  optional extra per-sample tensors (e.g. the toy's "label" [n])
     DIR/uncond.safetensors       the unconditional (empty prompt) conditioning, stored once:
@@ -136,24 +137,35 @@ class LatentDataset(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.tensors.items()}
 
 
+def patch_of(cfg):
+    """(pt, ph, pw) of a backbone config: Wan's patch_size triple, else (patch_size_t or 1, patch_size, patch_size)."""
+    p = cfg.patch_size
+    return tuple(p) if isinstance(p, (tuple, list)) else (getattr(cfg, "patch_size_t", None) or 1, p, p)
+
+
+def text_width(cfg):
+    """Width of the text states a backbone config takes (`text_embed_dim`; Wan: `text_dim`)."""
+    return cfg.text_dim if hasattr(cfg, "text_dim") else cfg.text_embed_dim
+
+
 def check_fits(cfg, cond=None, latent_shape=None, uncond=None, where="data"):
     """Conditioning tensors (batch first; keys outside COND_KEYS ignored), latents [C, F, H, W] and uncond keys
     against a model config: one DataError naming every mismatch. -> the sorted conditioning keys."""
     pooled, bad = getattr(cfg, "pooled_projection_dim", None), []
     if latent_shape is not None:
-        (C, n_f, H, W), p, pt = latent_shape, cfg.patch_size, getattr(cfg, "patch_size_t", None) or 1
+        (C, n_f, H, W), (pt, ph, pw) = latent_shape, patch_of(cfg)
         if C != cfg.in_channels:
             bad.append(f"latents have {C} channels, the model takes {cfg.in_channels}")
-        if min(n_f, H, W) < 1 or n_f % pt or H % p or W % p:
-            bad.append(f"latent F, H, W = {n_f}, {H}, {W} must be positive and divisible by the patch ({pt}, {p}, {p})")
+        if min(n_f, H, W) < 1 or n_f % pt or H % ph or W % pw:
+            bad.append(f"latent F, H, W = {n_f}, {H}, {W} must be positive and divisible by the patch ({pt}, {ph}, {pw})")
     keys = sorted(set(cond or ()) & set(COND_KEYS))
     if cond is not None:
         want = {"text", "pooled"} if pooled else {"text"}
         if not want <= set(keys) <= want | ({"text_mask"} if pooled else set()):
             bad.append(f"conditioning keys {keys}, the model takes {sorted(want)}{' (+ text_mask)' if pooled else ''}")
         text, mask, pool = (cond.get(k) for k in COND_KEYS)
-        if text is not None and (text.dim() != 3 or text.shape[-1] != cfg.text_embed_dim):
-            bad.append(f"text is {list(text.shape)}, the model takes [B, L, {cfg.text_embed_dim}]")
+        if text is not None and (text.dim() != 3 or text.shape[-1] != text_width(cfg)):
+            bad.append(f"text is {list(text.shape)}, the model takes [B, L, {text_width(cfg)}]")
         if pooled and pool is not None and (pool.dim() != 2 or pool.shape[-1] != pooled):
             bad.append(f"pooled is {list(pool.shape)}, the model takes [B, {pooled}]")
         if text is not None and mask is not None and mask.shape != text.shape[:2]:
@@ -327,8 +339,9 @@ def encode_dataset(videos, captions, model, weights, out, frames=None, height=No
         num, meta = shard_info(out, s)
         shards.append({"file": shard_name(s), "num": num})
         skipped += json.loads(meta.get("skipped", "[]"))
-    manifest = write_manifest(out, model=model, latent_shape=shape, vae_scaling_factor=cfg["scaling_factor"],
-                              shards=shards, uncond=uncond, extra={"skipped": skipped, "encode": settings})
+    scale = video_io.latent_scale(cfg)  # Wan: per-channel mean/std recorded next to the factor 1
+    manifest = write_manifest(out, model=model, latent_shape=shape, vae_scaling_factor=scale.pop("vae_scaling_factor"),
+                              shards=shards, uncond=uncond, extra={**scale, "skipped": skipped, "encode": settings})
     print(f"{out}: {manifest['num_samples']} videos in {n_shards} shards, {len(skipped)} skipped"
           + "".join(f"\n  skipped {x['reason']}" for x in skipped))
     return manifest
@@ -358,9 +371,9 @@ def synthetic_dataset(model, out, num=8, frames=2, height=4, width=4, text_len=8
         raise DataError("--num, --frames, --height, --width and --text-len must be >= 1")
     shape = [cfg.in_channels, frames, height, width]
     check_fits(cfg, latent_shape=shape, where=f"--frames {frames} --height {height} --width {width}")
-    checks.memory(4 * num * (np.prod(shape) + text_len * cfg.text_embed_dim), f"{num} synthetic samples (--num)")
-    t = {"latents": torch.randn(num, *shape, generator=g), "text": torch.randn(num, text_len, cfg.text_embed_dim, generator=g)}
-    un = {"text": torch.zeros(1, text_len, cfg.text_embed_dim)}
+    checks.memory(4 * num * (np.prod(shape) + text_len * text_width(cfg)), f"{num} synthetic samples (--num)")
+    t = {"latents": torch.randn(num, *shape, generator=g), "text": torch.randn(num, text_len, text_width(cfg), generator=g)}
+    un = {"text": torch.zeros(1, text_len, text_width(cfg))}
     if pooled := getattr(cfg, "pooled_projection_dim", None):
         real = (torch.arange(text_len) < max(1, text_len // 2)).long()  # right-padded prompts
         t |= {"pooled": torch.randn(num, pooled, generator=g), "text_mask": real.repeat(num, 1)}
@@ -368,7 +381,7 @@ def synthetic_dataset(model, out, num=8, frames=2, height=4, width=4, text_len=8
     write_shard(out, 0, t)
     manifest = write_manifest(out, model=model, latent_shape=shape, vae_scaling_factor=1.0,
                               shards=[{"file": shard_name(0), "num": num}], uncond=un, extra={"synthetic": True})
-    print(f"{out}: {num} synthetic samples for {model}, latents {shape}, text [{text_len}, {cfg.text_embed_dim}]")
+    print(f"{out}: {num} synthetic samples for {model}, latents {shape}, text [{text_len}, {text_width(cfg)}]")
     return manifest
 
 
@@ -381,12 +394,12 @@ def main(argv=None):
     e.add_argument("--videos", required=True, help="folder of video files (sorted by name)")
     e.add_argument("--captions", required=True, help=".txt one caption per line (sorted video order) or .json")
     e.add_argument("--out", required=True, help="dataset folder (resumes if it exists)")
-    e.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default: 49 CogVideoX, 33 HunyuanVideo)")
-    e.add_argument("--height", type=int, help="default: 480 CogVideoX, 544 HunyuanVideo")
-    e.add_argument("--width", type=int, help="default: 720 CogVideoX, 960 HunyuanVideo")
+    e.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default: 49 CogVideoX, 33 HunyuanVideo, 81 Wan)")
+    e.add_argument("--height", type=int, help="default: 480 CogVideoX, 544 HunyuanVideo, 480 Wan")
+    e.add_argument("--width", type=int, help="default: 720 CogVideoX, 960 HunyuanVideo, 832 Wan")
     e.add_argument("--shard-size", type=int, default=32)
     e.add_argument("--stride", type=int, default=1, help="take every stride-th frame")
-    e.add_argument("--fps", type=float, help="resample videos to this frame rate first (CogVideoX: 8)")
+    e.add_argument("--fps", type=float, help="resample videos to this frame rate first (CogVideoX: 8, Wan: 16)")
     e.add_argument("--posterior", choices=["sample", "mode"], default="sample",
                    help="latent_dist.sample() (seeded per video) or its mean")
     e.add_argument("--seed", type=int, default=0)
@@ -402,7 +415,7 @@ def main(argv=None):
     for k, v in (("frames", 2), ("height", 4), ("width", 4), ("text-len", 8), ("seed", 0)):
         y.add_argument(f"--{k}", type=int, default=v, help=f"default {v}" + (" (latent size)" * (k in "frames height width")))
     for a in (e, q):
-        a.add_argument("--model", required=True, help="cogvideox-2b | cogvideox-5b | hunyuan-video")
+        a.add_argument("--model", required=True, help="cogvideox-2b | cogvideox-5b | hunyuan-video | wan2.1-t2v-1.3b | wan2.1-t2v-14b")
         a.add_argument("--weights", required=True, help="local hub-layout folder: vae/, text_encoder/, tokenizer/...")
         a.add_argument("--device", help="default: cuda if available")
         a.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 on cuda, else fp32)")

@@ -29,7 +29,8 @@ from data import atomic_save_file
 
 FORMAT = "dcm-detail-v1"
 QKVO = ("to_q", "to_k", "to_v", "to_out.0")
-# where the detail expert differs from the semantic one, per architecture; `*` = one name component.
+# where the detail expert differs from the semantic one, per architecture (`--lora-targets all`); `*` = one
+# name component, `**` = any number of leading ones.
 # "lora": attention linears (authors: to_q/to_k/to_v/to_out.0 of every attention; we add the
 # double blocks' text-stream projections, which are the same attention's linears under other names;
 # single blocks' fused proj_out is an MLP+attention output, not an attention linear: left out).
@@ -51,7 +52,29 @@ TARGETS = {
                   "single_transformer_blocks.*.norm.linear",
                   "context_embedder.token_refiner.refiner_blocks.*.norm_out.linear"],
     },
+    # Wan = the authors' set (modeling_wan.py add_layer): copies of condition_embedder (time MLP, the blocks'
+    # time_proj, text projection), norm_out (parameter-free), proj_out; scale_shift_table stays shared.
+    "Wan": {
+        "lora": [f"blocks.*.{a}.{n}" for a in ("attn1", "attn2") for n in QKVO],
+        "copy": ["condition_embedder", "norm_out", "proj_out"],
+        "adaln": [],  # per block only a scale_shift_table parameter, added to the (copied) time_proj output
+    },
 }
+
+
+# `--lora-targets authors`: their PEFT target_modules=["to_q", "to_k", "to_v", "to_out.0"], which wraps every module
+# named or ending in "." + one of them (HunyuanVideo: also the single blocks' and the token refiner's attention, not
+# add_*_proj / to_add_out), + their add_layer() copies (HunyuanVideo: no refiner copy; CogVideoX, not theirs: ours).
+AUTHORS_LORA, AUTHORS_COPY = [f"**.{n}" for n in QKVO], {"HunyuanVideo": ["time_text_embed", "norm_out", "proj_out"]}
+LORA_TARGETS = ("authors", "all")
+
+
+def targets_for(arch, which="authors"):
+    """The target spec {"lora", "copy", "adaln"} of an architecture for --lora-targets `which`."""
+    if which not in LORA_TARGETS:
+        raise ValueError(f"lora_targets must be one of {LORA_TARGETS}, got {which!r}")
+    return TARGETS[arch] if which == "all" else {"lora": AUTHORS_LORA, "adaln": TARGETS[arch].get("adaln", []),
+                                                 "copy": AUTHORS_COPY.get(arch, TARGETS[arch]["copy"])}
 
 
 class LoRA(nn.Module):
@@ -82,8 +105,10 @@ class LoRA(nn.Module):
 class LoRALinear(nn.Module):
     """y = base(x) + scale * B A x: an nn.Linear with its adapter (the detail path's attention linears).
 
-    merge() folds the delta into base.weight and keeps the original weight, so unmerge() restores it
-    bit for bit (costs one weight copy while merged; merged vs unmerged outputs agree to round-off).
+    merge() holds W + delta (fp32 sum, cast back) as this layer's own weight: one matmul per call, and base.weight
+    (shared with the semantic tree in a DualExpert) is never touched; unmerge() drops it. Costs one weight copy
+    while merged; merged vs unmerged outputs agree to round-off. A merged layer gives its LoRA no gradient:
+    merge for sampling.
     """
 
     def __init__(self, base, rank, alpha, lora=None):
@@ -94,30 +119,29 @@ class LoRALinear(nn.Module):
         w = base.weight
         self.lora = lora if lora is not None else LoRA(
             base.in_features, base.out_features, rank, alpha, device=w.device, dtype=w.dtype)
-        self._unmerged_weight = None
+        self._merged_weight = None  # a plain attribute: never in the state dict
 
     @property
     def merged(self):
-        return self._unmerged_weight is not None
+        return self._merged_weight is not None
 
     def forward(self, x):
-        y = self.base(x)
-        return y if self.merged else y + self.lora(x)
+        if self.merged:
+            return F.linear(x, self._merged_weight, self.base.bias)
+        return self.base(x) + self.lora(x)
 
     @torch.no_grad()
     def merge(self):
         if self.merged:
             raise RuntimeError("LoRALinear is already merged")
         w = self.base.weight
-        self._unmerged_weight = w.detach().clone()
-        w.copy_((w.float() + self.lora.weight_delta()).to(w.dtype))
+        self._merged_weight = (w.float() + self.lora.weight_delta()).to(w.dtype)
 
     @torch.no_grad()
     def unmerge(self):
         if not self.merged:
             raise RuntimeError("LoRALinear is not merged")
-        self.base.weight.copy_(self._unmerged_weight)
-        self._unmerged_weight = None
+        self._merged_weight = None
 
 
 def arch_of(backbone):
@@ -132,7 +156,9 @@ def arch_of(backbone):
 
 
 def _matches(pattern, names):
-    rx = re.compile(r"\.".join(r"[^.]+" if p == "*" else re.escape(p) for p in pattern.split(".")))
+    """Names matching a dotted pattern: `*` is one component, a leading `**.` any number (PEFT's suffix rule)."""
+    head, rest = (r"(?:[^.]+\.)*", pattern[3:]) if pattern.startswith("**.") else ("", pattern)
+    rx = re.compile(head + r"\.".join(r"[^.]+" if p == "*" else re.escape(p) for p in rest.split(".")))
     return [n for n in names if rx.fullmatch(n)]
 
 
@@ -162,6 +188,12 @@ def _graft(root, replacements):
     return copied[""]
 
 
+def _at(v, idx):
+    """v[idx] with the (host or device) index moved to v's device without a host sync (non-blocking host ->
+    device only: a non-blocking copy to the host could be read before it lands)."""
+    return v[idx.to(v.device, non_blocking=v.device.type != "cpu")]
+
+
 def _take(kwargs, idx, B):
     """The sub-batch `idx` of every per-sample tensor in kwargs (batch-1 / 0-dim tensors broadcast)."""
     out = {}
@@ -169,7 +201,7 @@ def _take(kwargs, idx, B):
         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] != 1:
             if v.shape[0] != B:
                 raise ValueError(f"'{k}' has leading dim {v.shape[0]}, expected the batch size {B} (or 1)")
-            v = v[idx]
+            v = _at(v, idx)
         out[k] = v
     return out
 
@@ -177,7 +209,7 @@ def _take(kwargs, idx, B):
 def _join(a, b, inv):
     """Concatenate two sub-batch results (tensors, or tuples/lists of them) and undo the split order."""
     if isinstance(a, torch.Tensor):
-        return torch.cat([a, b])[inv]
+        return _at(torch.cat([a, b]), inv)
     if isinstance(a, (tuple, list)):
         return type(a)(_join(x, y, inv) for x, y in zip(a, b, strict=True))
     raise TypeError(f"cannot scatter a backbone result of type {type(a).__name__}")
@@ -190,13 +222,14 @@ class DualExpert(nn.Module):
     trained semantic expert. The copies are taken at construction.
     """
 
-    def __init__(self, backbone, boundary_t, rank=128, alpha=256, copy_adaln=False, targets=None):
+    def __init__(self, backbone, boundary_t, rank=128, alpha=256, copy_adaln=False, targets=None, lora_targets="authors"):
         super().__init__()
         self.backbone = backbone
         self.boundary_t = float(boundary_t)
         self.rank, self.alpha, self.copy_adaln = int(rank), float(alpha), bool(copy_adaln)
         self.arch = arch_of(backbone) if targets is None else "custom"
-        spec = TARGETS[self.arch] if targets is None else targets
+        self.lora_targets = lora_targets if targets is None else "custom"
+        spec = targets_for(self.arch, lora_targets) if targets is None else targets
         if not {"lora", "copy"} <= set(spec) or not set(spec) <= {"lora", "copy", "adaln"}:
             raise ValueError(f"targets must have keys 'lora', 'copy' (and optionally 'adaln'), got {sorted(spec)}")
         self.targets = {k: list(spec.get(k, [])) for k in ("lora", "copy", "adaln")}
@@ -270,8 +303,9 @@ class DualExpert(nn.Module):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or (B is not None and t.shape[0] != B):
             raise ValueError(f"t must be a 1-D tensor [B{'' if B is None else f'={B}'}], got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        # rounding the boundary like t was rounded keeps a float32 grid timestep on its own side
-        return t <= torch.tensor(self.boundary_t, dtype=t.dtype, device=t.device)
+        # rounding the boundary like t was rounded keeps a float32 grid timestep on its own side; a host t (the
+        # training step's) routes without reading the device, a device t costs a host sync in _route
+        return t <= torch.full((), self.boundary_t, dtype=t.dtype, device=t.device)
 
     def _route(self, mask, call):
         """call(tree, idx) on each path's sub-batch (idx None = whole batch), results scattered back."""
@@ -292,14 +326,14 @@ class DualExpert(nn.Module):
         def call(tree, idx):
             if idx is None:
                 return tree(x, t, **extra, **cond)
-            return tree(x[idx], t[idx], **extra, **_take(cond, idx, B))
+            return tree(_at(x, idx), _at(t, idx), **extra, **_take(cond, idx, B))
         return self._route(self.detail_mask(t, B), call)
 
     def time_embed(self, t, **cond):
         mask = self.detail_mask(t)
         B = t.shape[0]
         return self._route(mask,
-                           lambda tree, idx: tree.time_embed(t if idx is None else t[idx],
+                           lambda tree, idx: tree.time_embed(t if idx is None else _at(t, idx),
                                                             **(cond if idx is None else _take(cond, idx, B))))
 
     def head(self, h, temb, grid, t=None):
@@ -308,7 +342,16 @@ class DualExpert(nn.Module):
             raise ValueError("DualExpert.head needs t to pick the expert (or call .semantic.head / .detail.head)")
         B = h.shape[0]
         return self._route(self.detail_mask(t, B), lambda tree, idx: tree.head(
-            h if idx is None else h[idx], temb if idx is None else temb[idx], grid))
+            h if idx is None else _at(h, idx), temb if idx is None else _at(temb, idx), grid))
+
+    def merge_lora(self, merged=True):
+        """Sampling: fold each LoRA into a merged weight of the detail tree's own linear (one GEMM per call, no
+        low-rank pair); the semantic tree's weights stay as they are. merged=False goes back to the LoRA pair.
+        Merge after moving the model (the merged weights are plain attributes, not moved by .to())."""
+        for m in self.detail.modules():
+            if isinstance(m, LoRALinear) and m.merged != merged:
+                m.merge() if merged else m.unmerge()
+        return self
 
     # --- training -------------------------------------------------------------------------------
     def set_mode(self, mode):
@@ -339,7 +382,8 @@ class DualExpert(nn.Module):
 
     def detail_meta(self):
         return {"format": FORMAT, "arch": self.arch, "boundary_t": self.boundary_t, "rank": self.rank,
-                "alpha": self.alpha, "copy_adaln": self.copy_adaln, "targets": self.targets}
+                "alpha": self.alpha, "copy_adaln": self.copy_adaln, "targets": self.targets,
+                "lora_targets": self.lora_targets}
 
     def detail_state(self):
         """Adapter tensors under backbone names: '<linear>.lora_A.weight' / '.lora_B.weight' (PEFT
@@ -371,6 +415,7 @@ class DualExpert(nn.Module):
         info = json.loads(meta["dcm"])
         if info.get("format") != FORMAT:
             raise ValueError(f"{path}: format {info.get('format')!r}, expected {FORMAT!r}")
+        info.setdefault("lora_targets", "custom" if info.get("arch") == "custom" else "all")  # files from before the flag
         return info
 
     @classmethod
@@ -378,7 +423,7 @@ class DualExpert(nn.Module):
         """A DualExpert built with the file's rank/alpha/boundary/targets, its adapter loaded."""
         info = cls.read_detail_meta(path)
         targets = None if info["arch"] != "custom" else info["targets"]
-        expert = cls(backbone, info["boundary_t"], info["rank"], info["alpha"], info["copy_adaln"], targets)
+        expert = cls(backbone, info["boundary_t"], info["rank"], info["alpha"], info["copy_adaln"], targets, info["lora_targets"])
         expert.load_detail(path)
         return expert
 

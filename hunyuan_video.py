@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from layers import (
     timestep_embedding, TimestepMLP, attention, apply_rope, RMSNorm, FeedForward, reject_cond, check_taps, run_block,
+    cached_table,
 )
+from layers import sp_gather, sp_rows, sp_shard
 
 
 @dataclass
@@ -122,13 +124,13 @@ class HunyuanDoubleBlock(nn.Module):
         self.ff = FeedForward(dim, int(dim * mlp_ratio), "gelu-approximate")
         self.ff_context = FeedForward(dim, int(dim * mlp_ratio), "gelu-approximate")
 
-    def forward(self, x, c, temb, mask, cos, sin):
+    def forward(self, x, c, temb, mask, cos, sin, sp=None):
         shift, scale, gate, shift2, scale2, gate2 = self.norm1(temb)
         c_shift, c_scale, c_gate, c_shift2, c_scale2, c_gate2 = self.norm1_context(temb)
         qx, kx, vx = self.attn.qkv(_hv_ln(x) * (1 + scale) + shift)
         qc, kc, vc = self.attn.qkv_ctx(_hv_ln(c) * (1 + c_scale) + c_shift)
         q, k, v = (torch.cat(p, dim=2) for p in ((qx, qc), (kx, kc), (vx, vc)))  # [B, h, Lv+Lt, d]
-        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask).transpose(1, 2).flatten(2)  # [B, Lv+Lt, D]
+        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, sp).transpose(1, 2).flatten(2)  # [B, Lv+Lt, D]
         n = x.shape[1]
         x = x + self.attn.to_out[0](o[:, :n]) * gate
         c = c + self.attn.to_add_out(o[:, n:]) * c_gate
@@ -147,11 +149,11 @@ class HunyuanSingleBlock(nn.Module):
         self.proj_mlp = nn.Linear(dim, int(dim * mlp_ratio))
         self.proj_out = nn.Linear(dim + int(dim * mlp_ratio), dim)
 
-    def forward(self, h, temb, mask, cos, sin):
+    def forward(self, h, temb, mask, cos, sin, sp=None):
         shift, scale, gate = self.norm(temb)
         n = _hv_ln(h) * (1 + scale) + shift
         q, k, v = self.attn.qkv(n)
-        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask).transpose(1, 2).flatten(2)  # [B, L, D]
+        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, sp).transpose(1, 2).flatten(2)  # [B, L, D]
         mlp = F.gelu(self.proj_mlp(n), approximate="tanh")
         return h + gate * self.proj_out(torch.cat([o, mlp], dim=-1))
 
@@ -186,8 +188,9 @@ class HunyuanVideoTransformer(nn.Module):
 
     @staticmethod
     def _sinus(mlp, t):
-        """Timestep/guidance MLP on 256 fp32 sinusoids (cos first, shift 0) of t [B]."""
-        return mlp(timestep_embedding(t, 256).to(mlp.linear_1.weight.dtype))
+        """Timestep/guidance MLP on 256 fp32 sinusoids (cos first, shift 0) of t [B] (t on the host or the device)."""
+        w = mlp.linear_1.weight
+        return mlp(timestep_embedding(t.to(w.device, non_blocking=w.device.type != "cpu"), 256).to(w.dtype))
 
     def time_embed(self, t, pooled=None, guidance=None, **cond):
         """AdaLN conditioning temb [B, D] = MLP(t) + MLP(guidance) + MLP(pooled CLIP text)."""
@@ -216,6 +219,7 @@ class HunyuanVideoTransformer(nn.Module):
             c = run_block(self, block, c, temb, mask)
         return c
 
+    @cached_table()
     def _rope(self, grid, n_text, device):
         """cos, sin [Lv+Lt, head_dim] fp32 for integer (f, h, w) token positions; identity rows for text."""
         cfg, angles = self.config, []
@@ -261,35 +265,39 @@ class HunyuanVideoTransformer(nn.Module):
                 raise ValueError(f"text_mask must be [B, L] = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
             valid = text_mask.bool()  # the original model (and diffusers, masking by count) assume right padding
             n = valid.sum(dim=1, keepdim=True)
-            if not bool(((torch.arange(valid.shape[1], device=n.device) < n) == valid).all() & (n > 0).all()):
-                raise ValueError("text_mask must be 1 on a non-empty prefix of the tokens and 0 after (right padding)")
+            return ((torch.arange(valid.shape[1], device=n.device) < n) == valid).all() & (n > 0).all()  # read in forward
 
     def forward(self, x, t, text=None, text_mask=None, pooled=None, guidance=None, taps=None):
         """Flow velocity [B, C, F, H, W]; with `taps` also a list of video tokens [B, Lv, D] after those blocks."""
-        self._check(x, t, text, text_mask, pooled, guidance)
+        ok = self._check(x, t, text, text_mask, pooled, guidance)
         cfg, (B, _, f, hgt, wid) = self.config, x.shape
         tap_set, feats = check_taps(taps, cfg.num_layers + cfg.num_single_layers), []
         if text_mask is not None:  # drop padding columns of all samples (exact); no mask left lets SDPA use flash
-            lo, hi = torch.stack(torch.aminmax(text_mask.sum(dim=1))).tolist()
+            # the forward's one host read (data-dependent shapes): the mask's check and its shared padding together
+            lo, hi, ok = torch.stack([*torch.aminmax(text_mask.sum(dim=1)), ok.long()]).tolist()
+            if not ok:
+                raise ValueError("text_mask must be 1 on a non-empty prefix of the tokens and 0 after (right padding)")
             text, text_mask = text[:, :hi], (text_mask[:, :hi] if lo < hi else None)
         temb = self.time_embed(t, pooled=pooled, guidance=guidance)
         c = self._refine(text, text_mask, t)
         h = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # [B, D, f, h, w] -> [B, Lv, D]
+        h, sp = sp_shard(h)  # sequence parallel: this rank's video tokens (else unchanged)
         n_vid = h.shape[1]
         mask = None  # [B, 1, 1, Lv+Lt] keys: all video tokens + the valid text tokens
         if text_mask is not None:
             mask = torch.cat([text_mask.new_ones(B, n_vid), text_mask], dim=1).bool()[:, None, None, :]
         cos, sin = self._rope((f // cfg.patch_size_t, hgt // cfg.patch_size, wid // cfg.patch_size), c.shape[1], x.device)
+        cos, sin = sp_rows(cos, sp), sp_rows(sin, sp)
         for i, block in enumerate(self.transformer_blocks):
-            h, c = run_block(self, block, h, c, temb, mask, cos, sin)
+            h, c = run_block(self, block, h, c, temb, mask, cos, sin, sp)
             if i in tap_set:
-                feats.append(h)
+                feats.append(sp_gather(h, sp))
         h = torch.cat([h, c], dim=1)  # [B, Lv+Lt, D]: the single-stream stack runs on the joint sequence
         for i, block in enumerate(self.single_transformer_blocks, start=cfg.num_layers):
-            h = run_block(self, block, h, temb, mask, cos, sin)
+            h = run_block(self, block, h, temb, mask, cos, sin, sp)
             if i in tap_set:
-                feats.append(h[:, :n_vid])
-        v = self.head(h[:, :n_vid], temb, (f, hgt, wid))
+                feats.append(sp_gather(h[:, :n_vid], sp))
+        v = self.head(sp_gather(h[:, :n_vid], sp), temb, (f, hgt, wid))
         return v if taps is None else (v, feats)
 
 

@@ -1,14 +1,20 @@
 """The layers every backbone shares (cogvideox.py, hunyuan_video.py, ...): timestep sinusoids and MLP, SDPA
 attention, RoPE, RMSNorm, the diffusers-named feed-forward, per-block activation checkpointing and the
-input checks. The backbones import this file only; model.py imports the backbones (no import cycle).
+input checks; parallel.py's sequence-parallel hooks are re-exported. The backbones import this file only
+(parallel.py imports torch only); model.py imports the backbones (no import cycle).
 """
 
+import dataclasses
+import functools
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from parallel import sp_attention, sp_gather, sp_rows, sp_shard  # noqa: F401 - the backbones' sequence-parallel hooks
 
 
 def timestep_embedding(t, dim, flip_sin_to_cos=True, shift=0, max_period=10000):
@@ -34,9 +40,51 @@ class TimestepMLP(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-def attention(q, k, v, mask=None):
-    """Softmax attention on [B, heads, L, d] in the input dtype (SDPA picks the fused kernel)."""
+def attention(q, k, v, mask=None, sp=None):
+    """Softmax attention on [B, heads, L, d] in the input dtype (SDPA picks the fused kernel); sp: the Shard of
+    parallel.sp_shard when the video rows of L are this rank's slice (Ulysses, parallel.py), else None."""
+    if sp is not None:  # sequence parallel: all-to-all to [all tokens, heads/N], this function, and back
+        return sp_attention(q, k, v, mask, sp, attention)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _table_key(v):
+    """A hashable cache key for a table function's argument: a config dataclass by its field values, a module by
+    its config (positional tables depend on the config only), sequences as tuples."""
+    if isinstance(v, nn.Module):
+        v = v.config
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return (type(v).__qualname__,) + tuple(_table_key(getattr(v, f.name)) for f in dataclasses.fields(v))
+    if isinstance(v, (list, tuple)):
+        return tuple(_table_key(x) for x in v)
+    return v
+
+
+def cached_table(maxsize=8):
+    """Decorator: cache a positional table per (arguments: config, grid shape, device, dtype), least recently used
+    dropped beyond maxsize. The tables are constants: built once outside autograd and inference mode (usable
+    by any later call), shared by every caller (read-only). Under torch.compile the table is traced into the
+    graph instead (no graph break). fn.cache_clear() empties the cache; fn.__wrapped__ is the uncached fn."""
+    def decorate(fn):
+        cache = OrderedDict()
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return fn(*args, **kwargs)
+            key = _table_key(args) + _table_key(tuple(sorted(kwargs.items())))
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
+            with torch.inference_mode(False), torch.no_grad():
+                out = cache[key] = fn(*args, **kwargs)
+            if len(cache) > maxsize:
+                cache.popitem(last=False)
+            return out
+
+        wrapper.cache_clear, wrapper.cache_len = cache.clear, lambda: len(cache)
+        return wrapper
+    return decorate
 
 
 def apply_rope(x, cos, sin):

@@ -3,12 +3,15 @@ hinge and feature matching for the detail expert (eqs. 9-10) with the re-noising
 the teacher's own diffusion loss.
 
 Losses are computed in float32 whatever the input dtype (bf16 autocast outputs included).
+No host syncs in a step: grid indices live on the host (CPU), where their checks and the grid's per-sample
+coefficients are computed; the coefficients go to the device in one non-blocking transfer per function (`on`),
+and the student and target get their t on the host too, so a dual expert routes without reading the device.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from solver import jump, phase_end
+from solver import ode_step, phase_end
 
 
 def _same_shape(a, b, what):
@@ -32,7 +35,7 @@ def consistency_loss(xhat, x_tgt, kind="huber", c=1e-3):
 
 def col(c, x):
     """A per-sample coefficient [B] as float32 [B, 1, 1, 1, 1] against x."""
-    return c.to(device=x.device, dtype=torch.float32).view(-1, *[1] * (x.dim() - 1))
+    return c.to(device=x.device, non_blocking=x.device.type != "cpu").float().view(-1, *[1] * (x.dim() - 1))
 
 
 def diffusion_time(u, kind, grid=None):
@@ -48,7 +51,7 @@ def diffusion_loss(model, x0, eps, t, alpha, sigma, kind, cond):
     """The teacher's objective: MSE of model(alpha x0 + sigma eps, t) against its target, flow: eps - x0,
     vpred: alpha eps - sigma x0 (per-sample t, alpha, sigma [B])."""
     a, s = col(alpha, x0), col(sigma, x0)
-    out = model(a * x0 + s * eps, t.float().to(x0.device), **cond).float()
+    out = model(a * x0 + s * eps, t.float().to(x0.device, non_blocking=x0.device.type != "cpu"), **cond).float()
     return F.mse_loss(out, eps - x0 if kind == "flow" else a * eps - s * x0)
 
 
@@ -61,17 +64,38 @@ def _per_sample(k, B, what):
     return k.long()
 
 
+def on(device, **rows):
+    """Host per-sample rows [B] -> float64 on `device`, stacked and moved in one transfer (from pinned memory,
+    non-blocking, on CUDA: the host never waits for the device)."""
+    packed = torch.stack([torch.as_tensor(v).to(torch.float64) for v in rows.values()])  # [n_rows, B]
+    if device.type == "cuda" and packed.device.type == "cpu":
+        packed = packed.pin_memory()
+    return dict(zip(rows, packed.to(device, non_blocking=True).unbind(0)))
+
+
+def _host_indices(k_prev, k_end, B):
+    """Per-sample host indices, checked there (a device index is read once)."""
+    k_prev, k_end = _per_sample(k_prev, B, "k_prev").cpu(), _per_sample(k_end, B, "k_end").cpu()
+    if bool((k_prev < k_end).any()):
+        raise ValueError(f"k_prev must be >= k_end (a target lies below its endpoint): {k_prev.tolist()} vs {k_end.tolist()}")
+    return k_prev, k_end
+
+
+def _target(x_prev, out_target, c, kind):
+    """The target from on()-moved coefficients a_p, s_p (at k-1), a_e, s_e (at k_end), at_end (k-1 == k_end)."""
+    x_tgt = ode_step(x_prev, out_target, c["a_p"], c["s_p"], c["a_e"], c["s_e"], kind)
+    at_end = c["at_end"].bool().view(-1, *[1] * (x_prev.dim() - 1))  # [B, 1, 1, 1, 1]
+    # where(), not arithmetic: the vpred jump k -> k is only approximately the identity
+    return torch.where(at_end, x_prev.to(x_tgt.dtype), x_tgt)
+
+
 @torch.no_grad()
 def consistency_target(x_prev, out_target, k_prev, k_end, grid):
     """Target of eq. 4: jump(x_prev, out_target, k-1 -> k_end) per sample; x_prev where k-1 == k_end (no grad)."""
-    B = x_prev.shape[0]
-    k_prev, k_end = _per_sample(k_prev, B, "k_prev"), _per_sample(k_end, B, "k_end")
-    if bool((k_prev < k_end).any()):
-        raise ValueError(f"k_prev must be >= k_end (a target lies below its endpoint): {k_prev.tolist()} vs {k_end.tolist()}")
-    x_tgt = jump(x_prev, out_target, k_prev.to(x_prev.device), k_end.to(x_prev.device), grid)
-    at_end = (k_prev == k_end).to(x_prev.device).view(-1, *[1] * (x_prev.dim() - 1))  # [B, 1, 1, 1, 1]
-    # where(), not arithmetic: the vpred jump k -> k is only approximately the identity
-    return torch.where(at_end, x_prev.to(x_tgt.dtype), x_tgt)
+    k_prev, k_end = _host_indices(k_prev, k_end, x_prev.shape[0])
+    (_, a_p, s_p), (_, a_e, s_e) = grid.at(k_prev), grid.at(k_end)
+    return _target(x_prev, out_target, on(x_prev.device, a_p=a_p, s_p=s_p, a_e=a_e, s_e=s_e, at_end=k_prev == k_end),
+                   grid.kind)
 
 
 def consistency_step(student, target, teacher, grid, boundaries, x0, eps, k, cond, scond, kind="huber"):
@@ -79,15 +103,18 @@ def consistency_step(student, target, teacher, grid, boundaries, x0, eps, k, con
 
     teacher: a Teacher (guided, given `cond`); student and target (the EMA, or the student itself) get `scond`
     (cond plus embedded guidance where the model takes it). The teacher step and the target run first, without
-    grad, so the student's stored activations never coexist with the teacher's forward (lower peak memory)."""
+    grad, so the student's stored activations never coexist with the teacher's forward (lower peak memory).
+    k on the host (a device k is read once); k_end comes back on the host. No host sync inside."""
+    k = _per_sample(k, x0.shape[0], "k").cpu()
     k_end = phase_end(k, boundaries)
-    t_k, a_k, s_k = grid.at(k)
-    x_k = col(a_k, x0) * x0 + col(s_k, x0) * eps
-    with torch.no_grad():
-        x_prev = teacher.step(x_k, k, cond)
-        out_tgt = target(x_prev, grid.at(k - 1)[0].float(), **scond).float()
-        x_tgt = consistency_target(x_prev, out_tgt, k - 1, k_end, grid)
-    xhat = jump(x_k, student(x_k, t_k.float(), **scond).float(), k, k_end, grid)
+    _host_indices(k - 1, k_end, len(k))
+    (t, a, s), (t_p, a_p, s_p), (_, a_e, s_e) = grid.at(k), grid.at(k - 1), grid.at(k_end)
+    c = on(x0.device, t=t, a=a, s=s, a_p=a_p, s_p=s_p, a_e=a_e, s_e=s_e, at_end=k - 1 == k_end)
+    x_k = col(c["a"], x0) * x0 + col(c["s"], x0) * eps
+    with torch.no_grad():  # the teacher's ODE step k -> k-1 (= teacher.step(x_k, k, cond))
+        x_prev = ode_step(x_k, teacher.guided(x_k, c["t"].float(), cond), c["a"], c["s"], c["a_p"], c["s_p"], grid.kind)
+        x_tgt = _target(x_prev, target(x_prev, t_p.float(), **scond).float(), c, grid.kind)
+    xhat = ode_step(x_k, student(x_k, t.float(), **scond).float(), c["a"], c["s"], c["a_e"], c["s_e"], grid.kind)
     return consistency_loss(xhat, x_tgt, kind), xhat, x_tgt, k_end
 
 
@@ -207,9 +234,12 @@ def adversarial_terms(teacher_model, disc, x_tgt, xhat, n, k_end, k_adv, grid, c
     """Detail-expert GAN terms (eqs. 9-10, DESIGN sec. 1): x_tgt (real) and xhat (fake) re-noised to k_adv with
     the shared noise n, the frozen teacher's tapped features of both at t_adv (cond: with embedded guidance) ->
     (generator hinge loss, feature matching loss, (fake features detached, real features) for the D step).
-    Gradients reach xhat only; tok_grid = the token grid (F, h, w) of the features."""
-    taps, t_adv = teacher_model.default_taps(), grid.at(k_adv)[0].float()
-    real, fake = (renoise(x, n, k_end, k_adv, grid) for x in (x_tgt, xhat))
+    Gradients reach xhat only; tok_grid = the token grid (F, h, w) of the features. k_end, k_adv on the host."""
+    taps = teacher_model.default_taps()
+    c = on(xhat.device, t_adv=grid.at(_per_sample(k_adv, len(xhat), "k_adv").cpu())[0],
+           **_renoise_coefs(k_end, k_adv, grid, len(xhat)))
+    t_adv = c["t_adv"].float()
+    real, fake = (_renoise(x, n, c) for x in (x_tgt, xhat))
     with torch.no_grad():
         real_f = teacher_model(real, t_adv, taps=taps, **cond)[1]
     fake_f = teacher_model(fake, t_adv, taps=taps, **cond)[1]
@@ -236,17 +266,22 @@ def renoise(x_end, n, k_end, k_adv, grid):
     vpred: the exact Gaussian forward transition, (a_adv / a_end) x + sqrt(s_adv^2 - (a_adv s_end / a_end)^2) n.
     """
     _same_shape(x_end, n, "renoise")
-    B = x_end.shape[0]
-    k_end, k_adv = _per_sample(k_end, B, "k_end"), _per_sample(k_adv, B, "k_adv")
+    return _renoise(x_end, n, on(x_end.device, **_renoise_coefs(k_end, k_adv, grid, x_end.shape[0])))
+
+
+def _renoise_coefs(k_end, k_adv, grid, B):
+    """renoise's per-sample (c_x, c_n) float64 on the host, from host indices (checked there)."""
+    k_end, k_adv = _per_sample(k_end, B, "k_end").cpu(), _per_sample(k_adv, B, "k_adv").cpu()
     if bool((k_adv < k_end).any()):
         raise ValueError(f"renoise goes up in noise: k_adv must be >= k_end, got {k_adv.tolist()} vs {k_end.tolist()}")
-    _, a_e, s_e = grid.at(k_end.cpu())
-    _, a_a, s_a = grid.at(k_adv.cpu())
+    (_, a_e, s_e), (_, a_a, s_a) = grid.at(k_end), grid.at(k_adv)
     if grid.kind == "flow":
-        c_x, c_n = (1 - s_a) / (1 - s_e), (s_a - s_e) / (1 - s_e)
-    else:
-        c_x = a_a / a_e
-        c_n = (s_a ** 2 - (c_x * s_e) ** 2).clamp(min=0).sqrt()  # clamp: round-off at k_adv == k_end
-    shape = (-1,) + (1,) * (x_end.dim() - 1)  # [B, 1, 1, 1, 1]
-    c_x, c_n = (c.float().to(x_end.device).view(shape) for c in (c_x, c_n))
+        return {"c_x": (1 - s_a) / (1 - s_e), "c_n": (s_a - s_e) / (1 - s_e)}
+    c_x = a_a / a_e
+    return {"c_x": c_x, "c_n": (s_a ** 2 - (c_x * s_e) ** 2).clamp(min=0).sqrt()}  # clamp: round-off at k_adv == k_end
+
+
+def _renoise(x_end, n, c):
+    """c_x x_end + c_n n in float32 with on()-moved coefficients, back in x_end's dtype."""
+    c_x, c_n = col(c["c_x"], x_end), col(c["c_n"], x_end)
     return (c_x * x_end.float() + c_n * n.float()).to(x_end.dtype)

@@ -4,13 +4,21 @@
     python sample.py --ckpt out/detail/step_0001000 --steps 4 --num 4 --cond prompts.safetensors
     python sample.py --ckpt sem/transformer --detail det.safetensors     # semantic backbone + adapter
     python sample.py --ckpt out/teacher --teacher --steps 50             # the teacher, with guidance
+    torchrun --nproc_per_node=4 sample.py -- --ckpt out/detail --sp 4  # sequence parallel: 4 GPUs, one sample set
     python sample.py --latents samples/latents.safetensors --decode WEIGHTS   # decode an earlier run
+    python sample.py --ckpt DCM_HY --cond prompts.safetensors --decode DCM_HY    # the authors' released student
+    python sample.py --ckpt out/detail --timesteps 1000,992,982,949,905,810      # a custom schedule
 
 Students (paper supp. 6): steps split evenly between the phases, uniform inside each
 (solver.student_schedule), one model call and Euler/DDIM jump per point, the last to the clean end;
 no CFG, HunyuanVideo's embedded guidance still passed (the teacher's value: teacher.embedded_guidance).
-The dual expert routes t <= boundary_t to its detail path; single students (vcm, pcm, semantic-only)
-use the run's phases.
+The dual expert routes t <= boundary_t to its detail path, its LoRA merged into the detail path's own copies of
+the attention linears once per run (--no-merge: the unmerged low-rank pairs); single students (vcm, pcm,
+semantic-only) use the run's phases. --timesteps / --sigmas replace the schedule (flow: t = 1000 sigma, any points;
+CogVideoX: integer timesteps); the output metadata lists the expert of each point.
+The authors' released students (released.py: `DCM_HY/`, `DCM_WAN/` or their transformer/) sample with the
+authors' schedules and routing: HunyuanVideo sigmas 1, 0.992, 0.9818, 0.9124 with int(t) <= 981 on the
+detail expert; Wan timesteps 1000, 992, 982, 949, 905, 810 with int(t) <= 978; per sample here.
 Without --cond: the run's dataset's unconditional conditioning if found, else zeros (non-released
 models only; the released ones need --cond from `python data.py encode-prompts`), with a warning.
 Noise comes from one seeded CPU generator for all --num samples: bitwise reproducible on a fixed
@@ -19,6 +27,7 @@ device and --batch-size, and a sample's noise depends on the seed and its index,
 Weights, adapter and conditioning are checked for NaN/inf and --out for writability before sampling.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -32,12 +41,15 @@ import checks
 import data
 import experts
 import model as models
+import parallel
+import released
 import solver
-from teacher import Teacher, embedded_guidance
+from teacher import Teacher, embedded_guidance, uses_cfg
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-RELEASED = ("cogvideox-2b", "cogvideox-5b", "hunyuan-video")
+RELEASED = ("cogvideox-2b", "cogvideox-5b", "hunyuan-video", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
 HUNYUAN_LATENT = (9, 68, 120)  # HunyuanVideo's 33 x 544 x 960 clips through its 4x8x8 VAE (its config has no size)
+WAN_LATENT = (21, 60, 104)  # Wan2.1's 81 x 480 x 832 clips through its 4x8x8 VAE (the authors' distillation size)
 
 
 class SampleError(ValueError):
@@ -100,6 +112,15 @@ class Routed(torch.nn.Module):
 
 def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=False, steps=None, shift=None):
     """(model, info); info: mode (teacher|dual|od|vcm|pcm|semantic), cfg, run, grid, boundaries, boundary_t, ..."""
+    if rel := checks.named(released.find, path, path):  # the authors' single-file layout: their routing and schedule
+        if detail or teacher or steps:
+            raise SampleError(f"{rel}: the authors' student holds its detail expert and samples their schedule; "
+                              "change it with --timesteps / --sigmas, not --detail / --teacher / --steps")
+        m, r = released.load_released(rel, dtype, device)
+        m.eval().requires_grad_(False)
+        return m, {"mode": "released", "cfg": m.config, "run": {}, "grid": solver.flow_grid(), "boundaries": [],
+                   "boundary_t": m.boundary_t, "folder": rel, "pixel_space": False, "schedule": r["schedule"],
+                   "threshold": r["threshold"]}
     folder, weights, run = resolve(path)
     run = run or {}
     stage = run.get("stage")
@@ -111,7 +132,7 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         mode = stage
     else:
         raise SampleError(f"{path} is a plain backbone: pass --teacher (N-step sampling with guidance) or --detail ADAPTER")
-    m = checks.finite_model(_named(checkpoint.load_transformer, weights, weights, dtype=dtype, device=device), weights)
+    m = checks.finite_model(checks.named(checkpoint.load_transformer, weights, weights, dtype=dtype, device=device), weights)
     teaching = mode == "teacher"  # students keep the grid they were distilled on: --steps/--shift are the teacher's
     grid = make_grid(m.config, m.prediction, run, steps if teaching else None, shift if teaching else None)
     boundaries, bt = [] if mode == "teacher" else run.get("boundaries"), None
@@ -119,7 +140,7 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         file = detail or os.path.join(folder, "detail.safetensors")
         if not os.path.isfile(file):
             raise SampleError(f"detail adapter {file} does not exist")
-        m = checks.finite_model(_named(experts.DualExpert.from_detail, f"detail adapter {file}", m, file), file)
+        m = checks.finite_model(checks.named(experts.DualExpert.from_detail, f"detail adapter {file}", m, file), file)
         bt, kappa = m.boundary_t, experts.DualExpert.read_detail_meta(file).get("kappa")
         t32, bt32 = grid.t.float(), torch.tensor(bt).float()
         if kappa is None:  # an adapter saved without kappa: its boundary_t must be a grid point
@@ -139,16 +160,6 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         or (m.config.out_channels or m.config.in_channels) == 3
     return m, {"mode": mode, "cfg": m.config, "run": run, "grid": grid, "boundaries": boundaries, "boundary_t": bt,
                "folder": folder, "pixel_space": pixel}
-
-
-def _named(fn, what, *a, **k):
-    """fn(*a, **k) with a damaged file's error (safetensors, OS, key checks) as one SampleError naming `what`."""
-    try:
-        return fn(*a, **k)
-    except (SampleError, checks.InputError):
-        raise
-    except Exception as e:  # noqa: BLE001 - truncated/garbage files fail in the parser with many error types
-        raise SampleError(f"cannot load {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def expert_names(info, t):
@@ -191,7 +202,8 @@ def teacher_sample(model, x, cond, grid, guidance=6.0, uncond=None, callback=Non
 def model_name(cfg):
     """The released preset this config equals, else a video_io model name of its family (it picks the VAE)."""
     name = next((n for n in RELEASED if models.PRESETS.get(n) == cfg), None)
-    return name or ("hunyuan-video" if "Hunyuan" in type(cfg).__name__ else "cogvideox-2b")
+    family = type(cfg).__name__
+    return name or ("hunyuan-video" if "Hunyuan" in family else "wan2.1-t2v-1.3b" if "Wan" in family else "cogvideox-2b")
 
 
 def get_cond(path, info, n, what="cond"):
@@ -207,8 +219,9 @@ def get_cond(path, info, n, what="cond"):
         print(f"warning: no --{what}: sampling with all-zero conditioning", file=sys.stderr)
     if path:
         cond = data.load_cond(path)
-    else:  # text tokens: CogVideoX's fixed T5 length, HunyuanVideo's 256 Llama tokens
-        cond = {"text": torch.zeros(1, getattr(cfg, "max_text_seq_length", 256), cfg.text_embed_dim)}
+    else:  # text tokens: CogVideoX's fixed T5 length, HunyuanVideo's 256 Llama tokens, Wan's 512 umT5 tokens
+        n_text = getattr(cfg, "max_text_seq_length", 512 if isinstance(cfg, models.WanConfig) else 256)
+        cond = {"text": torch.zeros(1, n_text, data.text_width(cfg))}
         cond.update({"pooled": torch.zeros(1, pooled)} if pooled else {})
     data.check_fits(cfg, cond, where=path or "all-zero conditioning")
     checks.finite(cond, f"--{what} {path}")
@@ -225,7 +238,7 @@ def latent_size(args, info):
     elif hasattr(cfg, "sample_frames"):
         default = ((cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1, cfg.sample_height, cfg.sample_width)
     else:
-        default = HUNYUAN_LATENT
+        default = WAN_LATENT if isinstance(cfg, models.WanConfig) else HUNYUAN_LATENT
     f, h, w = (a if a is not None else d for a, d in zip((args.frames, args.height, args.width), default))
     data.check_fits(cfg, latent_shape=(cfg.in_channels, f, h, w),
                     where=f"latent size --frames {f} --height {h} --width {w}")
@@ -270,15 +283,6 @@ def read_latents(path):
         return f.get_tensor("latents"), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
 
 
-def memory_needed(cfg, num, bs, f, h, w, dtype):
-    """Estimated bytes of a sample run: noise + results (float32) and one batch's activations (~16 per token
-    and width, a block's worth with its 4x MLP; SDPA keeps attention linear in tokens)."""
-    p, pt = cfg.patch_size, getattr(cfg, "patch_size_t", None) or 1
-    tokens = (f // pt) * (h // p) * (w // p) + getattr(cfg, "max_text_seq_length", 256)
-    width = cfg.num_attention_heads * cfg.attention_head_dim
-    return 2 * 4 * num * cfg.in_channels * f * h * w + 16 * bs * tokens * width * torch.finfo(dtype).bits // 8
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -287,12 +291,14 @@ def parse_args(argv):
     a("--teacher", action="store_true", help="N-step teacher sampling with its guidance (the reference)")
     a("--latents", help="only write videos of an earlier run's latents.safetensors")
     a("--steps", type=int, help="students: default 4; --teacher: the run's N, else 50")
+    a("--timesteps", help="students: custom schedule of model timesteps, e.g. 1000,992,982,949,905,810")
+    a("--sigmas", help="students, flow models: custom schedule of sigmas, e.g. 1.0,0.992,0.9818,0.9124 (then 0)")
     a("--shift", type=float, help="--teacher, flow: grid shift (default the run's, else 17; HunyuanVideo's sampler: 7)")
     a("--seed", type=int, default=0)
     a("--num", type=int, default=1, help="number of samples")
     a("--batch-size", type=int, help="default --num")
     a("--cond", help="conditioning file (data.load_cond), batch 1 or --num")
-    a("--uncond", help="--teacher with CFG (CogVideoX): the empty prompt's conditioning (default: the run's dataset's)")
+    a("--uncond", help="--teacher with CFG (CogVideoX, Wan): the empty prompt's conditioning (default: the run's dataset's)")
     a("--frames", type=int, help="latent frames (default: the run's data, else the model config)")
     a("--height", type=int, help="latent height")
     a("--width", type=int, help="latent width")
@@ -301,7 +307,9 @@ def parse_args(argv):
     a("--device", default="auto", help="auto | cpu | cuda[:i]")
     a("--out", help="output folder (default samples/; with --latents: the latents' folder)")
     a("--decode", help="real models: local hub-layout folder with vae/: decode the latents to MP4")
+    a("--sp", type=int, default=1, help="sequence parallel degree N: torchrun N processes sample one set together")
     a("--fps", type=int, default=8)
+    a("--no-merge", action="store_true", help="dual expert: keep the detail LoRA unmerged (default: merged once)")
     a("--verify", default="sha256", choices=("sha256", "none"), help="check step folders against their checksums")
     args = p.parse_args(argv)
     if not (args.ckpt or args.latents):
@@ -310,6 +318,18 @@ def parse_args(argv):
         raise SampleError("--teacher samples a plain backbone; it takes no --detail adapter")
     if any(v is not None and v < 1 for v in (args.num, args.batch_size, args.steps, args.fps)):
         raise SampleError("--num, --batch-size, --steps and --fps must be >= 1")
+    if args.timesteps and args.sigmas or (args.timesteps or args.sigmas) and (args.teacher or args.steps):
+        raise SampleError("give at most one of --timesteps and --sigmas, and neither with --teacher or --steps")
+    for name in ("timesteps", "sigmas"):
+        if (v := getattr(args, name)) is not None:
+            try:
+                setattr(args, name, [float(x) for x in v.split(",")])
+            except ValueError:
+                raise SampleError(f"--{name} {v!r} is not a comma-separated list of numbers") from None
+            try:
+                solver.custom_points(solver.flow_grid(2), **{name: getattr(args, name)})
+            except ValueError as e:
+                raise SampleError(f"--{name}: {e}") from None
     args.out = checks.out_dir(args.out or (os.path.dirname(os.path.abspath(args.latents)) if args.latents else "samples"))
     args.device = str(checks.device(args.device))
     checkpoint.verify_checksums = args.verify != "none"
@@ -320,38 +340,58 @@ def parse_args(argv):
 def main(argv=None):
     """Sample (or only decode) as the flags say; returns a summary dict (latents [num, C, F, H, W] float32 cpu)."""
     args = parse_args(argv)
+    if args.sp > 1 and parallel.get_group() is None:  # torchrun: the SP group samples the same latents, rank 0 writes
+        world, weights = int(os.environ.get("WORLD_SIZE", 1)), args.ckpt and resolve(args.ckpt)[1]
+        parallel.check(args.sp, checkpoint.read_config(weights) if weights and os.path.isdir(weights) else None, world)
+        if world != args.sp:
+            raise SampleError(f"--sp {args.sp}: sample.py runs one sequence-parallel group, launch exactly {args.sp} processes")
+        with parallel.distributed(torch.device(args.device), args.sp), open(os.devnull, "w") as null, \
+                contextlib.redirect_stdout(sys.stdout if parallel.lead() else null):
+            return main(argv)
     if args.latents:
-        x, meta = _named(read_latents, f"--latents {args.latents}", args.latents)
+        x, meta = checks.named(read_latents, f"--latents {args.latents}", args.latents)
         return {"latents": x, "videos": decode(x, meta, args), "out": args.out}
     model, info = load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps, args.shift)
+    if info["mode"] == "dual" and not args.no_merge:
+        model.merge_lora()  # one GEMM per detail linear instead of three (round-off differences only)
     cfg, grid, run, teacher = info["cfg"], info["grid"], info["run"], info["mode"] == "teacher"
     guidance = args.guidance if args.guidance is not None else run.get("guidance", 6.0)
-    ks = list(range(grid.N - 1, -1, -1)) if teacher else solver.student_schedule(grid, info["boundaries"], args.steps or 4)
-    t, _, sigma = solver.sample_points(grid, ks)
+    custom = {k: v for k, v in (("sigmas", args.sigmas), ("timesteps", args.timesteps)) if v}
+    custom = custom or dict([info["schedule"]] if info.get("schedule") else [])
+    if custom:
+        ks, fine = None, grid if grid.kind == "flow" else solver.grid_for(cfg, solver.T_TRAIN)
+        try:
+            t, alpha, sigma = solver.custom_points(fine, **custom)
+        except ValueError as e:
+            raise SampleError(f"--{next(iter(custom))}: {e}") from None
+    else:
+        ks = list(range(grid.N - 1, -1, -1)) if teacher else solver.student_schedule(grid, info["boundaries"], args.steps or 4)
+        t, alpha, sigma = solver.sample_points(grid, ks)
     names, (f, h, w) = expert_names(info, t[:-1]), latent_size(args, info)
-    checks.memory(memory_needed(cfg, args.num, min(args.batch_size or args.num, args.num), f, h, w, args.dtype),
-                  f"sampling {args.num} x [{cfg.in_channels}, {f}, {h}, {w}] (--num/--frames/--height/--width)",
-                  torch.device(args.device))
+    checks.sampling_memory(cfg, args.num, min(args.batch_size or args.num, args.num), (f, h, w), args.dtype, args.device)
     if info["mode"] in ("dual", "od") and len(set(names)) == 1:
-        print(f"warning: --steps {len(ks)} on a dual expert: only the {names[0]} expert runs "
+        print(f"warning: --steps {len(names)} on a dual expert: only the {names[0]} expert runs "
               f"(steps are split between the experts, noisiest phase first)", file=sys.stderr)
     cond = get_cond(args.cond, info, args.num)
-    uncond = get_cond(args.uncond, info, 1, "uncond") if teacher and grid.kind == "vpred" and guidance != 1 else None
-    meta = {"seed": args.seed, "steps": len(ks), "grid_indices": ks, "t": t.tolist(), "sigmas": sigma.tolist(),
-            "experts": names, "mode": info["mode"], "ckpt": info["folder"], "detail": args.detail, "guidance": guidance,
-            "model": model_name(cfg), "pixel_space": info["pixel_space"], "dtype": str(args.dtype), "device": args.device}
+    uncond = get_cond(args.uncond, info, 1, "uncond") if teacher and uses_cfg(model) and guidance != 1 else None
+    n_steps = len(t) - 1
+    meta = {"seed": args.seed, "steps": n_steps, "grid_indices": ks, "t": t.tolist(), "sigmas": sigma.tolist(),
+            "schedule": custom or None, "experts": names, "mode": info["mode"], "ckpt": info["folder"],
+            "detail": args.detail, "guidance": guidance,
+            "model": model_name(cfg), "pixel_space": info["pixel_space"], "dtype": str(args.dtype), "device": args.device,
+            "lora_merged": info["mode"] == "dual" and not args.no_merge}
     if args.decode and not info["pixel_space"]:
         import video_io
         video_io.vae_config(meta["model"], args.decode)  # a bad weights folder fails now, not after sampling
     routing = f", boundary_t {info['boundary_t']:.3f} (kappa {info['boundaries']})" if info["boundary_t"] else ""
-    print(f"{info['folder']}: {info['mode']}{routing}; {grid.kind} grid N={grid.N}; {len(ks)} steps; "
+    routing = f", detail expert where int(t) <= {info['threshold']} (the authors' rule)" if "threshold" in info else routing
+    print(f"{info['folder']}: {info['mode']}{routing}; {grid.kind} grid N={grid.N}; {n_steps} steps; "
           f"latents {args.num} x [{cfg.in_channels}, {f}, {h}, {w}] {args.dtype} on {args.device}")
 
     noise = torch.randn((args.num, cfg.in_channels, f, h, w), generator=torch.Generator().manual_seed(args.seed))
-    secs, outs, bs = [0.0] * len(ks), [], args.batch_size or args.num
+    secs, outs, bs = [0.0] * n_steps, [], args.batch_size or args.num
     clock = [time.perf_counter()]
-
-    bar = tqdm(total=len(ks) * -(-args.num // bs), desc="steps", unit="step")
+    bar = tqdm(total=n_steps * -(-args.num // bs), desc="steps", unit="step", disable=not parallel.lead())
 
     def timer(i, x_next, x0):  # seconds of step i, summed over the batches
         if args.device.startswith("cuda"):
@@ -365,14 +405,17 @@ def main(argv=None):
         if teacher:
             outs.append(teacher_sample(model, x, c, grid, guidance, uncond, timer).cpu())
         else:
-            outs.append(student_sample(model, x, c, grid, info["boundaries"], len(ks), guidance, timer).cpu())
+            outs.append(solver.sample(model_fn(model, c, guidance), x.float(), t, alpha, sigma, grid.kind, timer,
+                                      progress=False).cpu())
     total = time.perf_counter() - clock[0]
     bar.close()
-    for i, (k, name) in enumerate(zip(ks, names)):
-        print(f"step {i + 1}/{len(ks)}: k={k} t={float(t[i]):.2f} sigma {float(sigma[i]):.4f} -> {float(sigma[i + 1]):.4f} "
+    for i, (k, name) in enumerate(zip(ks or ["-"] * n_steps, names)):
+        print(f"step {i + 1}/{n_steps}: k={k} t={float(t[i]):.2f} sigma {float(sigma[i]):.4f} -> {float(sigma[i + 1]):.4f} "
               f"expert={name} {secs[i]:.3f} s")
-    print(f"total {total:.3f} s, {total / len(ks):.3f} s/step ({args.num} samples)")
+    print(f"total {total:.3f} s, {total / n_steps:.3f} s/step ({args.num} samples)")
 
+    if not parallel.lead():  # sequence parallel: every rank sampled the same latents, rank 0 writes them
+        return {**meta, "latents": torch.cat(outs), "path": None, "videos": [], "out": args.out}
     x, path = torch.cat(outs), os.path.join(args.out, "latents.safetensors")
     checks.finite({"latents": x}, "the sampled latents (not written)")
     os.makedirs(args.out, exist_ok=True)

@@ -79,14 +79,20 @@ class Grid:
             raise ValueError("Grid sigmas must increase strictly with the grid index k")
 
     def at(self, k):
-        """(t, alpha, sigma) float64 at grid index k: an int (0-dim results) or a LongTensor [B] (k may be -1)."""
+        """(t, alpha, sigma) float64 at grid index k: an int (0-dim results) or a LongTensor [B] (k may be -1).
+
+        Host (CPU) indices give host values: the training step keeps its indices there, so nothing here reads a
+        device. A device k is gathered on its device and range-checked asynchronously (no host sync either)."""
         if isinstance(k, torch.Tensor):
             if k.dtype not in (torch.int64, torch.int32) or k.dim() > 1:
                 raise ValueError(f"grid index tensor must be an integer tensor [B], got {k.dtype} {tuple(k.shape)}")
+            if k.device.type != "cpu":
+                torch._assert_async(((k >= -1) & (k <= self.N - 1)).all(), f"grid index out of range -1..{self.N - 1}")
+                return tuple(v.to(k.device, non_blocking=True)[k.long() + 1] for v in (self.t, self.alpha, self.sigma))
             if k.numel() and (int(k.min()) < -1 or int(k.max()) > self.N - 1):
                 raise ValueError(f"grid index out of range -1..{self.N - 1}: {k.tolist()}")
-            i = k.long().cpu() + 1
-            return tuple(v[i].to(k.device) for v in (self.t, self.alpha, self.sigma))
+            i = k.long() + 1
+            return tuple(v[i] for v in (self.t, self.alpha, self.sigma))
         k = int(k)
         if not -1 <= k <= self.N - 1:
             raise ValueError(f"grid index {k} out of range -1..{self.N - 1}")
@@ -130,9 +136,9 @@ def grid_for(model_config, n=50, snr_shift_scale=None):
     else:
         name = type(model_config).__name__
         get = lambda key, default=None: getattr(model_config, key, default)  # noqa: E731
-    if "Hunyuan" in name:
+    if "Hunyuan" in name or "Wan" in name:  # the authors distil both on shift 17 (distill_wan_*.sh: --shift 17)
         if snr_shift_scale is not None:
-            raise ValueError("snr_shift_scale applies to CogVideoX only, not to a HunyuanVideo config")
+            raise ValueError(f"snr_shift_scale applies to CogVideoX only, not to a {name} config")
         return flow_grid(n, 17.0, 0.001)
     if "CogVideoX" in name:
         if snr_shift_scale is None:
@@ -140,7 +146,15 @@ def grid_for(model_config, n=50, snr_shift_scale=None):
             snr_shift_scale = 1.0 if get("use_rotary_positional_embeddings", False) else 3.0
         return cogvideox_grid(n, snr_shift_scale)
     raise ValueError(f"grid_for: unknown model config {name or type(model_config).__name__!r}; "
-                     "expected a CogVideoX or HunyuanVideo config")
+                     "expected a CogVideoX, HunyuanVideo or Wan config")
+
+
+def default_kappa(model_config, n=50):
+    """The authors' cut: semantic indices randint(38, 50) -> kappa 37 (HunyuanVideo, also used for CogVideoX),
+    randint(35, 50) -> kappa 34 (Wan, distill_dcm_wan_semantic_expert.py); scaled to an n-step grid."""
+    name = model_config.get("_class_name", "") if isinstance(model_config, dict) else type(model_config).__name__
+    first = 35 if "Wan" in name else 38  # first semantic index at N = 50
+    return (first * n) // 50 - 1
 
 
 def boundary_t(grid, kappa):
@@ -154,7 +168,7 @@ def boundary_t(grid, kappa):
 
 def _bcast(c, x):
     """A scalar or per-sample [B] coefficient as a tensor broadcastable against x [B, ...]."""
-    c = torch.as_tensor(c, dtype=torch.float64).to(device=x.device)
+    c = torch.as_tensor(c, dtype=torch.float64).to(device=x.device, non_blocking=x.device.type != "cpu")  # no sync
     if c.dim() == 1:
         if c.shape[0] != x.shape[0]:
             raise ValueError(f"per-sample coefficient has {c.shape[0]} entries for a batch of {x.shape[0]}")
@@ -227,7 +241,9 @@ def phase_end(k, boundaries):
     """Endpoint index of the phase holding k: the largest boundary below k, else -1 (DESIGN sec. 1)."""
     b = _check_boundaries(boundaries)
     if isinstance(k, torch.Tensor):
-        if k.numel() and int(k.min()) < 0:
+        if k.device.type != "cpu":  # checked on the device: no host sync
+            torch._assert_async((k >= 0).all(), "phase_end: grid indices must be >= 0 (k = -1 is an endpoint)")
+        elif k.numel() and int(k.min()) < 0:
             raise ValueError(f"phase_end: grid indices must be >= 0 (k = -1 is an endpoint), got {k.tolist()}")
         end = torch.full_like(k, -1)
         for v in reversed(b):  # ascending: the last boundary below k wins
@@ -304,3 +320,23 @@ def sample(model_fn, x, t, alpha, sigma, kind, callback=None, progress=True):
         if callback is not None:
             callback(i, x, x0)
     return x.to(in_dtype)
+
+
+def custom_points(grid, sigmas=None, timesteps=None):
+    """(t, alpha, sigma) float64 [n+1] of a given schedule plus the clean end, built as the authors' samplers
+    do. flow: sigma in float32 (timesteps / 1000), t = float32(1000 * sigma); vpred: integer timesteps,
+    looked up on `grid`, which must hold every one (grid_for(config, 1000): t[k + 1] = k)."""
+    if (sigmas is None) == (timesteps is None):
+        raise ValueError("give exactly one of sigmas and timesteps")
+    vals, name = (list(sigmas), "sigmas") if timesteps is None else (list(timesteps), "timesteps")
+    top = 1.0 if timesteps is None else T_TRAIN
+    if not vals or any(a <= b for a, b in zip(vals, vals[1:])) or not all(0 < v <= top for v in vals):
+        raise ValueError(f"{name} must be strictly decreasing in (0, {top:g}], got {vals}")
+    if grid.kind == "flow":
+        s = torch.tensor(vals, dtype=torch.float32) / (1 if timesteps is None else T_TRAIN)
+        sigma = torch.cat([s.double(), torch.zeros(1, dtype=torch.float64)])
+        return torch.cat([(s * T_TRAIN).double(), sigma[-1:]]), 1 - sigma, sigma
+    if timesteps is None or any(v != int(v) or v > T_TRAIN - 1 for v in vals) or grid.N != T_TRAIN:
+        raise ValueError(f"v-prediction models take integer timesteps in 1..{T_TRAIN - 1} (on a {T_TRAIN}-point grid), "
+                         f"got {name} {vals}")
+    return sample_points(grid, [int(v) for v in vals])

@@ -1,8 +1,8 @@
 """The frozen teacher: a pretrained backbone, its guidance, and its ODE solver on the N-step grid (DESIGN sec. 1).
 
 Guidance, per architecture:
-- CFG (CogVideoX, v-prediction): out = u + g * (c - u), cond and uncond batched in one forward;
-  the unconditional conditioning is given once with batch 1 and broadcast to the batch.
+- CFG (CogVideoX, v-prediction; Wan2.1, flow): out = u + g * (c - u), cond and uncond batched in one
+  forward; the unconditional conditioning is given once with batch 1 and broadcast to the batch.
 - embedded guidance (HunyuanVideo): the model takes guidance = 1000 * g (bf16-rounded, `embedded_guidance`)
   as an input, one pass.
 - none: a flow model whose config has no `guidance_embeds`, or g = 1 with CFG.
@@ -28,12 +28,17 @@ def embedded_guidance(scale):
     return float(torch.tensor(1000.0 * scale, dtype=torch.float32).to(torch.bfloat16))
 
 
+def uses_cfg(model):
+    """True for a teacher guided by CFG: v-prediction models and backbones declaring `guidance = "cfg"` (Wan)."""
+    return getattr(model, "prediction", None) == "vpred" or getattr(model, "guidance", None) == "cfg"
+
+
 class Teacher:
     """Frozen teacher v_T(x, t, cond) with guidance and one solver step per grid index (DESIGN sec. 1, step 4)."""
 
     def __init__(self, model, grid, guidance_scale=6.0, uncond=None, embedded_guidance=None):
-        """embedded_guidance: None = by kind (flow: embedded if config.guidance_embeds, else none;
-        vpred: CFG), True = embedded (the config must have guidance_embeds), False = CFG."""
+        """embedded_guidance: None = by model (`uses_cfg`: CFG; other flow models: embedded if
+        config.guidance_embeds, else none), True = embedded (the config must have guidance_embeds), False = CFG."""
         pred = getattr(model, "prediction", None)
         if pred is not None and pred != grid.kind:
             raise ValueError(f"model predicts {pred!r} but the grid is {grid.kind!r}")
@@ -41,8 +46,8 @@ class Teacher:
         if embedded_guidance and not has_embeds:
             raise ValueError("embedded_guidance=True but the model's config has no guidance_embeds")
         if embedded_guidance is None:
-            # flow models guide through their embedding when they have one, v-pred models use CFG
-            embedded_guidance = grid.kind == "flow"
+            # flow models guide through their embedding when they have one; v-pred models and Wan use CFG
+            embedded_guidance = grid.kind == "flow" and not uses_cfg(model)
         if embedded_guidance:
             self.mode = "embedded" if has_embeds else "none"
         else:
@@ -100,7 +105,7 @@ class Teacher:
     def _t(self, x, k):
         """Model-native t [B] float32 at grid index k (int or LongTensor [B])."""
         t, _, _ = self.grid.at(k)
-        return t.to(device=x.device, dtype=torch.float32).expand(x.shape[0]).contiguous()
+        return t.to(device=x.device, dtype=torch.float32, non_blocking=x.device.type != "cpu").expand(x.shape[0]).contiguous()
 
     @torch.no_grad()
     def out(self, x, k, cond):
@@ -110,7 +115,9 @@ class Teacher:
     @torch.no_grad()
     def step(self, x_k, k, cond):
         """One teacher ODE step: the point at grid index k-1 (DESIGN sec. 1, step 4)."""
-        if (k < 0).any() if isinstance(k, torch.Tensor) else k < 0:
+        if isinstance(k, torch.Tensor) and k.device.type != "cpu":  # device indices: checked without a host sync
+            torch._assert_async((k >= 0).all(), "Teacher.step needs grid indices >= 0")
+        elif (k < 0).any() if isinstance(k, torch.Tensor) else k < 0:
             raise ValueError("Teacher.step needs grid indices >= 0 (k = -1 is the endpoint)")
         return solver.jump(x_k, self.out(x_k, k, cond), k, k - 1, self.grid)
 

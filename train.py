@@ -3,12 +3,12 @@
     python train.py --config tiny-cogvideox --stage teacher --data DIR --out out/teacher
     python train.py --stage semantic --teacher out/teacher/step_0010000 --data DIR --out out/sem
     python train.py --stage detail --teacher T --init out/sem/step_0001500 --data DIR --out out/det
-    torchrun --nproc_per_node=8 train.py ... [--fsdp] [--dtype bf16] [--grad-ckpt]
+    torchrun --nproc_per_node=8 train.py ... [--fsdp] [--dtype bf16] [--grad-ckpt] [--sp 4]
 
 Stages (k = index on the teacher's N-step grid, kappa = the DCM cut):
   teacher   diffusion training (losses.diffusion_time, diffusion_loss): flow: logit-normal sigma, target
             v = eps - x0; vpred: t ~ U{0..999} on CogVideoX's DDIM alphas, target v = alpha*eps - sigma*x0.
-            CFG models train on the dataset's uncond conditioning with probability --cond-drop.
+            CFG models (CogVideoX, Wan) train on the dataset's uncond conditioning with probability --cond-drop.
   vcm       one student, one phase k in 0..N-1 -> clean end;  pcm: --phases P even phases.
   semantic  k in kappa+1..N-1 -> x_kappa, + temporal coherence (--w-tc).
   detail    DualExpert on the semantic expert (--init): LoRA + copied layers, k in 0..kappa -> clean
@@ -37,8 +37,10 @@ import data
 import experts
 import losses
 import model as models
+import monitor
+import parallel
 import solver
-from teacher import Teacher, embedded_guidance
+from teacher import Teacher, embedded_guidance, uses_cfg
 
 # --- run settings: defaults of the command-line flags (dicts where the stages differ)
 STAGES = ("teacher", "vcm", "pcm", "semantic", "detail")
@@ -50,7 +52,7 @@ batch_size, grad_accum = 1, 1           # per process; global batch = batch x ac
 weight_decay, grad_clip = 1e-3, 1.0     # AdamW (0.9, 0.999)
 d_lr, d_betas, d_weight_decay = 1e-5, (0.0, 0.999), 1e-3
 grid_steps, shift, phases = 50, 17.0, 4
-kappa = None                            # 37 at N = 50 (authors), 38N//50 - 1 in general
+kappa = None                            # authors at N = 50: 37 (34 for Wan); solver.default_kappa
 guidance = 6.0                          # CFG scale (CogVideoX) / embedded guidance -> 6016 (HunyuanVideo)
 cond_drop, target_ema, loss = 0.1, 0.0, "huber"
 lora_rank, disc_hidden = 128, 1024
@@ -62,7 +64,7 @@ class TrainError(Exception):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = monitor.add_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     a = p.add_argument
     a("--config", help=f"model preset ({', '.join(models.PRESETS)}) or config.json (diffusers or a run's); "
                        "default: the teacher's")
@@ -76,7 +78,7 @@ def parse_args(argv):
     a("--grad-accum", type=int, default=grad_accum)
     a("--lr", type=float, help=f"default per stage {lr}")
     a("--weight-decay", type=float, default=weight_decay)
-    a("--kappa", type=int, default=kappa, help="DCM boundary grid index (default 37 at N=50)")
+    a("--kappa", type=int, default=kappa, help="DCM boundary grid index (default 37 at N=50, Wan 34)")
     a("--phases", type=int, default=phases, help="pcm: number of evenly spaced phases")
     a("--seed", type=int, default=seed)
     a("--resume", action="store_true", help="go on from the newest complete checkpoint in --out")
@@ -90,6 +92,7 @@ def parse_args(argv):
     a("--loss", default=loss, choices=("huber", "l2"), help="consistency loss: pseudo-Huber c=1e-3 or L2")
     a("--detail-full", action="store_true", help="detail: full fine-tuned copy instead of LoRA (ablation OD)")
     a("--lora-rank", type=int, default=lora_rank, help="detail LoRA rank (alpha = 2 x rank)")
+    a("--lora-targets", default="authors", choices=experts.LORA_TARGETS, help="detail: the authors' PEFT set or ours (all)")
     a("--disc-hidden", type=int, default=disc_hidden, help="discriminator width (multiple of 32)")
     a("--cond-drop", type=float, default=cond_drop, help="teacher stage, CFG models: uncond probability")
     a("--guidance", type=float, default=guidance, help="teacher guidance scale")
@@ -99,6 +102,7 @@ def parse_args(argv):
     a("--save-every", type=int, default=save_every)
     a("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast with fp32 master weights")
     a("--fsdp", action="store_true", help="FSDP2: shard student and teacher per block")
+    a("--sp", type=int, default=1, help="sequence parallel degree N (torchrun; world = DP x N; N divides the heads)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing per block")
     a("--compile", action="store_true", help="torch.compile the student")
     a("--dry-run", action="store_true", help="print sizes and memory per GPU, then exit")
@@ -110,8 +114,7 @@ def parse_args(argv):
             setattr(args, name, table.get(args.stage, 0.0))
     args.out = args.out or os.path.join("out", args.stage)
     checks.train_args(args)  # flags and their combinations, named in one line each
-    args.kappa = (38 * args.grid_steps) // 50 - 1 if args.kappa is None else args.kappa
-    if not 0 <= args.kappa <= args.grid_steps - 2:
+    if args.kappa is not None and not 0 <= args.kappa <= args.grid_steps - 2:
         raise TrainError(f"--kappa {args.kappa} must lie in 0..N-2 = 0..{args.grid_steps - 2}")
     return args
 
@@ -141,7 +144,7 @@ def build_student(args, cfg, grid, ckpt=None, device="cpu"):
     m = (models.build_transformer(cfg, device=device, dtype=torch.float32) if device == "meta" or not src
          else load(src, torch.float32, device))
     if args.stage == "detail" and not args.detail_full:
-        m = experts.DualExpert(m, solver.boundary_t(grid, args.kappa), args.lora_rank, 2 * args.lora_rank)
+        m = experts.DualExpert(m, solver.boundary_t(grid, args.kappa), args.lora_rank, 2 * args.lora_rank, lora_targets=args.lora_targets)
         if ckpt:
             m.load_detail(os.path.join(ckpt, "detail.safetensors"))
     return m
@@ -192,6 +195,7 @@ def main(argv=None):
     args = parse_args(argv)
     checkpoint.verify_checksums = args.verify != "none"
     cfg = model_config(args)
+    args.kappa = solver.default_kappa(cfg, args.grid_steps) if args.kappa is None else args.kappa
     checks.train_sources(args, cfg)
     kind = models.build_transformer(cfg, device="meta").prediction
     grid = solver.flow_grid(args.grid_steps, args.shift) if kind == "flow" else solver.grid_for(cfg, args.grid_steps)
@@ -204,18 +208,12 @@ def main(argv=None):
         dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         torch.cuda.set_device(dev)
     device = torch.device(dev)
-    own_group = (world > 1 or args.fsdp) and not dist.is_initialized()
-    if own_group:
-        alone = {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **alone)
-    try:
-        return train(args, cfg, kind, grid, world, rank, device)
-    finally:
-        if own_group:
-            dist.destroy_process_group()
+    parallel.check(args.sp, cfg, world)
+    with parallel.distributed(device, args.sp, args.fsdp) as (dp, dp_rank):  # an SP group trains the same samples
+        return train(args, cfg, kind, grid, world, rank, device, dp, dp_rank)
 
 
-def train(args, cfg, kind, grid, world, rank, device):
+def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
     distributed, out, B, accum = dist.is_initialized(), args.out, args.batch_size, args.grad_accum
     N, kap = grid.N, args.kappa
     log0 = print if rank == 0 else (lambda *a, **k: None)
@@ -228,10 +226,11 @@ def train(args, cfg, kind, grid, world, rank, device):
     # --- data: the DistributedSampler's seeded order, resumable at a micro-batch position
     ds = data.LatentDataset(args.data)
     cond_keys = data.check_fits(cfg, ds.tensors, ds.manifest["latent_shape"], ds.uncond, where=ds.dir)
-    if len(ds) // world < B:
-        raise data.DataError(f"{ds.dir}: {len(ds)} samples are fewer than batch {B} x world {world}")
-    sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    if len(ds) // dp < B:
+        raise data.DataError(f"{ds.dir}: {len(ds)} samples are fewer than batch {B} x data parallel {dp}")
+    sampler = torch.utils.data.DistributedSampler(ds, dp, dp_rank, shuffle=True, seed=args.seed, drop_last=True)
     uncond = {k: v.to(device) for k, v in ds.uncond.items()}
+    mon = monitor.Monitor(args, cfg, grid, boundaries, ds, rank, device)  # checks its flags before models load
 
     # --- a new run, or going on from the newest intact checkpoint of the same run (checkpoint.same_run)
     paths = {k: os.path.abspath(getattr(args, k)) for k in ("data", "teacher", "init") if getattr(args, k)}
@@ -246,7 +245,7 @@ def train(args, cfg, kind, grid, world, rank, device):
     teacher, disc = None, losses.Discriminator.for_model(student, args.disc_hidden).to(device) if gan else None
     if args.stage != "teacher":
         tmodel = load(args.teacher, torch.bfloat16 if args.dtype == "bf16" else torch.float32, load_device)
-        teacher = Teacher(tmodel, grid, args.guidance, uncond if kind == "vpred" else None)
+        teacher = Teacher(tmodel, grid, args.guidance, uncond if uses_cfg(tmodel) else None)
     if ema is not None and state:
         ema.load_state_dict(state["ema"])
     frozen_teacher = [] if teacher is None else [teacher.model]
@@ -263,13 +262,13 @@ def train(args, cfg, kind, grid, world, rank, device):
         for m in [student] + ([ema] if ema else []) + frozen_teacher:
             shard(m, mesh)
     elif distributed:
-        student_mod = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
+        student_mod = torch.nn.parallel.DistributedDataParallel(student)  # no device_ids: host t stays on the host
     for p in disc.parameters() if disc is not None and distributed else ():
         dist.broadcast(p.data, 0)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    d_opt = torch.optim.AdamW(disc.parameters(), lr=d_lr, betas=d_betas, weight_decay=d_weight_decay) if disc else None
+    fused = all(p.is_cuda and p.is_floating_point() for p in params) or None  # fused AdamW on CUDA, else the default
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, fused=fused)
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=d_lr, betas=d_betas, weight_decay=d_weight_decay, fused=fused) if disc else None
     if state:
         set_optimizer_state_dict(student, opt, state["opt"], options=StateDictOptions(full_state_dict=True))
         for m, key in ((disc, "disc"), (d_opt, "d_opt")) if disc else ():
@@ -279,7 +278,7 @@ def train(args, cfg, kind, grid, world, rank, device):
     # --- run config: printed, saved with the run and in every checkpoint
     run_config = {**vars(args), **paths, "model_config": models.config_to_dict(cfg), "prediction": kind,
                   "boundaries": boundaries, "k_range": [k_lo, k_hi], "world_size": world,
-                  "global_batch": B * accum * world, "params": n_total, "trainable": n_train,
+                  "global_batch": B * accum * dp, "params": n_total, "trainable": n_train,
                   "grid": {"kind": grid.kind, "N": N, "t": grid.t.tolist(), "sigma": grid.sigma.tolist()},
                   "data_manifest": {k: v for k, v in ds.manifest.items() if k != "shards"}}
     log0(checks.run_summary(run_config | {"device": str(device)}, os.path.join(out, "config.json")))
@@ -291,7 +290,7 @@ def train(args, cfg, kind, grid, world, rank, device):
     vgrid = solver.grid_for(cfg, solver.T_TRAIN) if kind == "vpred" else None  # every DDIM training timestep
     weights = {"diffusion": 1.0, "cd": 1.0, "tc": args.w_tc, "gan_g": args.w_gan, "fm": args.w_fm}
     C, n_f, H, W = ds.manifest["latent_shape"]
-    tok_grid = (n_f // (getattr(cfg, "patch_size_t", None) or 1), H // cfg.patch_size, W // cfg.patch_size)
+    tok_grid = tuple(n // p for n, p in zip((n_f, H, W), data.patch_of(cfg)))
 
     def make_cond(batch, drop=None):
         cond = {k: batch[k].to(device) for k in cond_keys}
@@ -307,7 +306,7 @@ def train(args, cfg, kind, grid, world, rank, device):
         if args.stage == "teacher":
             t, a, s = grid.at(k) if k is not None else losses.diffusion_time(u[:, 0], kind, vgrid)
             return {"diffusion": losses.diffusion_loss(student_mod, x0, eps, t, a, s, kind, scond)}, None
-        kk = (k_between(u[:, 0], k_lo, k_hi) if k is None else k).to(device)
+        kk = k_between(u[:, 0], k_lo, k_hi) if k is None else k  # host indices (u is on the CPU): no sync in the step
         l_cd, xhat, x_tgt, k_end = losses.consistency_step(student_mod, student if ema is None else ema, teacher, grid,
                                                            boundaries, x0, eps, kk, cond, scond, args.loss)
         terms = {"cd": l_cd}
@@ -315,7 +314,7 @@ def train(args, cfg, kind, grid, world, rank, device):
             terms["tc"] = losses.temporal_coherence_loss(xhat, x_tgt)
         if k is not None or not gan:
             return terms, None
-        k_adv = k_between(u[:, 1], 0, kap).to(device)  # re-noise into the detail sub-trajectory
+        k_adv = k_between(u[:, 1], 0, kap)  # re-noise into the detail sub-trajectory (host indices)
         terms["gan_g"], terms["fm"], feats = losses.adversarial_terms(teacher.model, disc, x_tgt, xhat, n, k_end, k_adv,
                                                                       grid, scond, tok_grid)
         return terms, feats
@@ -351,8 +350,8 @@ def train(args, cfg, kind, grid, world, rank, device):
     torch.manual_seed(args.seed + rank)
     if state and state["world_size"] == world:
         checkpoint.set_rng_state(state["rng"][rank])
-    elif state:
-        log0(f"world size {world} != the checkpoint's {state['world_size']}: the data order continues, not exactly")
+    elif state and state.get("dp", state["world_size"]) != dp:  # another SP degree alone keeps the data order
+        log0(f"data parallel size {dp} != the checkpoint's: the data order continues, not exactly")
     row = {}
     for path in [os.path.join(out, f) for f in ("log.jsonl", "probes.jsonl")] if rank == 0 else []:
         if os.path.isfile(path):
@@ -366,13 +365,13 @@ def train(args, cfg, kind, grid, world, rank, device):
     stream = data.batches(ds, sampler, B, epoch, pos)
     nan_at = int(os.environ.get("DCM_TRAIN_NAN_AT_STEP", -1))  # test hook: poison the loss of this step
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc=args.stage, mininterval=2)
-    while step < args.max_steps:
+    while mon(step, student) < args.max_steps:  # validation samples / TensorBoard between steps (monitor.py)
         t0, sums = time.time(), {}
         for micro in range(accum):
             batch, epoch, pos = next(stream)
             x0 = batch["latents"].float().to(device)
             eps, u, n = data.draws(batch["index"], step, args.seed, x0.shape[1:], gan, device)
-            drop = (u[:, 2] < args.cond_drop) if args.stage == "teacher" and kind == "vpred" else None
+            drop = (u[:, 2] < args.cond_drop) if args.stage == "teacher" and uses_cfg(student) else None
             last = micro == accum - 1
             if args.fsdp:
                 student_mod.set_requires_gradient_sync(last)
@@ -393,13 +392,14 @@ def train(args, cfg, kind, grid, world, rank, device):
         if distributed:
             dist.all_reduce(vals)
             vals /= world
-        gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        row = dict(zip(sorted(sums), vals.tolist())) | {"grad_norm": float(getattr(gn, "full_tensor", lambda: gn)())}
+        gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # below: the step's one host sync (the NaN check)
+        norms = [getattr(gn, "full_tensor", lambda: gn)()]
         if disc is not None:
             for p in disc.parameters() if distributed else ():
                 dist.all_reduce(p.grad)
                 p.grad /= world
-            row["d_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(disc.parameters(), grad_clip))
+            norms.append(torch.nn.utils.clip_grad_norm_(disc.parameters(), grad_clip))
+        row = dict(zip(sorted(sums) + ["grad_norm", "d_grad_norm"], torch.cat([vals, torch.stack(norms)]).tolist()))
         bad = [k for k, v in row.items() if not np.isfinite(v)]
         if bad:  # stop before the update: the last checkpoint stays the last good state
             good = checkpoint.latest_step(out, checkpoint.RESUMABLE, quiet=True)
@@ -422,7 +422,7 @@ def train(args, cfg, kind, grid, world, rank, device):
         if probes and step % args.probe_every == 0:
             run_probes(step)
         if step == args.max_steps or (args.save_every > 0 and step % args.save_every == 0):
-            rest = {"epoch": epoch, "pos": pos, "world_size": world, "disc": disc and disc.state_dict(),
+            rest = {"epoch": epoch, "pos": pos, "world_size": world, "dp": dp, "disc": disc and disc.state_dict(),
                     "d_opt": d_opt and d_opt.state_dict()}
             checkpoint.save_step(out, step, student, opt, rest, run_config, ema, sharded=args.fsdp,
                                  build=lambda: build_student(args, cfg, grid, device="meta"),

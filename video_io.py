@@ -17,15 +17,18 @@ INSTALL = "pip install -r requirements-video.txt"
 
 # model name (model.py preset names) -> backbone family; the family fixes VAE class and text encoders
 MODELS = {"cogvideox-2b": "cogvideox", "cogvideox-5b": "cogvideox", "hunyuan-video": "hunyuan",
-          "tiny-cogvideox": "cogvideox", "tiny-cogvideox-rope": "cogvideox", "tiny-hunyuan": "hunyuan"}
+          "wan2.1-t2v-1.3b": "wan", "wan2.1-t2v-14b": "wan",
+          "tiny-cogvideox": "cogvideox", "tiny-cogvideox-rope": "cogvideox", "tiny-hunyuan": "hunyuan", "tiny-wan": "wan"}
 # default clip size per family: CogVideoX is trained on 49 frames 480x720 (13 latent frames);
-# HunyuanVideo on many sizes, 33 frames 544x960 is the one the benchmarks in DESIGN.md use
-DEFAULT_SIZE = {"cogvideox": (49, 480, 720), "hunyuan": (33, 544, 960)}
-VAE_CLASS = {"cogvideox": "AutoencoderKLCogVideoX", "hunyuan": "AutoencoderKLHunyuanVideo"}
-PATCH = 2  # both transformers patchify latents 2x2, so pixel sizes must be multiples of 2 * VAE ratio
+# HunyuanVideo on many sizes, 33 frames 544x960 is the one the benchmarks in DESIGN.md use;
+# Wan2.1: 81 frames 480x832 (21 x 60 x 104 latents), the authors' Wan distillation size
+DEFAULT_SIZE = {"cogvideox": (49, 480, 720), "hunyuan": (33, 544, 960), "wan": (81, 480, 832)}
+VAE_CLASS = {"cogvideox": "AutoencoderKLCogVideoX", "hunyuan": "AutoencoderKLHunyuanVideo", "wan": "AutoencoderKLWan"}
+PATCH = 2  # the transformers patchify latents 2x2, so pixel sizes must be multiples of 2 * VAE ratio
 
 T5_LEN = 226    # CogVideoX: T5 tokens, padded to exactly this length, no mask
 LLAMA_LEN = 256  # HunyuanVideo: Llama tokens after the template prefix is cropped, with mask
+UMT5_LEN = 512  # Wan: umT5 states of the real tokens, zero-padded to 512, no mask (WanPipeline)
 CLIP_LEN = 77
 LLAMA_SKIP = 2  # HunyuanVideo takes the Llama hidden state 2 layers before the last: hidden_states[-3]
 HUNYUAN_CROP = 95  # the template prefix length in tokens of the real (LLaVA-Llama-3) tokenizer, per diffusers
@@ -88,9 +91,30 @@ def vae_config(model, weights):
 
 
 def vae_ratios(cfg):
-    """(temporal, spatial) compression of a VAE config (CogVideoX's spatial ratio is implied by its depth)."""
+    """(temporal, spatial) compression of a VAE config (CogVideoX's spatial ratio is implied by its depth;
+    Wan's by its depth and its temporal down-sampling flags: 4x / 8x for the release)."""
+    if "temperal_downsample" in cfg:  # AutoencoderKLWan (diffusers' spelling)
+        return 2 ** sum(map(bool, cfg["temperal_downsample"])), 2 ** (len(cfg["dim_mult"]) - 1)
     spatial = cfg.get("spatial_compression_ratio") or 2 ** (len(cfg["block_out_channels"]) - 1)
     return int(cfg.get("temporal_compression_ratio", 4)), int(spatial)
+
+
+def latent_scale(cfg):
+    """How a VAE config's latents become the backbone's: {"vae_scaling_factor"} (multiply), or for Wan also
+    the per-channel {"vae_latents_mean", "vae_latents_std"} (subtract, divide; then the factor is 1)."""
+    if cfg.get("latents_mean") is not None:
+        return {"vae_scaling_factor": 1.0, "vae_latents_mean": list(cfg["latents_mean"]),
+                "vae_latents_std": list(cfg["latents_std"])}
+    return {"vae_scaling_factor": cfg["scaling_factor"]}
+
+
+def _mean_inv_std(vae):
+    """Wan: (latents_mean, 1 / latents_std) [1, C, 1, 1, 1] float32 of the VAE config; None for other VAEs."""
+    c = vae.config
+    if c.get("latents_mean") is None:
+        return None
+    view = (1, -1, 1, 1, 1)
+    return torch.tensor(c["latents_mean"]).view(view), 1.0 / torch.tensor(c["latents_std"]).view(view)
 
 
 def clip_size(model, cfg, frames=None, height=None, width=None):
@@ -110,7 +134,7 @@ def clip_size(model, cfg, frames=None, height=None, width=None):
 def latent_shape(cfg, frames, height, width):
     """[C, F, H, W] of the latents of one clip."""
     rt, rs = vae_ratios(cfg)
-    return [int(cfg["latent_channels"]), (frames - 1) // rt + 1, height // rs, width // rs]
+    return [int(cfg.get("latent_channels") or cfg["z_dim"]), (frames - 1) // rt + 1, height // rs, width // rs]
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -175,7 +199,8 @@ def load_vae(model, weights, device="cpu", dtype=torch.float32, tiling=False):
 
 @torch.no_grad()
 def encode_latents(vae, video, posterior="sample", generator=None):
-    """Pixels [B, 3, F, H, W] in [-1, 1] -> VAE latents times scaling_factor (what the backbone consumes)."""
+    """Pixels [B, 3, F, H, W] in [-1, 1] -> VAE latents times scaling_factor, or for Wan (z - mean) / std per
+    channel (what the backbone consumes)."""
     dist = vae.encode(video.to(vae.device, vae.dtype)).latent_dist
     if posterior == "sample":
         z = dist.sample(generator)
@@ -183,14 +208,20 @@ def encode_latents(vae, video, posterior="sample", generator=None):
         z = dist.mode()
     else:
         raise ValueError(f"posterior={posterior!r}: expected 'sample' or 'mode'")
+    if (norm := _mean_inv_std(vae)) is not None:
+        return (z.float() - norm[0].to(z.device)) * norm[1].to(z.device)  # as the authors' normalize_dit_input
     return z.float() * vae.config.scaling_factor
 
 
 @torch.no_grad()
 def decode_latents(vae, latents):
     """Backbone latents [B, C, F, H, W] -> pixels float [B, 3, 4(F-1)+1, 8H, 8W] in [-1, 1], a clip at a time."""
-    out = [vae.decode((z[None] / vae.config.scaling_factor).to(vae.device, vae.dtype)).sample.float().cpu()
-           for z in latents]
+    norm = _mean_inv_std(vae)
+    if norm is None:
+        unscale = lambda z: z / vae.config.scaling_factor  # noqa: E731
+    else:  # WanPipeline: latents / (1 / std) + mean
+        unscale = lambda z: z.float() / norm[1].to(z.device) + norm[0].to(z.device)  # noqa: E731
+    out = [vae.decode(unscale(z[None]).to(vae.device, vae.dtype)).sample.float().cpu() for z in latents]
     return torch.cat(out).clamp(-1, 1)
 
 
@@ -258,12 +289,26 @@ def write_video(frames, path, fps=8):
 
 # --------------------------------------------------------------------------------------- text encoders
 
+def _wan_clean(text):
+    """WanPipeline's prompt cleaning: ftfy (if installed), HTML unescaped twice, whitespace collapsed."""
+    import html
+    import re
+    try:
+        import ftfy
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
+
+
 class TextEncoder:
     """The model's text encoder(s) from WEIGHTS; `enc(prompts)` -> cond dict as the diffusers pipelines build it.
 
     CogVideoX: T5 last hidden state of exactly 226 tokens (padded, truncated, no mask) -> {"text"}.
     HunyuanVideo: Llama hidden_states[-3] of the templated prompt, the template prefix cropped, 256 tokens
-    + mask, and the CLIP-L pooled output of 77 tokens -> {"text", "text_mask", "pooled"}."""
+    + mask, and the CLIP-L pooled output of 77 tokens -> {"text", "text_mask", "pooled"}.
+    Wan: umT5 last hidden state of the cleaned prompt, its real tokens kept and zeros after them, 512
+    tokens, no mask -> {"text"}."""
 
     def __init__(self, model, weights, device="cpu", dtype=torch.float32, batch_size=8):
         tf = require("transformers")
@@ -279,6 +324,8 @@ class TextEncoder:
         self.tokenizer = tokenizer("tokenizer")
         if self.family == "cogvideox":
             self.encoder = load("T5EncoderModel", "text_encoder")
+        elif self.family == "wan":
+            self.encoder = load("UMT5EncoderModel", "text_encoder")
         else:
             self.encoder = load("LlamaModel", "text_encoder")
             self.tokenizer_2, self.encoder_2 = tokenizer("tokenizer_2"), load("CLIPTextModel", "text_encoder_2")
@@ -309,6 +356,11 @@ class TextEncoder:
         if self.family == "cogvideox":
             ids = self._tokens(self.tokenizer, prompts, T5_LEN, "T5 (226)").input_ids
             return {"text": self.encoder(ids.to(self.device)).last_hidden_state}  # [B, 226, D]
+        if self.family == "wan":
+            tok = self._tokens(self.tokenizer, [_wan_clean(p) for p in prompts], UMT5_LEN, "umT5 (512)")
+            mask = tok.attention_mask.to(self.device)
+            hidden = self.encoder(tok.input_ids.to(self.device), mask).last_hidden_state  # [B, 512, D]
+            return {"text": hidden * mask[..., None].to(hidden.dtype)}  # states after the real tokens -> 0
         c = self.crop_start
         tok = self._tokens(self.tokenizer, [HUNYUAN_TEMPLATE.format(p) for p in prompts], c + LLAMA_LEN,
                            "Llama (256)")

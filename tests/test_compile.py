@@ -15,7 +15,7 @@ def block_inputs(name):
     m = model.build_transformer(name).eval()
     cfg, B = m.config, 2
     x, t = torch.randn(B, cfg.in_channels, 2, 8, 8), torch.tensor([500.0, 20.0])
-    cond = {"text": torch.randn(B, 5, cfg.text_embed_dim)}
+    cond = {"text": torch.randn(B, 5, getattr(cfg, "text_dim", None) or cfg.text_embed_dim)}
     if "hunyuan" in name:
         cond |= {"text_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]),
                  "pooled": torch.randn(B, cfg.pooled_projection_dim),
@@ -35,7 +35,7 @@ def block_inputs(name):
 
 
 BLOCKS = {"tiny-cogvideox": ["CogVideoXBlock"], "tiny-cogvideox-rope": ["CogVideoXBlock"],
-          "tiny-hunyuan": ["HunyuanDoubleBlock", "HunyuanRefinerBlock", "HunyuanSingleBlock"]}
+          "tiny-hunyuan": ["HunyuanDoubleBlock", "HunyuanRefinerBlock", "HunyuanSingleBlock"], "tiny-wan": ["WanBlock"]}
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))

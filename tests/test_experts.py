@@ -11,7 +11,7 @@ import solver
 from data import atomic_save_file
 from experts import DualExpert, LoRALinear
 
-ARCHS = ["tiny-cogvideox", "tiny-hunyuan"]
+ARCHS = ["tiny-cogvideox", "tiny-hunyuan", "tiny-wan"]
 KAPPA = 37
 
 
@@ -22,6 +22,8 @@ def inputs(m, B, seed=0):
     if isinstance(cfg, model.CogVideoXConfig):
         x = torch.randn(B, cfg.in_channels, 3, 4, 4, generator=g)
         return x, dict(text=torch.randn(B, 5, cfg.text_embed_dim, generator=g))
+    if isinstance(cfg, model.WanConfig):
+        return torch.randn(B, cfg.in_channels, 2, 4, 4, generator=g), dict(text=torch.randn(B, 6, cfg.text_dim, generator=g))
     x = torch.randn(B, cfg.in_channels, 2, 4, 4, generator=g)
     mask = (torch.arange(6)[None] < torch.tensor([6, 4, 2, 5, 3, 1])[:B, None]).long()  # [B, 6] right padding
     return x, dict(text=torch.randn(B, 6, cfg.text_embed_dim, generator=g), text_mask=mask,
@@ -96,7 +98,7 @@ def test_straddling_batch_equals_halves_run_separately(arch):
     ks = [KAPPA + 1, 3, 49, KAPPA]  # semantic, detail, semantic, detail (mixed order)
     t, _ = timesteps(m, ks)
     assert e.detail_mask(t, 4).tolist() == [False, True, False, True]
-    taps = [0] if arch == "tiny-cogvideox" else [0, 2]
+    taps = {"tiny-cogvideox": [0], "tiny-hunyuan": [0, 2], "tiny-wan": [0, 1]}[arch]
     with torch.no_grad():
         v, feats = e(x, t, taps=taps, **cond)
         for idx, tree in (([1, 3], e.detail), ([0, 2], m)):
@@ -107,10 +109,10 @@ def test_straddling_batch_equals_halves_run_separately(arch):
             assert all(torch.equal(f[idx], fh) for f, fh in zip(feats, f_half))
         assert not torch.allclose(v[[1, 3]], m(x[[1, 3]], t[[1, 3]], **{k: c[[1, 3]] for k, c in cond.items()}))
         # time_embed / head are routed the same way
-        temb = e.time_embed(t, **({} if arch == "tiny-cogvideox" else
+        temb = e.time_embed(t, **({} if arch != "tiny-hunyuan" else
                                   {"pooled": cond["pooled"], "guidance": cond["guidance"]}))
         assert torch.equal(temb[[1, 3]], e.detail.time_embed(t[[1, 3]], **(
-            {} if arch == "tiny-cogvideox" else {"pooled": cond["pooled"][[1, 3]], "guidance": cond["guidance"][[1, 3]]})))
+            {} if arch != "tiny-hunyuan" else {"pooled": cond["pooled"][[1, 3]], "guidance": cond["guidance"][[1, 3]]})))
     with pytest.raises(ValueError, match="needs t"):
         e.head(feats[0], temb, x.shape[2:])
 
@@ -178,32 +180,45 @@ def test_trees_share_weights_through_deepcopy_and_dtype_conversion():
     assert v64.dtype == torch.float64
 
 
-def full_size_expert(preset, capsys):
+def full_size_expert(preset, capsys, lora_targets):
     """The authors' detail expert (rank 128, alpha 256) on a full-size preset, on the meta device; prints its share."""
-    e = DualExpert(model.build_transformer(preset, device="meta"), 980.0)
+    e = DualExpert(model.build_transformer(preset, device="meta"), 980.0, lora_targets=lora_targets)
     c = e.param_counts()
     with capsys.disabled():
-        print(f"\n{preset}: backbone {c['backbone'] / 1e9:.3f} B, adapter {c['adapter'] / 1e6:.1f} M "
+        print(f"\n{preset} --lora-targets {lora_targets}: backbone {c['backbone'] / 1e9:.3f} B, adapter {c['adapter'] / 1e6:.1f} M "
               f"(lora {c['lora'] / 1e6:.1f} M, copies {c['copies'] / 1e6:.1f} M) = "
               f"{c['adapter'] / c['backbone']:.2%} of the backbone; {len(e.lora_names)} LoRA linears")
     return e, c
 
 
 def test_hunyuan_video_detail_expert_adds_under_3_percent(capsys):
-    e, c = full_size_expert("hunyuan-video", capsys)
+    e, c = full_size_expert("hunyuan-video", capsys, "all")
     assert c["adapter"] / c["backbone"] < 0.03
     assert len(e.lora_names) == 20 * 8 + 40 * 3 + 2 * 4  # double (incl. text stream), single q/k/v, refiner
+    a, ca = full_size_expert("hunyuan-video", capsys, "authors")  # PEFT suffix match: no add_*_proj / to_add_out
+    assert len(a.lora_names) == 20 * 4 + 40 * 3 + 2 * 4 and a.copy_names == ["time_text_embed", "norm_out", "proj_out"]
+    assert set(a.lora_names) < set(e.lora_names) and ca["adapter"] < c["adapter"]
 
 
 def test_cogvideox_2b_detail_expert_targets(capsys):
-    e, _ = full_size_expert("cogvideox-2b", capsys)
-    assert len(e.lora_names) == 4 * 30 and e.copy_names == ["time_embedding", "norm_out", "proj_out"]
+    for which in ("all", "authors"):  # the same set: CogVideoX's attention linears are all named to_q/k/v/out.0
+        e, _ = full_size_expert("cogvideox-2b", capsys, which)
+        assert len(e.lora_names) == 4 * 30 and e.copy_names == ["time_embedding", "norm_out", "proj_out"]
+
+
+def test_wan_detail_expert_authors_targets(capsys):
+    """Authors' Wan targets: to_q/k/v/to_out.0 of self- and cross-attention, copies of the timestep layers."""
+    for which in ("all", "authors"):  # the same set: every Wan attention linear is named to_q/k/v/out.0
+        e, c = full_size_expert("wan2.1-t2v-1.3b", capsys, which)
+        assert len(e.lora_names) == 30 * 8 and e.copy_names == ["condition_embedder", "norm_out", "proj_out"]
+        assert c["lora"] == 30 * 8 * 128 * (1536 + 1536)  # every attention linear is 1536 -> 1536
+        assert "scale_shift_table" not in dict(e.copies.named_parameters())  # shared, as in the authors' forward
 
 
 def test_hunyuan_targets_and_copy_adaln():
     torch.manual_seed(0)
     m = model.build_transformer("tiny-hunyuan")
-    e = DualExpert(m, 980.0, rank=2, alpha=2, copy_adaln=True)
+    e = DualExpert(m, 980.0, rank=2, alpha=2, copy_adaln=True, lora_targets="all")
     assert len(e.lora_names) == 8 * 1 + 3 * 2 + 4 * 1  # double (incl. text stream), single q/k/v, refiner
     assert "single_transformer_blocks.0.proj_out" not in e.lora_names
     assert {"context_embedder.time_text_embed", "transformer_blocks.0.norm1_context.linear",

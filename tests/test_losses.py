@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import data
 import losses
 import model
 import solver
@@ -98,9 +99,10 @@ def test_hinge_losses_send_grads_to_the_right_side():
     assert g_hinge_loss([torch.full((1, 4), -1.0)]).item() == 2.0
 
 
-def test_feature_matching_zero_for_identical_and_positive_otherwise():
+@pytest.mark.parametrize("preset", ["tiny-cogvideox", "tiny-wan"])
+def test_feature_matching_zero_for_identical_and_positive_otherwise(preset):
     torch.manual_seed(0)
-    m = model.build_transformer("tiny-cogvideox")
+    m = model.build_transformer(preset)
     grid, D = (3, 4, 4), 32
     feats = [torch.randn(2, 3 * 2 * 2, D) for _ in range(2)]
     temb = m.time_embed(torch.tensor([500.0, 900.0]))
@@ -181,15 +183,16 @@ def test_consistency_step_targets_per_sample_and_grads_reach_only_the_student(gr
     assert xhat.requires_grad and not x_tgt.requires_grad
 
 
-def test_adversarial_terms_send_gradients_to_xhat_only_and_d_loss_is_the_hinge():
+@pytest.mark.parametrize("preset", ["tiny-cogvideox", "tiny-wan"])
+def test_adversarial_terms_send_gradients_to_xhat_only_and_d_loss_is_the_hinge(preset):
     torch.manual_seed(0)
-    m = model.build_transformer("tiny-cogvideox").requires_grad_(False)  # the frozen teacher
+    m = model.build_transformer(preset).requires_grad_(False)  # the frozen teacher
     cfg, grid = m.config, solver.grid_for(m.config, 10)
     disc = Discriminator.for_model(m, hidden=32)
     assert disc.n_taps == len(m.default_taps())
     x_tgt, n = torch.randn(2, cfg.in_channels, 3, 4, 6), torch.randn(2, cfg.in_channels, 3, 4, 6)
     xhat = (x_tgt + 0.3 * torch.randn_like(x_tgt)).requires_grad_(True)
-    cond, tok = {"text": torch.randn(2, 8, cfg.text_embed_dim)}, (3, 2, 3)  # latent (3, 4, 6) in 2x2 patches
+    cond, tok = {"text": torch.randn(2, 8, data.text_width(cfg))}, (3, 2, 3)  # latent (3, 4, 6) in 2x2 patches
     k_end, k_adv = torch.tensor([-1, -1]), torch.tensor([3, 7])
     g_loss, fm_loss, (fake_f, real_f) = losses.adversarial_terms(m, disc, x_tgt, xhat, n, k_end, k_adv, grid, cond, tok)
     (g_loss + fm_loss).backward()

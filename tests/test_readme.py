@@ -17,6 +17,9 @@ from safetensors.torch import load_file
 
 import bench
 import data
+import eval as evaluate
+import plot
+import released
 import sample
 import train
 from toy import run as toy_run
@@ -24,7 +27,7 @@ from toy import run as toy_run
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRY = "## Try it on a tiny model"
 ENTRY = {"train.py": train.main, "sample.py": sample.main, "data.py": data.main, "bench.py": bench.main,
-         "toy/run.py": toy_run.main}
+         "toy/run.py": toy_run.main, "eval.py": evaluate.main, "plot.py": plot.main, "released.py": released.main}
 
 
 def readme():
@@ -54,11 +57,14 @@ def blocks():
 
 
 def script_and_args(words):
-    """(script, its argv) of a python/torchrun command, else None (pip, bash, pytest)."""
-    if words[0] not in ("python", "torchrun"):
-        return None
+    """(script, its argv) of a python/torchrun command, else None (pip, bash, pytest, tensorboard)."""
+    if words[0] == "torchrun":  # torchrun's own parser: its flags, the script, the script's (a leading -- dropped)
+        from torch.distributed.run import get_args_parser
+        a, unknown = get_args_parser().parse_known_args(words[1:])  # parse_args is stopped in the test below
+        assert not unknown, (words, unknown)
+        return a.training_script, a.training_script_args
     i = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
-    return None if i is None else (words[i], words[i + 1:])
+    return None if words[0] != "python" or i is None else (words[i], words[i + 1:])
 
 
 def call(fn, argv):

@@ -96,7 +96,7 @@ def uncond_of(runs, n=1):
 
 
 def test_authors_4_step_schedule_and_the_expert_at_each_step(runs, tmp_path):
-    s = run(tmp_path, "--ckpt", runs["det"], "--steps", "4")
+    s = run(tmp_path, "--ckpt", runs["det"], "--steps", "4", "--no-merge")
     torch.testing.assert_close(torch.tensor(s["sigmas"], dtype=torch.float64), torch.tensor([1.0, 0.9920, 0.9818, 0.9124, 0.0],
                                                                       dtype=torch.float64), atol=5e-5, rtol=0)
     assert s["experts"] == ["semantic", "semantic", "detail", "detail"]
@@ -116,6 +116,10 @@ def test_authors_4_step_schedule_and_the_expert_at_each_step(runs, tmp_path):
     with safe_open(s["path"], "pt") as f:
         assert torch.equal(f.get_tensor("latents"), s["latents"])
         assert {k: json.loads(f.metadata()[k]) for k in meta} == meta
+    merged = run(tmp_path, "--ckpt", runs["det"], "--steps", "4")  # default: the LoRA merged once per run
+    assert merged["lora_merged"] and not s["lora_merged"]
+    # fp32 round-off: measured max abs 1.1e-5 on latents up to |29.4| (a few ulps), with a random rank-4 adapter
+    torch.testing.assert_close(merged["latents"], want, rtol=0, atol=5e-5)
 
 
 def test_adapter_file_next_to_a_backbone_equals_the_step_folder(runs, tmp_path):
@@ -268,3 +272,45 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert errors == [f"error: checkpoint {tmp_path / 'missing'} does not exist"]
+
+
+def test_wan_end_to_end_student_and_cfg_teacher(tmp_path):
+    """tiny-wan through train.py (semantic, then detail with GAN + FM) and sample.py: the authors' Wan cut
+    (kappa 34) routes 2 + 2 steps, the latents equal the steps written out; the teacher samples with CFG."""
+    cfg, p = models.PRESETS["tiny-wan"], {k: str(tmp_path / k) for k in ("ds", "teacher", "sem", "det")}
+    g = torch.Generator().manual_seed(0)
+    data.write_shard(p["ds"], 0, {"latents": torch.randn(4, *LAT, generator=g), "text": torch.randn(4, 6, cfg.text_dim, generator=g)})
+    uncond = {"text": torch.randn(1, 6, cfg.text_dim, generator=g)}
+    data.write_manifest(p["ds"], model="tiny-wan", latent_shape=LAT, vae_scaling_factor=1.0,
+                        shards=[{"file": data.shard_name(0), "num": 4}], uncond=uncond)
+    torch.manual_seed(0)
+    checkpoint.save_transformer(models.build_transformer("tiny-wan"), p["teacher"])
+    common = ["--teacher", p["teacher"], "--data", p["ds"], "--max-steps", "1", "--device", "cpu", "--probe-every", "0"]
+    train.main(["--stage", "semantic", "--out", p["sem"], *common])
+    r = train.main(["--stage", "detail", "--out", p["det"], "--init", os.path.join(p["sem"], "step_0000001"),
+                    "--lora-rank", "4", "--disc-hidden", "32", "--lr", "1e-2", *common])
+    assert {"cd", "gan_g", "fm", "d"} <= set(r["losses"])
+    s = run(tmp_path, "--ckpt", p["det"], "--steps", "4", "--no-merge")  # exact: the unmerged LoRA
+    assert s["grid_indices"] == [49, 42, 34, 17] and s["experts"] == ["semantic", "semantic", "detail", "detail"]
+    step = os.path.join(p["det"], "step_0000001")
+    expert = experts.DualExpert.from_detail(checkpoint.load_transformer(os.path.join(step, "transformer")),
+                                            os.path.join(step, "detail.safetensors")).eval()
+    t, alpha, sigma = solver.sample_points(solver.grid_for(cfg), s["grid_indices"])
+
+    def written_out(trees):
+        x = noise()
+        with torch.no_grad():  # no guidance input: the student runs without CFG (authors: guidance 1.0 at inference)
+            for i, m in enumerate(trees):
+                v = m(x, torch.full((1,), float(t[i])), **uncond)
+                x = solver.ode_step(x, v, alpha[i], sigma[i], alpha[i + 1], sigma[i + 1], "flow")
+        return x
+    assert torch.equal(s["latents"], written_out([expert.backbone] * 2 + [expert.detail] * 2))
+    assert (s["latents"] - written_out([expert.backbone] * 4)).abs().max() > 1e-4  # the trained detail path is used
+    # the 50-step teacher with CFG 6 against the dataset's unconditional conditioning
+    data.save_cond({"text": torch.randn(1, 6, cfg.text_dim, generator=g)}, str(tmp_path / "c.safetensors"))
+    s = sample.main(["--ckpt", p["teacher"], "--teacher", "--steps", "50", "--out", str(tmp_path / "o"), *SIZE,
+                     "--cond", str(tmp_path / "c.safetensors"), "--uncond", os.path.join(p["ds"], "uncond.safetensors")])
+    ref = Teacher(checkpoint.load_transformer(p["teacher"]), solver.grid_for(cfg), 6.0, uncond)
+    assert ref.mode == "cfg" and len(s["grid_indices"]) == 50
+    want = ref.sample(noise(), data.load_cond(str(tmp_path / "c.safetensors")), progress=False)
+    assert torch.equal(s["latents"], want)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import model
 import solver
 
 FEW = settings(max_examples=40, deadline=None)
@@ -38,17 +39,24 @@ def test_flow_sigmas_match_diffusers(n, shift):
     assert torch.allclose(1000 * ours[:-1], sch.timesteps.double(), rtol=1e-6, atol=0)  # float32 ulps
 
 
-def test_flow_euler_50_steps_match_diffusers():
+@pytest.mark.parametrize("shift,wan", [(7.0, False), (17.0, True)], ids=["shift7", "wan-grid"])
+def test_flow_euler_50_steps_match_diffusers(shift, wan):
+    """wan-grid: the Wan teacher's 50 steps on solver.grid_for(WanConfig) (shift 17) down to sigma 0."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-    sch = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    sch = FlowMatchEulerDiscreteScheduler(shift=shift)
     sch.set_timesteps(sigmas=np.linspace(1.0, 0.0, 51)[:-1])
     x = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     ref = x.clone()
     for t in sch.timesteps:
         ref = sch.step(toy_model(ref, t.expand(2)), t, ref).prev_sample
-    s = solver.flow_sigmas(50, 7.0)
+    if wan:
+        t, alpha, s = solver.sample_points(solver.grid_for(model.PRESETS["wan2.1-t2v-1.3b"]), range(49, -1, -1))
+        assert torch.allclose(s, solver.flow_sigmas(50, 17.0))  # the same points as the sampling sigmas
+    else:
+        s = solver.flow_sigmas(50, shift)
+        t, alpha = 1000 * s, 1 - s
     seen = []
-    ours = solver.sample(toy_model, x, 1000 * s, 1 - s, s, "flow",
+    ours = solver.sample(toy_model, x, t, alpha, s, "flow",
                          callback=lambda i, xi, x0: seen.append(i), progress=False)
     assert seen == list(range(50))
     assert ours.dtype == torch.float32

@@ -228,3 +228,22 @@ def test_tiny_hunyuan_teacher_embedded_guidance():
     assert (ref - no_g).abs().max() > 0  # the guidance input reaches the output
     out = teacher.sample(x, cond, progress=False)
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_tiny_wan_teacher_cfg_by_default():
+    """Wan (flow, no guidance embedding) guides by CFG: the authors' cond + 5 (cond - uncond) = u + 6 (c - u)."""
+    net = _preset("tiny-wan")
+    D = net.config.text_dim
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, net.config.in_channels, 2, 4, 4, generator=gen)
+    cond, uncond = {"text": torch.randn(2, 6, D, generator=gen)}, {"text": torch.randn(1, 6, D, generator=gen)}
+    grid = solver.grid_for(net.config, n=4)
+    with pytest.raises(ValueError, match="needs `uncond`"):
+        Teacher(net, grid)
+    teacher = Teacher(net, grid, uncond=uncond)
+    assert teacher.mode == "cfg"
+    t = torch.full((2,), float(grid.t[4]))
+    with torch.no_grad():
+        c, u = net(x, t, **cond), net(x, t, text=uncond["text"].expand(2, -1, -1))
+    assert (teacher.out(x, 3, cond) - (c + 5.0 * (c - u))).abs().max() < 1e-5
+    assert Teacher(net, grid, guidance_scale=1.0).mode == "none"

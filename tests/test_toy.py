@@ -149,6 +149,7 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     console = capsys.readouterr()  # each phase's progress reaches the console, not only out/logs/*.log
     assert "[toy] distil dcm" in console.out and "teacher: 100%" in console.err and "detail: 100%" in console.err
     for f in ("report.md", "metrics.json", "fig10_x0_change.png", "fig2_probes.png", "fig5_expert_difference.png",
+              "train_losses.png", "runs/dcm/samples/step_0000000/grid_4step.gif",
               "samples_4step.gif", "classifier.pt"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     with open(os.path.join(out, "metrics.json")) as f:
@@ -167,4 +168,5 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     p = summary["param_counts"]
     assert p["OD"] == 2 * p["VCM"] and p["VCM"] < p["DCM (OD+PE+TC+GF)"] < 1.5 * p["VCM"]
     report = open(os.path.join(out, "report.md")).read()
-    assert "kappa" in report and "samples_4step.gif" in report
+    assert "kappa" in report and "samples_4step.gif" in report and "train_losses.png" in report
+    assert "runs/dcm/samples/step_0000003/grid_4step.gif" in report  # the validation grids of train.py

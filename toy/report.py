@@ -1,5 +1,4 @@
 """Figures, sample GIFs and report.md of a toy run (toy/run.py); everything read from its summary dict."""
-import json
 import math
 import os
 
@@ -9,6 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+
+import plot  # noqa: E402 - the repo's plot.py (toy/run.py puts the repo root on sys.path)
 
 # metric key -> (column title, direction: -1 lower is better, +1 higher, 0 closer to 1 is better)
 METRICS = {
@@ -39,27 +40,6 @@ def fig10(path, l1, kappa, N, frac):
     ax.set_ylabel("mean |x0(k) - x0(k+1)|")
     ax.set_title("teacher: change of the x0 prediction per step")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def fig2(path, probes):
-    """Paper Fig. 2(b): consistency loss and gradient norm on fixed high- vs low-noise probes during VCM."""
-    steps = [r["step"] for r in probes]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, key, title in zip(axes, ("loss", "grad_norm"), ("consistency loss", "gradient norm")):
-        for name, c in (("high", "C3"), ("low", "C0")):
-            ax.plot(steps, [r[f"{name}_{key}"] for r in probes], color=c, label=f"{name} noise")
-        ax.set_yscale("log")
-        ax.set_xlabel("VCM training step")
-        ax.set_title(title)
-        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -186,13 +166,15 @@ def ablation(results, params, models, steps):
     return "\n".join(rows)
 
 
-def write(out, s, models, gif, probes_path):
-    """All figures and report.md into out/."""
+def write(out, s, models, gif, run_dirs):
+    """All figures and report.md into out/; run_dirs: {name: train.py run folder} (vcm's probes are Fig. 2)."""
     S, N = s["settings"], len(s["grid_sigma"]) - 1
     fig10(os.path.join(out, "fig10_x0_change.png"), s["fig10_l1"], s["kappa"], N, S["kappa_frac"])
-    probes = read_jsonl(probes_path) if os.path.isfile(probes_path) else []
-    if probes:
-        fig2(os.path.join(out, "fig2_probes.png"), probes)
+    probes = plot.read_run(run_dirs["vcm"])["probes"]
+    if probes:  # paper Fig. 2, drawn by plot.py as for any run
+        plot.probe_curves(os.path.join(out, "fig2_probes.png"), [{"probes": probes}], ["VCM"])
+    curves = {k: run_dirs[k] for k in ("vcm", "pcm", "sem_tc", "dcm")}
+    plot.loss_curves(os.path.join(out, "train_losses.png"), [plot.read_run(d) for d in curves.values()], list(curves))
     fig5(os.path.join(out, "fig5_expert_difference.png"), s["fig5_groups"], s["fig5_tensors"])
     sample_gif(os.path.join(out, "samples_4step.gif"), gif)
     res, params = s["results"], s["param_counts"]
@@ -232,6 +214,20 @@ def write(out, s, models, gif, probes_path):
                  f"{np.mean([r['low_loss'] for r in probes]):.4g}, grad norm high "
                  f"{np.mean([r['high_grad_norm'] for r in probes]):.4g} / low "
                  f"{np.mean([r['low_grad_norm'] for r in probes]):.4g}.\n")
+    L.append("## Training curves (plot.py)\n")
+    L.append("![losses](train_losses.png)\n\nEvery loss term of the VCM, PCM, semantic (+TC) and DCM detail runs, "
+             f"drawn by `python plot.py {' '.join(os.path.relpath(d, out) for d in curves.values())}` (which also "
+             "draws the probes and the learning-rate / gradient-norm curves).\n")
+    val = os.path.join(run_dirs["dcm"], "samples")
+    steps = sorted(os.listdir(val)) if os.path.isdir(val) else []
+    if steps:
+        L.append("## Validation samples while DCM's detail expert trains (train.py --sample-every)\n")
+        L.append("The same noise and 6 prompts at every validation, 4 sampling steps: at the start (the semantic "
+                 "expert + a zero LoRA) and after the last step. Every run folder holds these grids at 2, 4 and 8 "
+                 "steps (`runs/*/samples/`).\n")
+        for st in (steps[0], steps[-1]):
+            rel = os.path.relpath(os.path.join(val, st, "grid_4step.gif"), out)
+            L.append(f"{st}: ![{st}]({rel})\n")
     L.append("## Fig. 5: which layers differ between two separately trained experts (row OD)\n")
     L.append("![fig5](fig5_expert_difference.png)\n")
     L.append("| layer group | parameters | relative difference |\n|---|---|---|")

@@ -68,6 +68,7 @@ class Settings:
     lora_rank: int = 8
     disc_hidden: int = 64
     probe_every: int = 10
+    sample_every: int = 50        # validation samples of the DCM detail run (train.py --sample-every)
     kappa_sweep: tuple = (-20, -10)  # offsets from the chosen kappa: DCM retrained at each (paper Fig. 10 right)
     eval_seeds: int = 3
     eval_n: int = 96
@@ -78,8 +79,8 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(n_data=256, clf_steps=60, teacher=((60, 1e-3), (20, 2e-4)), batch=8, student_batch=8,
-                 single_steps=6, sem_steps=3, det_steps=3, probe_every=2, kappa_sweep=(), eval_seeds=2, eval_n=24,
-                 eval_steps=(4,), fig10_n=8, gif_n=3)
+                 single_steps=6, sem_steps=3, det_steps=3, probe_every=2, sample_every=3, kappa_sweep=(), eval_seeds=2,
+                 eval_n=24, eval_steps=(4,), fig10_n=8, gif_n=3)
 # model name -> (training run that holds it, paper Table 3 flags OD, PE, TC, GF)
 MODELS = {
     "VCM": ("vcm", (0, 0, 0, 0)),
@@ -250,8 +251,10 @@ def main(argv=None):
     dist = common + ["--teacher", teacher_ckpt, "--lora-rank", str(S.lora_rank), "--disc-hidden", str(S.disc_hidden),
                      "--target-ema", str(S.target_ema), "--batch-size", str(S.student_batch)]
     full = lambda steps: ["--max-steps", str(steps), "--lr", str(S.lr_full)]  # noqa: E731
-    lora = ["--max-steps", str(S.det_steps), "--lr", str(S.lr_lora)]
+    # the committed report was made with the wider target set (text-stream q/k/v/out, refiner time embedding copy)
+    lora = ["--max-steps", str(S.det_steps), "--lr", str(S.lr_lora), "--lora-targets", "all"]
     no_gf, no_tc, no_probe = ["--w-gan", "0", "--w-fm", "0"], ["--w-tc", "0"], ["--probe-every", "0"]
+    watch = ["--sample-every", str(S.sample_every), "--sample-num", "6"]  # validation grids of the DCM run (report)
     runs = {}
     plan = [
         ("vcm", ["--stage", "vcm", "--probe-every", str(S.probe_every)] + full(S.single_steps)),
@@ -262,7 +265,7 @@ def main(argv=None):
         ("pe", ["--stage", "detail", "--init", "@sem"] + no_probe + no_gf + lora),
         ("pe_tc", ["--stage", "detail", "--init", "@sem_tc"] + no_probe + no_gf + lora),
         ("pe_gf", ["--stage", "detail", "--init", "@sem"] + no_probe + lora),
-        ("dcm", ["--stage", "detail", "--init", "@sem_tc"] + no_probe + lora),
+        ("dcm", ["--stage", "detail", "--init", "@sem_tc"] + no_probe + lora + watch),
     ]
     plan = [(name, kappa, extra) for name, extra in plan]
     # the paper's Fig. 10 (right): the full DCM recipe at other cuts
@@ -301,7 +304,7 @@ def main(argv=None):
             "machine": machine(), "phases_s": clock.phases,
         }
         summary["wall_s"] = clock.total()
-        report.write(out, summary, MODELS, gif, os.path.join(runs["vcm"]["out"], "probes.jsonl"))
+        report.write(out, summary, MODELS, gif, {name: r["out"] for name, r in runs.items()})
     summary["wall_s"] = clock.total()
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(summary, f, indent=1)

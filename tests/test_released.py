@@ -1,0 +1,305 @@
+"""released.py: the authors' DCM layout (diffusers model + PEFT `lora1` + `*_lora` copies) <-> our DualExpert.
+
+"Their" model is built the way their inference builds it (fastvideo/sample/inference_hy.py): diffusers'
+transformer, `add_adapter(LoraConfig(...), adapter_name="lora1")`, then the add_layer() copies; its forward
+is their routing (hy_forward / hy_forward_origin): semantic = adapters disabled, original modules;
+detail = adapters enabled and the `*_lora` modules in place of the originals.
+"""
+import copy
+import json
+import math
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import asdict
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import checkpoint
+import experts
+import model
+import released
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+
+R, ALPHA = 4, 8
+TINY_HY, TINY_WAN = model.PRESETS["tiny-hunyuan"], model.PRESETS["tiny-wan"]
+# their threshold: int(t) <= 981 (HunyuanVideo) / 978 (Wan) -> detail; t just above and below it on each side
+ARCHS = {"HunyuanVideo": dict(ref_cls=HunyuanVideoTransformer3DModel, cfg=TINY_HY, n_lora=4 + 2 * 3 + 4,
+                              t_sem=[999.0, 982.0], t_det=[981.9, 912.4]),  # double, single q/k/v, refiner
+         "Wan": dict(ref_cls=WanTransformer3DModel, cfg=TINY_WAN, n_lora=TINY_WAN.num_layers * 8,
+                     t_sem=[999.0, 979.0], t_det=[978.9, 500.0])}  # self- and cross-attention q/k/v/out
+
+
+def theirs(ref_cls, cfg, copies, seed=0):
+    """Their model at a tiny size: diffusers class + PEFT lora1 on to_q/to_k/to_v/to_out.0 + copies, all random."""
+    torch.manual_seed(seed)
+    ref = ref_cls(**asdict(cfg)).eval()
+    ref.add_adapter(LoraConfig(r=R, lora_alpha=ALPHA, init_lora_weights=True,
+                               target_modules=["to_k", "to_q", "to_v", "to_out.0"]), adapter_name="lora1")
+    for theirs_name, ours in copies.items():  # add_layer() + init_layer(): copies of the original modules
+        setattr(ref, theirs_name, copy.deepcopy(getattr(ref, ours)))
+    with torch.no_grad():  # every weight random: zero LoRA B / unit norms would hide mapping bugs
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel() if p.ndim > 1 else 4))
+    return ref
+
+
+@contextmanager
+def detail_modules(ref, copies):
+    """Their detail forward: adapter lora1 enabled, each `<name>_lora` module used in place of `<name>`."""
+    originals = {ours: getattr(ref, ours) for ours in copies.values()}
+    ref.set_adapter("lora1")
+    ref.enable_adapters()
+    for theirs_name, ours in copies.items():
+        setattr(ref, ours, getattr(ref, theirs_name))
+    try:
+        yield
+    finally:
+        for ours, m in originals.items():
+            setattr(ref, ours, m)
+
+
+def save_theirs(ref, folder):
+    """Their single-file layout: the full state dict + config.json as their save_checkpoint writes it."""
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()},
+              os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({k: v for k, v in dict(ref.config).items() if not k.startswith("_")}, f)
+    return folder
+
+
+def hy_inputs(B=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cfg, L = TINY_HY, 7
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[-1, 4:] = 0
+    return dict(x=torch.randn(B, cfg.in_channels, 3, 4, 6, generator=g), text=torch.randn(B, L, cfg.text_embed_dim, generator=g),
+                text_mask=mask, pooled=torch.randn(B, cfg.pooled_projection_dim, generator=g),
+                guidance=torch.full((B,), 6016.0))
+
+
+def wan_inputs(B=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(x=torch.randn(B, TINY_WAN.in_channels, 3, 4, 6, generator=g), text=torch.randn(B, 7, TINY_WAN.text_dim, generator=g))
+
+
+def hy_ref(ref, inp, t):
+    with torch.no_grad():
+        if "pooled" not in inp:  # Wan
+            return ref(inp["x"], t, inp["text"], return_dict=False)[0]
+        return ref(inp["x"], t, inp["text"], inp["text_mask"], inp["pooled"], inp["guidance"], return_dict=False)[0]
+
+
+def hy_ours(expert, inp, t):
+    with torch.no_grad():
+        return expert(inp["x"], t, **{k: v for k, v in inp.items() if k != "x"})
+
+
+def max_err(a, b):
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()
+
+
+def their_folder(arch, tmp_path_factory):
+    copies = released.LAYOUTS[arch]["copies"]
+    ref = theirs(ARCHS[arch]["ref_cls"], ARCHS[arch]["cfg"], copies)
+    folder = save_theirs(ref, str(tmp_path_factory.mktemp(f"DCM_{arch}") / "transformer"))
+    return ref, copies, folder
+
+
+@pytest.fixture(scope="module")
+def hy(tmp_path_factory):
+    return their_folder("HunyuanVideo", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    return their_folder("Wan", tmp_path_factory)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layout_loads_and_both_paths_equal_theirs(arch, request):
+    ref, copies, folder = request.getfixturevalue({"HunyuanVideo": "hy", "Wan": "wan"}[arch])
+    expert, info = released.load_released(os.path.dirname(folder))  # the pipeline folder itself
+    assert info["folder"] == folder and (info["rank"], info["alpha"]) == (R, ALPHA)
+    n_peft = sum(1 for n, _ in ref.named_modules() if n.endswith(".lora_A.lora1"))
+    assert len(expert.lora_names) == n_peft == ARCHS[arch]["n_lora"]
+    inp = hy_inputs() if arch == "HunyuanVideo" else wan_inputs()
+    # both sides of their threshold in one batch each (ours routes per sample, theirs by t[0])
+    t_sem, t_det = torch.tensor(ARCHS[arch]["t_sem"]), torch.tensor(ARCHS[arch]["t_det"])
+    ref.disable_adapters()
+    want_sem = hy_ref(ref, inp, t_sem)
+    with detail_modules(ref, copies):
+        want_det = hy_ref(ref, inp, t_det)
+    err_sem, err_det = max_err(hy_ours(expert, inp, t_sem), want_sem), max_err(hy_ours(expert, inp, t_det), want_det)
+    mixed = hy_ours(expert, inp, torch.tensor([t_sem[0], t_det[1]]))
+    print(f"\n{arch} released layout: semantic max err {err_sem:.2e}, detail max err {err_det:.2e}")
+    assert err_sem <= 1e-5 and err_det <= 1e-5
+    assert max_err(mixed[:1], want_sem[:1]) <= 1e-5 and max_err(mixed[1:], want_det[1:]) <= 1e-5
+    assert max_err(want_sem, want_det) > 1e-2  # the two paths really differ
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_roundtrip_bit_exact(arch, request, tmp_path):
+    _, _, folder = request.getfixturevalue({"HunyuanVideo": "hy", "Wan": "wan"}[arch])
+    expert, _ = released.load_released(folder)
+    out = released.export_released(expert, str(tmp_path / "transformer"))
+    a, b = (load_file(os.path.join(f, "diffusion_pytorch_model.safetensors")) for f in (folder, out))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)  # exactly their file back
+    again, info = released.load_released(out)
+    assert info["alpha"] == ALPHA and all(torch.equal(v, again.state_dict()[k]) for k, v in expert.state_dict().items())
+
+
+def test_trained_here_runs_in_their_model(tmp_path, capsys):
+    """A DualExpert trained here (authors' targets), exported by `released.py export` from a step folder, loads
+    with strict=True into their PEFT model, whose two routes then equal ours; the 'all' set cannot be exported."""
+    copies = released.LAYOUTS["HunyuanVideo"]["copies"]
+    torch.manual_seed(3)
+    ours = experts.DualExpert(model.build_transformer(TINY_HY), 981.762939453125, R, ALPHA).eval()  # kappa 37
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel() if p.ndim > 1 else 4))
+    step = tmp_path / "run" / "step_0000010"
+    ours.save_semantic(step / "transformer")
+    ours.save_detail(step / "detail.safetensors", meta={"kappa": 37})
+    (step / "config.json").write_text(json.dumps({"stage": "detail", "step": 10}))
+    released.main(["export", "--ckpt", str(step.parent), "--out", str(tmp_path / "DCM_MINE" / "transformer")])
+    out = capsys.readouterr()
+    assert "14 LoRA linears" in out.out and "warning" not in out.err  # kappa 37 routes the grid as their 981
+    import solver
+    kappa36 = experts.DualExpert(model.build_transformer(TINY_HY, device="meta"), 979.7507934570312, R, ALPHA)
+    assert released.routing_disagreements(kappa36, solver.flow_grid()) == [pytest.approx(981.7629, abs=1e-3)]
+    ref = theirs(HunyuanVideoTransformer3DModel, TINY_HY, copies, seed=1)  # other weights, all overwritten
+    ref.load_state_dict(load_file(str(tmp_path / "DCM_MINE" / "transformer" / "diffusion_pytorch_model.safetensors")),
+                        strict=True)
+    inp, t_sem, t_det = hy_inputs(), torch.tensor([999.0, 983.68]), torch.tensor([981.762939453125, 912.4])  # grid t
+    ref.disable_adapters()
+    err_sem = max_err(hy_ours(ours, inp, t_sem), hy_ref(ref, inp, t_sem))
+    with detail_modules(ref, copies):
+        err_det = max_err(hy_ours(ours, inp, t_det), hy_ref(ref, inp, t_det))
+    assert err_sem <= 1e-5 and err_det <= 1e-5
+    with pytest.raises(ValueError, match="--lora-targets authors"):
+        released.released_state(experts.DualExpert(model.build_transformer(TINY_HY), 981.7, R, ALPHA, lora_targets="all"))
+    # the same student in sample.py on a custom schedule: each point on the side of its boundary_t (kappa 37)
+    import sample
+    save_file({k: inp[k][:1] for k in ("text", "text_mask", "pooled")}, str(tmp_path / "cond.safetensors"))
+    res = sample.main(["--ckpt", str(step), "--cond", str(tmp_path / "cond.safetensors"), "--frames", "2", "--height", "4",
+                       "--width", "4", "--out", str(tmp_path / "s"), "--device", "cpu", "--timesteps", "1000,981.77,981.76,500"])
+    assert res["experts"] == ["semantic", "semantic", "detail", "detail"] and res["grid_indices"] is None
+
+
+def _edit(folder, dst, change):
+    sd = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    change(sd)
+    os.makedirs(dst, exist_ok=True)
+    save_file(sd, os.path.join(dst, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(folder, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
+        g.write(f.read())
+    return dst
+
+
+def test_unknown_or_missing_key_is_one_line_error(hy, tmp_path, capsys):
+    _, _, folder = hy
+    extra = _edit(folder, str(tmp_path / "extra"), lambda sd: sd.update({"context_embedder_lora.w": torch.zeros(1)}))
+    with pytest.raises(ValueError, match="key 'context_embedder_lora.w' is not part of the authors' HunyuanVideo layout"):
+        released.load_released(extra)
+    gone = "proj_out_lora.bias"
+    missing = _edit(folder, str(tmp_path / "missing"), lambda sd: sd.pop(gone))
+    with pytest.raises(ValueError, match=f"key '{gone}' of the authors' HunyuanVideo layout is missing"):
+        released.load_released(missing)
+    with pytest.raises(ValueError, match="the authors' DCM layout .* sample it with sample.py --ckpt"):
+        checkpoint.load_transformer(folder)  # a plain-transformer loader names the layout, not 300 keys
+    import sample
+    with pytest.raises(SystemExit) as e:  # the command line: exit 2, one line naming the key, no traceback
+        sample.cli(["--ckpt", missing, "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and err.startswith("error: ") and gone in err
+
+
+def test_sample_py_uses_their_schedule_and_routing(hy, tmp_path):
+    import sample
+    _, _, folder = hy
+    cond = tmp_path / "cond.safetensors"
+    inp = hy_inputs(1)
+    save_file({"text": inp["text"], "text_mask": inp["text_mask"], "pooled": inp["pooled"]}, str(cond))
+    res = sample.main(["--ckpt", os.path.dirname(folder), "--cond", str(cond), "--frames", "2", "--height", "4",
+                       "--width", "4", "--out", str(tmp_path / "s"), "--device", "cpu"])
+    assert res["sigmas"] == pytest.approx([1.0, 0.992, 0.9818, 0.9124, 0.0], abs=1e-6)
+    assert res["experts"] == ["semantic", "semantic", "detail", "detail"]
+    res = sample.main(["--ckpt", folder, "--cond", str(cond), "--frames", "2", "--height", "4", "--width", "4",
+                       "--out", str(tmp_path / "t"), "--device", "cpu", "--timesteps", "1000,982,981,500"])
+    assert res["experts"] == ["semantic", "semantic", "detail", "detail"] and res["t"][:4] == [1000.0, 982.0, 981.0, 500.0]
+    with pytest.raises(sample.SampleError, match="not --detail / --teacher / --steps"):
+        sample.main(["--ckpt", folder, "--steps", "4", "--cond", str(cond)])
+
+
+def test_lora_targets_recorded_in_detail_file(tmp_path):
+    """--lora-targets is in the detail file's meta; from_detail rebuilds that set; files from before the flag
+    (no lora_targets) were saved with today's wider set and load as 'all'; a mismatch is an error."""
+    m = model.build_transformer(TINY_HY)
+    for which in ("all", "authors"):
+        e = experts.DualExpert(m, 981.7, R, ALPHA, lora_targets=which)
+        e.save_detail(tmp_path / f"{which}.safetensors")
+        e2 = experts.DualExpert.from_detail(m, tmp_path / f"{which}.safetensors")
+        assert e2.lora_targets == which and e2.lora_names == e.lora_names and e2.copy_names == e.copy_names
+    old = experts.DualExpert(m, 981.7, R, ALPHA, lora_targets="all")
+    meta = {k: v for k, v in old.detail_meta().items() if k != "lora_targets"}
+    save_file({k: v.detach().contiguous() for k, v in old.detail_state().items()}, str(tmp_path / "old.safetensors"),
+              metadata={"dcm": json.dumps(meta)})
+    assert experts.DualExpert.from_detail(m, tmp_path / "old.safetensors").lora_targets == "all"
+    with pytest.raises(ValueError, match="lora_targets"):
+        experts.DualExpert(m, 981.7, R, ALPHA).load_detail(tmp_path / "all.safetensors")
+
+
+def test_sample_py_wan_schedule(wan, tmp_path):
+    import sample
+    _, _, folder = wan
+    save_file({"text": wan_inputs(1)["text"]}, str(tmp_path / "cond.safetensors"))
+    res = sample.main(["--ckpt", folder, "--cond", str(tmp_path / "cond.safetensors"), "--frames", "2", "--height", "4",
+                       "--width", "4", "--out", str(tmp_path / "s"), "--device", "cpu"])
+    wan_t = [1000, 992, 982, 949, 905, 810]
+    assert res["t"] == [*map(float, wan_t), 0.0] and res["schedule"] == {"timesteps": wan_t}
+    assert res["experts"] == ["semantic"] * 3 + ["detail"] * 3  # int(t) <= 978
+
+
+def test_custom_points_as_their_scheduler():
+    """t of --sigmas / --timesteps as their InferencePCMFMScheduler.set_timesteps(sigmas) computes it (float32
+    sigmas * 1000; Wan: sigmas = tensor(t) / 1000), sigmas ending in 0; bad schedules are errors."""
+    import solver
+    hy = [1.0, 0.9920, 0.9818, 0.9124]
+    t, alpha, sigma = solver.custom_points(solver.flow_grid(), sigmas=hy)
+    assert torch.equal(t[:-1].float(), torch.tensor(hy) * 1000) and t[-1] == 0 and sigma[-1] == 0
+    assert torch.equal(sigma[:-1].float(), torch.tensor(hy)) and torch.equal(alpha, 1 - sigma)
+    wan_t = [1000, 992, 982, 949, 905, 810]
+    t, _, _ = solver.custom_points(solver.flow_grid(), timesteps=wan_t)
+    assert torch.equal(t[:-1].float(), torch.tensor([(torch.tensor([x]) / 1000).item() for x in wan_t]) * 1000)
+    for bad in ([900, 950], [1001, 5], [0.0], []):
+        with pytest.raises(ValueError, match="strictly decreasing"):
+            solver.custom_points(solver.flow_grid(), timesteps=bad)
+    with pytest.raises(ValueError, match="integer timesteps"):
+        solver.custom_points(solver.cogvideox_grid(1000), sigmas=[0.5])
+    t, alpha, sigma = solver.custom_points(solver.cogvideox_grid(1000), timesteps=[999, 500])
+    g = solver.cogvideox_grid(1000)
+    assert t.tolist() == [999, 500, 0] and alpha[1] == g.alpha[501] and sigma.tolist()[-1] == 0
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--timesteps", "900,950"], "--timesteps: timesteps must be strictly decreasing"),
+    (["--sigmas", "1.0,x"], "--sigmas '1.0,x' is not a comma-separated list"),
+    (["--sigmas", "1.5,0.5"], "--sigmas: sigmas must be strictly decreasing in \\(0, 1\\]"),
+    (["--timesteps", "999,500", "--teacher"], "neither with --teacher"),
+])
+def test_sample_py_schedule_flag_errors(argv, match, capsys):
+    import sample
+    with pytest.raises(SystemExit) as e:
+        sample.cli(["--ckpt", "nowhere"] + argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and err.startswith("error: ")
+    assert re.search(match, err), err
