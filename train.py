@@ -29,16 +29,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from tqdm.auto import tqdm
 
 import checkpoint
 import checks
 import data
 import experts
+import fsdp
 import losses
 import model as models
 import monitor
 import parallel
+import plan
 import solver
 from teacher import Teacher, embedded_guidance, uses_cfg
 
@@ -107,6 +110,10 @@ def parse_args(argv):
     a("--compile", action="store_true", help="torch.compile the student")
     a("--dry-run", action="store_true", help="print sizes and memory per GPU, then exit")
     a("--world-size", type=int, help="dry-run: plan for this many GPUs (default WORLD_SIZE or 1)")
+    a("--frames", type=int, help="dry-run: latent frames (with --height/--width; default: --data's, else the model's)")
+    a("--height", type=int, help="dry-run: latent height")
+    a("--width", type=int, help="dry-run: latent width")
+    a("--gpu-mem", type=float, default=80.0, help="dry-run: GiB per GPU to fit in")
     a("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
     for name, table in (("max_steps", max_steps), ("lr", lr), ("w_tc", w_tc), ("w_gan", w_gan), ("w_fm", w_fm)):
@@ -150,44 +157,9 @@ def build_student(args, cfg, grid, ckpt=None, device="cpu"):
     return m
 
 
-def shard(m, mesh):
-    """FSDP2: every transformer block its own unit, the rest in the root's."""
-    from torch.distributed.fsdp import fully_shard
-    for mod in list(m.modules()):
-        for name in ("transformer_blocks", "single_transformer_blocks"):
-            for block in getattr(mod, name, None) or ():
-                fully_shard(block, mesh=mesh)
-    fully_shard(m, mesh=mesh)
-
-
 def k_between(u, lo, hi):
     """Uniform grid index in lo..hi from u in [0, 1)."""
     return (lo + (u * (hi - lo + 1)).long()).clamp(max=hi)
-
-
-def dry_run(args, cfg, grid):
-    """Parameter counts and per-GPU memory of weights/grads/AdamW/EMA/teacher/discriminator (meta device)."""
-    world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
-    count = lambda m, train=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not train)  # noqa: E731
-    student = build_student(args, cfg, grid, device="meta")
-    total, train = count(student), count(student, True)
-    teach = 0 if args.stage == "teacher" else count(models.build_transformer(cfg, device="meta"))
-    gan = args.stage == "detail" and (args.w_gan or args.w_fm)
-    with torch.device("meta"):
-        disc = count(losses.Discriminator.for_model(student, args.disc_hidden)) if gan else 0
-    sh = world if args.fsdp else 1
-    mem = {"student weights (fp32)": 4 * total / sh, "grads (fp32)": 4 * train / sh,
-           "AdamW states (fp32)": 8 * train / sh, "EMA target (fp32)": 4 * total / sh * (args.target_ema > 0 and args.stage != "teacher"),
-           f"teacher ({args.dtype})": (2 if args.dtype == "bf16" else 4) * teach / sh,
-           "discriminator + grads + AdamW": 16 * disc}
-    print(f"stage {args.stage}, {type(cfg).__name__}, world {world}{' FSDP' if args.fsdp else ''}, {args.dtype}")
-    print(f"params: student {total / 1e9:.3f} B ({train / 1e9:.4f} B trainable), teacher {teach / 1e9:.3f} B, "
-          f"discriminator {disc / 1e6:.1f} M")
-    for k, v in mem.items():
-        print(f"  {k:32s} {v / 2**30:9.2f} GiB per GPU")
-    print(f"  {'total (without activations)':32s} {sum(mem.values()) / 2**30:9.2f} GiB per GPU")
-    print(f"global batch {args.batch_size} x {args.grad_accum} x {world} = {args.batch_size * args.grad_accum * world}")
-    return {"params": total, "trainable": train, "teacher": teach, "disc": disc, "memory": mem, "world": world}
 
 
 def main(argv=None):
@@ -200,7 +172,7 @@ def main(argv=None):
     kind = models.build_transformer(cfg, device="meta").prediction
     grid = solver.flow_grid(args.grid_steps, args.shift) if kind == "flow" else solver.grid_for(cfg, args.grid_steps)
     if args.dry_run:
-        return dry_run(args, cfg, grid)
+        return plan.dry_run(args, cfg, lambda: build_student(args, cfg, grid, device="meta"))
     # torchrun sets RANK/WORLD_SIZE; --fsdp in a plain process runs a 1-process group
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     dev, _ = str(checks.device(args.device)), checks.out_dir(args.out)
@@ -217,7 +189,9 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
     distributed, out, B, accum = dist.is_initialized(), args.out, args.batch_size, args.grad_accum
     N, kap = grid.N, args.kappa
     log0 = print if rank == 0 else (lambda *a, **k: None)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")  # noqa: E731
+    # FSDP: no autocast weight cache, it would hold a bf16 copy of every unsharded weight through the forward
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16",  # noqa: E731
+                                      cache_enabled=not args.fsdp)
     boundaries = {"teacher": [], "vcm": [], "semantic": [kap], "detail": [kap],
                   "pcm": [(N * j + args.phases // 2) // args.phases - 1 for j in range(args.phases - 1, 0, -1)]}[args.stage]
     k_lo, k_hi = {"semantic": (kap + 1, N - 1), "detail": (0, kap)}.get(args.stage, (0, N - 1))
@@ -237,31 +211,33 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
     ckpt, state = checkpoint.open_run(out, args.resume, vars(args) | paths | {"boundaries": boundaries},
                                       args.resume_anyway, rank == 0)
 
-    # --- models: the same init seed on every rank; FSDP2 moves CPU weights to the GPU shard by shard
+    # --- models: the same init seed on every rank; --fsdp: meta build, each rank reads its own shards (fsdp.py)
     torch.manual_seed(args.seed)
-    load_device = torch.device("cpu") if args.fsdp else device
-    student = build_student(args, cfg, grid, ckpt, load_device).to(load_device).train()
-    ema = deepcopy(student).requires_grad_(False) if args.target_ema > 0 and args.stage != "teacher" else None
+    tdtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.fsdp:  # FSDP2 per block + root, the EMA and the frozen teacher sharded too
+        mesh = init_device_mesh(device.type, (world,))
+        student, ema, tmodel = fsdp.start_up(args, ckpt, state, mesh, device, tdtype,
+                                             lambda c, d: build_student(args, cfg, grid, c, d), load)
+    else:
+        student = build_student(args, cfg, grid, ckpt, device).to(device)
+        ema = deepcopy(student).requires_grad_(False) if args.target_ema > 0 and args.stage != "teacher" else None
+        tmodel = None if args.stage == "teacher" else load(args.teacher, tdtype, device)
+        if ema is not None and state:
+            ema.load_state_dict(state["ema"])
+    print(f"rank {rank}: peak host memory at start-up {fsdp.host_peak_gib():.2f} GiB (ru_maxrss)", flush=True)
+    student.train()
     teacher, disc = None, losses.Discriminator.for_model(student, args.disc_hidden).to(device) if gan else None
-    if args.stage != "teacher":
-        tmodel = load(args.teacher, torch.bfloat16 if args.dtype == "bf16" else torch.float32, load_device)
+    if tmodel is not None:
         teacher = Teacher(tmodel, grid, args.guidance, uncond if uses_cfg(tmodel) else None)
-    if ema is not None and state:
-        ema.load_state_dict(state["ema"])
     frozen_teacher = [] if teacher is None else [teacher.model]
     for m in [student] + frozen_teacher if args.grad_ckpt else []:
         m.gradient_checkpointing = True
     if args.compile:
         student.compile()
 
-    # --- distributed: DDP, or FSDP2 per block + root (EMA and the frozen teacher sharded too)
+    # --- distributed: DDP (FSDP2: sharded at start-up)
     student_mod = student
-    if args.fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(device.type, (world,))
-        for m in [student] + ([ema] if ema else []) + frozen_teacher:
-            shard(m, mesh)
-    elif distributed:
+    if distributed and not args.fsdp:
         student_mod = torch.nn.parallel.DistributedDataParallel(student)  # no device_ids: host t stays on the host
     for p in disc.parameters() if disc is not None and distributed else ():
         dist.broadcast(p.data, 0)

@@ -1,0 +1,211 @@
+"""FSDP2 for train.py --fsdp: `shard` (every block its own unit + the root), start-up without a full copy per rank
+and the host-memory peak it reaches.
+
+Start-up (`start_up`): the student (a DualExpert in the detail stage), its EMA and the frozen teacher are built on
+the meta device, sharded, given empty local shards on the training device, and each rank then reads only its own
+rows of every parameter: straight from the safetensors files with plain reads (no mmap, whose touched pages would
+count as this process's memory), the EMA on resume from the mmap-loaded train_state.pt. No rank holds a full copy:
+per rank, host memory is its shards (on the GPU in a real run) plus one tensor's rows in flight. A fresh detail
+adapter draws its LoRA A matrices from the same seeded CPU generator, in the same order, as `DualExpert` does on a
+full model, so the start-up equals the full-copy one bit for bit (tests/test_fsdp.py). `DCM_FSDP_FULL_COPY=1` runs
+the old start-up (every rank loads everything, then shards): the reference. Measured host memory:
+`python tests/fsdp_host_memory.py` (README).
+"""
+import json
+import math
+import os
+import resource
+import struct
+from copy import deepcopy
+
+import torch
+from safetensors import safe_open
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+import checkpoint
+import experts
+import model as models
+
+
+def shard(m, mesh):
+    """FSDP2: every transformer block its own unit, the rest in the root's."""
+    from torch.distributed.fsdp import fully_shard
+    for mod in list(m.modules()):
+        for name in ("transformer_blocks", "single_transformer_blocks", "blocks"):  # blocks: Wan
+            for block in getattr(mod, name, None) or ():
+                fully_shard(block, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+
+
+def host_peak_gib():
+    """This process's peak resident host memory so far (ru_maxrss, KiB on Linux) in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class _Folder:
+    """A diffusers transformer folder (or a step folder holding one), read a row range at a time with plain reads of
+    the safetensors files: no mmap, whose touched pages would count in this process's resident memory."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32}
+
+    def __init__(self, path):
+        folder = checkpoint.transformer_folder(path)
+        self.shapes = checkpoint._folder_tensors(folder)[0]  # also checks the index against the files
+        self.entry, self.handle = {}, {}
+        for shard in checkpoint._shard_files(folder):
+            f = open(os.path.join(folder, shard), "rb")  # noqa: SIM115 - kept open until the reader is dropped
+            n = struct.unpack("<Q", f.read(8))[0]  # safetensors: u64 header size, JSON header, then the data
+            for k, e in json.loads(f.read(n)).items():
+                if k != "__metadata__":
+                    self.entry[k], self.handle[k] = (e["dtype"], e["shape"], 8 + n + e["data_offsets"][0]), f
+
+    def read(self, key, rows):
+        """Rows rows[0] of tensor key (FSDP2 shards dim 0; the other dims whole), read straight from the file."""
+        dtype, shape, start = self.entry[key]
+        dt = self.DTYPES[dtype]
+        if any((s.start, s.stop) != (0, n) for s, n in zip(rows[1:], shape[1:])):
+            raise ValueError(f"{key}: only row ranges can be read, got {rows}")
+        lo, hi = (rows[0].start, rows[0].stop) if shape else (0, 1)
+        row = math.prod(shape[1:]) * dt.itemsize
+        buf = bytearray((hi - lo) * row)
+        f = self.handle[key]
+        f.seek(start + lo * row)
+        if f.readinto(buf) != len(buf):
+            raise ValueError(f"{f.name}: truncated (tensor {key} ends past the end of the file)")
+        t = torch.frombuffer(buf, dtype=dt)
+        return t.view(hi - lo, *shape[1:]) if shape else t[0]
+
+
+class _Tensors:
+    """Tensors (or safetensors slices) by key, read row range by row range: train_state.pt's EMA (mmap-loaded), a
+    converted original checkpoint, a detail adapter file."""
+
+    def __init__(self, sd, shapes=None):
+        self.sd, self.shapes = sd, shapes or {k: tuple(v.shape) for k, v in sd.items()}
+
+    def read(self, key, rows):
+        return self.sd[key][rows]
+
+
+def _source(path):
+    """_Folder of a diffusers folder, else the converted original-format file (mmap-loaded)."""
+    return _Tensors(checkpoint._load_state_dict_file(path)[1]) if os.path.isfile(path) else _Folder(path)
+
+
+def _rows(p):
+    """The index of this rank's local shard inside the full tensor of parameter p (DTensor or plain)."""
+    if not isinstance(p, DTensor):
+        return tuple(slice(0, n) for n in p.shape), p
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape)), p.to_local()
+
+
+@torch.no_grad()
+def fill(m, locate):
+    """Fill each local shard of m (already given memory by to_empty) from locate(name) -> (source, key); None =
+    left as it is (a fresh adapter's LoRA, drawn by _fresh_lora)."""
+    for name, p in m.named_parameters():
+        where = locate(name)
+        if where is None:
+            continue
+        src, key = where
+        rows, local = _rows(p)
+        if local.numel():
+            local.copy_(src.read(key, rows).to(local.dtype))
+
+
+def _dual_locate(m, base, detail):
+    """name -> (source, key) for a DualExpert: the backbone from `base`; LoRA and copies from the adapter file
+    `detail` (resume), or (fresh) copies from `base` and LoRA None (drawn by `_fresh_lora`)."""
+    table = {f"backbone.{k}": (base, k) for k in m.backbone.state_dict()}
+    for n in m.lora_names:
+        for attr, suffix in (("A", "lora_A"), ("B", "lora_B")):
+            table[f"lora.{experts._key(n)}.{attr}"] = (detail, f"{n}.{suffix}.weight") if detail else None
+    for n in m.copy_names:
+        for k in m.copies[experts._key(n)].state_dict():
+            table[f"copies.{experts._key(n)}.{k}"] = (detail or base, f"{n}.{k}")
+    return table.get
+
+
+@torch.no_grad()
+def _fresh_lora(models_):
+    """A fresh adapter's LoRA pairs, drawn as DualExpert draws them (same shapes, order and CPU generator), each
+    written as its local shard into every model of models_ (the student and its EMA start equal)."""
+    first = models_[0]
+    for n in first.lora_names:
+        key = experts._key(n)
+        a = first.lora[key].A
+        fresh = experts.LoRA(a.shape[1], first.lora[key].B.shape[0], first.rank, first.alpha)  # full, one at a time
+        for mm in models_:
+            for attr in ("A", "B"):
+                rows, local = _rows(getattr(mm.lora[key], attr))
+                if local.numel():
+                    local.copy_(getattr(fresh, attr)[rows])
+
+
+def _open_detail(m, path):
+    """The adapter file of a resumed detail run as a _Tensors reader, checked like DualExpert.load_detail."""
+    info, mine = experts.DualExpert.read_detail_meta(path), m.detail_meta()
+    bad = [f"{k}: file {info.get(k)!r} vs expert {v!r}" for k, v in mine.items() if info.get(k) != v]
+    if bad:
+        raise ValueError(f"{path} was saved for a different detail expert: " + "; ".join(bad))
+    f = safe_open(path, framework="pt")  # small (the adapter): its slices are read directly
+    slices = {k: f.get_slice(k) for k in f.keys()}
+    src = _Tensors(slices, {k: tuple(v.get_shape()) for k, v in slices.items()})
+    want = set(m.detail_state())
+    if set(src.shapes) != want:
+        raise ValueError(f"{path}: missing keys {sorted(want - set(src.shapes))[:10]}, "
+                         f"unexpected keys {sorted(set(src.shapes) - want)[:10]}")
+    return src
+
+
+def start_up(args, ckpt, state, mesh, device, tdtype, build, load):
+    """(student, ema or None, teacher model or None), sharded over mesh, each rank holding only its own shards.
+
+    build(ckpt, device): train.build_student; load(path, dtype, device): train.load (the full-copy reference path and
+    a fresh, randomly initialised student, which has no file to read from: built in full, then sharded)."""
+    want_ema = args.target_ema > 0 and args.stage != "teacher"
+    src = ckpt or args.init or args.teacher
+    if os.environ.get("DCM_FSDP_FULL_COPY") or not src:
+        student = build(ckpt, torch.device("cpu"))
+        ema = deepcopy(student).requires_grad_(False) if want_ema else None
+        if ema is not None and state:
+            ema.load_state_dict(state["ema"])
+        tmodel = None if args.stage == "teacher" else load(args.teacher, tdtype, torch.device("cpu"))
+        for m in [student, ema, tmodel]:
+            if m is not None:
+                shard(m, mesh)
+        return student, ema, tmodel
+    try:
+        student = build(ckpt, "meta")
+        ema = build(ckpt, "meta").requires_grad_(False) if want_ema else None
+        dual = isinstance(student, experts.DualExpert)
+        base = _source(src)
+        checkpoint.check_keys(student.backbone if dual else student, base.shapes, src)
+        detail = _open_detail(student, os.path.join(ckpt, "detail.safetensors")) if dual and ckpt else None
+        tmodel = teach = None
+        if args.stage != "teacher":
+            tmodel = models.build_transformer(student.config, device="meta", dtype=tdtype)
+            teach = base if args.teacher == src else _source(args.teacher)
+            checkpoint.check_keys(tmodel, teach.shapes, args.teacher)
+        for m in [student, ema, tmodel]:
+            if m is not None:
+                shard(m, mesh)
+                m.to_empty(device=device)  # DTensor params swapped in place: the DualExpert's grafted tree sees them
+        if dual:  # drawn even on resume (then overwritten): the generator ends where the full-copy start-up leaves it
+            _fresh_lora([student] + ([ema] if ema is not None and not state else []))
+        locate = _dual_locate(student, base, detail) if dual else (lambda name: (base, name))
+        fill(student, locate)
+        if ema is not None:
+            fill(ema, (lambda name, sd=_Tensors(state["ema"]): (sd, name)) if state else locate)
+        if tmodel is not None:
+            fill(tmodel, lambda name: (teach, name))
+    except (ValueError, OSError, KeyError) as e:
+        raise ValueError(f"cannot load the transformer in {src}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # noqa: BLE001 - truncated safetensors raise their own error type
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"cannot load the transformer in {src}: {str(e).splitlines()[0]}") from e
+    return student, ema, tmodel

@@ -1,0 +1,59 @@
+"""fsdp.py: the meta start-up (each rank reads its own shards) equals the full-copy one bit for bit, at start-up and
+after training, for the detail stage (DualExpert, EMA, bf16 teacher: fresh adapter, then resumed); its
+errors name the checkpoint. Host memory: tests/fsdp_host_memory.py (a script, numbers in the README)."""
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+import checkpoint
+import model
+from test_train import ENV, ROOT, make_dataset, run, tensors
+
+
+def test_meta_start_up_equals_full_copy(tmp_path):
+    """2 gloo ranks, time_embed_dim 33 so some parameters shard unevenly (17 + 16 rows)."""
+    cfg = dataclasses.replace(model.PRESETS["tiny-cogvideox"], time_embed_dim=33)
+    for name, seed in (("teacher", 0), ("init", 1)):
+        torch.manual_seed(seed)
+        checkpoint.save_transformer(model.build_transformer(cfg), tmp_path / name, max_shard_size="20KB")
+    d = make_dataset(tmp_path / "data", "tiny-cogvideox")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "_fsdp_check.py"), str(tmp_path / "out"), str(tmp_path / "teacher"),
+           str(tmp_path / "init"), d]
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "rank 1: peak host memory at start-up" in p.stdout
+    out = tmp_path / "out"
+    for case in ("detail", "detail_resume"):
+        for rank in (0, 1):
+            meta, full = (torch.load(out / case / mode / f"rank{rank}.pt")["shards"] for mode in ("meta", "full"))
+            assert meta.keys() == full.keys() and len(meta) > 150
+            assert [k for k in meta if not torch.equal(meta[k], full[k])] == [], (case, rank)
+            if case == "detail_resume":  # the resumed adapter is the trained one, not a fresh draw
+                fresh = torch.load(out / "detail" / "meta" / f"rank{rank}.pt")["shards"]
+                assert any(not torch.equal(meta[k], fresh[k]) for k in meta if "/lora." in k and k.endswith(".B"))
+    for step in (1, 2):  # the run, then its resumed continuation: weights, EMA, optimizer, discriminator, RNG
+        meta, full = (tensors(out / "detail" / mode / f"step_{step:07d}") for mode in ("meta", "full"))
+        assert meta.keys() == full.keys() and any("disc" in k for k in meta) and any("ema" in k for k in meta)
+        assert [k for k in meta if not torch.equal(meta[k], full[k])] == [], step
+
+
+def test_meta_start_up_errors_name_the_checkpoint(tmp_path):
+    """A truncated teacher under --fsdp: one ValueError naming it (train.py prints it as one error line)."""
+    cfg = model.PRESETS["tiny-cogvideox"]
+    checkpoint.save_transformer(model.build_transformer(cfg), tmp_path / "t")
+    shutil.copytree(tmp_path / "t", tmp_path / "broken")
+    with open(tmp_path / "broken" / "diffusion_pytorch_model.safetensors", "r+b") as f:
+        f.truncate(200)
+    d = make_dataset(tmp_path / "data", "tiny-cogvideox")
+    try:
+        run("--stage", "semantic", "--teacher", tmp_path / "broken", "--data", d, "--out", tmp_path / "o", "--fsdp",
+            "--device", "cpu", "--max-steps", 1)
+    except ValueError as e:
+        assert "cannot load the transformer in" in str(e) and "broken" in str(e)
+    else:
+        raise AssertionError("a truncated checkpoint loaded")

@@ -1,0 +1,180 @@
+"""plan.py (train.py --dry-run): the activation count per block and the whole-step estimate against CPU measurements
+of tiny presets (semantic and detail stage, grad checkpointing on/off, fp32/bf16), the paper's settings, bad input."""
+import dataclasses
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import checkpoint
+import data
+import model
+import plan
+import train
+
+
+class LiveBytes(TorchDispatchMode):
+    """The measurement: bytes of every live tensor storage made inside the mode (each counted once, until freed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()
+
+    def _free(self, key, n):
+        self.live -= n
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                st = t.untyped_storage()
+                if id(st) not in self.seen and st.nbytes():
+                    self.seen.add(id(st))
+                    self.live += st.nbytes()
+                    weakref.finalize(st, self._free, id(st), st.nbytes())
+                    self.peak = max(self.peak, self.live)
+        return out
+
+
+CONFIGS = {  # width 128 and 1024 video tokens: activations dominate the weights, as at full size
+    "cogvideox": dataclasses.replace(model.PRESETS["tiny-cogvideox"], num_attention_heads=2, attention_head_dim=64,
+                                     time_embed_dim=64, max_text_seq_length=8),
+    "hunyuan": dataclasses.replace(model.PRESETS["tiny-hunyuan"], num_attention_heads=2, attention_head_dim=64,
+                                   rope_axes_dim=(16, 24, 24), num_layers=1, num_single_layers=1),
+}
+WAN = dataclasses.replace(model.PRESETS["tiny-wan"], num_attention_heads=2, attention_head_dim=64, ffn_dim=512,
+                          num_layers=1)  # the per-block check only
+SIZE = (4, 32, 32)  # latent F, H, W: 1024 video tokens
+
+
+def make_run(root, cfg):
+    """A teacher transformer folder and a 2-sample dataset of SIZE for cfg."""
+    torch.manual_seed(0)
+    checkpoint.save_transformer(model.build_transformer(cfg), root / "t")
+    C, L, g = cfg.in_channels, 8, torch.Generator().manual_seed(0)
+    t = {"latents": torch.randn(2, C, *SIZE, generator=g), "text": torch.randn(2, L, cfg.text_embed_dim, generator=g)}
+    un = {"text": torch.zeros(1, L, cfg.text_embed_dim)}
+    if getattr(cfg, "pooled_projection_dim", None):
+        t |= {"pooled": torch.randn(2, cfg.pooled_projection_dim), "text_mask": torch.ones(2, L, dtype=torch.long)}
+        un |= {"pooled": torch.zeros(1, cfg.pooled_projection_dim), "text_mask": torch.ones(1, L, dtype=torch.long)}
+    data.write_shard(root / "d", 0, t)
+    data.write_manifest(root / "d", model="custom", latent_shape=[C, *SIZE], vae_scaling_factor=1.0,
+                        shards=[{"file": data.shard_name(0), "num": 2}], uncond=un)
+    return ["--teacher", str(root / "t"), "--init", str(root / "t"), "--data", str(root / "d"), "--batch-size", "1",
+            "--probe-every", "0", "--save-every", "0", "--device", "cpu", "--lora-rank", "8", "--disc-hidden", "64"]
+
+
+def measured(argv, monkeypatch):
+    """Peak live bytes during train.py's 2nd step over those live as it starts (weights, AdamW states, teacher, EMA,
+    discriminator, data: the planner's static terms) = what the step adds: activations, grads, latents."""
+    tracker, draws = LiveBytes(), data.draws
+
+    def spy(index, step, *a, **k):
+        if step == 1:
+            tracker.start, tracker.peak = tracker.live, tracker.live
+        return draws(index, step, *a, **k)
+    monkeypatch.setattr(data, "draws", spy)
+    with tracker:
+        train.main(argv + ["--max-steps", "2"])
+    return tracker.peak - tracker.start
+
+
+def block_saved(block, args, dtype):
+    """Bytes autograd saves in one block's forward: parameters, their autocast casts and the inputs left out."""
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    flat = [t for a in args for t in (a if isinstance(a, tuple) else (a,))]  # RoPE tables come as a (cos, sin) pair
+    skip = params | {a.untyped_storage().data_ptr() for a in flat if torch.is_tensor(a) and not a.requires_grad}
+    shapes = {s for p in block.parameters() for s in (tuple(p.shape), tuple(p.shape)[::-1])}  # W and W.t()
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip and not (t.dtype == torch.bfloat16 and tuple(t.shape) in shapes):
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(*args)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("grads", ["full", "none"])
+def test_block_units_equal_saved_tensors(dtype, grads):
+    """plan.block_units (the per-block formula) against the bytes autograd saves in each kind of block, trained
+    (the student) and frozen (the teacher's GAN pass, input gradient only); within 8%
+    (measured: -2.2% to +5.5%: README)."""
+    B, Lv, Lt, D = 1, 512, 32, 128
+    act = torch.bfloat16 if dtype == "bf16" else torch.float32
+    x, c = (torch.randn(B, n, D, dtype=act, requires_grad=True) for n in (Lv, Lt))
+    h = torch.randn(B, Lv + Lt, D, dtype=act, requires_grad=True)
+    cos, sin = torch.randn(Lv + Lt, 64), torch.randn(Lv + Lt, 64)
+    cog, hun = (model.build_transformer(CONFIGS[k]) for k in ("cogvideox", "hunyuan"))
+    wan = model.build_transformer(WAN)
+    for m in (cog, hun, wan):
+        m.requires_grad_(grads == "full")
+    blocks = {("cogvideox", "block"): (cog.transformer_blocks[0], (x, c, torch.randn(B, 64))),
+              ("hunyuan", "double"): (hun.transformer_blocks[0], (x, c, torch.randn(B, D), None, cos, sin)),
+              ("hunyuan", "single"): (hun.single_transformer_blocks[0], (h, torch.randn(B, D), None, cos, sin)),
+              ("wan", "block"): (wan.blocks[0], (x, c, torch.randn(B, 6, D), (cos[:Lv], sin[:Lv])))}
+    for (arch, kind), (block, args) in blocks.items():
+        got = block_saved(block, args, dtype)
+        cfg = WAN if arch == "wan" else CONFIGS[arch]
+        tokens = Lv if arch == "wan" else Lv + Lt  # Wan's text enters by cross-attention only
+        want = plan.block_units(cfg, dtype, "cpu", grads)[kind][2] * D * B * tokens
+        print(f"{arch} {kind} {dtype} {grads}: saved {got} formula {want:.0f} error {want / got - 1:+.1%}")
+        assert abs(got / want - 1) < 0.08, (arch, kind, dtype, grads, got, want)
+
+
+STEPS = [("cogvideox", "semantic", True, "fp32"), ("cogvideox", "detail", False, "fp32"),
+         ("hunyuan", "semantic", False, "bf16"), ("hunyuan", "detail", True, "bf16")]
+
+
+@pytest.mark.parametrize("arch,stage,ckpt,dtype", STEPS)
+def test_step_peak_within_15_percent(tmp_path, monkeypatch, arch, stage, ckpt, dtype):
+    """The dry run's activations + grads + latents against the measured peak of one real train.py step (CPU, the
+    LiveBytes measurement above): within the issue's 15% (measured: 1-7%, see README)."""
+    argv = make_run(tmp_path, CONFIGS[arch]) + ["--stage", stage, "--dtype", dtype] + ["--grad-ckpt"] * ckpt
+    got = measured(argv + ["--out", str(tmp_path / "run")], monkeypatch)
+    p = train.main(argv + ["--dry-run"])["plan"]
+    want = p["total"] - sum(p["static"].values())
+    assert abs(want / got - 1) < 0.15, (got, want, p["passes"])
+
+
+def test_plans_scale_and_answer(capsys):
+    """Full-size plans on the meta device: SP divides the video tokens and the activations, FSDP the states; the
+    paper's HunyuanVideo semantic step (115,200 tokens) needs ~76 GiB at SP 1 on 24 GPUs: it does not fit 70 GiB there
+    and does at SP 2."""
+    base = ["--stage", "semantic", "--config", "hunyuan-video", "--dry-run", "--dtype", "bf16", "--grad-ckpt", "--fsdp",
+            "--world-size", "24", "--frames", "32", "--height", "90", "--width", "160", "--gpu-mem", "70"]
+    r = train.main(base)
+    assert r["plan"]["shape"].video == 115200 and not r["fits"] and r["min_sp"] == 2
+    out = capsys.readouterr().out
+    assert "does NOT fit in 70 GiB" in out and "smallest SP degree that fits: 2" in out
+    args, cfg = train.parse_args(base), model.PRESETS["hunyuan-video"]
+    counts = {k: r[k] for k in ("params", "trainable", "teacher", "disc")} | {"block": 0, "taps": [], "cfg": False}
+    p1, p4 = (plan.plan(args, cfg, counts, sp) for sp in (1, 4))
+    assert p4["shape"].video == 115200 // 4 and p4["total"] < p1["total"] and p4["static"] == p1["static"]
+    assert p1["static"]["AdamW states (fp32)"] == 8 * counts["trainable"] / 24
+    args.frames = args.height = args.width = None  # no size known: weights, grads and optimizer only
+    assert plan.plan(args, cfg, counts, 1)["passes"] == {}
+
+
+def test_dry_run_bad_input(monkeypatch):
+    """Impossible sizes: one error line naming the flags, non-zero exit, before any model is built."""
+    base = ["train.py", "--stage", "semantic", "--config", "tiny-hunyuan", "--dry-run"]
+    for bad, want in ((["--frames", "32", "--height", "91", "--width", "160"], "divisible by the patch"),
+                      (["--frames", "0", "--height", "90", "--width", "160"], "must be >= 1"),
+                      (["--frames", "32"], "go together"),
+                      (["--frames", "4", "--height", "8", "--width", "8", "--gpu-mem", "0"], "--gpu-mem 0.0"),
+                      (["--frames", "4", "--height", "8", "--width", "8", "--sp", "3", "--world-size", "6"],
+                       "--sp 3 must divide the attention heads (2)")):
+        monkeypatch.setattr("sys.argv", base + bad)
+        with pytest.raises(SystemExit) as e:
+            train._cli()
+        msg = e.value.code
+        assert isinstance(msg, str) and msg.startswith("error: ") and want in msg and "\n" not in msg, msg
