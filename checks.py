@@ -169,12 +169,17 @@ def config_diff(a, b):
 
 
 def train_sources(args, cfg):
-    """--init must be the teacher's architecture, and for --stage detail a semantic-stage checkpoint: checked from
-    the configs alone, before any weights are read or anything is written."""
+    """--teacher / --init step folders must be intact (integrity.py); --init must be the teacher's architecture, and
+    for --stage detail a semantic-stage checkpoint: checked before any weights are loaded or anything is written."""
     import sys
 
     import checkpoint
-    if not args.init or args.dry_run:  # a dry run plans on the meta device, --init may not exist here
+    if args.dry_run:  # a dry run plans on the meta device, --init may not exist here
+        return
+    for path in (args.teacher, args.init):  # step folders: complete, checksums intact (also under --fsdp)
+        if path:
+            checkpoint.check_step(path)
+    if not args.init:
         return
     icfg = checkpoint.read_config(args.init)
     if diff := config_diff(icfg, cfg):
