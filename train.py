@@ -36,6 +36,7 @@ import checkpoint
 import checks
 import data
 import experts
+import lora
 import fsdp
 import losses
 import model as models
@@ -95,7 +96,7 @@ def parse_args(argv):
     a("--loss", default=loss, choices=("huber", "l2"), help="consistency loss: pseudo-Huber c=1e-3 or L2")
     a("--detail-full", action="store_true", help="detail: full fine-tuned copy instead of LoRA (ablation OD)")
     a("--lora-rank", type=int, default=lora_rank, help="detail LoRA rank (alpha = 2 x rank)")
-    a("--lora-targets", default="authors", choices=experts.LORA_TARGETS, help="detail: the authors' PEFT set or ours (all)")
+    a("--lora-targets", default="authors", choices=lora.LORA_TARGETS, help="detail: the authors' PEFT set or ours (all)")
     a("--disc-hidden", type=int, default=disc_hidden, help="discriminator width (multiple of 32)")
     a("--cond-drop", type=float, default=cond_drop, help="teacher stage, CFG models: uncond probability")
     a("--guidance", type=float, default=guidance, help="teacher guidance scale")

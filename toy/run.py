@@ -36,7 +36,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
-from experts import TARGETS  # noqa: E402
+from lora import TARGETS  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from teacher import Teacher, adjacent_x0_l1  # noqa: E402
@@ -175,7 +175,7 @@ def eval_batch(seed, n, spec):
 
 
 def param_groups(name):
-    """Fig. 5 group of a HunyuanVideo parameter name: the DualExpert's layer kinds (experts.TARGETS)."""
+    """Fig. 5 group of a HunyuanVideo parameter name: the DualExpert's layer kinds (lora.TARGETS)."""
     spec = TARGETS["HunyuanVideo"]
     kinds = (("timestep embeddings + out head", "copy"), ("attention linears", "lora"), ("AdaLN modulation", "adaln"))
     for group, key in kinds:
