@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
+import checks
 import integrity
 import model as M
 
@@ -93,13 +94,7 @@ def read_config(path):
         path = os.path.join(transformer_folder(path), "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"{path!r} is neither a preset ({', '.join(M.PRESETS)}) nor a config file or folder")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: a config must be a JSON object")
+    d = checks.read_json(path, "config")
     try:
         return M.config_from_dict(d.get("model_config", d))
     except ValueError as e:
