@@ -20,6 +20,7 @@ from dataclasses import asdict
 
 import torch
 
+import checks
 import data
 import experts
 import losses
@@ -265,18 +266,24 @@ def main(argv=None):
     p.add_argument("--out", default="bench.json")
     p.add_argument("--table", metavar="JSON", help="only print the markdown table of a saved result")
     args = p.parse_args(argv)
-    unknown = set(args.rows.split(",")) - {"forward", "e2e", "train", "detail", "fuse"}
-    if unknown or args.repeat < 1 or args.warmup < 0:
-        sys.exit(f"error: --rows: unknown {sorted(unknown)}" if unknown else "error: --repeat must be >= 1, --warmup >= 0")
+    rows, known = set(args.rows.split(",")), {"forward", "e2e", "train", "detail", "fuse"}
+    if not rows <= known:
+        raise checks.InputError(f"--rows {args.rows!r}: choose from {', '.join(sorted(known))} (comma list)")
+    if args.repeat < 1 or args.warmup < 0:
+        raise checks.InputError("--repeat must be >= 1, --warmup >= 0")
     if args.table:
-        with open(args.table) as f:
-            print(table(json.load(f)))
+        saved = checks.read_json(args.table, "--table")
+        if not {"info", "forward"} <= set(saved):
+            raise checks.InputError(f"--table {args.table} is not a bench.py result (no 'info' and 'forward')")
+        print(table(saved))
         return None
-    device = torch.device(args.device)
+    device = checks.device(args.device)
+    checks.out_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
     gpu = device.type == "cuda"
     shapes = GPU_SHAPES if gpu else CPU_SHAPES
     presets = args.presets.split(",") if args.presets else list(shapes)
-    rows = set(args.rows.split(","))
+    if unknown := [n for n in presets if n not in shapes]:
+        raise checks.InputError(f"--presets: no benchmark shape for {unknown} on {device.type}; known: {sorted(shapes)}")
     dtype = torch.bfloat16 if gpu else torch.float32
     info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if gpu else f"cpu ({os.cpu_count()} cores)"}
@@ -368,4 +375,7 @@ def table(result):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except checks.InputError as e:
+        sys.exit(f"error: {e}")

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 import bench
 import experts
+import lora
 import losses
 import model as M
 import solver
@@ -112,11 +113,11 @@ def build(side, name, stage, device, grad_ckpt, disc_hidden, lora_rank=128):
         del ours
     teacher_model.requires_grad_(False)
     if stage == "detail":
-        lora = [f"{'ref.' * (side == 'diffusers')}{n}" for n in experts.TARGETS["CogVideoX"]["lora"]]
-        copies = [f"{'ref.' * (side == 'diffusers')}{n}" for n in experts.TARGETS["CogVideoX"]["copy"]]
+        lora_names = [f"{'ref.' * (side == 'diffusers')}{n}" for n in lora.TARGETS["CogVideoX"]["lora"]]
+        copies = [f"{'ref.' * (side == 'diffusers')}{n}" for n in lora.TARGETS["CogVideoX"]["copy"]]
         grid = solver.grid_for(student.config)
         student = experts.DualExpert(student, solver.boundary_t(grid, KAPPA), lora_rank, 2 * lora_rank,
-                                     targets={"lora": lora, "copy": copies})
+                                     targets={"lora": lora_names, "copy": copies})
     student.train()
     student.gradient_checkpointing = teacher_model.gradient_checkpointing = grad_ckpt
     torch.manual_seed(1)  # the discriminator's init: the same on both sides

@@ -28,6 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
+import checks
+import integrity
 import model as M
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -64,13 +66,23 @@ def transformer_folder(path):
     config.json is the run config), else `path` itself, else (a train.py run folder) the transformer of
     its newest complete step."""
     for folder in (os.path.join(path, "transformer"), path):
-        if os.path.isfile(os.path.join(folder, "config.json")):
+        if os.path.isfile(os.path.join(folder, "config.json")) and not is_run_config(folder):
             return folder
     step = latest_step(path) if step_folders(path) else None
     if step is not None:
         return transformer_folder(step)
     raise ValueError(f"{path}: no config.json here or in {os.path.join(path, 'transformer')}, "
                      "and no complete step_* checkpoint")
+
+
+def is_run_config(folder):
+    """Whether folder/config.json is a train.py run config (run or step folder), not a transformer's."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "model_config" in d and "stage" in d
 
 
 def read_config(path):
@@ -82,9 +94,11 @@ def read_config(path):
         path = os.path.join(transformer_folder(path), "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"{path!r} is neither a preset ({', '.join(M.PRESETS)}) nor a config file or folder")
-    with open(path) as f:
-        d = json.load(f)
-    return M.config_from_dict(d.get("model_config", d))
+    d = checks.read_json(path, "config")
+    try:
+        return M.config_from_dict(d.get("model_config", d))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _shard_files(folder):
@@ -216,11 +230,13 @@ def save_transformer(model, folder, max_shard_size="5GB"):
             json.dump(config, f, indent=2, sort_keys=True)
         if len(shards) == 1:
             save_file(shards[0], os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+            integrity.as_umask(os.path.join(tmp, WEIGHTS))
             return
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            integrity.as_umask(os.path.join(tmp, name))
             weight_map.update({k: name for k in shard})
         total = sum(v.numel() * v.element_size() for v in sd.values())
         with open(os.path.join(tmp, INDEX), "w") as f:
@@ -236,7 +252,7 @@ def atomic_dir(final):
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the result is an ordinary folder
+    integrity.as_umask(tmp, directory=True)  # mkdtemp makes 0700; the result is an ordinary folder
     try:
         yield tmp
     except BaseException:
@@ -254,6 +270,12 @@ def atomic_dir(final):
 # ---- train.py step folders ---------------------------------------------------------------------
 STEP = re.compile(r"step_\d{7}")
 RESUMABLE = ("config.json", "train_state.pt")  # what a step folder needs to go on from, beyond the weights
+verify_checksums = True  # step folders are checked against their integrity.CHECKSUMS (--verify none: False)
+# run settings a resumed run must share with its checkpoint: the state's shape (never overridable) and
+# what the run trains on and towards (--resume-anyway goes on with the new values)
+RESUME_SHAPE = ("stage", "detail_full", "grid_steps", "shift", "lora_rank", "lora_targets", "disc_hidden", "boundaries")
+RESUME_RUN = ("teacher", "init", "data", "batch_size", "grad_accum", "seed", "w_tc", "w_gan", "w_fm", "loss",
+              "target_ema", "guidance", "cond_drop")
 
 
 def step_dir(out, step):
@@ -294,7 +316,21 @@ def step_missing(folder, need=("config.json",)):
     except ValueError:
         files, missing = [], missing + ["transformer weights"]
     files += [f for f in need if f.endswith((".safetensors", ".pt")) and f not in missing]
-    return missing + [f"{f} (unreadable)" for f in files if not _readable(os.path.join(folder, f))]
+    missing += [f"{f} (unreadable)" for f in files if not _readable(os.path.join(folder, f))]
+    skip = () if "train_state.pt" in need else ("train_state.pt",)  # sampling does not read the train state
+    return missing or (integrity.verify(folder, skip) if verify_checksums else [])
+
+
+def check_step(path):
+    """A step folder given directly (--init, --teacher, --ckpt) must be complete and match its checksums."""
+    if STEP.fullmatch(os.path.basename(os.path.normpath(path))) and (bad := step_missing(path)):
+        raise ValueError(f"checkpoint {path} is damaged or incomplete: {', '.join(bad)}")
+
+
+def keep_last(out, k):
+    """Delete all but the newest k step folders (k = 0 keeps every one)."""
+    for d in step_folders(out)[:-k] if k > 0 else []:
+        shutil.rmtree(os.path.join(out, d))
 
 
 def latest_step(out, need=("config.json",), quiet=False):
@@ -306,25 +342,60 @@ def latest_step(out, need=("config.json",), quiet=False):
         if not missing:
             return path
         if not quiet:
-            print(f"skipping incomplete checkpoint {path}: missing {', '.join(missing)}", file=sys.stderr)
+            print(f"skipping incomplete or damaged checkpoint {path}: {', '.join(missing)}", file=sys.stderr)
     return None
 
 
-def resume_from(out, settings):
-    """(newest complete step folder, its train_state) to go on from, or (None, None) in a run without step folders;
-    `settings`: run-config values the step must have been saved with. Errors name what is wrong."""
-    ckpt = latest_step(out, RESUMABLE)
-    if ckpt is None and step_folders(out):
-        raise ValueError(f"--resume: no complete checkpoint in {out} (all {len(step_folders(out))} are incomplete)")
-    if ckpt is None:
-        return None, None
-    with open(os.path.join(ckpt, "config.json")) as f:
-        old = json.load(f)
-    for key, value in settings.items():
-        if old.get(key) != value:
-            raise ValueError(f"{ckpt} was saved with {key}={old.get(key)!r}, this run has {value!r}")
-    # mmap: ranks read only the pages they use of the full optimizer state
-    return ckpt, torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False, mmap=True)
+def same_run(ckpt, old, settings, anyway=False):
+    """Refuse to go on from a checkpoint saved with other RESUME_SHAPE settings, or other RESUME_RUN ones unless
+    `anyway` (then a warning); settings: this run's config values (paths absolute)."""
+    differ = lambda keys: [f"{k}={old.get(k)!r} (now {settings.get(k)!r})" for k in keys  # noqa: E731
+                           if k in settings and old.get(k) != settings[k]]
+    if bad := differ(RESUME_SHAPE):
+        raise ValueError(f"{ckpt} was saved with {', '.join(bad)}: its state cannot go on in this run")
+    if (bad := differ(RESUME_RUN)) and not anyway:
+        raise ValueError(f"--resume: {ckpt} was saved with {', '.join(bad)}; use the same flags, another --out, "
+                         "or --resume-anyway to go on with the new values")
+    for b in bad:
+        print(f"warning: --resume-anyway: {ckpt} was saved with {b}", file=sys.stderr)
+
+
+def resume_from(out, settings, anyway=False):
+    """(newest complete, intact step folder, its train_state) to go on from, or (None, None) in a run without step
+    folders; newer damaged ones are skipped and named. `settings`: checked by same_run."""
+    names = step_folders(out)
+    for name in reversed(names):
+        ckpt = os.path.join(out, name)
+        bad = step_missing(ckpt, RESUMABLE)
+        try:  # mmap: ranks read only the pages they use of the full optimizer state
+            if not bad:
+                state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False, mmap=True)
+                with open(os.path.join(ckpt, "config.json")) as f:
+                    old = json.load(f)
+        except Exception as e:  # noqa: BLE001 - garbage bytes fail the unpickler in many ways
+            bad = [f"train_state.pt or config.json (unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__})"]
+        if bad:
+            print(f"skipping incomplete or damaged checkpoint {ckpt}: {', '.join(bad)}", file=sys.stderr)
+            continue
+        same_run(ckpt, old, settings, anyway)
+        return ckpt, state
+    if names:
+        raise ValueError(f"--resume: no complete checkpoint in {out} (all {len(names)} are incomplete or damaged)")
+    return None, None
+
+
+def open_run(out, resume, settings, anyway=False, main=True):
+    """Start the run in `out` (refusing to mix with one already there) or go on from its newest intact checkpoint
+    (resume_from) -> (step folder, train_state) or (None, None); `main` (rank 0) removes leftovers and reports."""
+    if not resume and step_folders(out):
+        raise ValueError(f"{out} already holds checkpoints: pass --resume or choose another --out")
+    if main:
+        integrity.clean_tmp(out)
+    ckpt, state = resume_from(out, settings, anyway) if resume else (None, None)
+    if resume and main:
+        print(f"resuming from {ckpt} (step {state['step']})" if ckpt else f"--resume: no checkpoint in {out}, "
+              "starting at step 0")
+    return ckpt, state
 
 
 def rng_state():
@@ -367,5 +438,6 @@ def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False,
                        os.path.join(tmp, "train_state.pt"))
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump({**run_config, "step": step}, f, indent=2)
+            integrity.write_checksums(tmp)  # before the folder goes live: every live step folder has them
     if dist.is_initialized():
         dist.barrier()

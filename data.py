@@ -25,6 +25,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+import checks
+import integrity
+
 FORMAT = "dcm-latents-v1"
 COND_KEYS = ("text", "text_mask", "pooled")
 
@@ -41,6 +44,7 @@ def atomic_save_file(tensors, path, metadata=None):
     """safetensors save via a temp file + rename, so a crash never leaves a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    integrity.as_umask(tmp)  # safetensors writes 0600
     os.replace(tmp, path)
 
 
@@ -88,10 +92,14 @@ def read_manifest(dir):
     path = os.path.join(dir, "manifest.json")
     if not os.path.isfile(path):
         raise DataError(f"{dir} is not a dataset: no manifest.json (see data.py for the format)")
-    with open(path) as f:
-        manifest = json.load(f)
+    manifest = checks.read_json(path, "dataset manifest")
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    need = {"shards": list, "latent_shape": list, "num_samples": int, "uncond": str}
+    if bad := [f"{k} ({t.__name__})" for k, t in need.items() if not isinstance(manifest.get(k), t)]:
+        raise DataError(f"{path}: missing or malformed {', '.join(bad)} (see data.py for the format)")
+    if not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in manifest["shards"]):
+        raise DataError(f"{path}: every entry of 'shards' must be {{\"file\": NAME, \"num\": N}}")
     for s in manifest["shards"]:
         if not os.path.isfile(os.path.join(dir, s["file"])):
             raise DataError(f"{dir}: shard {s['file']} named in manifest.json is missing")
@@ -104,13 +112,17 @@ class LatentDataset(torch.utils.data.Dataset):
     def __init__(self, dir):
         self.dir = dir
         self.manifest = read_manifest(dir)
-        parts = [load_file(os.path.join(dir, s["file"])) for s in self.manifest["shards"]]
+        checks.memory(2 * sum(os.path.getsize(os.path.join(dir, s["file"])) for s in self.manifest["shards"]),
+                      f"dataset {dir} (held in memory: its shards, then their concatenation)")
+        parts = [checks.load_safetensors(os.path.join(dir, s["file"]), "dataset shard") for s in self.manifest["shards"]]
         keys = set(parts[0]) if parts else set()
+        if parts and not {"latents", "text"} <= keys:
+            raise DataError(f"{dir}/{self.manifest['shards'][0]['file']}: needs 'latents' and 'text', has {sorted(keys)}")
         for s, p in zip(self.manifest["shards"], parts):
             if set(p) != keys:
                 raise DataError(f"{dir}/{s['file']}: keys {sorted(p)} differ from the first shard's {sorted(keys)}")
         self.tensors = {k: torch.cat([p[k] for p in parts]) for k in keys}
-        self.uncond = load_file(os.path.join(dir, self.manifest["uncond"]))
+        self.uncond = checks.load_safetensors(os.path.join(dir, self.manifest["uncond"]), "dataset uncond file")
         n = len(self.tensors["latents"]) if parts else 0
         if n != self.manifest["num_samples"]:
             raise DataError(f"{dir}: manifest says {self.manifest['num_samples']} samples, shards hold {n}")
@@ -200,9 +212,7 @@ def save_cond(cond, path):
 
 
 def load_cond(path):
-    if not os.path.isfile(path):
-        raise DataError(f"conditioning file {path} does not exist")
-    cond = load_file(path)
+    cond = checks.load_safetensors(path, "conditioning file")
     if "text" not in cond:
         raise DataError(f"{path}: a conditioning file needs a 'text' tensor, has {sorted(cond)}")
     unknown = set(cond) - set(COND_KEYS)
@@ -350,6 +360,31 @@ def encode_prompts(prompts, model, weights, out, device=None, dtype=None):
     return cond
 
 
+def synthetic_dataset(model, out, num=8, frames=2, height=4, width=4, text_len=8, seed=0):
+    """A dataset of random latents and conditioning for `model` (a preset): no VAE or text encoder needed, for
+    trying the commands on the tiny presets. HunyuanVideo-style models get pooled vectors and a text mask."""
+    import model as models
+    if model not in models.PRESETS:
+        raise DataError(f"--model {model!r} is not a preset; known: {', '.join(models.PRESETS)}")
+    cfg, g = models.PRESETS[model], torch.Generator().manual_seed(seed)
+    if min(num, frames, height, width, text_len) < 1:
+        raise DataError("--num, --frames, --height, --width and --text-len must be >= 1")
+    shape = [cfg.in_channels, frames, height, width]
+    check_fits(cfg, latent_shape=shape, where=f"--frames {frames} --height {height} --width {width}")
+    checks.memory(4 * num * (np.prod(shape) + text_len * text_width(cfg)), f"{num} synthetic samples (--num)")
+    t = {"latents": torch.randn(num, *shape, generator=g), "text": torch.randn(num, text_len, text_width(cfg), generator=g)}
+    un = {"text": torch.zeros(1, text_len, text_width(cfg))}
+    if pooled := getattr(cfg, "pooled_projection_dim", None):
+        real = (torch.arange(text_len) < max(1, text_len // 2)).long()  # right-padded prompts
+        t |= {"pooled": torch.randn(num, pooled, generator=g), "text_mask": real.repeat(num, 1)}
+        un |= {"pooled": torch.zeros(1, pooled), "text_mask": (torch.arange(text_len) < 1).long()[None]}
+    write_shard(out, 0, t)
+    manifest = write_manifest(out, model=model, latent_shape=shape, vae_scaling_factor=1.0,
+                              shards=[{"file": shard_name(0), "num": num}], uncond=un, extra={"synthetic": True})
+    print(f"{out}: {num} synthetic samples for {model}, latents {shape}, text [{text_len}, {text_width(cfg)}]")
+    return manifest
+
+
 def main(argv=None):
     import argparse
     import sys
@@ -373,6 +408,12 @@ def main(argv=None):
     q = sub.add_parser("encode-prompts", help="prompts file -> conditioning file for sample.py")
     q.add_argument("--prompts", required=True, help="text file, one prompt per line")
     q.add_argument("--out", required=True, help="FILE.safetensors")
+    y = sub.add_parser("synthetic", help="random latents + conditioning for a preset (no weights needed)")
+    y.add_argument("--model", required=True, help="a preset, e.g. tiny-hunyuan, tiny-cogvideox")
+    y.add_argument("--out", required=True, help="dataset folder")
+    y.add_argument("--num", type=int, default=8, help="number of samples")
+    for k, v in (("frames", 2), ("height", 4), ("width", 4), ("text-len", 8), ("seed", 0)):
+        y.add_argument(f"--{k}", type=int, default=v, help=f"default {v}" + (" (latent size)" * (k in "frames height width")))
     for a in (e, q):
         a.add_argument("--model", required=True, help="cogvideox-2b | cogvideox-5b | hunyuan-video | wan2.1-t2v-1.3b | wan2.1-t2v-14b")
         a.add_argument("--weights", required=True, help="local hub-layout folder: vae/, text_encoder/, tokenizer/...")
@@ -380,7 +421,9 @@ def main(argv=None):
         a.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 on cuda, else fp32)")
     args = p.parse_args(argv)
     try:
-        if args.cmd == "encode":
+        if args.cmd == "synthetic":
+            synthetic_dataset(args.model, args.out, args.num, args.frames, args.height, args.width, args.text_len, args.seed)
+        elif args.cmd == "encode":
             encode_dataset(args.videos, args.captions, args.model, args.weights, args.out, args.frames, args.height,
                            args.width, args.shard_size, args.stride, args.fps, args.posterior, args.seed,
                            args.device, args.dtype, args.save_dtype, args.tiling)

@@ -15,157 +15,17 @@ weight once; `.to()`/`.float()` update the shared tensors in place so both trees
 """
 import copy
 import json
-import math
-import re
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors import safe_open
 
 import checkpoint
 import model as model_lib
 from data import atomic_save_file
+from lora import LoRALinear, _matches, arch_of, module_key, targets_for
 
 FORMAT = "dcm-detail-v1"
-QKVO = ("to_q", "to_k", "to_v", "to_out.0")
-# where the detail expert differs from the semantic one, per architecture (`--lora-targets all`); `*` = one
-# name component, `**` = any number of leading ones.
-# "lora": attention linears (authors: to_q/to_k/to_v/to_out.0 of every attention; we add the
-# double blocks' text-stream projections, which are the same attention's linears under other names;
-# single blocks' fused proj_out is an MLP+attention output, not an attention linear: left out).
-# "copy": timestep-dependent layers, trainable copies. "adaln": per-block modulation linears,
-# copied only with copy_adaln=True.
-TARGETS = {
-    "CogVideoX": {
-        "lora": [f"transformer_blocks.*.attn1.{n}" for n in QKVO],
-        "copy": ["time_embedding", "norm_out", "proj_out"],
-        "adaln": ["transformer_blocks.*.norm1.linear", "transformer_blocks.*.norm2.linear"],
-    },
-    "HunyuanVideo": {
-        "lora": [f"transformer_blocks.*.attn.{n}" for n in
-                 QKVO + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")]
-                + [f"single_transformer_blocks.*.attn.{n}" for n in QKVO[:3]]
-                + [f"context_embedder.token_refiner.refiner_blocks.*.attn.{n}" for n in QKVO],
-        "copy": ["time_text_embed", "context_embedder.time_text_embed", "norm_out", "proj_out"],
-        "adaln": ["transformer_blocks.*.norm1.linear", "transformer_blocks.*.norm1_context.linear",
-                  "single_transformer_blocks.*.norm.linear",
-                  "context_embedder.token_refiner.refiner_blocks.*.norm_out.linear"],
-    },
-    # Wan = the authors' set (modeling_wan.py add_layer): copies of condition_embedder (time MLP, the blocks'
-    # time_proj, text projection), norm_out (parameter-free), proj_out; scale_shift_table stays shared.
-    "Wan": {
-        "lora": [f"blocks.*.{a}.{n}" for a in ("attn1", "attn2") for n in QKVO],
-        "copy": ["condition_embedder", "norm_out", "proj_out"],
-        "adaln": [],  # per block only a scale_shift_table parameter, added to the (copied) time_proj output
-    },
-}
-
-
-# `--lora-targets authors`: their PEFT target_modules=["to_q", "to_k", "to_v", "to_out.0"], which wraps every module
-# named or ending in "." + one of them (HunyuanVideo: also the single blocks' and the token refiner's attention, not
-# add_*_proj / to_add_out), + their add_layer() copies (HunyuanVideo: no refiner copy; CogVideoX, not theirs: ours).
-AUTHORS_LORA, AUTHORS_COPY = [f"**.{n}" for n in QKVO], {"HunyuanVideo": ["time_text_embed", "norm_out", "proj_out"]}
-LORA_TARGETS = ("authors", "all")
-
-
-def targets_for(arch, which="authors"):
-    """The target spec {"lora", "copy", "adaln"} of an architecture for --lora-targets `which`."""
-    if which not in LORA_TARGETS:
-        raise ValueError(f"lora_targets must be one of {LORA_TARGETS}, got {which!r}")
-    return TARGETS[arch] if which == "all" else {"lora": AUTHORS_LORA, "adaln": TARGETS[arch].get("adaln", []),
-                                                 "copy": AUTHORS_COPY.get(arch, TARGETS[arch]["copy"])}
-
-
-class LoRA(nn.Module):
-    """The trainable low-rank pair of one linear: delta W = (alpha / rank) * B @ A (Hu et al. 2021)."""
-
-    def __init__(self, in_features, out_features, rank, alpha, device=None, dtype=None):
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
-        self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        """A like nn.Linear's default init, B = 0: a fresh adapter changes nothing."""
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        nn.init.zeros_(self.B)
-
-    def forward(self, x):
-        return F.linear(F.linear(x, self.A), self.B) * self.scale
-
-    def weight_delta(self):
-        """scale * B @ A in float32 (what merge adds to the base weight)."""
-        return (self.B.float() @ self.A.float()) * self.scale
-
-
-class LoRALinear(nn.Module):
-    """y = base(x) + scale * B A x: an nn.Linear with its adapter (the detail path's attention linears).
-
-    merge() holds W + delta (fp32 sum, cast back) as this layer's own weight: one matmul per call, and base.weight
-    (shared with the semantic tree in a DualExpert) is never touched; unmerge() drops it. Costs one weight copy
-    while merged; merged vs unmerged outputs agree to round-off. A merged layer gives its LoRA no gradient:
-    merge for sampling.
-    """
-
-    def __init__(self, base, rank, alpha, lora=None):
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
-        self.base = base
-        w = base.weight
-        self.lora = lora if lora is not None else LoRA(
-            base.in_features, base.out_features, rank, alpha, device=w.device, dtype=w.dtype)
-        self._merged_weight = None  # a plain attribute: never in the state dict
-
-    @property
-    def merged(self):
-        return self._merged_weight is not None
-
-    def forward(self, x):
-        if self.merged:
-            return F.linear(x, self._merged_weight, self.base.bias)
-        return self.base(x) + self.lora(x)
-
-    @torch.no_grad()
-    def merge(self):
-        if self.merged:
-            raise RuntimeError("LoRALinear is already merged")
-        w = self.base.weight
-        self._merged_weight = (w.float() + self.lora.weight_delta()).to(w.dtype)
-
-    @torch.no_grad()
-    def unmerge(self):
-        if not self.merged:
-            raise RuntimeError("LoRALinear is not merged")
-        self._merged_weight = None
-
-
-def arch_of(backbone):
-    """The TARGETS key of a backbone from model.py, from its config class (e.g. CogVideoXConfig)."""
-    names = [type(getattr(backbone, "config", None)).__name__.removesuffix("Config"), type(backbone).__name__]
-    for name in names:
-        for arch in TARGETS:
-            if name.startswith(arch):
-                return arch
-    raise ValueError(f"no DualExpert targets for a backbone of class {names[1]} (config {names[0]}); "
-                     f"known architectures: {sorted(TARGETS)} (or pass targets=)")
-
-
-def _matches(pattern, names):
-    """Names matching a dotted pattern: `*` is one component, a leading `**.` any number (PEFT's suffix rule)."""
-    head, rest = (r"(?:[^.]+\.)*", pattern[3:]) if pattern.startswith("**.") else ("", pattern)
-    rx = re.compile(head + r"\.".join(r"[^.]+" if p == "*" else re.escape(p) for p in rest.split(".")))
-    return [n for n in names if rx.fullmatch(n)]
-
-
-def _key(name):
-    return name.replace(".", "__")  # ModuleDict keys cannot hold dots
-
-
 def _graft(root, replacements):
     """A shallow copy of the module tree `root` with modules swapped in at dotted names.
 
@@ -262,9 +122,9 @@ class DualExpert(nn.Module):
         self.lora, self.copies, graft = nn.ModuleDict(), nn.ModuleDict(), {}
         for n in self.lora_names:
             graft[n] = LoRALinear(modules[n], self.rank, self.alpha)
-            self.lora[_key(n)] = graft[n].lora
+            self.lora[module_key(n)] = graft[n].lora
         for n in self.copy_names:
-            graft[n] = self.copies[_key(n)] = copy.deepcopy(modules[n])
+            graft[n] = self.copies[module_key(n)] = copy.deepcopy(modules[n])
         self.__dict__["detail"] = _graft(backbone, graft)  # plain attribute: not a second registration
         self.mode = None
         self.set_mode("detail")
@@ -390,10 +250,10 @@ class DualExpert(nn.Module):
         naming) for LoRA, and the copied layers' own backbone keys (e.g. 'proj_out.weight')."""
         sd = {}
         for n in self.lora_names:
-            sd[f"{n}.lora_A.weight"] = self.lora[_key(n)].A
-            sd[f"{n}.lora_B.weight"] = self.lora[_key(n)].B
+            sd[f"{n}.lora_A.weight"] = self.lora[module_key(n)].A
+            sd[f"{n}.lora_B.weight"] = self.lora[module_key(n)].B
         for n in self.copy_names:
-            sd.update({f"{n}.{k}": v for k, v in self.copies[_key(n)].state_dict().items()})
+            sd.update({f"{n}.{k}": v for k, v in self.copies[module_key(n)].state_dict().items()})
         return sd
 
     def save_detail(self, path, meta=None):
@@ -455,9 +315,9 @@ class DualExpert(nn.Module):
         sd = dict(self.backbone.state_dict())
         for n in self.lora_names:
             w = sd[f"{n}.weight"]
-            sd[f"{n}.weight"] = (w.float() + self.lora[_key(n)].weight_delta()).to(w.dtype)
+            sd[f"{n}.weight"] = (w.float() + self.lora[module_key(n)].weight_delta()).to(w.dtype)
         for n in self.copy_names:
-            sd.update({f"{n}.{k}": v for k, v in self.copies[_key(n)].state_dict().items()})
+            sd.update({f"{n}.{k}": v for k, v in self.copies[module_key(n)].state_dict().items()})
         return sd
 
     def export_merged(self, folder, max_shard_size="5GB"):

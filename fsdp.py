@@ -25,6 +25,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 import checkpoint
 import experts
+import lora
 import model as models
 
 
@@ -122,10 +123,10 @@ def _dual_locate(m, base, detail):
     table = {f"backbone.{k}": (base, k) for k in m.backbone.state_dict()}
     for n in m.lora_names:
         for attr, suffix in (("A", "lora_A"), ("B", "lora_B")):
-            table[f"lora.{experts._key(n)}.{attr}"] = (detail, f"{n}.{suffix}.weight") if detail else None
+            table[f"lora.{lora.module_key(n)}.{attr}"] = (detail, f"{n}.{suffix}.weight") if detail else None
     for n in m.copy_names:
-        for k in m.copies[experts._key(n)].state_dict():
-            table[f"copies.{experts._key(n)}.{k}"] = (detail or base, f"{n}.{k}")
+        for k in m.copies[lora.module_key(n)].state_dict():
+            table[f"copies.{lora.module_key(n)}.{k}"] = (detail or base, f"{n}.{k}")
     return table.get
 
 
@@ -135,9 +136,9 @@ def _fresh_lora(models_):
     written as its local shard into every model of models_ (the student and its EMA start equal)."""
     first = models_[0]
     for n in first.lora_names:
-        key = experts._key(n)
+        key = lora.module_key(n)
         a = first.lora[key].A
-        fresh = experts.LoRA(a.shape[1], first.lora[key].B.shape[0], first.rank, first.alpha)  # full, one at a time
+        fresh = lora.LoRA(a.shape[1], first.lora[key].B.shape[0], first.rank, first.alpha)  # full, one at a time
         for mm in models_:
             for attr in ("A", "B"):
                 rows, local = _rows(getattr(mm.lora[key], attr))

@@ -37,7 +37,25 @@ def config_from_fields(cls, d):
     unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown config keys {unknown}")
+    want = lambda f: f"{getattr(f.type, '__name__', f.type)}{' >= 1' * (f.name in _AT_LEAST_1)}"  # noqa: E731
+    bad = [f"{f.name}={d[f.name]!r} (want {want(f)})" for f in fields(cls) if f.name in d and not _fits(f, d[f.name])]
+    if bad:
+        raise ValueError(f"{cls.__name__}: bad config values {', '.join(bad)}")
     return cls(**{k: v for k, v in d.items() if k in known})
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "tuple": (list, tuple)}
+_AT_LEAST_1 = ("in_channels", "out_channels", "num_attention_heads", "attention_head_dim", "num_layers", "patch_size",
+               "patch_size_t", "text_embed_dim", "time_embed_dim", "temporal_compression_ratio", "max_text_seq_length")
+
+
+def _fits(f, v):
+    """A config.json value against its dataclass field: its type (ints not bools) and, for sizes, >= 1."""
+    names = [t.strip() for t in (f.type.__name__ if isinstance(f.type, type) else str(f.type)).split("|")]
+    if v is None:
+        return "None" in names
+    ok = any(isinstance(v, _TYPES.get(t, (object,))) and not (t != "bool" and isinstance(v, bool)) for t in names)
+    return ok and not (f.name in _AT_LEAST_1 and isinstance(v, int) and v < 1)
 
 
 def config_from_dict(d):

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 import checkpoint
 import experts
+import lora
 import solver
 
 ADAPTER = "lora1"
@@ -68,11 +69,11 @@ def their_names(expert):
         module, _, leaf = k.rpartition(".")  # top-level parameters (Wan's scale_shift_table) have no module
         names[f"{module}.base_layer.{leaf}" if module in wrapped else k] = f"backbone.{k}"
     for n in expert.lora_names:
-        names[f"{n}.lora_A.{ADAPTER}.weight"] = f"lora.{experts._key(n)}.A"
-        names[f"{n}.lora_B.{ADAPTER}.weight"] = f"lora.{experts._key(n)}.B"
+        names[f"{n}.lora_A.{ADAPTER}.weight"] = f"lora.{lora.module_key(n)}.A"
+        names[f"{n}.lora_B.{ADAPTER}.weight"] = f"lora.{lora.module_key(n)}.B"
     for n in expert.copy_names:
-        for k in expert.copies[experts._key(n)].state_dict():
-            names[f"{copies[n]}.{k}"] = f"copies.{experts._key(n)}.{k}"
+        for k in expert.copies[lora.module_key(n)].state_dict():
+            names[f"{copies[n]}.{k}"] = f"copies.{lora.module_key(n)}.{k}"
     return names
 
 
@@ -121,7 +122,7 @@ def load_released(path, dtype=None, device="cpu"):
     rank = next(s[0] for k, s in shapes.items() if k.endswith(f".lora_A.{ADAPTER}.weight"))
     alpha = raw.get("_dcm_lora_alpha", 2 * rank)
     backbone = checkpoint.M.build_transformer(cfg, device="meta")
-    arch = experts.arch_of(backbone)
+    arch = lora.arch_of(backbone)
     if arch not in LAYOUTS:
         raise ReleasedError(f"{folder}: the authors released HunyuanVideo and Wan students, not {arch}")
     layout = LAYOUTS[arch]

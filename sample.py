@@ -8,10 +8,9 @@
     python sample.py --latents samples/latents.safetensors --decode WEIGHTS   # decode an earlier run
     python sample.py --ckpt DCM_HY --cond prompts.safetensors --decode DCM_HY    # the authors' released student
     python sample.py --ckpt out/detail --timesteps 1000,992,982,949,905,810      # a custom schedule
-    python sample.py --ckpt out/detail --steps 2 --points proportional    # or --points 49,20: grid indices per step
 
-Students (paper supp. 6): steps split evenly between the phases (--points even; proportional: by phase length;
-or explicit grid indices), uniform inside each (solver.student_schedule), one model call and Euler/DDIM jump per point, the last to the clean end;
+Students (paper supp. 6): steps split evenly between the phases (--points: or by phase length, or grid indices),
+uniform inside each (solver.student_schedule), one model call and Euler/DDIM jump per point, the last to the clean end;
 no CFG, HunyuanVideo's embedded guidance still passed (the teacher's value: teacher.embedded_guidance).
 The dual expert routes t <= boundary_t to its detail path, its LoRA merged into the detail path's own copies of
 the attention linears once per run (--no-merge: the unmerged low-rank pairs); single students (vcm, pcm,
@@ -23,7 +22,9 @@ detail expert; Wan timesteps 1000, 992, 982, 949, 905, 810 with int(t) <= 978; p
 Without --cond: the run's dataset's unconditional conditioning if found, else zeros (non-released
 models only; the released ones need --cond from `python data.py encode-prompts`), with a warning.
 Noise comes from one seeded CPU generator for all --num samples: bitwise reproducible on a fixed
-device, and a sample's noise depends on the seed and its index, not on the batch size.
+device and --batch-size, and a sample's noise depends on the seed and its index, not on the batch size
+(its latents do by float rounding only: differently batched matmuls, measured in README "Sampling").
+Weights, adapter and conditioning are checked for NaN/inf and --out for writability before sampling.
 """
 import argparse
 import contextlib
@@ -33,9 +34,10 @@ import sys
 import time
 
 import torch
-from safetensors import safe_open
+from tqdm.auto import tqdm
 
 import checkpoint
+import checks
 import data
 import experts
 import model as models
@@ -74,7 +76,7 @@ def resolve(path):
     run = _read_json(os.path.join(path, "config.json")) if os.path.isfile(os.path.join(path, "config.json")) else None
     if checkpoint.STEP.fullmatch(os.path.basename(os.path.normpath(path))) or (run and "stage" in run):
         if missing := checkpoint.step_missing(path):
-            raise SampleError(f"incomplete checkpoint {path}: missing {', '.join(missing)}")
+            raise SampleError(f"damaged or incomplete checkpoint {path}: {', '.join(missing)}")
         return path, os.path.join(path, "transformer"), run
     try:
         checkpoint.transformer_folder(path)
@@ -110,7 +112,7 @@ class Routed(torch.nn.Module):
 
 def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=False, steps=None, shift=None):
     """(model, info); info: mode (teacher|dual|od|vcm|pcm|semantic), cfg, run, grid, boundaries, boundary_t, ..."""
-    if rel := released.find(path):  # the authors' single-file layout: their routing and schedule
+    if rel := checks.named(released.find, path, path):  # the authors' single-file layout: their routing and schedule
         if detail or teacher or steps:
             raise SampleError(f"{rel}: the authors' student holds its detail expert and samples their schedule; "
                               "change it with --timesteps / --sigmas, not --detail / --teacher / --steps")
@@ -130,7 +132,7 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         mode = stage
     else:
         raise SampleError(f"{path} is a plain backbone: pass --teacher (N-step sampling with guidance) or --detail ADAPTER")
-    m = checkpoint.load_transformer(weights, dtype=dtype, device=device)
+    m = checks.finite_model(checks.named(checkpoint.load_transformer, weights, weights, dtype=dtype, device=device), weights)
     teaching = mode == "teacher"  # students keep the grid they were distilled on: --steps/--shift are the teacher's
     grid = make_grid(m.config, m.prediction, run, steps if teaching else None, shift if teaching else None)
     boundaries, bt = [] if mode == "teacher" else run.get("boundaries"), None
@@ -138,7 +140,7 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         file = detail or os.path.join(folder, "detail.safetensors")
         if not os.path.isfile(file):
             raise SampleError(f"detail adapter {file} does not exist")
-        m = experts.DualExpert.from_detail(m, file)
+        m = checks.finite_model(checks.named(experts.DualExpert.from_detail, f"detail adapter {file}", m, file), file)
         bt, kappa = m.boundary_t, experts.DualExpert.read_detail_meta(file).get("kappa")
         t32, bt32 = grid.t.float(), torch.tensor(bt).float()
         if kappa is None:  # an adapter saved without kappa: its boundary_t must be a grid point
@@ -222,6 +224,7 @@ def get_cond(path, info, n, what="cond"):
         cond = {"text": torch.zeros(1, n_text, data.text_width(cfg))}
         cond.update({"pooled": torch.zeros(1, pooled)} if pooled else {})
     data.check_fits(cfg, cond, where=path or "all-zero conditioning")
+    checks.finite(cond, f"--{what} {path}")
     if (b := cond["text"].shape[0]) not in (1, n):
         raise SampleError(f"{path}: conditioning batch {b} must be 1 or --num {n}")
     return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
@@ -247,7 +250,7 @@ def decode(x, meta, args):
     import video_io
     if meta.get("pixel_space"):
         paths = []
-        for i, v in enumerate(x):  # [3, F, H, W] in [-1, 1]
+        for i, v in enumerate(tqdm(x, desc="videos", unit="sample", leave=False)):  # [3, F, H, W] in [-1, 1]
             for ext in (".gif", ".mp4"):
                 try:
                     paths.append(video_io.write_video(v, os.path.join(args.out, f"sample_{i:03d}{ext}"), args.fps))
@@ -269,6 +272,17 @@ def decode(x, meta, args):
                                     device=args.device)
 
 
+def read_latents(path):
+    """(latents [n, C, F, H, W], metadata) of a latents.safetensors written by sample.py."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise SampleError(f"latents file {path} does not exist")
+    with safe_open(path, framework="pt") as f:
+        if "latents" not in f.keys():
+            raise SampleError(f"{path} holds no 'latents' tensor (keys: {sorted(f.keys())})")
+        return f.get_tensor("latents"), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -279,8 +293,7 @@ def parse_args(argv):
     a("--steps", type=int, help="students: default 4; --teacher: the run's N, else 50")
     a("--timesteps", help="students: custom schedule of model timesteps, e.g. 1000,992,982,949,905,810")
     a("--sigmas", help="students, flow models: custom schedule of sigmas, e.g. 1.0,0.992,0.9818,0.9124 (then 0)")
-    a("--points", default="even", help="students: per-phase split of the steps, even | proportional (to phase length) "
-                                       "| grid indices IDX,IDX,... (noisiest first, from N-1; sets --steps)")
+    a("--points", default="even", help="students: points per expert, even | proportional | grid indices IDX,IDX,...")
     a("--shift", type=float, help="--teacher, flow: grid shift (default the run's, else 17; HunyuanVideo's sampler: 7)")
     a("--seed", type=int, default=0)
     a("--num", type=int, default=1, help="number of samples")
@@ -298,13 +311,14 @@ def parse_args(argv):
     a("--sp", type=int, default=1, help="sequence parallel degree N: torchrun N processes sample one set together")
     a("--fps", type=int, default=8)
     a("--no-merge", action="store_true", help="dual expert: keep the detail LoRA unmerged (default: merged once)")
+    a("--verify", default="sha256", choices=("sha256", "none"), help="check step folders against their checksums")
     args = p.parse_args(argv)
     if not (args.ckpt or args.latents):
         raise SampleError("give --ckpt (a checkpoint to sample from) or --latents (latents to decode)")
     if args.teacher and args.detail:
         raise SampleError("--teacher samples a plain backbone; it takes no --detail adapter")
-    if any(v is not None and v < 1 for v in (args.num, args.batch_size, args.steps)):
-        raise SampleError("--num, --batch-size and --steps must be >= 1")
+    if any(v is not None and v < 1 for v in (args.num, args.batch_size, args.steps, args.fps)):
+        raise SampleError("--num, --batch-size, --steps and --fps must be >= 1")
     if args.timesteps and args.sigmas or (args.timesteps or args.sigmas) and (args.teacher or args.steps):
         raise SampleError("give at most one of --timesteps and --sigmas, and neither with --teacher or --steps")
     for name in ("timesteps", "sigmas"):
@@ -318,13 +332,12 @@ def parse_args(argv):
             except ValueError as e:
                 raise SampleError(f"--{name}: {e}") from None
     args.points = solver.parse_points(args.points)
-    if not isinstance(args.points, str):
-        if args.teacher or args.timesteps or args.sigmas or (args.steps or len(args.points)) != len(args.points):
-            raise SampleError(f"--points {args.points}: explicit grid indices set the steps; not with --teacher, "
-                              "--timesteps, --sigmas or another --steps")
-        args.steps = len(args.points)
-    args.out = args.out or (os.path.dirname(os.path.abspath(args.latents)) if args.latents else "samples")
-    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if (explicit := not isinstance(args.points, str)) and (args.teacher or args.timesteps or args.sigmas or args.steps):
+        raise SampleError("--points with grid indices sets the steps: not with --teacher, --timesteps, --sigmas or --steps")
+    args.steps = len(args.points) if explicit else args.steps
+    args.out = checks.out_dir(args.out or (os.path.dirname(os.path.abspath(args.latents)) if args.latents else "samples"))
+    args.device = str(checks.device(args.device))
+    checkpoint.verify_checksums = args.verify != "none"
     args.dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     return args
 
@@ -341,10 +354,7 @@ def main(argv=None):
                 contextlib.redirect_stdout(sys.stdout if parallel.lead() else null):
             return main(argv)
     if args.latents:
-        if not os.path.isfile(args.latents):
-            raise SampleError(f"latents file {args.latents} does not exist")
-        with safe_open(args.latents, framework="pt") as f:
-            x, meta = f.get_tensor("latents"), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        x, meta = checks.named(read_latents, f"--latents {args.latents}", args.latents)
         return {"latents": x, "videos": decode(x, meta, args), "out": args.out}
     model, info = load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps, args.shift)
     if info["mode"] == "dual" and not args.no_merge:
@@ -363,9 +373,13 @@ def main(argv=None):
         ks = list(range(grid.N - 1, -1, -1)) if teacher else solver.student_schedule(grid, info["boundaries"], args.steps or 4, args.points)
         t, alpha, sigma = solver.sample_points(grid, ks)
     names, (f, h, w) = expert_names(info, t[:-1]), latent_size(args, info)
+    checks.sampling_memory(cfg, args.num, min(args.batch_size or args.num, args.num), (f, h, w), args.dtype, args.device)
+    if info["mode"] in ("dual", "od") and len(set(names)) == 1:
+        print(f"warning: --steps {len(names)} on a dual expert: only the {names[0]} expert runs "
+              f"(steps are split between the experts, noisiest phase first)", file=sys.stderr)
     cond = get_cond(args.cond, info, args.num)
-    cfg_teacher = uses_cfg(model) or not getattr(cfg, "guidance_embeds", False)  # flow: CFG without the embedding
-    uncond = get_cond(args.uncond, info, 1, "uncond") if teacher and cfg_teacher and guidance != 1 else None
+    cfg_teacher = teacher and guidance != 1 and (uses_cfg(model) or not getattr(cfg, "guidance_embeds", False))  # + flow
+    uncond = get_cond(args.uncond, info, 1, "uncond") if cfg_teacher else None
     n_steps = len(t) - 1
     meta = {"seed": args.seed, "steps": n_steps, "grid_indices": ks, "t": t.tolist(), "sigmas": sigma.tolist(),
             "schedule": custom or None, "experts": names, "mode": info["mode"], "ckpt": info["folder"],
@@ -383,12 +397,14 @@ def main(argv=None):
     noise = torch.randn((args.num, cfg.in_channels, f, h, w), generator=torch.Generator().manual_seed(args.seed))
     secs, outs, bs = [0.0] * n_steps, [], args.batch_size or args.num
     clock = [time.perf_counter()]
+    bar = tqdm(total=n_steps * -(-args.num // bs), desc="steps", unit="step", disable=not parallel.lead())
 
     def timer(i, x_next, x0):  # seconds of step i, summed over the batches
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         secs[i] += time.perf_counter() - clock[-1]
         clock.append(time.perf_counter())
+        bar.update()
     for b0 in range(0, args.num, bs):
         x, c = noise[b0:b0 + bs].to(args.device), {k: v[b0:b0 + bs].to(args.device) for k, v in cond.items()}
         clock.append(time.perf_counter())
@@ -398,6 +414,7 @@ def main(argv=None):
             outs.append(solver.sample(model_fn(model, c, guidance), x.float(), t, alpha, sigma, grid.kind, timer,
                                       progress=False).cpu())
     total = time.perf_counter() - clock[0]
+    bar.close()
     for i, (k, name) in enumerate(zip(ks or ["-"] * n_steps, names)):
         print(f"step {i + 1}/{n_steps}: k={k} t={float(t[i]):.2f} sigma {float(sigma[i]):.4f} -> {float(sigma[i + 1]):.4f} "
               f"expert={name} {secs[i]:.3f} s")
@@ -406,6 +423,7 @@ def main(argv=None):
     if not parallel.lead():  # sequence parallel: every rank sampled the same latents, rank 0 writes them
         return {**meta, "latents": torch.cat(outs), "path": None, "videos": [], "out": args.out}
     x, path = torch.cat(outs), os.path.join(args.out, "latents.safetensors")
+    checks.finite({"latents": x}, "the sampled latents (not written)")
     os.makedirs(args.out, exist_ok=True)
     data.atomic_save_file({"latents": x}, path, metadata={k: json.dumps(v) for k, v in meta.items()})
     print(f"latents -> {path}")

@@ -34,8 +34,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from tqdm.auto import tqdm
 
 import checkpoint
+import checks
 import data
 import experts
+import lora
 import fsdp
 import losses
 import model as models
@@ -87,6 +89,9 @@ def parse_args(argv):
     a("--phases", type=int, default=phases, help="pcm: number of evenly spaced phases")
     a("--seed", type=int, default=seed)
     a("--resume", action="store_true", help="go on from the newest complete checkpoint in --out")
+    a("--resume-anyway", action="store_true", help="--resume even if --data/--teacher/batch/seed/loss weights changed")
+    a("--keep-last", type=int, default=0, help="keep only the newest K checkpoints (0 = all)")
+    a("--verify", default="sha256", choices=("sha256", "none"), help="check step folders against their checksums")
     a("--target-ema", type=float, default=target_ema, help="0 = stop-grad student (authors), >0 = EMA decay")
     a("--w-tc", type=float, help=f"temporal coherence weight (default {w_tc}, else 0)")
     a("--w-gan", type=float, help=f"generator hinge weight (default {w_gan}, else 0)")
@@ -94,7 +99,7 @@ def parse_args(argv):
     a("--loss", default=loss, choices=("huber", "l2"), help="consistency loss: pseudo-Huber c=1e-3 or L2")
     a("--detail-full", action="store_true", help="detail: full fine-tuned copy instead of LoRA (ablation OD)")
     a("--lora-rank", type=int, default=lora_rank, help="detail LoRA rank (alpha = 2 x rank)")
-    a("--lora-targets", default="authors", choices=experts.LORA_TARGETS, help="detail: the authors' PEFT set or ours (all)")
+    a("--lora-targets", default="authors", choices=lora.LORA_TARGETS, help="detail: the authors' PEFT set or ours (all)")
     a("--disc-hidden", type=int, default=disc_hidden, help="discriminator width (multiple of 32)")
     a("--cond-drop", type=float, default=cond_drop, help="teacher stage, CFG models: uncond probability")
     a("--guidance", type=float, default=guidance, help="teacher guidance scale")
@@ -119,12 +124,7 @@ def parse_args(argv):
         if getattr(args, name) is None:
             setattr(args, name, table.get(args.stage, 0.0))
     args.out = args.out or os.path.join("out", args.stage)
-    if args.stage == "detail" and not args.init:
-        raise TrainError("--stage detail needs --init: the semantic expert checkpoint to build on")
-    if args.stage != "teacher" and not (args.teacher or args.dry_run):
-        raise TrainError(f"--stage {args.stage} needs --teacher (the model to distil)")
-    if not (args.data or args.dry_run):
-        raise TrainError("--data is required (a dataset folder, see data.py)")
+    checks.train_args(args)  # flags and their combinations, named in one line each
     if args.kappa is not None and not 0 <= args.kappa <= args.grid_steps - 2:
         raise TrainError(f"--kappa {args.kappa} must lie in 0..N-2 = 0..{args.grid_steps - 2}")
     return args
@@ -142,8 +142,9 @@ def model_config(args):
 
 def load(path, dtype, device):
     """checkpoint.load_transformer of a transformer or step folder; any failure is a TrainError naming it."""
+    checkpoint.check_step(path)
     try:
-        return checkpoint.load_transformer(path, dtype=dtype, device=device)
+        return checks.finite_model(checkpoint.load_transformer(path, dtype=dtype, device=device), path)
     except Exception as e:  # noqa: BLE001 - truncated files raise safetensors/OS errors of many kinds
         raise TrainError(f"cannot load the transformer in {path}: {str(e).splitlines()[0]}") from e
 
@@ -168,15 +169,17 @@ def k_between(u, lo, hi):
 def main(argv=None):
     """One run; returns {"step", "losses", "out", "checkpoint"} (dry run: the sizes)."""
     args = parse_args(argv)
+    checkpoint.verify_checksums = args.verify != "none"
     cfg = model_config(args)
     args.kappa = solver.default_kappa(cfg, args.grid_steps) if args.kappa is None else args.kappa
+    checks.train_sources(args, cfg)
     kind = models.build_transformer(cfg, device="meta").prediction
     grid = solver.flow_grid(args.grid_steps, args.shift) if kind == "flow" else solver.grid_for(cfg, args.grid_steps)
     if args.dry_run:
         return plan.dry_run(args, cfg, lambda: build_student(args, cfg, grid, device="meta"))
     # torchrun sets RANK/WORLD_SIZE; --fsdp in a plain process runs a 1-process group
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dev, _ = str(checks.device(args.device)), checks.out_dir(args.out)
     if dev == "cuda":
         dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         torch.cuda.set_device(dev)
@@ -207,13 +210,10 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
     uncond = {k: v.to(device) for k, v in ds.uncond.items()}
     mon = monitor.Monitor(args, cfg, grid, boundaries, ds, rank, device)  # checks its flags before models load
 
-    # --- checkpoint to go on from: saved with the same stage, phases, grid and adapter
-    if not args.resume and checkpoint.step_folders(out):
-        raise TrainError(f"{out} already holds checkpoints: pass --resume or choose another --out")
-    same = {k: getattr(args, k) for k in ("stage", "detail_full", "grid_steps", "shift", "lora_rank")}
-    ckpt, state = checkpoint.resume_from(out, same | {"boundaries": boundaries}) if args.resume else (None, None)
-    if ckpt:
-        log0(f"resuming from {ckpt} (step {state['step']})")
+    # --- a new run, or going on from the newest intact checkpoint of the same run (checkpoint.same_run)
+    paths = {k: os.path.abspath(getattr(args, k)) for k in ("data", "teacher", "init") if getattr(args, k)}
+    ckpt, state = checkpoint.open_run(out, args.resume, vars(args) | paths | {"boundaries": boundaries},
+                                      args.resume_anyway, rank == 0)
 
     # --- models: the same init seed on every rank; --fsdp: meta build, each rank reads its own shards (fsdp.py)
     torch.manual_seed(args.seed)
@@ -257,14 +257,12 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
     n_total, n_train = sum(p.numel() for p in student.parameters()), sum(p.numel() for p in params)
 
     # --- run config: printed, saved with the run and in every checkpoint
-    paths = {k: os.path.abspath(getattr(args, k)) for k in ("data", "teacher", "init") if getattr(args, k)}
     run_config = {**vars(args), **paths, "model_config": models.config_to_dict(cfg), "prediction": kind,
                   "boundaries": boundaries, "k_range": [k_lo, k_hi], "world_size": world,
                   "global_batch": B * accum * dp, "params": n_total, "trainable": n_train,
                   "grid": {"kind": grid.kind, "N": N, "t": grid.t.tolist(), "sigma": grid.sigma.tolist()},
                   "data_manifest": {k: v for k, v in ds.manifest.items() if k != "shards"}}
-    log0(json.dumps({k: v for k, v in run_config.items() if k != "grid"}, indent=1, default=str))
-    log0(f"global batch {B} x {accum} x {dp} = {B * accum * dp} (SP {args.sp}); params {n_total} ({n_train} trainable)")
+    log0(checks.run_summary(run_config | {"device": str(device)}, os.path.join(out, "config.json")))
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         data.atomic_write_json(run_config, os.path.join(out, "config.json"))
@@ -416,6 +414,8 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
             checkpoint.save_step(out, step, student, opt, rest, run_config, ema, sharded=args.fsdp,
                                  build=lambda: build_student(args, cfg, grid, device="meta"),
                                  detail_meta={"kappa": kap} if lora else None)
+            if rank == 0:
+                checkpoint.keep_last(out, args.keep_last)
     bar.close()
     return {"step": step, "losses": row, "out": out, "checkpoint": checkpoint.step_dir(out, step)}
 

@@ -178,12 +178,12 @@ def test_save_step_latest_step_and_resume(tmp_path, capsys):
         checkpoint.save_step(tmp_path, step, m, opt, {"epoch": 0, "pos": step}, run)
     s2, s4 = (checkpoint.step_dir(tmp_path, s) for s in (2, 4))
     assert checkpoint.step_folders(tmp_path) == ["step_0000002", "step_0000004"]
-    assert sorted(os.listdir(s4)) == ["config.json", "train_state.pt", "transformer"]
+    assert sorted(os.listdir(s4)) == ["checksums.json", "config.json", "train_state.pt", "transformer"]
     assert json.loads((tmp_path / "step_0000004" / "config.json").read_text()) == {**run, "step": 4}
     ckpt, state = checkpoint.resume_from(tmp_path, run)
     assert ckpt == s4 and (state["step"], state["pos"], len(state["rng"])) == (4, 4, 1)
     assert_same_tensors(checkpoint.load_transformer(s4), m)
-    with pytest.raises(ValueError, match="saved with stage='semantic', this run has 'detail'"):
+    with pytest.raises(ValueError, match=r"saved with stage='semantic' \(now 'detail'\)"):
         checkpoint.resume_from(tmp_path, {"stage": "detail"})
     # truncated files count as missing; the newest complete step wins, naming the ones it skips
     with open(os.path.join(s4, "train_state.pt"), "r+b") as f:
@@ -193,7 +193,7 @@ def test_save_step_latest_step_and_resume(tmp_path, capsys):
     capsys.readouterr()
     assert checkpoint.latest_step(tmp_path, checkpoint.RESUMABLE) == s2
     err = capsys.readouterr().err
-    assert "skipping incomplete checkpoint" in err and "step_0000004" in err
+    assert "skipping incomplete or damaged checkpoint" in err and "step_0000004" in err
     with open(os.path.join(s2, "transformer", checkpoint.WEIGHTS), "r+b") as f:
         f.truncate(100)
     assert checkpoint.step_missing(s2) == [f"transformer/{checkpoint.WEIGHTS} (unreadable)"]

@@ -9,7 +9,8 @@ import checkpoint
 import model
 import solver
 from data import atomic_save_file
-from experts import DualExpert, LoRALinear
+from experts import DualExpert
+from lora import LoRALinear
 
 ARCHS = ["tiny-cogvideox", "tiny-hunyuan", "tiny-wan"]
 KAPPA = 37

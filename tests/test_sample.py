@@ -18,6 +18,7 @@ import torch
 import checkpoint
 import data
 import experts
+import integrity
 import model as models
 import sample
 import solver
@@ -66,6 +67,7 @@ def runs(tmp_path_factory):
             prm.add_(0.3 * torch.randn(prm.shape, generator=g))
     meta = experts.DualExpert.read_detail_meta(os.path.join(step, "detail.safetensors"))
     expert.save_detail(os.path.join(step, "detail.safetensors"), {"kappa": meta["kappa"]})
+    integrity.write_checksums(step)  # an intended change: record it, or the step counts as corrupted
     return p
 
 
@@ -261,7 +263,7 @@ def test_newest_complete_step_wins(runs, tmp_path, capsys):
     os.makedirs(out / "step_0000005" / "transformer")  # a newer, incomplete step is skipped, saying so
     s = sample.main(["--ckpt", str(out), "--out", str(tmp_path / "o"), *SIZE])
     assert s["ckpt"].endswith("step_0000001")
-    assert "skipping incomplete checkpoint" in capsys.readouterr().err
+    assert "skipping incomplete or damaged checkpoint" in capsys.readouterr().err
 
 
 def test_command_line_error_has_no_traceback(tmp_path):

@@ -159,7 +159,7 @@ def test_spread_marker():
     assert not bench.exceeds({"fd": {"mean": 1.0, "std": 0.0, "n": 1}}, {"fd": {"mean": 2.0, "std": 0.0, "n": 1}}, "fd")
 
 
-def test_quick_run_end_to_end(tmp_path):
+def test_quick_run_end_to_end(tmp_path, capsys):
     """`python toy/run.py --quick`: every artefact written, every model scored at every step count with spreads
     over training seeds for the headline rows, and the report states the TC/CD gradient ratio it calibrated."""
     import json
@@ -168,6 +168,8 @@ def test_quick_run_end_to_end(tmp_path):
     from toy import run
     out = str(tmp_path / "toy")
     summary = run.main(["--quick", "--out", out])
+    console = capsys.readouterr()  # each phase's progress reaches the console, not only out/logs/*.log
+    assert "[toy] distil dcm" in console.out and "teacher: 100%" in console.err and "detail: 100%" in console.err
     for f in ("report.md", "metrics.json", "fig10_x0_change.png", "fig2_probes.png", "fig5_expert_difference.png",
               "curves_validation.png", "train_signals.png", "samples.gif", "classifier.pt", "train_losses.png",
               "runs/dcm_s0/samples/step_0000000/grid_4step.gif"):

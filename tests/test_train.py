@@ -95,7 +95,7 @@ def test_teacher_and_semantic(base, preset):
     t, s = b["teacher"], b["semantic"]
     assert t["step"] == 3 and sorted(os.listdir(t["out"])) == ["config.json", "log.jsonl", "probes.jsonl",
                                                                "step_0000002", "step_0000003"]
-    assert sorted(os.listdir(t["checkpoint"])) == ["config.json", "train_state.pt", "transformer"]
+    assert sorted(os.listdir(t["checkpoint"])) == ["checksums.json", "config.json", "train_state.pt", "transformer"]
     assert [r["step"] for r in read_jsonl(os.path.join(t["out"], "log.jsonl"))] == [1, 2, 3]
     probes = read_jsonl(os.path.join(t["out"], "probes.jsonl"))
     assert len(probes) == 3 and all(p["high_loss"] > 0 and p["low_grad_norm"] > 0 for p in probes)
@@ -179,7 +179,7 @@ def test_exact_resume(base, tmp_path, stage, preset, capsys):
     capsys.readouterr()
     run(*argv, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
     err = capsys.readouterr().err
-    assert "skipping incomplete checkpoint" in err and "step_0000004" in err
+    assert "skipping incomplete or damaged checkpoint" in err and "step_0000004" in err
     assert_same()
 
 

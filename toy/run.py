@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import data  # noqa: E402
-from experts import TARGETS  # noqa: E402
+from lora import TARGETS  # noqa: E402
 import sample  # noqa: E402
 import solver  # noqa: E402
 import train  # noqa: E402
@@ -142,11 +142,27 @@ class Clock:
         return time.time() - self.start
 
 
+class Tee:
+    """A stream writing to several (stderr: train.py's progress bar on the console and in the run's log)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
 def train_run(out, name, argv):
-    """train.main(argv) into out/runs/name with its console output in out/logs/name.log -> summary."""
+    """train.main(argv) into out/runs/name, its output in out/logs/name.log and its progress bar also on the
+    console -> summary."""
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     with open(os.path.join(out, "logs", f"{name}.log"), "a") as log, \
-            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            contextlib.redirect_stdout(log), contextlib.redirect_stderr(Tee(log, sys.stderr)):
         summary = train.main(argv + ["--out", os.path.join(out, "runs", name)])
     return summary
 
@@ -185,7 +201,7 @@ def choose_target(curves):
 
 
 def param_groups(name):
-    """Fig. 5 group of a HunyuanVideo parameter name: the DualExpert's layer kinds (experts.TARGETS)."""
+    """Fig. 5 group of a HunyuanVideo parameter name: the DualExpert's layer kinds (lora.TARGETS)."""
     spec = TARGETS["HunyuanVideo"]
     kinds = (("timestep embeddings + out head", "copy"), ("attention linears", "lora"), ("AdaLN modulation", "adaln"))
     for group, key in kinds:

@@ -1,0 +1,102 @@
+"""Checkpoint integrity: a sha256 of every file of a step folder, recorded when the folder is written and
+checked before it is trusted (resume, sample.py --ckpt, --init / --teacher step folders).
+
+A same-size corruption (a flipped block on disk, a bad copy) passes every structural check — the
+safetensors header and the zip directory still read — so only a digest of the bytes catches it.
+Interrupted saves leave only a `.step_*.tmp-*` folder (the step folder appears by rename): clean_tmp removes
+them when the run starts again. `CHECKSUMS` lives in the step folder:
+{"algorithm": "sha256", "files": {relative path: {"size", "sha256"}}}.
+Cost: sha256 reads each byte once: 0.6 s per 100 MB measured on a loaded 2-core CPU, where writing the
+same 100 MB with safetensors took 0.9-1.8 s; `--verify none` skips the check for very large checkpoints.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+
+CHECKSUMS = "checksums.json"
+ALGORITHM = "sha256"
+_CHUNK = 1 << 22
+TMP = re.compile(r"\.step_\d{7}\.tmp-.*")  # checkpoint.atomic_dir's temp folders: left only by a killed save
+_verified = set()  # (folder, every file's size and mtime) already verified in this process: read once, not twice
+
+
+def digest(path):
+    """sha256 hex digest of a file, read in 4 MiB chunks."""
+    h = hashlib.new(ALGORITHM)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder):
+    """Every file under folder, as sorted relative paths (the checksum file itself excluded)."""
+    out = []
+    for root, _, names in os.walk(folder):
+        out += [os.path.relpath(os.path.join(root, n), folder) for n in names]
+    return sorted(p for p in out if p != CHECKSUMS)
+
+
+def write_checksums(folder):
+    """Record size and digest of every file of `folder` in folder/CHECKSUMS (call before the folder goes live)."""
+    files = {p: {"size": os.path.getsize(os.path.join(folder, p)), ALGORITHM: digest(os.path.join(folder, p))}
+             for p in _files(folder)}
+    with open(os.path.join(folder, CHECKSUMS), "w") as f:
+        json.dump({"algorithm": ALGORITHM, "files": files}, f, indent=1)
+    return files
+
+
+def verify(folder, skip=()):
+    """[] if every file recorded in folder/CHECKSUMS is there with its size and digest (or no record exists:
+    a folder written before checksums), else the problems, one string per file."""
+    path = os.path.join(folder, CHECKSUMS)
+    if not os.path.isfile(path):
+        return []
+    key = (os.path.abspath(folder), skip) + tuple((p, os.stat(os.path.join(folder, p)).st_size,
+                                              os.stat(os.path.join(folder, p)).st_mtime_ns) for p in _files(folder))
+    if key in _verified:
+        return []
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"{CHECKSUMS} (unreadable)"]
+    bad = []
+    for rel, want in files.items():
+        if rel in skip:
+            continue
+        p = os.path.join(folder, rel)
+        if not os.path.isfile(p):
+            bad.append(f"{rel} (missing)")
+        elif os.path.getsize(p) != want["size"]:
+            bad.append(f"{rel} (size {os.path.getsize(p)} != recorded {want['size']})")
+        elif digest(p) != want[ALGORITHM]:
+            bad.append(f"{rel} ({ALGORITHM} mismatch: corrupted)")
+    if not bad:
+        _verified.add(key)
+    return bad
+
+
+def clean_tmp(out):
+    """Remove the temp folders of saves that were killed midway (never a live checkpoint) -> their names."""
+    names = sorted(d for d in os.listdir(out) if TMP.fullmatch(d)) if os.path.isdir(out) else []
+    for d in names:
+        shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+        print(f"removed {os.path.join(out, d)}: the leftover of an interrupted save", file=sys.stderr)
+    return names
+
+
+def umask():
+    """The process's umask (read without changing it for longer than the call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_umask(path, directory=False):
+    """chmod a file (0666) or folder (0777) to what the user's umask gives ordinary files: safetensors and
+    mkdtemp write 0600 / 0700."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
