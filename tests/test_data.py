@@ -26,6 +26,23 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+def t5_tokenizer(folder, max_length):
+    """A tiny sentencepiece T5 tokenizer (like CogVideoX's T5 and Wan's umT5 ones) in `folder` -> its vocab size."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS[:5] * 20), model_writer=model, vocab_size=60,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+    os.makedirs(folder)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "eos_token": "</s>", "unk_token": "<unk>",
+         "pad_token": "<pad>", "model_max_length": max_length}))
+    return len(AutoTokenizer.from_pretrained(folder))
+
+
 def bpe_tokenizer(folder, specials, template, pad, split=None, vocab=320):
     """A byte-level BPE tokenizer trained here on CORPUS, saved as a transformers fast tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -47,24 +64,14 @@ def bpe_tokenizer(folder, specials, template, pad, split=None, vocab=320):
 @pytest.fixture(scope="module")
 def cog_weights(tmp_path_factory):
     """tiny CogVideoX hub folder: vae/, text_encoder/ (T5), tokenizer/ (sentencepiece, like the real one)."""
-    import io
-    import sentencepiece as spm
     from diffusers import AutoencoderKLCogVideoX
-    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
     root = tmp_path_factory.mktemp("cogvideox")
     torch.manual_seed(0)
     AutoencoderKLCogVideoX(block_out_channels=(8, 16, 16), down_block_types=("CogVideoXDownBlock3D",) * 3,
                            up_block_types=("CogVideoXUpBlock3D",) * 3, latent_channels=4, layers_per_block=1,
                            norm_num_groups=4, scaling_factor=0.7).save_pretrained(root / "vae")
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS[:5] * 20), model_writer=model, vocab_size=60,
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
-    os.makedirs(root / "tokenizer")
-    (root / "tokenizer" / "spiece.model").write_bytes(model.getvalue())
-    (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "eos_token": "</s>", "unk_token": "<unk>",
-         "pad_token": "<pad>", "model_max_length": 226}))
-    n_vocab = len(AutoTokenizer.from_pretrained(root / "tokenizer"))
+    n_vocab = t5_tokenizer(root / "tokenizer", 226)
     T5EncoderModel(T5Config(vocab_size=n_vocab, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
                             pad_token_id=0, eos_token_id=1)).save_pretrained(root / "text_encoder")
     return str(root)

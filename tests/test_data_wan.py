@@ -1,7 +1,5 @@
 """Wan2.1 data: umT5 text as WanPipeline.encode_prompt gives it, the Wan VAE's per-channel latent normalisation
 (encode as the authors' normalize_dit_input, decode as WanPipeline), on tiny random models in the hub layout."""
-import io
-import json
 import os
 
 import pytest
@@ -9,7 +7,7 @@ import torch
 
 import data
 import video_io
-from test_data import CAPTIONS, CORPUS, LONG, videos  # noqa: F401  (videos: the shared clip fixture)
+from test_data import CAPTIONS, LONG, t5_tokenizer, videos  # noqa: F401  (videos: the shared clip fixture)
 
 MEAN, STD = [0.5, -0.25, 1.0, 0.0], [2.0, 0.5, 1.5, 3.0]
 
@@ -18,22 +16,13 @@ MEAN, STD = [0.5, -0.25, 1.0, 0.0], [2.0, 0.5, 1.5, 3.0]
 def wan_weights(tmp_path_factory):
     """tiny Wan hub folder: vae/ (AutoencoderKLWan, 4x temporal / 4x spatial, 4 channels), text_encoder/ (umT5),
     tokenizer/ (sentencepiece T5 tokenizer, like the real umT5 one)."""
-    import sentencepiece as spm
     from diffusers import AutoencoderKLWan
-    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+    from transformers import UMT5Config, UMT5EncoderModel
     root = tmp_path_factory.mktemp("wan")
     torch.manual_seed(0)
     AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
                      latents_mean=MEAN, latents_std=STD).save_pretrained(root / "vae")
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS[:5] * 20), model_writer=model, vocab_size=60,
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
-    os.makedirs(root / "tokenizer")
-    (root / "tokenizer" / "spiece.model").write_bytes(model.getvalue())
-    (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "eos_token": "</s>", "unk_token": "<unk>",
-         "pad_token": "<pad>", "model_max_length": 512}))
-    n_vocab = len(AutoTokenizer.from_pretrained(root / "tokenizer"))
+    n_vocab = t5_tokenizer(root / "tokenizer", 512)
     UMT5EncoderModel(UMT5Config(vocab_size=n_vocab, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
                                 pad_token_id=0, eos_token_id=1)).save_pretrained(root / "text_encoder")
     return str(root)
