@@ -1,6 +1,5 @@
 """HunyuanVideo transformer: parity with diffusers at tiny sizes, Tencent checkpoint conversion, errors."""
 
-import math
 from dataclasses import asdict, replace
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 
 import checkpoint
 import model
+from _random_weights import randomize_
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
@@ -22,10 +22,7 @@ def random_reference(cfg, seed=0):
     """diffusers model with every parameter random (zero-inits and unit norms would hide bugs)."""
     torch.manual_seed(seed)
     ref = HunyuanVideoTransformer3DModel(**asdict(cfg)).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel() if p.ndim > 1 else 4))
-    return ref
+    return randomize_(ref)
 
 
 def ours_with_random_weights(cfg=TINY):

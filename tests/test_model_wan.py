@@ -1,6 +1,5 @@
 """Wan2.1 transformer: parity with diffusers' WanTransformer3DModel at tiny sizes, exact preset sizes, errors."""
 
-import math
 from dataclasses import asdict, replace
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 
 import checkpoint
 import model
+from _random_weights import randomize_
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
@@ -21,10 +21,7 @@ def random_reference(cfg, seed=0):
     """diffusers model with every parameter random (zero-inits and unit norms would hide bugs)."""
     torch.manual_seed(seed)
     ref = WanTransformer3DModel(**asdict(cfg)).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel() if p.ndim > 1 else 4))
-    return ref
+    return randomize_(ref)
 
 
 def make_inputs(cfg, B=2, F=3, H=4, W=6, L=7, seed=1):

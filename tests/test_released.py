@@ -7,7 +7,6 @@ detail = adapters enabled and the `*_lora` modules in place of the originals.
 """
 import copy
 import json
-import math
 import os
 import re
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import experts
 import model
+from _random_weights import randomize_
 import released
 
 pytest.importorskip("diffusers")
@@ -44,10 +44,7 @@ def theirs(ref_cls, cfg, copies, seed=0):
                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]), adapter_name="lora1")
     for theirs_name, ours in copies.items():  # add_layer() + init_layer(): copies of the original modules
         setattr(ref, theirs_name, copy.deepcopy(getattr(ref, ours)))
-    with torch.no_grad():  # every weight random: zero LoRA B / unit norms would hide mapping bugs
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel() if p.ndim > 1 else 4))
-    return ref
+    return randomize_(ref)  # every weight random, the LoRA B too
 
 
 @contextmanager
@@ -163,9 +160,7 @@ def test_trained_here_runs_in_their_model(tmp_path, capsys):
     copies = released.LAYOUTS["HunyuanVideo"]["copies"]
     torch.manual_seed(3)
     ours = experts.DualExpert(model.build_transformer(TINY_HY), 981.762939453125, R, ALPHA).eval()  # kappa 37
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel() if p.ndim > 1 else 4))
+    randomize_(ours)
     step = tmp_path / "run" / "step_0000010"
     ours.save_semantic(step / "transformer")
     ours.save_detail(step / "detail.safetensors", meta={"kappa": 37})
