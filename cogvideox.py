@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from layers import (
-    timestep_embedding, TimestepMLP, attention, apply_rope, FeedForward, reject_cond, check_taps, run_block,
+    timestep_embedding, TimestepMLP, attention, apply_rope, FeedForward, reject_cond, check_taps, check_t, run_block,
     ACTIVATIONS, cached_table,
 )
 from layers import sp_gather, sp_rows, sp_shard
@@ -223,8 +223,7 @@ class CogVideoXTransformer(nn.Module):
     def time_embed(self, t, **cond):
         """AdaLN conditioning vector temb [B, time_embed_dim] from t [B] (text is not part of it)."""
         reject_cond(cond, allowed=("text",))
-        if not torch.is_tensor(t) or t.ndim != 1:
-            raise ValueError(f"t must be a 1-D tensor [B], got {tuple(t.shape) if torch.is_tensor(t) else type(t)}")
+        check_t(t)
         w = self.time_embedding.linear_1.weight
         t = t.to(w.device, non_blocking=w.device.type != "cpu")  # t may come from the host (a dual expert routes on it)
         emb = timestep_embedding(t, w.shape[1], self.config.flip_sin_to_cos, self.config.freq_shift)

@@ -154,6 +154,12 @@ def reject_cond(cond, allowed=()):
         raise ValueError(f"unsupported conditioning for this model: {bad}")
 
 
+def check_t(t):
+    """t must be a 1-D tensor [B] (model-native timesteps)."""
+    if not torch.is_tensor(t) or t.ndim != 1:
+        raise ValueError(f"t must be a 1-D tensor [B], got {tuple(t.shape) if torch.is_tensor(t) else type(t)}")
+
+
 def check_taps(taps, n_blocks):
     """Validate `taps` (increasing global block indices) and return them as a set."""
     taps = list(taps or ())

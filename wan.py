@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from layers import (
-    timestep_embedding, TimestepMLP, attention, apply_rope, FeedForward, reject_cond, check_taps, run_block,
+    timestep_embedding, TimestepMLP, attention, apply_rope, FeedForward, reject_cond, check_taps, check_t, run_block,
     sp_gather, sp_rows, sp_shard, cached_table,
 )
 
@@ -154,8 +154,7 @@ class WanTransformer(nn.Module):
     def time_embed(self, t, **cond):
         """temb [B, D] (the output head's conditioning; the blocks' time_proj of it is recomputed in forward)."""
         reject_cond(cond, allowed=("text",))
-        if not torch.is_tensor(t) or t.ndim != 1:
-            raise ValueError(f"t must be a 1-D tensor [B], got {tuple(t.shape) if torch.is_tensor(t) else type(t)}")
+        check_t(t)
         return self.condition_embedder.time(t)
 
     @cached_table()
@@ -205,7 +204,7 @@ class WanTransformer(nn.Module):
     def forward(self, x, t, text=None, taps=None, **cond):
         """Flow velocity [B, C, F, H, W]; with `taps` also a list of video tokens [B, L, D] after those blocks."""
         self._check(x, t, text, cond)
-        cfg, (B, _, f, hgt, wid) = self.config, x.shape
+        cfg, (_, _, f, hgt, wid) = self.config, x.shape
         pt, ph, pw = cfg.patch_size
         tap_set, feats = check_taps(taps, cfg.num_layers), []
         rope = self._rope((f // pt, hgt // ph, wid // pw), x.device)
