@@ -167,9 +167,13 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     import re
     from toy import run
     out = str(tmp_path / "toy")
-    summary = run.main(["--quick", "--out", out])
-    console = capsys.readouterr()  # each phase's progress reaches the console, not only out/logs/*.log
-    assert "[toy] distil dcm" in console.out and "teacher: 100%" in console.err and "detail: 100%" in console.err
+    summary = run.main(["--quick", "--out", out, "--workers", "2"])
+    console = capsys.readouterr()  # progress reaches the console: bars of this process, a line per worker's run
+    assert "teacher: 100%" in console.err and "[toy] distil dcm_s0: " in console.out
+    assert "detail: 100%" in open(os.path.join(out, "logs", "dcm_s0.log")).read()
+    assert summary["workers"] == [2, 1] and set(summary["run_s"]) >= {"dcm_s0", "pe_gf_s0", "vcm_s1"}
+    dc = summary["d_control"]  # the discriminator control ran with both real sides
+    assert set(dc) == {"target as real", "data as real"} and dc["target as real"]["start"] > 0
     for f in ("report.md", "metrics.json", "fig10_x0_change.png", "fig2_probes.png", "fig5_expert_difference.png",
               "curves_validation.png", "train_signals.png", "samples.gif", "classifier.pt", "train_losses.png",
               "runs/dcm_s0/samples/step_0000000/grid_4step.gif"):
@@ -201,3 +205,29 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert "samples.gif" in report and "kappa" in report and "train_losses.png" in report
     assert "validation_step_0000003_4step.gif" in report  # the validation grids of train.py, next to the report
     assert os.path.getsize(os.path.join(out, "validation_step_0000003_4step.gif")) > 0
+
+
+def test_the_committed_teacher_is_verified_trained_and_of_the_recipe_in_the_code(clf):
+    """toy/teacher/ (what the full run distils): both step folders pass their checksums and load as toy teachers of
+    this toy's spec; the provenance records the stages run.FULL.teacher trains (--train-teacher reproduces it); the
+    final teacher's guided 8-step samples are recognised by the bench classifier (it is trained, not a stub)."""
+    import json
+    from dataclasses import asdict
+    import integrity
+    import sample
+    import solver
+    from teacher import Teacher
+    from toy import bench, run
+    with open(os.path.join(run.TEACHER_DIR, "provenance.json")) as f:
+        prov = json.load(f)
+    assert [tuple(s) for s in prov["stages"]] == [tuple(s) for s in run.FULL.teacher]
+    assert prov["batch"] == run.FULL.batch and prov["cond_drop"] == run.FULL.cond_drop
+    for name in ("before_decay", "final"):
+        folder = os.path.join(run.TEACHER_DIR, name)
+        assert os.path.isfile(os.path.join(folder, integrity.CHECKSUMS)) and integrity.verify(folder) == []
+        model, info = sample.load_student(folder)
+        assert info["mode"] == "teacher" and info["run"]["data_manifest"]["toy_spec"] == asdict(toy_data.ToySpec())
+    labels, cond, _, noise = bench.eval_batch(7, 48, toy_data.ToySpec())
+    teach = Teacher(model, info["grid"], 2.0, toy_data.uncond(toy_data.ToySpec()))
+    x = bench.teacher_fn(teach)(noise, cond, solver.student_schedule(info["grid"], [], 8))
+    assert tm.condition_accuracy(tm.classifier_features(clf, x.clamp(-1, 1))[1], labels) > 0.7

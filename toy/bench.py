@@ -151,9 +151,10 @@ def evaluate(models, teach, test, grid, guidance, S, kappa, headline, sweep=()):
                 per_train = []
                 for i, (model, info) in enumerate(members):
                     ks = solver.student_schedule(grid, info["boundaries"], steps, points)
-                    per = score(test, student_fn(model, info, grid, guidance), ks,
-                                keep(label, steps) if i == 0 and points == "even" else None)
-                    per_train.append(per)
+                    if (id(model), tuple(ks)) not in cache:  # both point rules agree at 1-2 steps
+                        cache[id(model), tuple(ks)] = score(test, student_fn(model, info, grid, guidance), ks,
+                                                            keep(label, steps) if i == 0 and points == "even" else None)
+                    per_train.append(cache[id(model), tuple(ks)])
                 sched = f"{points} points" if dual else "own schedule"
                 if len(members) > 1:
                     row = {"per_train_seed": per_train, "agg": combine([seed_mean(p) for p in per_train]),

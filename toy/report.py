@@ -260,6 +260,16 @@ def sweep_table(res, kappas, chosen, steps_list):
     return "\n".join(rows)
 
 
+def teacher_source(s):
+    """Where this run's teacher came from: the committed toy/teacher/ (its provenance) or trained in the run."""
+    pv = s.get("teacher_provenance")
+    if not pv:
+        return "Trained in this run (its time is in the phases above)."
+    return (f"The committed toy/teacher/ (as in the paper the teacher is given; not in this run's wall time): trained "
+            f"by `{pv['command']}` in {sum(pv['wall_s']):.0f} s on {pv['machine']}, final diffusion loss "
+            f"{pv['final_loss']:.4f}.")
+
+
 def write(out, s, models, gif, run_dirs):
     """All figures and report.md into out/; run_dirs: {run name: train.py run folder}."""
     S, N = s["settings"], len(s["grid_sigma"]) - 1
@@ -280,17 +290,21 @@ def write(out, s, models, gif, run_dirs):
     mach, L = s["machine"], []
     L.append(f"# DCM toy study{' (QUICK smoke run: tiny budgets, the numbers mean nothing)' if s['quick'] else ''}\n")
     load = mach.get("loadavg_at_end")
-    L.append(f"Wall time {s['wall_s']:.0f} s on {mach['cpus']} CPUs ({mach['torch_threads']} torch threads), "
-             f"{mach['platform']}, torch {mach['torch']}; load average at the end "
-             f"{'/'.join(f'{v:.1f}' for v in load) if load else '?'} (1/5/15 min). Seed {s['seed']}.\n")
+    w, wt = s.get("workers", (1, mach["torch_threads"]))
+    L.append(f"Wall time {s['wall_s']:.0f} s on {mach['cpus']} CPUs ({mach['torch_threads']} torch threads; training "
+             f"runs {w} side by side, {wt} thread(s) each), {mach['platform']}, torch {mach['torch']}; load average at "
+             f"the end {'/'.join(f'{v:.1f}' for v in load) if load else '?'} (1/5/15 min). Seed {s['seed']}.\n")
     L.append("Phases (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["phases_s"].items()) + ".\n")
+    if s.get("run_s"):
+        L.append(f"Training runs (s each; {w} at a time): "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in s["run_s"].items()) + ".\n")
     sp = s["spec"]
     L.append("## Design\n")
     L.append(f"- Data: {sp['frames']} frames of {sp['size']}x{sp['size']} RGB, one textured shape (3 shapes x 2 colours "
              f"x 4 directions = 24 classes) moving {sp['speed']} px/frame; {S['n_data']} training videos.\n"
              f"- Teacher: toy/config.json (HunyuanVideo-style flow model, no guidance input), steps/lr {S['teacher']}, "
              f"batch {S['batch']}, condition dropout {S['cond_drop']} -> classifier-free guidance. Grid N = {N}, "
-             f"shift {S['shift']}.\n"
+             f"shift {S['shift']}. {teacher_source(s)}\n"
              f"- Students: {S['single_steps']} steps (VCM, PCM) or {S['sem_steps']} semantic + {S['det_steps']} "
              f"detail steps, batch {S['student_batch']}; target (EMA decay, lr) chosen on validation: "
              f"{s['target']}; LoRA rank {S['lora_rank']} at {S['lora_x']:g}x the lr; discriminator lr {S['d_lr']}; "
@@ -359,6 +373,13 @@ def write(out, s, models, gif, run_dirs):
             L.append(f"- {n}: discriminator hinge loss {d[0]['d']:.3f} at the start, mean {np.mean([r['d'] for r in last]):.3f} "
                      f"over the last fifth of the run; accuracy real {np.mean([r['d_acc_real'] for r in last]):.2f} / "
                      f"fake {np.mean([r['d_acc_fake'] for r in last]):.2f} there.")
+    if dc := s.get("d_control"):
+        L.append(f"- Control (`toy/probes.py`): a fresh discriminator trained {S['d_control_steps']} steps at lr "
+                 f"{S['d_lr']} on the frozen DCM detail expert's (seed 0) GAN features, mean over the last fifth: "
+                 + "; ".join(f"{side}: hinge {r['d_loss']:.3f} (start {r['start']:.3f}), accuracy real "
+                             f"{r['acc_real']:.2f} / fake {r['acc_fake']:.2f}" for side, r in dc.items())
+                 + ". \"Target as real\" is the method's GAN (real = x_tgt, the stop-grad student after one teacher "
+                 "step); \"data as real\" puts the training videos there.")
     L.append("")
 
     L.append("## Headline: every method at 1, 2 and 4 steps, with the undistilled teacher on the same schedule\n")

@@ -17,7 +17,10 @@
 7. DIR/report.md + metrics.json + PNG figures + a GIF (toy/report.py).
 Full: <= 15 min on 2 idle CPU cores; --quick (smoke test, tiny budgets, meaningless numbers): <= 60 s.
 --reuse goes on in an existing DIR: finished training runs are kept (they must have the same settings).
---teacher CKPT skips the teacher's training (a train.py step folder of a toy teacher on this toy's data).
+The teacher is given, as in the paper: the full run distils the committed toy/teacher/ (its recipe, wall time and
+loss in toy/teacher/provenance.json); --train-teacher trains it from scratch first (Settings.teacher, ~27 min on 2
+cores), --teacher CKPT takes another (a train.py step folder of a toy teacher on this toy's data); --quick always
+trains its own tiny one.
 """
 import argparse
 import contextlib
@@ -50,10 +53,13 @@ import train  # noqa: E402
 from teacher import Teacher, adjacent_x0_l1  # noqa: E402
 from toy import bench  # noqa: E402
 from toy import data as toy_data  # noqa: E402
+from toy import jobs  # noqa: E402
 from toy import metrics as tm  # noqa: E402
+from toy import probes  # noqa: E402
 from toy import report  # noqa: E402
 
 CONFIG = os.path.join(HERE, "config.json")
+TEACHER_DIR = os.path.join(HERE, "teacher")  # final/ and before_decay/ (train.py step folders), provenance.json
 
 
 @dataclass(frozen=True)
@@ -61,11 +67,12 @@ class Settings:
     """Budgets and candidate settings of one toy run (FULL / QUICK below)."""
     n_data: int = 8192            # training videos on disk
     clf_steps: int = 300          # bench classifier
-    # (steps, lr) stages of the teacher, each at constant lr from the previous one's weights (a step decay)
-    teacher: tuple = ((4500, 2e-3), (500, 2e-4))
+    # (steps, lr) stages of the teacher, each at constant lr from the previous one's weights with a fresh AdamW (the
+    # committed toy/teacher/ was trained so: 4500 + 7500 steps at 2e-3, then the decay); the last is the lr decay
+    teacher: tuple = ((4500, 2e-3), (7500, 2e-3), (1500, 2e-4))
     batch: int = 32               # teacher batch
     cond_drop: float = 0.1        # teacher: unconditional training fraction (CFG)
-    guidance_grid: tuple = (1.0, 2.5, 4.0)  # CFG scales tried on the validation split
+    guidance_grid: tuple = (1.0, 1.5, 2.5)  # CFG scales tried on the validation split
     shift: float = 3.0            # flow grid shift (HunyuanVideo: 17 for 720p latents; the toy is 16x16)
     grid_steps: int = 50
     kappa_q: float = 0.5          # Fig. 10 rule: the semantic phase holds this fraction of the total x0 change
@@ -76,6 +83,7 @@ class Settings:
     lora_x: float = 5.0           # LoRA detail expert lr = 5 x the full lr (paper)
     targets: tuple = ((0.95, 3e-5), (0.99, 1e-4))  # (target EMA decay, full lr) candidates, chosen with VCM
     d_lr: float = 1e-3            # discriminator lr (authors 1e-5: on the toy it learns nothing at that lr)
+    d_control_steps: int = 150    # toy/probes.py: a fresh discriminator on DCM's features, target vs data as real
     tc_calib_steps: int = 20      # calibration run of the TC weight
     lora_rank: int = 8
     disc_hidden: int = 64
@@ -83,8 +91,8 @@ class Settings:
     sample_every: int = 50        # validation samples of the DCM detail run, seed 0 (train.py --sample-every)
     curve_points: int = 5         # checkpoints evaluated along the selection / DCM runs
     train_seeds: int = 3          # headline rows (VCM, PCM, DCM)
-    ablation_seeds: int = 2       # the other Table 3 rows
-    kappa_sweep: tuple = (20,)    # DCM retrained at these cuts too (paper Fig. 10 right; one seed)
+    ablation_seeds: int = 3       # the other Table 3 rows
+    kappa_sweep: tuple = (20, 30)  # DCM retrained at these cuts too (paper Fig. 10 right; one seed)
     val_n: int = 128
     eval_seeds: int = 2
     eval_n: int = 384
@@ -96,7 +104,7 @@ class Settings:
 FULL = Settings()
 QUICK = Settings(n_data=256, clf_steps=60, teacher=((60, 1e-3), (20, 2e-4)), batch=8, guidance_grid=(1.0, 3.0),
                  student_batch=8, single_steps=6, sem_steps=3, det_steps=3, tc_calib_steps=2, probe_every=2, sample_every=3,
-                 curve_points=2, train_seeds=2, ablation_seeds=1, val_n=16, eval_seeds=2, eval_n=16,
+                 curve_points=2, d_control_steps=3, train_seeds=2, ablation_seeds=1, val_n=16, eval_seeds=2, eval_n=16,
                  eval_steps=(2, 4), fig10_n=8, gif_n=3, kappa_sweep=(20,))
 # model name -> (training run that holds it, paper Table 3 flags OD, PE, TC, GF, headline row)
 MODELS = {
@@ -116,11 +124,22 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="smoke test: tiny budgets, <= 60 s")
     p.add_argument("--out", help="run folder (default out/toy, --quick: out/toy-quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, training and evaluation")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, help="torch CPU threads of this process (default: the free cores)")
+    p.add_argument("--workers", type=int, help="training runs side by side, one torch thread each (default: 2 when "
+                   "2 cores are free, else 1)")
     p.add_argument("--reuse", action="store_true", help="keep finished training runs already in --out")
-    p.add_argument("--teacher", help="a trained toy teacher (train.py step folder) instead of training one")
+    p.add_argument("--teacher", help="a trained toy teacher (train.py step folder) instead of the committed one")
+    p.add_argument("--train-teacher", action="store_true", help="train the teacher from scratch (Settings.teacher)")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join(ROOT, "out", "toy-quick" if args.quick else "toy")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    free = max(1, cores - int(os.getloadavg()[0])) if hasattr(os, "getloadavg") else cores
+    args.threads = args.threads or free
+    args.workers = args.workers or (2 if free >= 2 else 1)
+    args.worker_threads = 1 if args.workers > 1 else args.threads
+    for flag in ("threads", "workers"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"error: --{flag} must be >= 1, got {getattr(args, flag)}")
     return args
 
 
@@ -140,31 +159,6 @@ class Clock:
 
     def total(self):
         return time.time() - self.start
-
-
-class Tee:
-    """A stream writing to several (stderr: train.py's progress bar on the console and in the run's log)."""
-
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text):
-        for s in self.streams:
-            s.write(text)
-
-    def flush(self):
-        for s in self.streams:
-            s.flush()
-
-
-def train_run(out, name, argv):
-    """train.main(argv) into out/runs/name, its output in out/logs/name.log and its progress bar also on the
-    console -> summary."""
-    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    with open(os.path.join(out, "logs", f"{name}.log"), "a") as log, \
-            contextlib.redirect_stdout(log), contextlib.redirect_stderr(Tee(log, sys.stderr)):
-        summary = train.main(argv + ["--out", os.path.join(out, "runs", name)])
-    return summary
 
 
 def choose_kappa(l1, q, N, min_semantic=4, min_detail=4):
@@ -245,13 +239,15 @@ def main(argv=None):
     """The whole toy study (module docstring); returns the summary also written to DIR/metrics.json."""
     args = parse_args(argv)
     S = QUICK if args.quick else FULL
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    print(f"[toy] {args.threads} torch threads here, {args.workers} training run(s) side by side", flush=True)
     out, spec = args.out, toy_data.ToySpec()
     if os.path.isdir(os.path.join(out, "runs")) and not args.reuse:
         raise SystemExit(f"error: {out} already holds a toy run; pass --reuse to go on in it or a new --out")
     if args.teacher and not os.path.isdir(args.teacher):
         raise SystemExit(f"error: --teacher {args.teacher} is not a folder")
+    if args.teacher and args.train_teacher:
+        raise SystemExit("error: --teacher CKPT and --train-teacher exclude each other")
     os.makedirs(out, exist_ok=True)
     clock, sm = Clock(), {"settings": asdict(S), "quick": args.quick, "seed": args.seed, "spec": asdict(spec)}
     torch.manual_seed(args.seed)
@@ -269,8 +265,13 @@ def main(argv=None):
     # 2. the teacher: constant-lr stages (a step decay) with condition dropout; its CFG scale on the validation split
     with clock("teacher"):
         prev, teacher_ckpt, stages = [], args.teacher, []
-        for i, (steps, lr) in enumerate(S.teacher if not teacher_ckpt else ()):
-            res = train_run(out, f"teacher_{i}", common + prev + [
+        train_it = args.quick or args.train_teacher
+        if not train_it and not teacher_ckpt:  # the committed teacher and its checkpoint before the lr decay
+            stages = [os.path.join(TEACHER_DIR, "before_decay"), os.path.join(TEACHER_DIR, "final")]
+            teacher_ckpt = stages[-1]
+            sm["teacher_provenance"] = json.load(open(os.path.join(TEACHER_DIR, "provenance.json")))
+        for i, (steps, lr) in enumerate(S.teacher if train_it and not args.teacher else ()):
+            res = jobs.train_run(out, f"teacher_{i}", common + prev + [
                 "--config", CONFIG, "--stage", "teacher", "--max-steps", str(steps), "--batch-size", str(S.batch),
                 "--lr", str(lr), "--probe-every", "0", "--cond-drop", str(S.cond_drop), "--seed", str(args.seed)])
             prev, teacher_ckpt = ["--teacher", res["checkpoint"]], res["checkpoint"]
@@ -304,7 +305,7 @@ def main(argv=None):
         kappa, kinfo = choose_kappa(l1, S.kappa_q, grid.N)
         checks = {"second noise batch": fig10_curve(tmodel, 20_000 + args.seed)}
         if len(stages) > 1:
-            checks["teacher before its lr decay"] = fig10_curve(sample.load_student(stages[0])[0], 10_000 + args.seed)
+            checks["teacher before its lr decay"] = fig10_curve(sample.load_student(stages[-2])[0], 10_000 + args.seed)
         sm |= {"kappa": kappa, "kappa_rule": kinfo | {"sigma": float(grid.sigma[kappa + 1])}, "fig10_l1": l1,
                "kappa_checks": {k: {"l1": v, "kappa": choose_kappa(v, S.kappa_q, grid.N)[0]} for k, v in checks.items()},
                "grid_sigma": grid.sigma.tolist()}
@@ -312,23 +313,29 @@ def main(argv=None):
 
     dist = common + ["--teacher", teacher_ckpt, "--lora-rank", str(S.lora_rank), "--disc-hidden", str(S.disc_hidden),
                      "--batch-size", str(S.student_batch), "--guidance", str(guidance), "--d-lr", str(S.d_lr)]
-    runs = {}
+    runs, run_s = {}, {}
 
-    def run(name, extra, seed=0, k=kappa, probe=S.probe_every * 3, save=0):
-        extra = [runs[a[1:]]["checkpoint"] if a.startswith("@") else a for a in extra]
-        with clock(f"distil {name}"):
-            runs[name] = train_run(out, name, dist + ["--kappa", str(k), "--seed", str(args.seed + seed),
-                                                      "--probe-every", str(probe), "--save-every", str(save)] + extra)
-        return runs[name]
+    def argv(extra, seed=0, k=kappa, probe=S.probe_every * 3, save=0):
+        return dist + ["--kappa", str(k), "--seed", str(args.seed + seed), "--probe-every", str(probe),
+                       "--save-every", str(save)] + extra
+
+    def train_all(phase, todo):
+        """{name: argv} training runs, side by side in args.workers processes (toy/jobs.py)."""
+        pool = jobs.Runs(out, args.workers if len(todo) > 1 else 1, args.worker_threads, runs)
+        for name, a in todo.items():
+            pool.add(name, a)
+        with clock(phase):
+            runs.update(pool.wait())
+        run_s.update(pool.seconds)
 
     # 4. settings on the validation split: target EMA / lr (VCM with checkpoints), online vs EMA weights, TC weight
     every = max(1, S.single_steps // S.curve_points)
+    cand = {f"vcm_ema{ema}_lr{lr}": (ema, lr) for ema, lr in S.targets}
+    train_all("target candidates", {n: argv(["--stage", "vcm", "--max-steps", str(S.single_steps), "--lr", str(lr),
+                                             "--target-ema", str(ema)], probe=S.probe_every, save=every)
+                                    for n, (ema, lr) in cand.items()})
     with clock("target + weights (validation)"):
-        curves = {}
-        for ema, lr in S.targets:
-            r = run(f"vcm_ema{ema}_lr{lr}", ["--stage", "vcm", "--max-steps", str(S.single_steps), "--lr", str(lr),
-                                              "--target-ema", str(ema)], probe=S.probe_every, save=every)
-            curves[(ema, lr)] = bench.curve(r["out"], val, grid, guidance, 4)
+        curves = {cand[n]: bench.curve(runs[n]["out"], val, grid, guidance, 4) for n in cand}
         target_ema, lr_full = choose_target(curves)
         best = runs[f"vcm_ema{target_ema}_lr{lr_full}"]
         ema_m = bench.seed_mean(bench.score(val, bench.student_fn(*bench.load_model(best["checkpoint"], True), grid, guidance),
@@ -340,33 +347,46 @@ def main(argv=None):
     full = lambda steps: ["--max-steps", str(steps), "--lr", str(lr_full)] + tgt  # noqa: E731
     lora = ["--max-steps", str(S.det_steps), "--lr", str(S.lora_x * lr_full)] + tgt
     no_gf, no_tc = ["--w-gan", "0", "--w-fm", "0"], ["--w-tc", "0"]
-    with clock("TC weight (calibration)"):
-        cal = run("tc_calibration", ["--stage", "semantic", "--max-steps", str(S.tc_calib_steps), "--w-tc", "1"]
-                  + full(S.tc_calib_steps)[2:], probe=max(1, S.tc_calib_steps // 10))
-        ratio_w1 = grad_ratios(cal["out"]).get("tc") or 1.0
-        w_tc = float(f"{1 / ratio_w1:.2g}")  # the weight that makes ||grad TC|| ~ ||grad CD|| at the start
-        sm |= {"tc_ratio_at_w1": ratio_w1, "w_tc": w_tc}
-        print(f"[toy] TC/CD gradient ratio at w_tc = 1: {ratio_w1:.4g} -> w_tc = {w_tc}", flush=True)
+    train_all("TC weight (calibration)", {"tc_calibration": argv(
+        ["--stage", "semantic", "--w-tc", "1"] + full(S.tc_calib_steps), probe=max(1, S.tc_calib_steps // 10))})
+    ratio_w1 = grad_ratios(runs["tc_calibration"]["out"]).get("tc") or 1.0
+    w_tc = float(f"{1 / ratio_w1:.2g}")  # the weight that makes ||grad TC|| ~ ||grad CD|| at the start
+    sm |= {"tc_ratio_at_w1": ratio_w1, "w_tc": w_tc}
+    print(f"[toy] TC/CD gradient ratio at w_tc = 1: {ratio_w1:.4g} -> w_tc = {w_tc}", flush=True)
     tc = ["--w-tc", str(w_tc)]
 
-    # 5. distillation: headline rows over training seeds, the other Table 3 rows over fewer, the kappa sweep
+    # 5. distillation: headline rows over training seeds, the other Table 3 rows over fewer, the kappa sweep; the
+    # two-stage chains first (the longest paths), a detail run after the semantic expert it names with "@"
+    todo = {}
     for s in range(S.train_seeds):
-        # seed 0's VCM is the chosen candidate's run (trained on the training data; chosen on the validation split)
-        runs[f"vcm_s{s}"] = best if s == 0 else run(f"vcm_s{s}", ["--stage", "vcm"] + full(S.single_steps), s)
-        run(f"pcm_s{s}", ["--stage", "pcm", "--phases", "4"] + full(S.single_steps), s)
-        run(f"sem_tc_s{s}", ["--stage", "semantic"] + tc + full(S.sem_steps), s)
         watch = [] if s else ["--sample-every", str(S.sample_every), "--sample-num", "6"]  # validation grids (report)
-        run(f"dcm_s{s}", ["--stage", "detail", "--init", f"@sem_tc_s{s}"] + lora + watch, s, save=0 if s else every // 2)
+        todo[f"sem_tc_s{s}"] = argv(["--stage", "semantic"] + tc + full(S.sem_steps), s)
+        todo[f"dcm_s{s}"] = argv(["--stage", "detail", "--init", f"@sem_tc_s{s}"] + lora + watch, s,
+                                 save=0 if s else every // 2)
     for s in range(S.ablation_seeds):
-        run(f"sem_s{s}", ["--stage", "semantic"] + no_tc + full(S.sem_steps), s)
-        run(f"od_s{s}", ["--stage", "detail", "--detail-full", "--init", f"@sem_s{s}"] + no_gf + full(S.det_steps), s)
-        run(f"pe_s{s}", ["--stage", "detail", "--init", f"@sem_s{s}"] + no_gf + lora, s)
-        run(f"pe_tc_s{s}", ["--stage", "detail", "--init", f"@sem_tc_s{s}"] + no_gf + lora, s)
-        run(f"pe_gf_s{s}", ["--stage", "detail", "--init", f"@sem_s{s}"] + lora, s)
+        todo[f"sem_s{s}"] = argv(["--stage", "semantic"] + no_tc + full(S.sem_steps), s)
+        todo[f"od_s{s}"] = argv(["--stage", "detail", "--detail-full", "--init", f"@sem_s{s}"] + no_gf
+                                + full(S.det_steps), s)
+        todo[f"pe_s{s}"] = argv(["--stage", "detail", "--init", f"@sem_s{s}"] + no_gf + lora, s)
+        todo[f"pe_tc_s{s}"] = argv(["--stage", "detail", "--init", f"@sem_tc_s{s}"] + no_gf + lora, s)
+        todo[f"pe_gf_s{s}"] = argv(["--stage", "detail", "--init", f"@sem_s{s}"] + lora, s)
     sweep = sorted({max(3, min(k, grid.N - 5)) for k in S.kappa_sweep} - {kappa})
     for k in sweep:
-        run(f"sem_tc_k{k}", ["--stage", "semantic"] + tc + full(S.sem_steps), k=k)
-        run(f"dcm_k{k}", ["--stage", "detail", "--init", f"@sem_tc_k{k}"] + lora, k=k)
+        todo[f"sem_tc_k{k}"] = argv(["--stage", "semantic"] + tc + full(S.sem_steps), k=k)
+        todo[f"dcm_k{k}"] = argv(["--stage", "detail", "--init", f"@sem_tc_k{k}"] + lora, k=k)
+    for s in range(S.train_seeds):
+        # seed 0's VCM is the chosen candidate's run (trained on the training data; chosen on the validation split)
+        if s:
+            todo[f"vcm_s{s}"] = argv(["--stage", "vcm"] + full(S.single_steps), s)
+        todo[f"pcm_s{s}"] = argv(["--stage", "pcm", "--phases", "4"] + full(S.single_steps), s)
+    runs["vcm_s0"] = best
+    train_all("distillation", todo)
+    with clock("discriminator control"):
+        dual = bench.load_model(runs["dcm_s0"]["checkpoint"])[0]
+        sm["d_control"] = probes.discriminator_control(dual, teach, grid, kappa, data.LatentDataset(data_dir),
+                                                       S.d_control_steps, S.student_batch, S.d_lr, S.disc_hidden,
+                                                       args.seed)
+        print(f"[toy] discriminator control: {sm['d_control']}", flush=True)
     with clock("fig5 + curves"):
         groups, tensors = expert_difference(os.path.join(runs["sem_s0"]["checkpoint"], "transformer"),
                                             os.path.join(runs["od_s0"]["checkpoint"], "transformer"))
@@ -390,7 +410,8 @@ def main(argv=None):
         sm |= {"results": results, "param_counts": param_counts(models, tmodel), "machine": machine(),
                "train": {n: {"steps": r["step"], "final": r["losses"]} for n, r in runs.items()},
                "runs": {n: os.path.relpath(r["out"], out) for n, r in runs.items()}, "sweep": sweep,
-               "phases_s": clock.phases, "members": members, "wall_s": clock.total()}
+               "phases_s": clock.phases, "run_s": run_s, "workers": [args.workers, args.worker_threads],
+               "members": members, "wall_s": clock.total()}
         report.write(out, sm, MODELS, gif, {n: r["out"] for n, r in runs.items()})
     sm["wall_s"] = clock.total()
     with open(os.path.join(out, "metrics.json"), "w") as f:

@@ -1,0 +1,97 @@
+"""The toy study's training runs, in parallel worker processes (issue 17 item 6: the budget on 2 cores).
+
+A toy run is small (batch 16 of ~100 tokens), so one torch thread does most of the work two would: two runs side by
+side in one thread each finish sooner than the same runs one after the other on two threads (toy/README numbers in
+the report). A run that names another's checkpoint as "@name" in its argv waits for it.
+"""
+import concurrent.futures as cf
+import contextlib
+import multiprocessing as mp
+import os
+import sys
+import time
+
+
+class Tee:
+    """A stream writing to several (stderr: train.py's progress bar on the console and in the run's log)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
+def train_run(out, name, argv, console=True):
+    """train.main(argv) into out/runs/name, its output in out/logs/name.log (its progress bar also on the console
+    when `console`) -> train.main's summary."""
+    import train
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    with open(os.path.join(out, "logs", f"{name}.log"), "a") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(Tee(log, sys.stderr) if console else log):
+        return train.main(argv + ["--out", os.path.join(out, "runs", name)])
+
+
+def _init(threads):
+    import torch
+    torch.set_num_threads(threads)
+
+
+def _job(out, name, argv):
+    t0 = time.time()
+    return train_run(out, name, argv, console=False), time.time() - t0
+
+
+def deps(argv):
+    return [a[1:] for a in argv if a.startswith("@")]
+
+
+class Runs:
+    """add(name, argv) training runs, then wait() -> {name: summary}: `workers` processes of `threads` torch threads
+    each (workers 1: here, in order, the progress bars on the console); seconds per run in .seconds."""
+
+    def __init__(self, out, workers, threads, done=None):
+        self.out, self.workers, self.threads = out, workers, threads
+        self.pending, self.done, self.seconds = {}, dict(done or {}), {}
+
+    def add(self, name, argv):
+        self.pending[name] = argv
+
+    def resolve(self, argv):
+        return [self.done[a[1:]]["checkpoint"] if a.startswith("@") else a for a in argv]
+
+    def wait(self):
+        unknown = {d for a in self.pending.values() for d in deps(a)} - set(self.pending) - set(self.done)
+        if unknown:
+            raise ValueError(f"runs name unknown runs: {sorted(unknown)}")
+        if self.workers <= 1:
+            while self.pending:
+                name = next(n for n, a in self.pending.items() if all(d in self.done for d in deps(a)))
+                t0 = time.time()
+                self.done[name] = train_run(self.out, name, self.resolve(self.pending.pop(name)))
+                self.report(name, time.time() - t0)
+            return self.done
+        ctx = mp.get_context("spawn")  # no fork of a process whose OpenMP threads already ran
+        with cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init, initargs=(self.threads,)) as ex:
+            running = {}
+            while self.pending or running:
+                for name in [n for n, a in self.pending.items() if all(d in self.done for d in deps(a))]:
+                    print(f"[toy] distil {name} ...", flush=True)
+                    running[ex.submit(_job, self.out, name, self.resolve(self.pending.pop(name)))] = name
+                if not running:
+                    raise ValueError(f"runs wait for each other: {sorted(self.pending)}")
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for f in finished:
+                    name = running.pop(f)
+                    self.done[name], secs = f.result()
+                    self.report(name, secs)
+        return self.done
+
+    def report(self, name, secs):
+        self.seconds[name] = secs
+        print(f"[toy] distil {name}: {secs:.1f} s", flush=True)
