@@ -231,3 +231,22 @@ def test_the_committed_teacher_is_verified_trained_and_of_the_recipe_in_the_code
     teach = Teacher(model, info["grid"], 2.0, toy_data.uncond(toy_data.ToySpec()))
     x = bench.teacher_fn(teach)(noise, cond, solver.student_schedule(info["grid"], [], 8))
     assert tm.condition_accuracy(tm.classifier_features(clf, x.clamp(-1, 1))[1], labels) > 0.7
+
+
+def test_per_seed_evaluations_merge_into_the_all_seeds_result():
+    """bench.merge_seeds (one test sampling seed per worker) equals scoring every sampling seed in one process: the
+    per-seed metric lists joined, spreads over training seeds (or over sampling seeds for one run) recomputed."""
+    from toy import bench
+    g = torch.Generator().manual_seed(0)
+    m = lambda: {"fd": float(torch.rand(1, generator=g)) * 100, "cond_acc": float(torch.rand(1, generator=g))}  # noqa
+    per_train = [[[m()] for _ in range(3)] for _ in range(2)]  # [sampling seed][training seed] -> [metrics of 1 seed]
+    single = [[m()] for _ in range(2)]
+    parts = [({"DCM": {"even points": {4: {"per_train_seed": per_train[i], "over": "training seeds", "ks": (49, 1),
+                                           "agg": bench.combine([bench.seed_mean(p) for p in per_train[i]])}}},
+               "teacher": {"50 steps": {50: bench.agg_over(single[i])}}}, {"gif": i}) for i in range(2)]
+    merged, gif = bench.merge_seeds(parts)
+    joined = [per_train[0][j] + per_train[1][j] for j in range(3)]
+    row = merged["DCM"]["even points"][4]
+    assert row["per_train_seed"] == joined and row["ks"] == (49, 1) and row["over"] == "training seeds"
+    assert row["agg"] == bench.combine([bench.seed_mean(p) for p in joined])
+    assert merged["teacher"]["50 steps"][50] == bench.agg_over(single[0] + single[1]) and gif == {"gif": 0}

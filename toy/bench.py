@@ -164,3 +164,34 @@ def evaluate(models, teach, test, grid, guidance, S, kappa, headline, sweep=()):
                 results.setdefault(label, {}).setdefault(sched, {})[steps] = row
     gif = {"teacher, 50 steps": test.items[0]["ref"][:S.gif_n]} | gif
     return results, gif
+
+
+def evaluate_seed(seed, members, use_ema, teacher_ckpt, guidance, clf_path, data_dir, spec, S, kappa, headline, sweep):
+    """bench.evaluate on one test sampling seed, everything loaded from files (a worker process's job, toy/jobs.py):
+    members {label: [checkpoint]}; -> (results with the 50-step teacher's own row, GIF samples)."""
+    import data
+    tmodel, tinfo = sample.load_student(teacher_ckpt)
+    teach = Teacher(tmodel, tinfo["grid"], guidance, data.LatentDataset(data_dir).uncond)
+    clf = tm.load_or_train_classifier(clf_path, spec)
+    test = Split([seed], S.eval_n, spec, clf, teach)
+    models = {label: [load_model(c, use_ema) for c in ckpts] for label, ckpts in members.items()}
+    results, gif = evaluate(models, teach, test, tinfo["grid"], guidance, S, kappa, headline, sweep)
+    results["teacher (50 steps)"] = {"50 steps": {tinfo["grid"].N: agg_over(test.reference_metrics())}}
+    return results, gif
+
+
+def merge_seeds(parts):
+    """evaluate_seed's (results, gif) of several sampling seeds -> the same structure over all of them: per training
+    seed the per-sampling-seed lists joined, spreads recomputed; the GIF of the first seed."""
+    def walk(rows):
+        first = rows[0]
+        if "agg" not in first:
+            return {k: walk([r[k] for r in rows]) for k in first}
+        out = {k: v for k, v in first.items() if k not in ("per_seed", "per_train_seed", "agg")}
+        if "per_train_seed" in first:
+            out["per_train_seed"] = [sum((r["per_train_seed"][j] for r in rows), [])
+                                     for j in range(len(first["per_train_seed"]))]
+            return out | {"agg": combine([seed_mean(p) for p in out["per_train_seed"]])}
+        out["per_seed"] = sum((r["per_seed"] for r in rows), [])
+        return out | {"agg": tm.aggregate(out["per_seed"])}
+    return walk([r for r, _ in parts]), parts[0][1]

@@ -80,7 +80,10 @@ class Runs:
         with cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init, initargs=(self.threads,)) as ex:
             running = {}
             while self.pending or running:
+                # a free worker takes the first ready run in the order added (a chain's second stage before later runs)
                 for name in [n for n, a in self.pending.items() if all(d in self.done for d in deps(a))]:
+                    if len(running) == self.workers:
+                        break
                     print(f"[toy] distil {name} ...", flush=True)
                     running[ex.submit(_job, self.out, name, self.resolve(self.pending.pop(name)))] = name
                 if not running:
@@ -95,3 +98,17 @@ class Runs:
     def report(self, name, secs):
         self.seconds[name] = secs
         print(f"[toy] distil {name}: {secs:.1f} s", flush=True)
+
+
+def _call(fn, kwargs):
+    return fn(**kwargs)
+
+
+def parallel(calls, workers, threads):
+    """[fn(**kwargs) for fn, kwargs in calls], in `workers` processes of `threads` torch threads (1: here, in order);
+    fn must be importable (a module-level function)."""
+    if workers <= 1 or len(calls) <= 1:
+        return [fn(**kw) for fn, kw in calls]
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(threads,)) as ex:
+        return [f.result() for f in [ex.submit(_call, fn, kw) for fn, kw in calls]]

@@ -53,3 +53,14 @@ def discriminator_control(student, teach: Teacher, grid, kappa, ds, steps, batch
         out[real_side] = {"start": rows[0][0]} | {key: sum(r[i] for r in tail) / len(tail)
                                                   for i, key in enumerate(("d_loss", "acc_real", "acc_fake"))}
     return out
+
+
+def discriminator_control_from(dcm_ckpt, teacher_ckpt, guidance, data_dir, kappa, steps, batch, lr, hidden, seed):
+    """discriminator_control with everything loaded from files (a worker process's job, toy/jobs.py)."""
+    import data
+    import sample
+    ds = data.LatentDataset(data_dir)
+    student = sample.load_student(dcm_ckpt)[0]
+    tmodel, tinfo = sample.load_student(teacher_ckpt)
+    return discriminator_control(student, Teacher(tmodel, tinfo["grid"], guidance, ds.uncond), tinfo["grid"], kappa,
+                                 ds, steps, batch, lr, hidden, seed)

@@ -253,7 +253,7 @@ def sweep_table(res, kappas, chosen, steps_list):
                 if k == chosen else f"DCM, kappa = {k} schedule" if pts.startswith("even") else None
             for st in steps_list:
                 for who, row in (("teacher", cell(res, TEACHER, tsched, st) if tsched else None),
-                                 ("DCM" + (" (mean of seeds)" if k == chosen else ""), cell(res, model, pts, st))):
+                                 ("DCM", cell(res, model, pts, st))):
                     if row is not None:
                         rows.append(f"| {k}{' (chosen)' if k == chosen else ''} | {who} | {pts.split()[0]} | {st} | "
                                     + " | ".join(fmt(row["agg"], m) for m in METRICS) + " |")
@@ -312,7 +312,8 @@ def write(out, s, models, gif, run_dirs):
              f"- Splits: settings are chosen on a validation split ({S['val_n']} videos, noise seed 500 + seed); "
              f"the test split has {S['eval_seeds']} sampling seeds x {S['eval_n']} videos (other noise; the same 24 "
              f"classes, there are no others). Headline rows (VCM, PCM, DCM): {S['train_seeds']} training seeds; other "
-             f"Table 3 rows: {S['ablation_seeds']}; the kappa sweep and the undistilled teacher: 1 run.\n"
+             f"Table 3 rows: {S['ablation_seeds']}; each cut of the kappa sweep: {S.get('sweep_seeds', 1)}; the "
+             "undistilled teacher: 1 run.\n"
              "- Cells: mean ± std over training seeds (each seed's value is the mean over the sampling seeds); rows "
              "with one run give the std over sampling seeds ('spread over' column). A '*' in the comparison tables "
              "marks a difference larger than the sum of the two rows' spreads (`toy/bench.py: exceeds`).\n")
@@ -396,8 +397,17 @@ def write(out, s, models, gif, run_dirs):
         L.append(ablation(res, params, st) + "\n")
     L.append(ablation_compare(res, steps_list) + "\n")
     if s["sweep"]:
-        L.append("## kappa sweep (paper Fig. 10 right): the DCM recipe retrained at each cut, one training seed\n")
-        L.append(sweep_table(res, s["sweep"], kap, [x for x in (2, 4) if x in steps_list]) + "\n")
+        few = [x for x in (2, 4) if x in steps_list]
+        L.append(f"## kappa sweep (paper Fig. 10 right): the DCM recipe retrained at each cut, "
+                 f"{S.get('sweep_seeds', 1)} training seed(s)\n")
+        L.append(sweep_table(res, s["sweep"], kap, few) + "\n")
+        L.append(comparisons(res, [p for k in s["sweep"] for p in (
+            ((DCM, "even points"), (f"DCM, kappa = {k}", "even points"), None, None, f"DCM: kappa {k} vs {kap}"),
+            (("VCM", "own schedule"), (f"DCM, kappa = {k}", "even points"), None, None, f"DCM at kappa {k} vs VCM"),
+            (("PCM (4 phases)", "own schedule"), (f"DCM, kappa = {k}", "even points"), None, None,
+             f"DCM at kappa {k} vs PCM"),
+            (("VCM", "own schedule"), (f"DCM, kappa = {k}", "even points"), 4, 2,
+             f"DCM at kappa {k}, 2 steps vs VCM at 4"))], few) + "\n")
     if probes:
         h = probes[-1]
         L.append("## Fig. 2: one student on the whole trajectory (VCM), high- vs low-noise probes\n")

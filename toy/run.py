@@ -92,7 +92,8 @@ class Settings:
     curve_points: int = 5         # checkpoints evaluated along the selection / DCM runs
     train_seeds: int = 3          # headline rows (VCM, PCM, DCM)
     ablation_seeds: int = 3       # the other Table 3 rows
-    kappa_sweep: tuple = (20, 30)  # DCM retrained at these cuts too (paper Fig. 10 right; one seed)
+    kappa_sweep: tuple = (20, 30)  # DCM retrained at these cuts too (paper Fig. 10 right)
+    sweep_seeds: int = 3          # training seeds of each cut of the sweep
     val_n: int = 128
     eval_seeds: int = 2
     eval_n: int = 384
@@ -105,7 +106,7 @@ FULL = Settings()
 QUICK = Settings(n_data=256, clf_steps=60, teacher=((60, 1e-3), (20, 2e-4)), batch=8, guidance_grid=(1.0, 3.0),
                  student_batch=8, single_steps=6, sem_steps=3, det_steps=3, tc_calib_steps=2, probe_every=2, sample_every=3,
                  curve_points=2, d_control_steps=3, train_seeds=2, ablation_seeds=1, val_n=16, eval_seeds=2, eval_n=16,
-                 eval_steps=(2, 4), fig10_n=8, gif_n=3, kappa_sweep=(20,))
+                 eval_steps=(2, 4), fig10_n=8, gif_n=3, kappa_sweep=(20,), sweep_seeds=1)
 # model name -> (training run that holds it, paper Table 3 flags OD, PE, TC, GF, headline row)
 MODELS = {
     "VCM": ("vcm", (0, 0, 0, 0), True),
@@ -372,8 +373,9 @@ def main(argv=None):
         todo[f"pe_gf_s{s}"] = argv(["--stage", "detail", "--init", f"@sem_s{s}"] + lora, s)
     sweep = sorted({max(3, min(k, grid.N - 5)) for k in S.kappa_sweep} - {kappa})
     for k in sweep:
-        todo[f"sem_tc_k{k}"] = argv(["--stage", "semantic"] + tc + full(S.sem_steps), k=k)
-        todo[f"dcm_k{k}"] = argv(["--stage", "detail", "--init", f"@sem_tc_k{k}"] + lora, k=k)
+        for s in range(S.sweep_seeds):
+            todo[f"sem_tc_k{k}_s{s}"] = argv(["--stage", "semantic"] + tc + full(S.sem_steps), s, k=k)
+            todo[f"dcm_k{k}_s{s}"] = argv(["--stage", "detail", "--init", f"@sem_tc_k{k}_s{s}"] + lora, s, k=k)
     for s in range(S.train_seeds):
         # seed 0's VCM is the chosen candidate's run (trained on the training data; chosen on the validation split)
         if s:
@@ -381,12 +383,6 @@ def main(argv=None):
         todo[f"pcm_s{s}"] = argv(["--stage", "pcm", "--phases", "4"] + full(S.single_steps), s)
     runs["vcm_s0"] = best
     train_all("distillation", todo)
-    with clock("discriminator control"):
-        dual = bench.load_model(runs["dcm_s0"]["checkpoint"])[0]
-        sm["d_control"] = probes.discriminator_control(dual, teach, grid, kappa, data.LatentDataset(data_dir),
-                                                       S.d_control_steps, S.student_batch, S.d_lr, S.disc_hidden,
-                                                       args.seed)
-        print(f"[toy] discriminator control: {sm['d_control']}", flush=True)
     with clock("fig5 + curves"):
         groups, tensors = expert_difference(os.path.join(runs["sem_s0"]["checkpoint"], "transformer"),
                                             os.path.join(runs["od_s0"]["checkpoint"], "transformer"))
@@ -394,16 +390,23 @@ def main(argv=None):
                "dcm_curve": bench.curve(runs["dcm_s0"]["out"], val, grid, guidance, 4, use_ema),
                "grad_ratios": {n: grad_ratios(r["out"]) for n, r in runs.items()}}
 
-    # 6. the test split
-    with clock("evaluate (test split)"):
-        test = bench.Split([args.seed + s for s in range(S.eval_seeds)], S.eval_n, spec, clf, teach)
+    # the test split, one sampling seed per worker, and the discriminator control (toy/probes.py) beside them
+    with clock("evaluate (test split) + discriminator control"):
         members = {label: [f"{run_}_s{s}" for s in range(S.train_seeds if head else S.ablation_seeds)]
                    for label, (run_, _, head) in MODELS.items()}
-        members |= {f"DCM, kappa = {k}": [f"dcm_k{k}"] for k in sweep}
-        models = {label: [bench.load_model(runs[n]["checkpoint"], use_ema) for n in names] for label, names in members.items()}
-        results, gif = bench.evaluate(models, teach, test, grid, guidance, S, kappa,
-                                      [m for m, (_, _, head) in MODELS.items() if head], sweep)
-        results["teacher (50 steps)"] = {"50 steps": {grid.N: bench.agg_over(test.reference_metrics())}}
+        members |= {f"DCM, kappa = {k}": [f"dcm_k{k}_s{s}" for s in range(S.sweep_seeds)] for k in sweep}
+        ev = dict(members={label: [runs[n]["checkpoint"] for n in names] for label, names in members.items()},
+                  use_ema=use_ema, teacher_ckpt=teacher_ckpt, guidance=guidance, data_dir=data_dir, spec=spec, S=S,
+                  clf_path=os.path.join(out, "classifier.pt"), kappa=kappa, sweep=sweep,
+                  headline=[m for m, (_, _, head) in MODELS.items() if head])
+        control = dict(dcm_ckpt=runs["dcm_s0"]["checkpoint"], teacher_ckpt=teacher_ckpt, guidance=guidance,
+                       data_dir=data_dir, kappa=kappa, steps=S.d_control_steps, batch=S.student_batch, lr=S.d_lr,
+                       hidden=S.disc_hidden, seed=args.seed)
+        done = jobs.parallel([(bench.evaluate_seed, ev | {"seed": args.seed + s}) for s in range(S.eval_seeds)]
+                             + [(probes.discriminator_control_from, control)], args.workers, args.worker_threads)
+        (results, gif), sm["d_control"] = bench.merge_seeds(done[:-1]), done[-1]
+        print(f"[toy] discriminator control: {sm['d_control']}", flush=True)
+        models = {label: [bench.load_model(c, use_ema) for c in ckpts[:1]] for label, ckpts in ev["members"].items()}
 
     # 7. report
     with clock("report"):
