@@ -49,7 +49,6 @@ import data  # noqa: E402
 from lora import TARGETS  # noqa: E402
 import sample  # noqa: E402
 import solver  # noqa: E402
-import train  # noqa: E402
 from teacher import Teacher, adjacent_x0_l1  # noqa: E402
 from toy import bench  # noqa: E402
 from toy import data as toy_data  # noqa: E402
