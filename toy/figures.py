@@ -99,7 +99,8 @@ def fig_train(path, logs):
     axes[2].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("training step")
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:  # a quick run may log no probe step
+            ax.legend(fontsize=6)
     savefig(fig, path)
 
 

@@ -42,6 +42,11 @@ def _init(threads):
     torch.set_num_threads(threads)
 
 
+def pool(workers, threads):
+    """`workers` spawned processes of `threads` torch threads (spawn: no fork of a process whose OpenMP threads ran)."""
+    return cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init, initargs=(threads,))
+
+
 def _job(out, name, argv):
     t0 = time.time()
     return train_run(out, name, argv, console=False), time.time() - t0
@@ -76,8 +81,7 @@ class Runs:
                 self.done[name] = train_run(self.out, name, self.resolve(self.pending.pop(name)))
                 self.report(name, time.time() - t0)
             return self.done
-        ctx = mp.get_context("spawn")  # no fork of a process whose OpenMP threads already ran
-        with cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init, initargs=(self.threads,)) as ex:
+        with pool(self.workers, self.threads) as ex:
             running = {}
             while self.pending or running:
                 # a free worker takes the first ready run in the order added (a chain's second stage before later runs)
@@ -109,6 +113,5 @@ def parallel(calls, workers, threads):
     fn must be importable (a module-level function)."""
     if workers <= 1 or len(calls) <= 1:
         return [fn(**kw) for fn, kw in calls]
-    ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(threads,)) as ex:
+    with pool(workers, threads) as ex:
         return [f.result() for f in [ex.submit(_call, fn, kw) for fn, kw in calls]]

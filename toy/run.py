@@ -355,8 +355,8 @@ def main(argv=None):
     print(f"[toy] TC/CD gradient ratio at w_tc = 1: {ratio_w1:.4g} -> w_tc = {w_tc}", flush=True)
     tc = ["--w-tc", str(w_tc)]
 
-    # 5. distillation: headline rows over training seeds, the other Table 3 rows over fewer, the kappa sweep; the
-    # two-stage chains first (the longest paths), a detail run after the semantic expert it names with "@"
+    # 5. distillation over training seeds: the headline rows, the other Table 3 rows, the kappa sweep; the two-stage
+    # chains first (the longest paths), a detail run after the semantic expert it names with "@"
     todo = {}
     for s in range(S.train_seeds):
         watch = [] if s else ["--sample-every", str(S.sample_every), "--sample-num", "6"]  # validation grids (report)
