@@ -268,3 +268,22 @@ def test_tiny_wan_teacher_cfg_by_default():
         c, u = net(x, t, **cond), net(x, t, text=uncond["text"].expand(2, -1, -1))
     assert (teacher.out(x, 3, cond) - (c + 5.0 * (c - u))).abs().max() < 1e-5
     assert Teacher(net, grid, guidance_scale=1.0).mode == "none"
+
+
+def test_flow_teacher_without_guidance_input_takes_a_cfg_step_by_the_formula():
+    """The toy's teacher kind (flow, no guidance input, trained with condition dropout): its guided output is
+    u + s (c - u) from one batched call, and its step k -> k-1 is the flow Euler step x + (sigma_{k-1} - sigma_k) v
+    with that v."""
+    x, cond, uncond = data()
+    model = FakeModel("flow", guidance_embeds=False)
+    grid = solver.flow_grid(10, 3.0)
+    teacher = Teacher(model, grid, guidance_scale=1.5, uncond=uncond)
+    model.calls.clear()
+    got = teacher.step(x, 7, cond)
+    assert [(c.B, c.guidance) for c in model.calls] == [(6, None)]  # cond + uncond in one call, no guidance input
+    (t7, _, s7), (_, _, s6) = grid.at(7), grid.at(6)
+    t = torch.full((3,), float(t7))
+    c, u = model(x, t, **cond), model(x, t, text=uncond["text"].expand(3, -1, -1))
+    v = u + 1.5 * (c - u)
+    want = x + (float(s6) - float(s7)) * v
+    assert (got - want).abs().max() < 1e-6 and (c - u).abs().max() > 0.1
