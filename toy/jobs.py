@@ -104,14 +104,10 @@ class Runs:
         print(f"[toy] distil {name}: {secs:.1f} s", flush=True)
 
 
-def _call(fn, kwargs):
-    return fn(**kwargs)
-
-
 def parallel(calls, workers, threads):
     """[fn(**kwargs) for fn, kwargs in calls], in `workers` processes of `threads` torch threads (1: here, in order);
     fn must be importable (a module-level function)."""
     if workers <= 1 or len(calls) <= 1:
         return [fn(**kw) for fn, kw in calls]
     with pool(workers, threads) as ex:
-        return [f.result() for f in [ex.submit(_call, fn, kw) for fn, kw in calls]]
+        return [f.result() for f in [ex.submit(fn, **kw) for fn, kw in calls]]
