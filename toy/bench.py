@@ -169,15 +169,20 @@ def evaluate(models, teach, test, grid, guidance, S, kappa, headline, sweep=()):
 def evaluate_seed(seed, members, use_ema, teacher_ckpt, guidance, clf_path, data_dir, spec, S, kappa, headline, sweep):
     """bench.evaluate on one test sampling seed, everything loaded from files (a worker process's job, toy/jobs.py):
     members {label: [checkpoint]}; -> (results with the 50-step teacher's own row, GIF samples)."""
-    import data
-    tmodel, tinfo = sample.load_student(teacher_ckpt)
-    teach = Teacher(tmodel, tinfo["grid"], guidance, data.LatentDataset(data_dir).uncond)
+    teach = load_teacher(teacher_ckpt, guidance, data_dir)
     clf = tm.load_or_train_classifier(clf_path, spec)
     test = Split([seed], S.eval_n, spec, clf, teach)
     models = {label: [load_model(c, use_ema) for c in ckpts] for label, ckpts in members.items()}
-    results, gif = evaluate(models, teach, test, tinfo["grid"], guidance, S, kappa, headline, sweep)
-    results["teacher (50 steps)"] = {"50 steps": {tinfo["grid"].N: agg_over(test.reference_metrics())}}
+    results, gif = evaluate(models, teach, test, teach.grid, guidance, S, kappa, headline, sweep)
+    results["teacher (50 steps)"] = {"50 steps": {teach.grid.N: agg_over(test.reference_metrics())}}
     return results, gif
+
+
+def load_teacher(ckpt, guidance, data_dir):
+    """The guided toy teacher of a step folder, its unconditional input from the dataset (a worker's own copy)."""
+    import data
+    tmodel, tinfo = sample.load_student(ckpt)
+    return Teacher(tmodel, tinfo["grid"], guidance, data.LatentDataset(data_dir).uncond)
 
 
 def merge_seeds(parts):

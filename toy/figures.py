@@ -1,20 +1,10 @@
 """The figures and the sample GIF of a toy run (toy/report.py writes them into report.md)."""
-import json
-import os
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
-
-
-def read_jsonl(path):
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def savefig(fig, path):

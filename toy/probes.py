@@ -9,20 +9,20 @@ output). The control trains the same discriminator on the same fake features wit
 """
 import torch
 
+import data
 import losses
 from teacher import Teacher
+from toy import bench
 
 
 def discriminator_control(student, teach: Teacher, grid, kappa, ds, steps, batch, lr, hidden, seed, betas=(0.0, 0.999)):
     """{"target as real" | "data as real": {"d_loss", "acc_real", "acc_fake"} (means over the last fifth of `steps`),
     "start": D's loss at step 1} of a fresh discriminator trained `steps` AdamW steps at `lr` on the frozen detail
     expert `student`'s GAN features (k in 0..kappa, eq. 9's re-noising), one discriminator per choice of real side."""
-    model, cfg = teach.model, teach.model.config
+    model = teach.model
     g = torch.Generator().manual_seed(seed)
     lat = ds.tensors["latents"]
-    n_f, H, W = lat.shape[2:]
-    pt, p = getattr(cfg, "patch_size_t", 1) or 1, cfg.patch_size
-    tok_grid = (n_f // pt, H // p, W // p)
+    tok_grid = tuple(n // p for n, p in zip(lat.shape[2:], data.patch_of(model.config)))  # (F, h, w) of the tokens
     out = {}
     for real_side in ("target as real", "data as real"):
         torch.manual_seed(seed)  # the same initial discriminator for both
@@ -57,10 +57,6 @@ def discriminator_control(student, teach: Teacher, grid, kappa, ds, steps, batch
 
 def discriminator_control_from(dcm_ckpt, teacher_ckpt, guidance, data_dir, kappa, steps, batch, lr, hidden, seed):
     """discriminator_control with everything loaded from files (a worker process's job, toy/jobs.py)."""
-    import data
-    import sample
-    ds = data.LatentDataset(data_dir)
-    student = sample.load_student(dcm_ckpt)[0]
-    tmodel, tinfo = sample.load_student(teacher_ckpt)
-    return discriminator_control(student, Teacher(tmodel, tinfo["grid"], guidance, ds.uncond), tinfo["grid"], kappa,
-                                 ds, steps, batch, lr, hidden, seed)
+    teach = bench.load_teacher(teacher_ckpt, guidance, data_dir)
+    return discriminator_control(bench.load_model(dcm_ckpt)[0], teach, teach.grid, kappa, data.LatentDataset(data_dir),
+                                 steps, batch, lr, hidden, seed)

@@ -7,7 +7,7 @@ import numpy as np
 
 import plot  # the repo's plot.py (toy/run.py puts the repo root on sys.path)
 from toy import bench
-from toy.figures import fig5, fig10, fig_curves, fig_train, read_jsonl, sample_gif
+from toy.figures import fig5, fig10, fig_curves, fig_train, sample_gif
 
 # metric key -> (column title, direction: -1 lower is better, +1 higher, 0 closer to 1 is better)
 METRICS = {
@@ -157,7 +157,7 @@ def write(out, s, models, gif, run_dirs):
     fig5(os.path.join(out, "fig5_expert_difference.png"), s["fig5_groups"], s["fig5_tensors"])
     fig_curves(os.path.join(out, "curves_validation.png"), s["target_curves"], s["dcm_curve"],
                {k: t for k, (t, _) in METRICS.items()})
-    logs = {n: read_jsonl(os.path.join(run_dirs[n], "log.jsonl")) for n in ("sem_tc_s0", "dcm_s0", "pe_gf_s0")
+    logs = {n: plot.read_jsonl(os.path.join(run_dirs[n], "log.jsonl")) for n in ("sem_tc_s0", "dcm_s0", "pe_gf_s0")
             if n in run_dirs}
     fig_train(os.path.join(out, "train_signals.png"), logs)
     sample_gif(os.path.join(out, "samples.gif"), gif)

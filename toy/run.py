@@ -47,6 +47,7 @@ import torch  # noqa: E402
 import checkpoint  # noqa: E402
 import data  # noqa: E402
 from lora import TARGETS  # noqa: E402
+import plot  # noqa: E402
 import sample  # noqa: E402
 import solver  # noqa: E402
 from teacher import Teacher, adjacent_x0_l1  # noqa: E402
@@ -222,14 +223,9 @@ def expert_difference(sem_dir, det_dir):
     return groups, tensors
 
 
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def grad_ratios(run_out):
     """Median over probe steps of each term's gradient norm at the student's output over CD's (train.py log)."""
-    rows = [r for r in read_jsonl(os.path.join(run_out, "log.jsonl")) if r.get("gn_cd")]
+    rows = [r for r in plot.read_jsonl(os.path.join(run_out, "log.jsonl")) if r.get("gn_cd")]
     names = sorted({k[3:] for r in rows for k in r if k.startswith("gn_") and k != "gn_cd"})
     med = lambda v: sorted(v)[len(v) // 2] if v else None  # noqa: E731
     return {n: med([r[f"gn_{n}"] / r["gn_cd"] for r in rows if f"gn_{n}" in r]) for n in names}
