@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-import checks
-import integrity
+from storage import integrity
+from tools import checks
 
 FORMAT = "dcm-latents-v1"
 COND_KEYS = ("text", "text_mask", "pooled")
@@ -267,8 +267,9 @@ def encode_dataset(videos, captions, model, weights, out, frames=None, height=No
                    stride=1, fps=None, posterior="sample", seed=0, device=None, dtype=None,
                    save_dtype="float32", tiling=False, progress=True):
     """Encode a folder of videos + captions into a dataset folder (format above); resumable; -> manifest."""
-    import video_io
     from tqdm import tqdm
+
+    from storage import video_io
     if not os.path.isdir(videos):
         raise DataError(f"videos folder {videos} does not exist")
     names = sorted(n for n in os.listdir(videos) if n.lower().endswith(VIDEO_EXTS))
@@ -349,7 +350,7 @@ def encode_dataset(videos, captions, model, weights, out, frames=None, height=No
 
 def encode_prompts(prompts, model, weights, out, device=None, dtype=None):
     """A conditioning file for sample.py from a text file with one prompt per line (an empty line = uncond)."""
-    import video_io
+    from storage import video_io
     if not os.path.isfile(prompts):
         raise DataError(f"prompts file {prompts} does not exist")
     with open(prompts) as f:

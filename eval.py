@@ -30,9 +30,9 @@ import zlib
 import torch
 from tqdm.auto import tqdm
 
-import checkpoint
 import data
-import sample
+import sampling
+from storage import checkpoint
 from teacher import Teacher
 
 QUALITY = ("subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
@@ -152,7 +152,7 @@ def _sync(device):
 
 def teacher_latency(path, shape, cond, uncond, args):
     """Seconds of the teacher's N-step guided sampling of one video: --teacher-timed-steps calls after a warm-up, x N."""
-    model, info = sample.load_student(path, args.device, args.dtype, teacher=True, steps=args.teacher_steps)
+    model, info = sampling.load_student(path, args.device, args.dtype, teacher=True, steps=args.teacher_steps)
     grid = info["grid"]
     t = Teacher(model, grid, args.guidance, uncond if grid.kind == "vpred" else None)
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).to(args.device)
@@ -185,11 +185,12 @@ def run_vbench(videos, results, dims, device):
 
 
 def vbench_main(args):
-    import video_io
+    from storage import video_io
     dims = args.dimensions or list(DIMENSIONS)
     if bad := [d for d in dims if d not in DIMENSIONS]:
         raise EvalError(f"--dimensions: unknown {bad}; VBench's are {', '.join(DIMENSIONS)}")
-    folder, weights, run = sample.resolve(args.ckpt)
+    src = checkpoint.resolve(args.ckpt, "--ckpt")
+    folder, weights, run = src.folder, src.weights, src.run
     info_path = args.prompts or vbench_info()
     if info_path is None:
         raise EvalError("vbench is not installed (pip install vbench): give --prompts FILE (one prompt per line, or "
@@ -198,7 +199,7 @@ def vbench_main(args):
     work = [(p, i, video_name(p, i)) for p in prompts for i in range(args.per_prompt)]
     videos, results = os.path.join(args.out, "videos"), os.path.join(args.out, "vbench_results")
     teacher_path = args.teacher or (run or {}).get("teacher")
-    name = sample.model_name(checkpoint.read_config(weights))
+    name = sampling.model_name(checkpoint.read_config(weights))
     video_io.vae_config(name, args.weights)  # bad weights fail now, before any model loads
     video_io.weights_path(args.weights, "text_encoder")
     os.makedirs(videos, exist_ok=True)
@@ -210,12 +211,12 @@ def vbench_main(args):
     lat_path = os.path.join(args.out, "latency.json")
     latency = json.load(open(lat_path)) if os.path.isfile(lat_path) else {"per_video": {}}
     if todo:
-        model, info = sample.load_student(args.ckpt, args.device, args.dtype, args.detail)
+        model, info = sampling.load_student(args.ckpt, args.device, args.dtype, args.detail)
         if info["mode"] == "teacher":
             raise EvalError(f"{args.ckpt} is a teacher checkpoint: eval.py vbench evaluates a distilled student")
         cfg = info["cfg"]
         args.guidance = args.guidance if args.guidance is not None else info["run"].get("guidance", 6.0)
-        size = sample.latent_size(args, info)
+        size = sampling.latent_size(info, args.frames, args.height, args.width)
         enc = video_io.TextEncoder(name, args.weights, args.device, args.dtype)
         need = list(dict.fromkeys(p for p, _, _ in todo))
         conds = enc(need + [""])  # the empty prompt: the teacher's CFG branch
@@ -230,7 +231,7 @@ def vbench_main(args):
             x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed_for(args.seed, p, i)))
             _sync(args.device)
             t0 = time.perf_counter()
-            lat = sample.student_sample(model, x.to(args.device), cond_of[p], info["grid"], info["boundaries"],
+            lat = sampling.student_sample(model, x.to(args.device), cond_of[p], info["grid"], info["boundaries"],
                                         args.steps, args.guidance)
             _sync(args.device)
             latency["per_video"][file] = time.perf_counter() - t0
@@ -288,7 +289,7 @@ def parse_args(argv):
     v.add_argument("--height", type=int, help="latent height")
     v.add_argument("--width", type=int, help="latent width")
     v.add_argument("--fps", type=int, help="default: CogVideoX 8, HunyuanVideo 24")
-    v.add_argument("--dtype", choices=sorted(sample.DTYPES), help="default bf16 on cuda, fp32 on cpu")
+    v.add_argument("--dtype", choices=sorted(sampling.DTYPES), help="default bf16 on cuda, fp32 on cpu")
     v.add_argument("--device", default="auto")
     t = sub.add_parser("table", help="VBench result JSONs -> vbench_scores.json + table.md (Table 1)")
     t.add_argument("--results", required=True, help="VBench's --output_path folder")
@@ -298,7 +299,7 @@ def parse_args(argv):
         if min(args.steps, args.per_prompt, args.teacher_steps, args.teacher_timed_steps) < 1:
             raise EvalError("--steps, --per-prompt, --teacher-steps and --teacher-timed-steps must be >= 1")
         args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        args.dtype = sample.DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+        args.dtype = sampling.DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     return args
 
 

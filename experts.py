@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-import checkpoint
 import model as model_lib
 from data import atomic_save_file
 from lora import LoRALinear, _matches, arch_of, module_key, targets_for
+from storage import checkpoint
 
 FORMAT = "dcm-detail-v1"
 def _graft(root, replacements):

@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 QKVO = ("to_q", "to_k", "to_v", "to_out.0")
 # where the detail expert differs from the semantic one, per architecture (`--lora-targets all`); `*` = one
 # name component, `**` = any number of leading ones.

@@ -15,12 +15,11 @@ from dataclasses import asdict, fields
 
 import torch
 
+from backbones import cogvideox, hunyuan_video, wan
+
 # ----------------------------------------------------------------------------------------------
 # config registry
 
-import cogvideox
-import hunyuan_video
-import wan
 
 _ARCH_MODULES = (cogvideox, hunyuan_video, wan)
 ARCHITECTURES = {}  # diffusers `_class_name` -> (ConfigCls, ModelCls)

@@ -33,19 +33,16 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimi
 from torch.distributed.device_mesh import init_device_mesh
 from tqdm.auto import tqdm
 
-import checkpoint
-import checks
 import data
 import experts
 import lora
-import fsdp
 import losses
 import model as models
-import monitor
-import parallel
-import plan
 import solver
+from scale import fsdp, parallel, plan
+from storage import checkpoint, resume
 from teacher import Teacher, embedded_guidance, uses_cfg
+from tools import checks, monitor
 
 # --- run settings: defaults of the command-line flags (dicts where the stages differ)
 STAGES = ("teacher", "vcm", "pcm", "semantic", "detail")
@@ -142,11 +139,31 @@ def model_config(args):
 
 def load(path, dtype, device):
     """checkpoint.load_transformer of a transformer or step folder; any failure is a TrainError naming it."""
-    checkpoint.check_step(path)
     try:
         return checks.finite_model(checkpoint.load_transformer(path, dtype=dtype, device=device), path)
     except Exception as e:  # noqa: BLE001 - truncated files raise safetensors/OS errors of many kinds
         raise TrainError(f"cannot load the transformer in {path}: {str(e).splitlines()[0]}") from e
+
+
+def check_sources(args, cfg):
+    """--teacher / --init resolved and verified once (checkpoint.resolve) before any weights load or anything is
+    written; --init of the teacher's architecture and, for --stage detail, a semantic-stage checkpoint."""
+    src = {k: checkpoint.resolve(p, f"--{k}") for k in ("teacher", "init") if (p := getattr(args, k)) and not args.dry_run}
+    if "init" in src and (diff := checks.config_diff(checkpoint.read_config(src["init"].weights), cfg)):
+        raise checks.InputError(f"--init {args.init} is another architecture than the model "
+                                f"({args.teacher or args.config}): " + "; ".join(diff[:6]))
+    if "init" not in src or args.stage != "detail":
+        return
+    parent = os.path.dirname(os.path.normpath(args.init))  # a step's transformer/ given: its step's run config
+    stage = (src["init"].run or (checks.read_json(os.path.join(parent, "config.json"), "run config")
+                                 if checkpoint.is_run_config(parent) else {})).get("stage")
+    if stage not in ("semantic", "detail", None):
+        raise checks.InputError(f"--init {args.init} is a {stage}-stage checkpoint; --stage detail builds on the "
+                                "semantic expert (train it first: --stage semantic --teacher ...)")
+    if stage != "semantic":
+        print(f"warning: --init {args.init} " + ("records no training stage; it is taken as the semantic expert" if stage
+              is None else "is a detail-stage checkpoint: its frozen semantic backbone is used, its adapter is not"),
+              file=sys.stderr)
 
 
 def build_student(args, cfg, grid, ckpt=None, device="cpu"):
@@ -172,7 +189,7 @@ def main(argv=None):
     checkpoint.verify_checksums = args.verify != "none"
     cfg = model_config(args)
     args.kappa = solver.default_kappa(cfg, args.grid_steps) if args.kappa is None else args.kappa
-    checks.train_sources(args, cfg)
+    check_sources(args, cfg)
     kind = models.build_transformer(cfg, device="meta").prediction
     grid = solver.flow_grid(args.grid_steps, args.shift) if kind == "flow" else solver.grid_for(cfg, args.grid_steps)
     if args.dry_run:
@@ -210,9 +227,9 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
     uncond = {k: v.to(device) for k, v in ds.uncond.items()}
     mon = monitor.Monitor(args, cfg, grid, boundaries, ds, rank, device)  # checks its flags before models load
 
-    # --- a new run, or going on from the newest intact checkpoint of the same run (checkpoint.same_run)
+    # --- a new run, or going on from the newest intact checkpoint of the same run (resume.same_run)
     paths = {k: os.path.abspath(getattr(args, k)) for k in ("data", "teacher", "init") if getattr(args, k)}
-    ckpt, state = checkpoint.open_run(out, args.resume, vars(args) | paths | {"boundaries": boundaries},
+    ckpt, state = resume.open_run(out, args.resume, vars(args) | paths | {"boundaries": boundaries},
                                       args.resume_anyway, rank == 0)
 
     # --- models: the same init seed on every rank; --fsdp: meta build, each rank reads its own shards (fsdp.py)
@@ -332,7 +349,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     if state and state["world_size"] == world:
-        checkpoint.set_rng_state(state["rng"][rank])
+        resume.set_rng_state(state["rng"][rank])
     elif state and state.get("dp", state["world_size"]) != dp:  # another SP degree alone keeps the data order
         log0(f"data parallel size {dp} != the checkpoint's: the data order continues, not exactly")
     row = {}
@@ -411,7 +428,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
         if step == args.max_steps or (args.save_every > 0 and step % args.save_every == 0):
             rest = {"epoch": epoch, "pos": pos, "world_size": world, "dp": dp, "disc": disc and disc.state_dict(),
                     "d_opt": d_opt and d_opt.state_dict()}
-            checkpoint.save_step(out, step, student, opt, rest, run_config, ema, sharded=args.fsdp,
+            resume.save_step(out, step, student, opt, rest, run_config, ema, sharded=args.fsdp,
                                  build=lambda: build_student(args, cfg, grid, device="meta"),
                                  detail_meta={"kappa": kap} if lora else None)
             if rank == 0:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fsdp  # noqa: E402
+from scale import fsdp  # noqa: E402
 import train  # noqa: E402
 
 out, teacher, init, data = sys.argv[1:5]

@@ -29,7 +29,7 @@ def status_kib(field):
 def worker(out, argv):
     """One torchrun rank: train.main with start_up wrapped in a peak-RSS measurement."""
     import torch.distributed as dist
-    import fsdp
+    from scale import fsdp
     import train
     dist.init_process_group("gloo")
     start_up, rank = fsdp.start_up, dist.get_rank()
@@ -59,7 +59,7 @@ def main():
     if args.worker:
         return worker(args.worker[0], args.worker[1:])
     import torch
-    import checkpoint
+    from storage import checkpoint
     import data
     import model
     from dataclasses import replace

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import checkpoint
+from storage import checkpoint, resume
 import model as M
 
 
@@ -103,8 +103,12 @@ def test_index_problems_are_named(tmp_path):
     (folder / checkpoint.INDEX).write_text(json.dumps(index))
     with pytest.raises(ValueError, match="not in index: \\['proj_out.bias'\\]"):
         checkpoint.load_transformer(folder)
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match="nothing does not exist"):
         checkpoint.load_transformer(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty is not a checkpoint: no step_\\* folders, train.py config.json or "
+                                         "transformer config.json"):
+        checkpoint.load_transformer(tmp_path / "empty")
     (tmp_path / "weights.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="no converter for 'weights.pt'"):
         checkpoint.load_transformer(tmp_path / "weights.pt")
@@ -175,16 +179,16 @@ def test_save_step_latest_step_and_resume(tmp_path, capsys):
     opt = torch.optim.AdamW(m.parameters())
     run = {"stage": "semantic", "boundaries": [37]}
     for step in (2, 4):
-        checkpoint.save_step(tmp_path, step, m, opt, {"epoch": 0, "pos": step}, run)
+        resume.save_step(tmp_path, step, m, opt, {"epoch": 0, "pos": step}, run)
     s2, s4 = (checkpoint.step_dir(tmp_path, s) for s in (2, 4))
     assert checkpoint.step_folders(tmp_path) == ["step_0000002", "step_0000004"]
     assert sorted(os.listdir(s4)) == ["checksums.json", "config.json", "train_state.pt", "transformer"]
     assert json.loads((tmp_path / "step_0000004" / "config.json").read_text()) == {**run, "step": 4}
-    ckpt, state = checkpoint.resume_from(tmp_path, run)
+    ckpt, state = resume.resume_from(tmp_path, run)
     assert ckpt == s4 and (state["step"], state["pos"], len(state["rng"])) == (4, 4, 1)
     assert_same_tensors(checkpoint.load_transformer(s4), m)
     with pytest.raises(ValueError, match=r"saved with stage='semantic' \(now 'detail'\)"):
-        checkpoint.resume_from(tmp_path, {"stage": "detail"})
+        resume.resume_from(tmp_path, {"stage": "detail"})
     # truncated files count as missing; the newest complete step wins, naming the ones it skips
     with open(os.path.join(s4, "train_state.pt"), "r+b") as f:
         f.truncate(1000)
@@ -198,19 +202,19 @@ def test_save_step_latest_step_and_resume(tmp_path, capsys):
         f.truncate(100)
     assert checkpoint.step_missing(s2) == [f"transformer/{checkpoint.WEIGHTS} (unreadable)"]
     with pytest.raises(ValueError, match="no complete checkpoint"):
-        checkpoint.resume_from(tmp_path, run)
+        resume.resume_from(tmp_path, run)
     assert checkpoint.latest_step(tmp_path, quiet=True) == s4
     # a LoRA detail step also needs its adapter; a run without step folders starts fresh
     (tmp_path / "step_0000004" / "config.json").write_text(json.dumps({"stage": "detail", "detail_full": False}))
     assert checkpoint.step_missing(s4) == ["detail.safetensors"]
     shutil.rmtree(os.path.join(s4, "transformer"))
     assert checkpoint.step_missing(s4) == ["transformer/config.json", "detail.safetensors", "transformer weights"]
-    assert checkpoint.resume_from(tmp_path / "fresh", run) == (None, None)
+    assert resume.resume_from(tmp_path / "fresh", run) == (None, None)
 
 
 def test_rng_state_round_trip():
-    s = checkpoint.rng_state()
+    s = resume.rng_state()
     first = (random.random(), np.random.rand(), torch.rand(3))
-    checkpoint.set_rng_state(s)
+    resume.set_rng_state(s)
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert first[:2] == again[:2] and torch.equal(first[2], again[2])

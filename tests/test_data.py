@@ -14,7 +14,7 @@ import torch
 import imageio_ffmpeg as ffmpeg  # the test deps (requirements-dev.txt) include requirements-video.txt's
 
 import data
-import video_io
+from storage import video_io
 
 CORPUS = ["a cat walks on the grass", "a dog runs in the park at noon", "the camera pans over a city at night",
           "waves crash on a rocky shore", "a red car drives down a long empty road", "",
@@ -334,7 +334,7 @@ def test_write_video_mp4_and_gif(tmp_path):
 def test_library_imports_without_optional_packages():
     code = ("import sys\nfor m in ('transformers', 'diffusers', 'imageio_ffmpeg', 'imageio', 'tqdm'):\n"
             "    sys.modules[m] = None\n"
-            "import data, video_io\n"
+            "import data\nfrom storage import video_io\n"
             "try:\n    video_io.TextEncoder('cogvideox-2b', '.')\nexcept ImportError as e:\n    print(e)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)

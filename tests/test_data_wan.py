@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import data
-import video_io
+from storage import video_io
 from test_data import CAPTIONS, LONG, t5_tokenizer, videos  # noqa: F401  (videos: the shared clip fixture)
 
 MEAN, STD = [0.5, -0.25, 1.0, 0.0], [2.0, 0.5, 1.5, 3.0]

@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
-import checkpoint
+from storage import checkpoint
 import data
 import eval as ev
 import model as models
-import sample
+import sampling
 import train
 from test_data import hy_weights, read_back  # noqa: F401 - the tiny HunyuanVideo hub folder (vae/, text encoders)
 
@@ -46,8 +46,8 @@ def test_vbench_suite_names_resume_and_the_printed_command(student, hy_weights, 
     argv = ["vbench", "--ckpt", str(student / "sem"), "--weights", hy_weights, "--out", str(out),
             "--prompts", str(student / "prompts.txt"), "--per-prompt", "2", "--device", "cpu"]
     calls = []
-    real = sample.student_sample
-    monkeypatch.setattr(sample, "student_sample", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    real = sampling.student_sample
+    monkeypatch.setattr(sampling, "student_sample", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     res = ev.main(argv)
     want = sorted(f"{p}-{i}.mp4" for p in PROMPTS for i in range(2))
     assert sorted(os.listdir(out / "videos")) == want and sorted(res["files"]) == want
@@ -96,7 +96,7 @@ def test_scores_follow_vbench_normalisation(tmp_path, capsys):
 
 def test_validation_during_training_decodes_through_the_vae(student, hy_weights, tmp_path):  # noqa: F811
     """train.py --sample-decode: rank 0 writes each validation sample as an MP4 of the VAE's decode of its latents."""
-    import video_io
+    from storage import video_io
     from safetensors.torch import load_file
     train.main(["--stage", "semantic", "--teacher", str(student / "teacher"), "--data", str(student / "data"),
                 "--out", str(tmp_path / "run"), "--max-steps", "1", "--device", "cpu", "--probe-every", "0",

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-import checkpoint
+from storage import checkpoint
 import model
 import solver
 from data import atomic_save_file

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-import checkpoint
+from storage import checkpoint
 import model
 from test_train import ENV, ROOT, make_dataset, run, tensors
 

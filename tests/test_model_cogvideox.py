@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import checkpoint
+from storage import checkpoint
 import model as M
 
 diffusers = pytest.importorskip("diffusers")

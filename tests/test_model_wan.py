@@ -5,7 +5,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-import checkpoint
+from storage import checkpoint
 import model
 from _random_weights import randomize_
 

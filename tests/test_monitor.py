@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import plot
-import sample
+from tools import plot
+import sampling
 from test_train import SMALL, make_dataset, read_jsonl, run, tensors
 
 VAL = ["--sample-every", 1, "--sample-steps", "1,2", "--sample-num", 3]
@@ -58,13 +58,13 @@ def test_validation_sampling_leaves_training_bit_identical(base, tmp_path, stage
         x, meta = f.get_tensor("latents"), f.metadata()
     assert x.shape == (3, 16, 4, 4, 4) and x.isfinite().all() and meta["steps"] == "2"
     if stage != "teacher" and not extra:  # the same latents as sample.py's sampler on the saved checkpoint, from the same noise and prompts
-        model, info = sample.load_student(watched["checkpoint"])
+        model, info = sampling.load_student(watched["checkpoint"])
         import data
         ds = data.LatentDataset(base["data"])
         idx = torch.linspace(0, len(ds) - 1, 3).round().long()
         cond = {k: ds.tensors[k][idx] for k in ("pooled", "text", "text_mask")}
         noise = torch.randn(3, 16, 4, 4, 4, generator=torch.Generator().manual_seed(0 + 7_000_003))
-        ref = sample.student_sample(model, noise, cond, info["grid"], info["boundaries"], 2, 6.0)
+        ref = sampling.student_sample(model, noise, cond, info["grid"], info["boundaries"], 2, 6.0)
         assert torch.allclose(x, ref, atol=1e-5), (x - ref).abs().max()
 
 
@@ -150,7 +150,7 @@ def test_plot_writes_every_figure_for_one_and_two_runs(toy_run, base, tmp_path, 
 
 
 def test_tile_places_each_video():
-    from monitor import tile
+    from tools.monitor import tile
     v = torch.rand(5, 3, 2, 4, 6) * 2 - 1
     g = tile(v, cols=3)
     assert g.shape == (3, 2, 2 * 5 - 1 + 1, 3 * 7 - 1)  # 9 rows rounded up to even, 20 columns already are

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import model
-import parallel
+from scale import parallel
 
 TOL = 1e-5  # max relative error (fp32), relative to each tensor's largest entry
 

@@ -8,10 +8,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import checkpoint
+from storage import checkpoint
 import data
 import model
-import plan
+from scale import plan
 import train
 
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import bench
+from tools import bench
 import data
 import eval as evaluate
-import plot
-import released
+from tools import plot
+from storage import released
 import sample
 import train
 from toy import run as toy_run

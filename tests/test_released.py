@@ -16,11 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import checkpoint
+from storage import checkpoint
 import experts
 import model
 from _random_weights import randomize_
-import released
+from storage import released
+import export
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -155,7 +156,7 @@ def test_export_roundtrip_bit_exact(arch, request, tmp_path):
 
 
 def test_trained_here_runs_in_their_model(tmp_path, capsys):
-    """A DualExpert trained here (authors' targets), exported by `released.py export` from a step folder, loads
+    """A DualExpert trained here (authors' targets), exported by `export.py authors` from a step folder, loads
     with strict=True into their PEFT model, whose two routes then equal ours; the 'all' set cannot be exported."""
     copies = released.LAYOUTS["HunyuanVideo"]["copies"]
     torch.manual_seed(3)
@@ -165,7 +166,7 @@ def test_trained_here_runs_in_their_model(tmp_path, capsys):
     ours.save_semantic(step / "transformer")
     ours.save_detail(step / "detail.safetensors", meta={"kappa": 37})
     (step / "config.json").write_text(json.dumps({"stage": "detail", "step": 10}))
-    released.main(["export", "--ckpt", str(step.parent), "--out", str(tmp_path / "DCM_MINE" / "transformer")])
+    export.main(["authors", "--ckpt", str(step.parent), "--out", str(tmp_path / "DCM_MINE" / "transformer")])
     out = capsys.readouterr()
     assert "14 LoRA linears" in out.out and "warning" not in out.err  # kappa 37 routes the grid as their 981
     import solver
@@ -220,6 +221,7 @@ def test_unknown_or_missing_key_is_one_line_error(hy, tmp_path, capsys):
 
 def test_sample_py_uses_their_schedule_and_routing(hy, tmp_path):
     import sample
+    import sampling
     _, _, folder = hy
     cond = tmp_path / "cond.safetensors"
     inp = hy_inputs(1)
@@ -231,7 +233,7 @@ def test_sample_py_uses_their_schedule_and_routing(hy, tmp_path):
     res = sample.main(["--ckpt", folder, "--cond", str(cond), "--frames", "2", "--height", "4", "--width", "4",
                        "--out", str(tmp_path / "t"), "--device", "cpu", "--timesteps", "1000,982,981,500"])
     assert res["experts"] == ["semantic", "semantic", "detail", "detail"] and res["t"][:4] == [1000.0, 982.0, 981.0, 500.0]
-    with pytest.raises(sample.SampleError, match="not --detail / --teacher / --steps"):
+    with pytest.raises(sampling.SampleError, match="not --detail / --teacher / --steps"):
         sample.main(["--ckpt", folder, "--steps", "4", "--cond", str(cond)])
 
 

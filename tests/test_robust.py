@@ -2,7 +2,7 @@
 warning where the input is legal), before anything is written; checkpoints prove their integrity.
 
 Cases run in this process through the scripts' command-line entry points (train._cli, sample.cli, bench.main,
-data.main); a real subprocess shows that bench.py's command line prints no traceback (train.py's and
+data.main); a real subprocess shows that tools/bench.py's command line prints no traceback (train.py's and
 sample.py's are shown in their own test files).
 """
 import json
@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import bench
-import checkpoint
-import checks
+from tools import bench
+from storage import checkpoint, resume
+from tools import checks
 import data
-import integrity
+from storage import integrity
 import model as models
 import sample
 import train
@@ -188,10 +188,10 @@ def test_corrupted_newest_checkpoint_is_skipped_leftovers_removed_keep_last(fx, 
     leftover = os.path.join(out, ".step_0000003.tmp-x1y2")
     os.makedirs(leftover)
     # the intact older step is what sampling and resuming use; the damaged one is named
-    assert sample.resolve(out)[0] == os.path.join(out, "step_0000001")
+    assert checkpoint.resolve(out).folder == os.path.join(out, "step_0000001")
     assert "step_0000002" in capsys.readouterr().err
-    with pytest.raises(sample.SampleError, match="sha256 mismatch"):
-        sample.resolve(os.path.join(out, "step_0000002"))
+    with pytest.raises(checkpoint.CheckpointError, match="sha256 mismatch"):
+        checkpoint.resolve(os.path.join(out, "step_0000002"))
     r = train.main(["--stage", "semantic", "--teacher", fx["teacher"], "--data", fx["data"], "--out", out,
                     "--max-steps", "3", "--save-every", "1", "--keep-last", "1", "--resume", *QUIET])
     err = capsys.readouterr()
@@ -200,11 +200,11 @@ def test_corrupted_newest_checkpoint_is_skipped_leftovers_removed_keep_last(fx, 
     assert r["step"] == 3 and checkpoint.step_folders(out) == ["step_0000003"]  # --keep-last 1
     # garbage bytes inside train_state.pt (same size): the step before is used
     out2 = damaged(fx, "sem-state", lambda d: flip(f"{d}/step_0000002/train_state.pt", at=600))
-    ckpt, _ = checkpoint.resume_from(out2, {})
+    ckpt, _ = resume.resume_from(out2, {})
     assert ckpt.endswith("step_0000001") and "train_state.pt" in capsys.readouterr().err
     checkpoint.verify_checksums = False  # --verify none: the caller takes the risk
     try:
-        assert checkpoint.resume_from(out2, {})[0].endswith("step_0000001")  # the unpickler still fails on garbage
+        assert resume.resume_from(out2, {})[0].endswith("step_0000001")  # the unpickler still fails on garbage
     finally:
         checkpoint.verify_checksums = True
     # files are written with the user's umask, like other tools (safetensors alone writes 0600)
@@ -296,9 +296,9 @@ def test_synthetic_dataset_and_its_bad_input(tmp_path, capsys):
 
 
 def test_command_line_prints_no_traceback(fx):
-    """bench.py's own entry point (train.py's and sample.py's are run in test_train.py / test_sample.py)."""
+    """tools/bench.py's own entry point (train.py's and sample.py's are run in test_train.py / test_sample.py)."""
     bad = damaged(fx, "data-noshards2", lambda d: edit_json(f"{d}/manifest.json", shards=None))
-    for argv in (["bench.py", "--table", f"{bad}/manifest.json"],):
+    for argv in (["tools/bench.py", "--table", f"{bad}/manifest.json"],):
         p = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], env=ENV, capture_output=True,
                            text=True, timeout=120)
         lines = p.stderr.strip().splitlines()

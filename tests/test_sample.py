@@ -15,10 +15,10 @@ import sys
 import pytest
 import torch
 
-import checkpoint
+from storage import checkpoint
 import data
 import experts
-import integrity
+from storage import integrity
 import model as models
 import sample
 import solver

@@ -9,7 +9,7 @@ import torch._dynamo as dynamo
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import cogvideox
+from backbones import cogvideox
 import data
 import experts
 import losses
@@ -216,7 +216,7 @@ def test_merging_the_detail_lora_leaves_the_semantic_tree_alone():
 
 # ------------------------------------------------------------------------------------------------ bench races
 def test_diffusers_adapter_equals_our_model_in_every_hook_the_losses_use():
-    import bench_train
+    from tools import bench_train
     torch.manual_seed(0)
     ours = models.build_transformer("tiny-cogvideox-rope").eval()
     ref = bench_train.DiffusersCogVideoX.twin_of(ours).eval()
@@ -235,7 +235,7 @@ def test_diffusers_adapter_equals_our_model_in_every_hook_the_losses_use():
 
 def test_bench_training_races_run_on_cpu(tmp_path):
     """The new rows at tiny size: both stages, ours vs diffusers-built, the same draws (losses agree)."""
-    import bench
+    from tools import bench
     r = bench.main(["--device", "cpu", "--rows", "train,detail", "--repeat", "1", "--warmup", "0",
                     "--out", str(tmp_path / "b.json")])
     assert [x["stage"] for x in r["train_race"]] == ["semantic", "detail"]

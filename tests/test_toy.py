@@ -213,8 +213,8 @@ def test_the_committed_teacher_is_verified_trained_and_of_the_recipe_in_the_code
     final teacher's guided 8-step samples are recognised by the bench classifier (it is trained, not a stub)."""
     import json
     from dataclasses import asdict
-    import integrity
-    import sample
+    from storage import integrity
+    import sampling
     import solver
     from teacher import Teacher
     from toy import bench, run
@@ -225,7 +225,7 @@ def test_the_committed_teacher_is_verified_trained_and_of_the_recipe_in_the_code
     for name in ("before_decay", "final"):
         folder = os.path.join(run.TEACHER_DIR, name)
         assert os.path.isfile(os.path.join(folder, integrity.CHECKSUMS)) and integrity.verify(folder) == []
-        model, info = sample.load_student(folder)
+        model, info = sampling.load_student(folder)
         assert info["mode"] == "teacher" and info["run"]["data_manifest"]["toy_spec"] == asdict(toy_data.ToySpec())
     labels, cond, _, noise = bench.eval_batch(7, 48, toy_data.ToySpec())
     teach = Teacher(model, info["grid"], 2.0, toy_data.uncond(toy_data.ToySpec()))

@@ -12,9 +12,10 @@ import torch
 
 from safetensors.torch import load_file
 
-import checkpoint
+from storage import checkpoint
 import model
 import sample
+import sampling
 import train
 from test_train import ENV, ROOT, SMALL, make_dataset, read_jsonl, run, tensors
 
@@ -129,7 +130,7 @@ def test_bad_sp(models, tmp_path, monkeypatch):
             train._cli()
         assert str(e.value.code).startswith("error: --sp ") and want in str(e.value.code), e.value.code
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(sample.SampleError, match="launch exactly 2 processes"):
+    with pytest.raises(sampling.SampleError, match="launch exactly 2 processes"):
         sample.main(["--ckpt", path, "--teacher", "--sp", "2"])
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ValueError, match="must divide the model's 2 attention heads"):

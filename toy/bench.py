@@ -9,8 +9,8 @@ import os
 
 import torch
 
-import checkpoint
-import sample
+from storage import checkpoint
+import sampling
 import solver
 from teacher import Teacher
 from toy import data as toy_data
@@ -59,7 +59,7 @@ def student_fn(model, info, grid, guidance):
     """fn(noise, cond, ks) of a distilled student: one model call and jump per point, no CFG (sample.py's sampler)."""
     def fn(noise, cond, ks):
         t, alpha, sigma = solver.sample_points(grid, ks)
-        return solver.sample(sample.model_fn(model, cond, guidance), noise.float(), t, alpha, sigma, grid.kind,
+        return solver.sample(sampling.model_fn(model, cond, guidance), noise.float(), t, alpha, sigma, grid.kind,
                              progress=False)
     return fn
 
@@ -97,7 +97,7 @@ TEACHER = "teacher (no distillation)"
 
 def load_model(ckpt, ema=False):
     """(model, info) of a train.py step folder; ema: the EMA target's weights (train_state.pt) instead of the online."""
-    model, info = sample.load_student(ckpt)
+    model, info = sampling.load_student(ckpt)
     if ema:
         state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)["ema"]
         (model.detail if info["mode"] == "od" else model).load_state_dict(state)
@@ -181,7 +181,7 @@ def evaluate_seed(seed, members, use_ema, teacher_ckpt, guidance, clf_path, data
 def load_teacher(ckpt, guidance, data_dir):
     """The guided toy teacher of a step folder, its unconditional input from the dataset (a worker's own copy)."""
     import data
-    tmodel, tinfo = sample.load_student(ckpt)
+    tmodel, tinfo = sampling.load_student(ckpt)
     return Teacher(tmodel, tinfo["grid"], guidance, data.LatentDataset(data_dir).uncond)
 
 

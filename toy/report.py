@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 
-import plot  # the repo's plot.py (toy/run.py puts the repo root on sys.path)
+from tools import plot  # the repo's plot.py (toy/run.py puts the repo root on sys.path)
 from toy import bench
 from toy.figures import fig5, fig10, fig_curves, fig_train, sample_gif
 

@@ -44,11 +44,11 @@ if ROOT not in sys.path:
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
-import checkpoint  # noqa: E402
+from storage import checkpoint  # noqa: E402
 import data  # noqa: E402
 from lora import TARGETS  # noqa: E402
-import plot  # noqa: E402
-import sample  # noqa: E402
+from tools import plot  # noqa: E402
+import sampling  # noqa: E402
 import solver  # noqa: E402
 from teacher import Teacher, adjacent_x0_l1  # noqa: E402
 from toy import bench  # noqa: E402
@@ -272,7 +272,7 @@ def main(argv=None):
                 "--lr", str(lr), "--probe-every", "0", "--cond-drop", str(S.cond_drop), "--seed", str(args.seed)])
             prev, teacher_ckpt = ["--teacher", res["checkpoint"]], res["checkpoint"]
             stages.append(teacher_ckpt)
-        tmodel, tinfo = sample.load_student(teacher_ckpt)
+        tmodel, tinfo = sampling.load_student(teacher_ckpt)
         if tinfo["mode"] != "teacher" or tinfo["run"].get("data_manifest", {}).get("toy_spec") != asdict(spec):
             raise SystemExit(f"error: {teacher_ckpt} is not a toy teacher trained on this toy's data ({asdict(spec)})")
         grid = tinfo["grid"]
@@ -301,7 +301,7 @@ def main(argv=None):
         kappa, kinfo = choose_kappa(l1, S.kappa_q, grid.N)
         checks = {"second noise batch": fig10_curve(tmodel, 20_000 + args.seed)}
         if len(stages) > 1:
-            checks["teacher before its lr decay"] = fig10_curve(sample.load_student(stages[-2])[0], 10_000 + args.seed)
+            checks["teacher before its lr decay"] = fig10_curve(sampling.load_student(stages[-2])[0], 10_000 + args.seed)
         sm |= {"kappa": kappa, "kappa_rule": kinfo | {"sigma": float(grid.sigma[kappa + 1])}, "fig10_l1": l1,
                "kappa_checks": {k: {"l1": v, "kappa": choose_kappa(v, S.kappa_q, grid.N)[0]} for k, v in checks.items()},
                "grid_sigma": grid.sigma.tolist()}

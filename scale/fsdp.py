@@ -23,10 +23,10 @@ from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-import checkpoint
 import experts
 import lora
 import model as models
+from storage import checkpoint
 
 
 def shard(m, mesh):

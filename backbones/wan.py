@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import (
+from backbones.layers import (
     timestep_embedding, TimestepMLP, attention, apply_rope, FeedForward, reject_cond, check_taps, check_t, run_block,
     sp_gather, sp_rows, sp_shard, cached_table,
 )

@@ -5,7 +5,7 @@
 
 Validation: K fixed prompts (--sample-cond, else K evenly spaced training samples' conditioning) from fixed
 noise (its own CPU generator), sampled with the current student by sample.py's own few-step sampler
-(`sample.student_sample`; the dual expert in the detail stage; the teacher stage: `sample.teacher_sample` with
+(`sampling.student_sample`; the dual expert in the detail stage; the teacher stage: `sampling.teacher_sample` with
 guidance at each step count as N) at step 0, every N steps and the last step, into OUT/samples/step_XXXXXXX/:
 `latents_{s}step.safetensors` (sample.py's latents format: `sample.py --latents FILE --decode WEIGHTS` decodes
 it later), the toy's pixels as a GIF + MP4 grid per step count, real latents through the VAE with
@@ -28,10 +28,10 @@ import sys
 
 import torch
 
-import checkpoint
 import data
-import sample
+import sampling
 import solver
+from storage import checkpoint
 
 STEPS, NUM = (2, 4, 8), 4  # the authors' and FastVideo's validation step counts; prompts per validation
 
@@ -76,8 +76,9 @@ def tile(videos, cols=None, gap=1):
 
 def gif_bytes(video, fps=8, scale=1):
     """[3, F, H, W] in [-1, 1] -> an animated GIF (bytes), each side `scale` x larger (nearest)."""
-    import video_io
     from PIL import Image
+
+    from storage import video_io
     frames = [Image.fromarray(f) for f in video_io.to_uint8(video)]
     frames = [f.resize((f.width * scale, f.height * scale), Image.NEAREST) for f in frames]
     buf = io.BytesIO()
@@ -95,7 +96,7 @@ def preview(latents):
 
 
 class _AsTeacher:
-    """The model being trained, seen by sample.teacher_sample's Teacher, which would otherwise set it to eval and
+    """The model being trained, seen by sampling.teacher_sample's Teacher, which would otherwise set it to eval and
     requires_grad False: FSDP2 fixes at its first forward (our step-0 validation) which parameters it trains."""
 
     def __init__(self, model):
@@ -150,9 +151,9 @@ class Monitor:
         self.noise = torch.randn(K, *shape, generator=torch.Generator().manual_seed(args.seed + 7_000_003))
         self.real = ds.tensors["latents"][self.index] if not args.sample_cond else None
         self.pixel = ds.manifest.get("model") == "toy" or (cfg.out_channels or cfg.in_channels) == 3
-        self.model_name = sample.model_name(cfg)
+        self.model_name = sampling.model_name(cfg)
         if args.sample_decode and not self.pixel:
-            import video_io
+            from storage import video_io
             video_io.vae_config(self.model_name, args.sample_decode)  # a bad folder fails now, not at step N
         # FSDP and Ulysses sequence parallelism (parallel.py) run collectives inside the forward: every rank samples
         self.collective = bool(args.fsdp or (getattr(args, "sp", 1) or 1) > 1)
@@ -209,11 +210,11 @@ class Monitor:
                         x = self.noise[b0:b0 + bs].to(self.device)
                         c = {k: v[b0:b0 + bs].to(self.device) for k, v in self.cond.items()}
                         if self.teacher:  # the N-step guided sampler at N = s
-                            g = sample.make_grid(self.cfg, self.grid.kind, {"shift": self.args.shift}, s)
+                            g = sampling.make_grid(self.cfg, self.grid.kind, {"shift": self.args.shift}, s)
                             un = {k: v.to(self.device) for k, v in self.uncond.items()}
-                            parts.append(sample.teacher_sample(_AsTeacher(model), x, c, g, guidance, un).cpu())
+                            parts.append(sampling.teacher_sample(_AsTeacher(model), x, c, g, guidance, un).cpu())
                         else:
-                            parts.append(sample.student_sample(model, x, c, self.grid, self.boundaries, s, guidance).cpu())
+                            parts.append(sampling.student_sample(model, x, c, self.grid, self.boundaries, s, guidance).cpu())
                     lat[s] = torch.cat(parts)
         finally:
             model.train()  # DualExpert.train also sets its grafted copies; then every flag as it was
@@ -246,7 +247,7 @@ class Monitor:
 
     def _pixels(self, x, tmp, s):
         """The toy's grid GIF + MP4, or the VAE's MP4s (--sample-decode), -> a grid video for TensorBoard."""
-        import video_io
+        from storage import video_io
         name = f"{s}step" if s != "data" else "data"
         if self.pixel:
             grid = tile(x)

@@ -1,6 +1,6 @@
 """The authors' released DCM students (the `DCM_HY/` and `DCM_WAN/` pipeline folders) <-> our DualExpert.
 
-    python released.py export --ckpt out/detail --out DCM_MINE/transformer [--dtype bf16]
+    python export.py authors --ckpt out/detail --out DCM_MINE/transformer [--dtype bf16]   # ours -> their layout
 
 Their `transformer/diffusion_pytorch_model.safetensors` is the full state dict of a diffusers transformer
 after PEFT `add_adapter(LoraConfig(r=128, lora_alpha=256, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
@@ -17,21 +17,18 @@ batch by its first sample: adapters and `*_lora` modules on when int(t[0]) <= 98
 The file holds no LoRA alpha (their scripts hard-code alpha = 2 * r): we read `_dcm_lora_alpha` from
 config.json when we wrote it, else use 2 * r. diffusers ignores config keys that start with "_".
 """
-import argparse
 import json
 import os
-import sys
 from dataclasses import fields
 
 import torch
 from safetensors.torch import save_file
 
-import checkpoint
 import experts
 import lora
-import solver
+from storage import checkpoint
 
-ADAPTER = "lora1"
+ADAPTER = checkpoint.AUTHORS_ADAPTER  # "lora1"
 # per architecture: their copy module -> ours; detail when int(t) <= threshold (their inference scripts; their Wan
 # detail-training script routes at 981, its inference at 978: we follow inference); the sampling schedule of
 # scripts/inference/*.sh (HunyuanVideo: cus_sigmas in inference_hy.py; Wan: cus_timesteps in inference_wan.py)
@@ -77,25 +74,6 @@ def their_names(expert):
     return names
 
 
-def _weights_keys(folder):
-    try:
-        return checkpoint._folder_tensors(folder)
-    except ValueError:
-        return None, None
-
-
-def find(path):
-    """The transformer folder of `path` (a pipeline folder or its transformer/) when it is in the authors'
-    layout (its weights hold `lora1` adapter keys), else None."""
-    path = os.fspath(path)
-    for folder in (os.path.join(path, "transformer"), path):
-        if os.path.isfile(os.path.join(folder, "config.json")):
-            shapes, _ = _weights_keys(folder)
-            if shapes and any(f".lora_A.{ADAPTER}." in k for k in shapes):
-                return folder
-    return None
-
-
 def read_config(folder):
     """(model config, raw dict) of their config.json: by `_class_name`, else (their save_checkpoint writes
     dict(transformer.config), which lacks it) the one architecture whose config fields hold all its keys."""
@@ -111,12 +89,13 @@ def read_config(folder):
 
 
 def load_released(path, dtype=None, device="cpu"):
-    """(DualExpert, info) from the authors' layout at `path` (pipeline folder or transformer/); info holds
-    arch, threshold, schedule (kind, values), folder, rank, alpha. Strict: the first unknown, missing or
-    mis-shaped key is named in the error."""
-    folder = find(path)
-    if folder is None:
-        raise ReleasedError(f"{path}: not the authors' DCM layout (no '{ADAPTER}' LoRA keys in its transformer weights)")
+    """(DualExpert, info) from the authors' layout at `path` (pipeline folder or transformer/, or its resolved
+    checkpoint.Source); info holds arch, threshold, schedule (kind, values), folder, rank, alpha. Strict: the first
+    unknown, missing or mis-shaped key is named in the error."""
+    src = path if isinstance(path, checkpoint.Source) else checkpoint.resolve(path, "the authors' student")
+    if src.kind != "authors":
+        raise ReleasedError(f"{src.path}: not the authors' DCM layout (no '{ADAPTER}' LoRA keys in its transformer weights)")
+    folder = src.weights
     cfg, raw = read_config(folder)
     shapes, load = checkpoint._folder_tensors(folder)
     rank = next(s[0] for k, s in shapes.items() if k.endswith(f".lora_A.{ADAPTER}.weight"))
@@ -174,48 +153,3 @@ def export_released(expert, folder, dtype=None):
             json.dump(config, f, indent=2, sort_keys=True)
         save_file(sd, os.path.join(tmp, checkpoint.WEIGHTS), metadata={"format": "pt"})
     return folder
-
-
-def _export_cli(args):
-    """export: a train.py detail run / step folder -> the authors' layout."""
-    step = args.ckpt
-    if checkpoint.step_folders(step) and not os.path.isdir(os.path.join(step, "transformer")):
-        step = checkpoint.latest_step(step)
-        if step is None:
-            raise ReleasedError(f"{args.ckpt}: no complete step_* checkpoint")
-    adapter = args.detail or os.path.join(step, "detail.safetensors")
-    for need in (os.path.join(step, "transformer"), adapter):
-        if not os.path.exists(need):
-            raise ReleasedError(f"{need} does not exist (--ckpt: a detail-stage run or step folder)")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "keep": None}[args.dtype]
-    expert = experts.DualExpert.from_detail(checkpoint.load_transformer(os.path.join(step, "transformer")), adapter)
-    grid = solver.flow_grid(50, 17.0)  # the authors' distillation grid for both released students
-    if expert.arch in LAYOUTS and (bad := routing_disagreements(expert, grid)):
-        print(f"warning: their scripts route int(t) <= {LAYOUTS[expert.arch]['threshold']} to the detail expert; "
-              f"this expert's boundary_t {expert.boundary_t:.3f} differs at grid t {bad}", file=sys.stderr)
-    export_released(expert, args.out, dtype)
-    c = expert.param_counts()
-    print(f"{step} -> {args.out}: {expert.arch}, {len(expert.lora_names)} LoRA linears (r {expert.rank}, "
-          f"alpha {expert.alpha:g}), adapter {c['adapter'] / 1e6:.2f} M params")
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="a detail expert trained here -> the authors' single-file layout")
-    e.add_argument("--ckpt", required=True, help="train.py detail run or step folder")
-    e.add_argument("--detail", help="adapter file (default: the step's detail.safetensors)")
-    e.add_argument("--out", required=True, help="output transformer/ folder")
-    e.add_argument("--dtype", default="keep", choices=("keep", "fp32", "bf16"), help="their release is bf16")
-    args = p.parse_args(argv)
-    try:
-        _export_cli(args)
-    except (ValueError, FileNotFoundError) as err:
-        if os.environ.get("DCM_TRACEBACK"):
-            raise
-        print(f"error: {'; '.join(ln.strip() for ln in str(err).splitlines() if ln.strip())}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()

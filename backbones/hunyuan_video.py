@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import (
+from backbones.layers import (
     timestep_embedding, TimestepMLP, attention, apply_rope, RMSNorm, FeedForward, reject_cond, check_taps, run_block,
     cached_table,
 )
-from layers import sp_gather, sp_rows, sp_shard
+from backbones.layers import sp_gather, sp_rows, sp_shard
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""bench.py's training-step races (issue: speed): one semantic CD step and one detail step (CD + GAN + feature
+"""The training-step races of tools/bench.py: one semantic CD step and one detail step (CD + GAN + feature
 matching + the discriminator step), each built on our CogVideoX model and on diffusers' CogVideoXTransformer3DModel
 with the same random weights, the same inputs and the same step code (losses.py), eager and with the blocks
-compiled; seconds, peak memory and MFU per side. Run through `python bench.py --rows train,detail [--compile]`.
+compiled; seconds, peak memory and MFU per side. Run through `python tools/bench.py --rows train,detail [--compile]`.
+The helpers both kinds of race share (inputs, timing, compiling) live here, below bench.py, which imports them.
 
 The diffusers side wraps diffusers' model in `DiffusersCogVideoX`, which gives it our call signature and the hooks
 the losses use (time_embed, head, taps): the step code cannot tell the two backbones apart, so the race measures
@@ -9,19 +10,21 @@ the backbones. The detail student on both sides is experts.DualExpert (LoRA on t
 """
 import contextlib
 import functools
+import gc
 import statistics
+import time
 from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 
-import bench
+import data
 import experts
 import lora
 import losses
 import model as M
 import solver
-from teacher import Teacher
+from teacher import Teacher, embedded_guidance
 
 KAPPA = 37  # the authors' cut on the 50-step grid
 
@@ -98,6 +101,65 @@ class DiffusersCogVideoX(nn.Module):
         return out if taps is None else (out, feats)
 
 
+# --- shared with bench.py's forward races: inputs, timing, compiling ------------------------------
+TEXT_REAL = 60  # HunyuanVideo prompt tokens that are not padding (a typical prompt)
+
+
+def make_inputs(cfg, shape, device, dtype, seed=0):
+    """Random latents, timesteps and conditioning for one forward; our keyword names."""
+    B, n_f, H, W, L = shape
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    x = rnd(B, cfg.in_channels, n_f, H, W)
+    cond = {"text": rnd(B, L, data.text_width(cfg))}
+    if isinstance(cfg, M.CogVideoXConfig):
+        t = torch.randint(0, 1000, (B,), generator=g).to(device).float()
+    elif isinstance(cfg, M.WanConfig):  # umT5 states only (padding rows are zeros in real data, attended to)
+        t = (torch.rand(B, generator=g) * 1000).to(device, dtype)
+    else:
+        t = (torch.rand(B, generator=g) * 1000).to(device, dtype)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        mask[:, :min(TEXT_REAL, L)] = 1
+        cond.update(text_mask=mask.to(device), pooled=rnd(B, cfg.pooled_projection_dim),
+                    guidance=torch.full((B,), embedded_guidance(6.0), device=device, dtype=dtype))
+    return x, t, cond
+
+
+def timed(fn, device):
+    """Seconds of one call of fn (CUDA events on the GPU) and the peak memory it added, in GiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3, (torch.cuda.max_memory_allocated() - base) / 2**30, out
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, float("nan"), out
+
+
+def compile_blocks(model, backend="inductor"):
+    """torch.compile each transformer block (one compiled graph serves every block of a class); a DualExpert's
+    detail tree holds its own copies of the LoRA'd blocks: those too."""
+    # a training step calls a block class in up to ~8 guard variants (grad on/off x fp32 student / bf16 teacher x
+    # LoRA'd or plain): past the default recompile limit dynamo would quietly fall back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    trees = [model] + ([model.detail] if isinstance(model, experts.DualExpert) else [])
+    for block in {id(b): b for tree in trees for b in tree.modules() if type(b).__name__.endswith("Block")}.values():
+        block.compile(backend=backend)
+
+
+def free(device):
+    """Drop the last row's models before the next row's peak is read."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def build(side, name, stage, device, grad_ckpt, disc_hidden, lora_rank=128):
     """(student, teacher model, discriminator or None) of one side, from seed-0 random weights: fp32 master
     student (detail: a DualExpert on it), bf16 frozen teacher (fp32 on the CPU)."""
@@ -171,7 +233,7 @@ def step_flops(name, stage, shape, disc_hidden):
     from torch.utils.flop_counter import FlopCounterMode
     meta = torch.device("meta")
     student, teacher_model, disc = build("ours", name, stage, meta, False, disc_hidden)
-    x0, _, cond = bench.make_inputs(student.config, shape, meta, torch.float32)
+    x0, _, cond = make_inputs(student.config, shape, meta, torch.float32)
     step = make_step(student, teacher_model, disc, x0, cond, stage)
     with FlopCounterMode(display=False) as fc:
         step()
@@ -188,9 +250,9 @@ def row_train(name, stage, shape, device, peak_tflops, compile_too, backend="ind
         for side in ("ours", "diffusers"):
             student, teacher_model, disc = build(side, name, stage, device, True, disc_hidden)
             if compiled:
-                bench.compile_blocks(student, backend)
-                bench.compile_blocks(teacher_model, backend)
-            x0, _, cond = bench.make_inputs(student.config, shape, device, torch.float32)
+                compile_blocks(student, backend)
+                compile_blocks(teacher_model, backend)
+            x0, _, cond = make_inputs(student.config, shape, device, torch.float32)
             cond = {k: v.to(torch.bfloat16) if device.type == "cuda" else v for k, v in cond.items()}
             step = make_step(student, teacher_model, disc, x0, cond, stage)
             if device.type == "cuda":
@@ -198,7 +260,7 @@ def row_train(name, stage, shape, device, peak_tflops, compile_too, backend="ind
                 torch.cuda.reset_peak_memory_stats()
             secs = []
             for i in range(warmup + 2 * compiled + repeat):  # compiling: two more warm-up steps
-                s, _, loss = bench.timed(step, device)
+                s, _, loss = timed(step, device)
                 secs.append(s)
             sec = statistics.median(secs[warmup + 2 * compiled:])
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
@@ -206,7 +268,7 @@ def row_train(name, stage, shape, device, peak_tflops, compile_too, backend="ind
             row[key] = {"s": sec, "peak_gib": peak, "loss": loss.item(),
                         "mfu": flops / sec / 1e12 / peak_tflops if peak_tflops else None}
             del student, teacher_model, disc, step
-            bench.free(device)
+            free(device)
         suffix = "+compile" if compiled else ""
         row["ratio" + ("_compiled" if compiled else "")] = row["ours" + suffix]["s"] / row["diffusers" + suffix]["s"]
     return row

@@ -1,36 +1,33 @@
 """Transformer checkpoints in the diffusers folder layout (and original formats through converters),
-and train.py's step folders.
+train.py's step folders, and `resolve`: the one place a checkpoint path is told apart and verified.
 
 A diffusers `transformer/` folder holds `config.json` plus `diffusion_pytorch_model.safetensors`, or
 shards listed in `diffusion_pytorch_model.safetensors.index.json` (`weight_map`: key -> shard file).
 Loading builds the model on the meta device and assigns the stored tensors one by one, so weights
 never sit in memory twice.
 
-A training step folder `OUT/step_{step:07d}/` holds `transformer/` (diffusers layout; the dual expert's
-frozen semantic backbone), `detail.safetensors` (the LoRA detail expert's adapter), `train_state.pt`
+A training step folder `OUT/step_{step:07d}/` (written by storage/resume.py) holds `transformer/` (diffusers
+layout; the dual expert's frozen semantic backbone), `detail.safetensors` (the LoRA detail expert's adapter), `train_state.pt`
 (optimizers, RNG, data position) and `config.json` (the run config: stage, model config, grid, ...).
 """
 
 import json
 import os
-import random
 import re
 import shutil
 import sys
 import tempfile
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-import checks
-import integrity
 import model as M
+from storage import integrity
+from tools import checks
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
@@ -62,17 +59,12 @@ def _load_state_dict_file(path):
 
 
 def transformer_folder(path):
-    """The folder holding the transformer's config.json: `path/transformer/` first (a step folder's own
-    config.json is the run config), else `path` itself, else (a train.py run folder) the transformer of
-    its newest complete step."""
-    for folder in (os.path.join(path, "transformer"), path):
-        if os.path.isfile(os.path.join(folder, "config.json")) and not is_run_config(folder):
-            return folder
-    step = latest_step(path) if step_folders(path) else None
-    if step is not None:
-        return transformer_folder(step)
-    raise ValueError(f"{path}: no config.json here or in {os.path.join(path, 'transformer')}, "
-                     "and no complete step_* checkpoint")
+    """The diffusers transformer folder a checkpoint path stands for (resolve: a step folder's transformer/, a
+    pipeline folder's transformer/, the folder itself, a run folder's newest complete step's transformer/)."""
+    src = resolve(path)
+    if src.kind == "original":
+        raise CheckpointError(f"{path}: an original-format file, not a diffusers transformer folder")
+    return src.weights
 
 
 def is_run_config(folder):
@@ -174,9 +166,9 @@ def load_transformer(path, dtype=None, device=None):
     else:
         folder = transformer_folder(path)
         shapes, load = _folder_tensors(folder)
-        if any(".lora_A.lora1." in k for k in shapes):  # PEFT's adapter keys: a dual expert, not one transformer
+        if any(f".lora_A.{AUTHORS_ADAPTER}." in k for k in shapes):  # PEFT's adapter keys: a dual expert, not one transformer
             raise ValueError(f"{path}: the authors' DCM layout (semantic weights + PEFT 'lora1' + *_lora copies): "
-                             "sample it with sample.py --ckpt, load it with released.load_released")
+                             "sample it with sample.py --ckpt, load it with storage.released.load_released")
         cfg = read_config(os.path.join(folder, "config.json"))
     model = M.build_transformer(cfg, device="meta")
     check_keys(model, shapes, path)
@@ -271,11 +263,6 @@ def atomic_dir(final):
 STEP = re.compile(r"step_\d{7}")
 RESUMABLE = ("config.json", "train_state.pt")  # what a step folder needs to go on from, beyond the weights
 verify_checksums = True  # step folders are checked against their integrity.CHECKSUMS (--verify none: False)
-# run settings a resumed run must share with its checkpoint: the state's shape (never overridable) and
-# what the run trains on and towards (--resume-anyway goes on with the new values)
-RESUME_SHAPE = ("stage", "detail_full", "grid_steps", "shift", "lora_rank", "lora_targets", "disc_hidden", "boundaries")
-RESUME_RUN = ("teacher", "init", "data", "batch_size", "grad_accum", "seed", "w_tc", "w_gan", "w_fm", "loss",
-              "target_ema", "guidance", "cond_drop")
 
 
 def step_dir(out, step):
@@ -321,12 +308,6 @@ def step_missing(folder, need=("config.json",)):
     return missing or (integrity.verify(folder, skip) if verify_checksums else [])
 
 
-def check_step(path):
-    """A step folder given directly (--init, --teacher, --ckpt) must be complete and match its checksums."""
-    if STEP.fullmatch(os.path.basename(os.path.normpath(path))) and (bad := step_missing(path)):
-        raise ValueError(f"checkpoint {path} is damaged or incomplete: {', '.join(bad)}")
-
-
 def keep_last(out, k):
     """Delete all but the newest k step folders (k = 0 keeps every one)."""
     for d in step_folders(out)[:-k] if k > 0 else []:
@@ -346,98 +327,63 @@ def latest_step(out, need=("config.json",), quiet=False):
     return None
 
 
-def same_run(ckpt, old, settings, anyway=False):
-    """Refuse to go on from a checkpoint saved with other RESUME_SHAPE settings, or other RESUME_RUN ones unless
-    `anyway` (then a warning); settings: this run's config values (paths absolute)."""
-    differ = lambda keys: [f"{k}={old.get(k)!r} (now {settings.get(k)!r})" for k in keys  # noqa: E731
-                           if k in settings and old.get(k) != settings[k]]
-    if bad := differ(RESUME_SHAPE):
-        raise ValueError(f"{ckpt} was saved with {', '.join(bad)}: its state cannot go on in this run")
-    if (bad := differ(RESUME_RUN)) and not anyway:
-        raise ValueError(f"--resume: {ckpt} was saved with {', '.join(bad)}; use the same flags, another --out, "
-                         "or --resume-anyway to go on with the new values")
-    for b in bad:
-        print(f"warning: --resume-anyway: {ckpt} was saved with {b}", file=sys.stderr)
+# ---- the one resolver: a checkpoint path -> what it is and where its parts are ------------------------------
+AUTHORS_ADAPTER = "lora1"  # the PEFT adapter name in the authors' released students (storage/released.py)
 
 
-def resume_from(out, settings, anyway=False):
-    """(newest complete, intact step folder, its train_state) to go on from, or (None, None) in a run without step
-    folders; newer damaged ones are skipped and named. `settings`: checked by same_run."""
-    names = step_folders(out)
-    for name in reversed(names):
-        ckpt = os.path.join(out, name)
-        bad = step_missing(ckpt, RESUMABLE)
-        try:  # mmap: ranks read only the pages they use of the full optimizer state
-            if not bad:
-                state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False, mmap=True)
-                with open(os.path.join(ckpt, "config.json")) as f:
-                    old = json.load(f)
-        except Exception as e:  # noqa: BLE001 - garbage bytes fail the unpickler in many ways
-            bad = [f"train_state.pt or config.json (unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__})"]
-        if bad:
-            print(f"skipping incomplete or damaged checkpoint {ckpt}: {', '.join(bad)}", file=sys.stderr)
-            continue
-        same_run(ckpt, old, settings, anyway)
-        return ckpt, state
-    if names:
-        raise ValueError(f"--resume: no complete checkpoint in {out} (all {len(names)} are incomplete or damaged)")
-    return None, None
+class CheckpointError(checks.InputError):
+    """A path that is no checkpoint, or a damaged one; the command lines print it as one `error:` line."""
 
 
-def open_run(out, resume, settings, anyway=False, main=True):
-    """Start the run in `out` (refusing to mix with one already there) or go on from its newest intact checkpoint
-    (resume_from) -> (step folder, train_state) or (None, None); `main` (rank 0) removes leftovers and reports."""
-    if not resume and step_folders(out):
-        raise ValueError(f"{out} already holds checkpoints: pass --resume or choose another --out")
-    if main:
-        integrity.clean_tmp(out)
-    ckpt, state = resume_from(out, settings, anyway) if resume else (None, None)
-    if resume and main:
-        print(f"resuming from {ckpt} (step {state['step']})" if ckpt else f"--resume: no checkpoint in {out}, "
-              "starting at step 0")
-    return ckpt, state
+@dataclass
+class Source:
+    """A resolved checkpoint path: its kind, the folder or file it stands for, and where its parts are."""
+    path: str                  # as given
+    kind: str                  # "step" | "transformer" | "authors" | "original"
+    folder: str                # the step folder, the folder given (pipeline or transformer), or the file
+    weights: str               # what load_transformer / released.load_released read
+    run: dict | None = None    # a step folder's train.py run config
+    detail: str | None = None  # a LoRA detail-stage step's adapter file
 
 
-def rng_state():
-    """Every RNG a training process draws from (python, numpy, torch, CUDA), for train_state.pt."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def _authors_layout(folder):
+    """Whether a transformer folder's weights hold the authors' PEFT adapter keys (their DualExpert layout)."""
+    try:
+        shapes, _ = _folder_tensors(folder)
+    except Exception:  # noqa: BLE001 - a damaged file is not this layout; loading it names the damage
+        return False
+    return any(f".lora_A.{AUTHORS_ADAPTER}." in k for k in shapes)
 
 
-def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False, build=None, detail_meta=None):
-    """Write step_dir(out, step) (layout above); call it on every rank. The optimizer's, EMA's and (sharded: FSDP2)
-    model's states are gathered as full FQN-keyed states, portable across FSDP/DDP and world sizes, with every
-    rank's RNG state; rank 0 writes atomically, sharded from build() (an unsharded copy on the meta device).
-    state: the rest of train_state.pt; with detail_meta, a DualExpert: its adapter goes to detail.safetensors."""
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    osd = get_optimizer_state_dict(model, opt, options=full)  # collectives under FSDP: every rank takes part
-    sd = get_model_state_dict(model, options=full) if sharded else None
-    ema_sd = None if ema is None else get_model_state_dict(ema, options=full) if sharded else ema.state_dict()
-    rngs = [rng_state()] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(rngs, rngs[0])
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        if sd is not None:
-            model = build()
-            model.load_state_dict(sd, assign=True)
-        with atomic_dir(step_dir(out, step)) as tmp:
-            if detail_meta is None:
-                save_transformer(model, os.path.join(tmp, "transformer"))
-            else:
-                model.save_semantic(os.path.join(tmp, "transformer"))
-                model.save_detail(os.path.join(tmp, "detail.safetensors"), detail_meta)
-            torch.save({**state, "step": step, "opt": osd, "ema": ema_sd, "rng": rngs},
-                       os.path.join(tmp, "train_state.pt"))
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump({**run_config, "step": step}, f, indent=2)
-            integrity.write_checksums(tmp)  # before the folder goes live: every live step folder has them
-    if dist.is_initialized():
-        dist.barrier()
+def resolve(path, what="checkpoint"):
+    """Any checkpoint path -> Source, verified once (integrity.verify unless --verify none): a train.py run folder
+    (its newest complete, intact step), a step folder, a diffusers transformer folder or a pipeline folder holding
+    transformer/, the authors' released layout (pipeline folder or its transformer/), or an original-format file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{what} {path} does not exist")
+    if os.path.isfile(path):
+        if os.path.basename(path) not in ORIGINAL_FORMATS:
+            raise CheckpointError(f"{what} {path}: a file that is no known checkpoint format "
+                                  f"(known: {sorted(ORIGINAL_FORMATS)}, or a folder)")
+        return Source(path, "original", path, path)
+    has_transformer = os.path.isdir(os.path.join(path, "transformer"))
+    if (steps := step_folders(path)) and not has_transformer:  # a run folder: its newest complete, intact step
+        if (step := latest_step(path)) is None:
+            raise CheckpointError(f"{what} {path}: none of its {len(steps)} step_* checkpoints is complete (the newest, "
+                                  f"{steps[-1]}, lacks {', '.join(step_missing(os.path.join(path, steps[-1])))})")
+        return resolve(step, what)
+    if is_run_config(path) and not has_transformer and not STEP.fullmatch(os.path.basename(os.path.normpath(path))):
+        raise CheckpointError(f"{what} {path}: no checkpoint yet in this run folder (no step_* folder)")
+    if STEP.fullmatch(os.path.basename(os.path.normpath(path))) or is_run_config(path):
+        if missing := step_missing(path):
+            raise CheckpointError(f"damaged or incomplete {what} {path}: {', '.join(missing)}")
+        run = checks.read_json(os.path.join(path, "config.json"), "run config")
+        lora = run.get("stage") == "detail" and not run.get("detail_full")
+        return Source(path, "step", path, os.path.join(path, "transformer"), run,
+                      os.path.join(path, "detail.safetensors") if lora else None)
+    for folder in (os.path.join(path, "transformer"), path):
+        if os.path.isfile(os.path.join(folder, "config.json")) and not is_run_config(folder):
+            return Source(path, "authors" if _authors_layout(folder) else "transformer", path, folder)
+    raise CheckpointError(f"{what} {path} is not a checkpoint: no step_* folders, train.py config.json or "
+                          "transformer config.json")

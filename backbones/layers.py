@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from parallel import sp_attention, sp_gather, sp_rows, sp_shard  # noqa: F401 - the backbones' sequence-parallel hooks
+from scale.parallel import sp_attention, sp_gather, sp_rows, sp_shard  # noqa: F401 - the backbones' sequence-parallel hooks
 
 
 def timestep_embedding(t, dim, flip_sin_to_cos=True, shift=0, max_period=10000):

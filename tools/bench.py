@@ -15,18 +15,20 @@ import json
 import os
 import statistics
 import sys
-import time
 from dataclasses import asdict
+
+if __name__ == "__main__":  # `python tools/bench.py` puts tools/ on sys.path, not the repo root of the library
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-import checks
-import data
 import experts
-import losses
 import model as M
 import solver
-from teacher import Teacher, embedded_guidance
+from teacher import Teacher
+from tools import bench_train, checks
+from tools.bench_train import compile_blocks, free, make_inputs, timed
 
 # --- settings: the shapes of DESIGN.md section 4 -------------------------------------------------
 # preset -> (batch, latent frames, latent H, latent W, text tokens); CogVideoX batch 2 = CFG
@@ -43,28 +45,7 @@ CPU_SHAPES = {
     "tiny-wan": (2, 3, 12, 16, 8),
 }
 TRAIN_SHAPE = (1, 8, 60, 90, 226)  # CogVideoX-2B, 29 frames 480x720 -> 11,026 tokens (paper's setting)
-TEXT_REAL = 60  # HunyuanVideo prompt tokens that are not padding (a typical prompt)
 WARMUP, REPEAT = 2, 5
-
-
-def make_inputs(cfg, shape, device, dtype, seed=0):
-    """Random latents, timesteps and conditioning for one forward; our keyword names."""
-    B, n_f, H, W, L = shape
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
-    x = rnd(B, cfg.in_channels, n_f, H, W)
-    cond = {"text": rnd(B, L, data.text_width(cfg))}
-    if isinstance(cfg, M.CogVideoXConfig):
-        t = torch.randint(0, 1000, (B,), generator=g).to(device).float()
-    elif isinstance(cfg, M.WanConfig):  # umT5 states only (padding rows are zeros in real data, attended to)
-        t = (torch.rand(B, generator=g) * 1000).to(device, dtype)
-    else:
-        t = (torch.rand(B, generator=g) * 1000).to(device, dtype)
-        mask = torch.zeros(B, L, dtype=torch.long)
-        mask[:, :min(TEXT_REAL, L)] = 1
-        cond.update(text_mask=mask.to(device), pooled=rnd(B, cfg.pooled_projection_dim),
-                    guidance=torch.full((B,), embedded_guidance(6.0), device=device, dtype=dtype))
-    return x, t, cond
 
 
 def diffusers_twin(ours, cfg, device, dtype):
@@ -102,23 +83,6 @@ def diffusers_call(ref, cfg, x, t, cond):
 
 
 # --- timing ----------------------------------------------------------------------------------------
-def timed(fn, device):
-    """Seconds of one call of fn (CUDA events on the GPU) and the peak memory it added, in GiB."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3, (torch.cuda.max_memory_allocated() - base) / 2**30, out
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, float("nan"), out
-
-
 def race(fns, device, warmup=WARMUP, repeat=REPEAT):
     """Median seconds and max added peak memory per named fn, calls alternating between them."""
     for _ in range(warmup):
@@ -203,24 +167,6 @@ def row_end_to_end(name, shape, device, dtype, kappa=None, steps=4):
             "student_s": s_student, "speedup": s_teacher / s_student, "lora_merged": True,
             "student_unmerged_s": s_unmerged, "speedup_unmerged": s_teacher / s_unmerged,
             "student_forwards": len(ks), "teacher_forwards": grid.N}
-
-
-def compile_blocks(model, backend="inductor"):
-    """torch.compile each transformer block (one compiled graph serves every block of a class); a DualExpert's
-    detail tree holds its own copies of the LoRA'd blocks: those too."""
-    # a training step calls a block class in up to ~8 guard variants (grad on/off x fp32 student / bf16 teacher x
-    # LoRA'd or plain): past the default recompile limit dynamo would quietly fall back to eager
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    trees = [model] + ([model.detail] if isinstance(model, experts.DualExpert) else [])
-    for block in {id(b): b for tree in trees for b in tree.modules() if type(b).__name__.endswith("Block")}.values():
-        block.compile(backend=backend)
-
-
-def free(device):
-    """Drop the last row's models before the next row's peak is read."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def row_fused_projections(device, dtype):
@@ -322,7 +268,6 @@ def main(argv=None):
         if gpu:
             torch.cuda.empty_cache()
     for stage in [s for s in ("semantic", "detail") if {"semantic": "train", "detail": "detail"}[s] in rows]:
-        import bench_train  # its races build on this file's helpers
         free(device)  # the models of the rows above must be gone before a training step's peak is read
         r = bench_train.row_train(small[0], stage, small[2], device, peak, args.compile, args.compile_backend,
                                   args.warmup, args.repeat, disc_hidden=1024 if gpu else 32)
@@ -363,7 +308,6 @@ def table(result):
         lines += [f"| {r['case']} | {r['separate_ms']:.3f} | {r['fused_ms']:.3f} | {r['saving_ms_per_forward']:.1f} |"
                   for r in result["fuse"]]
     if result.get("train_race"):
-        import bench_train
         lines += bench_train.table_lines(result)
     for key in ("train", "train_compiled"):  # the single-sided training row of earlier results (bench_h100.json)
         r = result.get(key)

@@ -1,4 +1,4 @@
-"""Input checks shared by train.py, sample.py and bench.py: each turns a bad flag or file into one InputError
+"""Input checks shared by train.py, sample.py, data.py and tools/bench.py: each turns a bad flag or file into one InputError
 naming it, before any expensive work starts (a traceback or a silently wrong result is a bug).
 
     device("cuda")                -> torch.device, or "--device cuda: torch has no CUDA here"
@@ -166,40 +166,6 @@ def config_diff(a, b):
         return [f"{type(a).__name__} != {type(b).__name__}"]
     da, db = asdict(a), asdict(b)
     return [f"{k} {da[k]!r} != {db[k]!r}" for k in da if da[k] != db[k]]
-
-
-def train_sources(args, cfg):
-    """--teacher / --init step folders must be intact (integrity.py); --init must be the teacher's architecture, and
-    for --stage detail a semantic-stage checkpoint: checked before any weights are loaded or anything is written."""
-    import sys
-
-    import checkpoint
-    if args.dry_run:  # a dry run plans on the meta device, --init may not exist here
-        return
-    for path in (args.teacher, args.init):  # step folders: complete, checksums intact (also under --fsdp)
-        if path:
-            checkpoint.check_step(path)
-    if not args.init:
-        return
-    icfg = checkpoint.read_config(args.init)
-    if diff := config_diff(icfg, cfg):
-        raise InputError(f"--init {args.init} is another architecture than the model ({args.teacher or args.config}): "
-                         + "; ".join(diff[:6]))
-    run = {}
-    for folder in (args.init, os.path.dirname(os.path.normpath(args.init))):  # a step folder or a run folder
-        if os.path.isdir(folder) and checkpoint.is_run_config(folder):
-            run = read_json(os.path.join(folder, "config.json"), "run config")
-            break
-    stage = run.get("stage")
-    if args.stage == "detail" and stage not in ("semantic", "detail", None):
-        raise InputError(f"--init {args.init} is a {stage}-stage checkpoint; --stage detail builds on the semantic "
-                         "expert (train it first: --stage semantic --teacher ...)")
-    if args.stage == "detail" and stage is None:
-        print(f"warning: --init {args.init} records no training stage; it is taken as the semantic expert",
-              file=sys.stderr)
-    if args.stage == "detail" and stage == "detail":
-        print(f"warning: --init {args.init} is a detail-stage checkpoint: its frozen semantic backbone is used, "
-              "its adapter is not", file=sys.stderr)
 
 
 def finite_model(model, where):

@@ -1,0 +1,57 @@
+"""Every way a student leaves the project (one command, one subcommand per format).
+
+    python export.py authors --ckpt out/detail --out DCM_MINE/transformer [--dtype bf16]
+
+authors: a LoRA detail expert trained here (`--lora-targets authors`, HunyuanVideo or Wan) -> the authors' released
+single-file layout (storage/released.py, DESIGN sec. 7), which their inference scripts and our sample.py load.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+import experts
+import solver
+from storage import checkpoint, released
+
+
+def authors(args):
+    """A train.py detail run / step folder -> the authors' layout."""
+    src = checkpoint.resolve(args.ckpt, "--ckpt")
+    adapter = args.detail or src.detail
+    if src.kind != "step" or not adapter or not os.path.isfile(adapter):
+        raise released.ReleasedError(f"--ckpt {args.ckpt}: not a LoRA detail-stage run or step folder (no detail adapter"
+                                     f"{'' if not adapter else ' ' + adapter})")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "keep": None}[args.dtype]
+    expert = experts.DualExpert.from_detail(checkpoint.load_transformer(src.weights), adapter)
+    grid = solver.flow_grid(50, 17.0)  # the authors' distillation grid for both released students
+    if expert.arch in released.LAYOUTS and (bad := released.routing_disagreements(expert, grid)):
+        print(f"warning: their scripts route int(t) <= {released.LAYOUTS[expert.arch]['threshold']} to the detail "
+              f"expert; this expert's boundary_t {expert.boundary_t:.3f} differs at grid t {bad}", file=sys.stderr)
+    released.export_released(expert, args.out, dtype)
+    c = expert.param_counts()
+    print(f"{src.folder} -> {args.out}: {expert.arch}, {len(expert.lora_names)} LoRA linears (r {expert.rank}, "
+          f"alpha {expert.alpha:g}), adapter {c['adapter'] / 1e6:.2f} M params")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("authors", help="a detail expert trained here -> the authors' single-file layout")
+    e.add_argument("--ckpt", required=True, help="train.py detail run or step folder")
+    e.add_argument("--detail", help="adapter file (default: the step's detail.safetensors)")
+    e.add_argument("--out", required=True, help="output transformer/ folder")
+    e.add_argument("--dtype", default="keep", choices=("keep", "fp32", "bf16"), help="their release is bf16")
+    args = p.parse_args(argv)
+    try:
+        {"authors": authors}[args.cmd](args)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("DCM_TRACEBACK"):
+            raise
+        print(f"error: {'; '.join(ln.strip() for ln in str(err).splitlines() if ln.strip())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Sampling with a trained student or the teacher: the library behind sample.py, eval.py, tools/monitor.py, toy/.
+
+    model, info = load_student("out/detail")            # any checkpoint path (storage/checkpoint.resolve)
+    t, alpha, sigma, ks = points(info, steps=4)         # the student's schedule (paper supp. 6)
+    x = student_sample(model, noise, cond, info["grid"], info["boundaries"], 4)
+
+Students (paper supp. 6): steps split evenly between the phases (points: or by phase length, or grid indices),
+uniform inside each (solver.student_schedule), one model call and Euler/DDIM jump per point, the last to the clean end;
+no CFG, HunyuanVideo's embedded guidance still passed (the teacher's value: teacher.embedded_guidance).
+The dual expert routes t <= boundary_t to its detail path (experts.DualExpert); two separately trained experts
+(ablation OD) are `Routed`; single students (vcm, pcm, semantic-only) use the run's phases. The authors' released
+students (storage/released.py) sample with the authors' schedules and routing (DESIGN sec. 7).
+"""
+import os
+import sys
+
+import torch
+
+import data
+import experts
+import model as models
+import solver
+from storage import checkpoint, released
+from teacher import Teacher, embedded_guidance
+from tools import checks
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RELEASED = ("cogvideox-2b", "cogvideox-5b", "hunyuan-video", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
+HUNYUAN_LATENT = (9, 68, 120)  # HunyuanVideo's 33 x 544 x 960 clips through its 4x8x8 VAE (its config has no size)
+WAN_LATENT = (21, 60, 104)  # Wan2.1's 81 x 480 x 832 clips through its 4x8x8 VAE (the authors' distillation size)
+
+
+class SampleError(checks.InputError):
+    """Bad input to sampling; the command lines print it as one `error:` line."""
+
+
+def make_grid(cfg, kind, run, n=None, shift=None):
+    """The teacher grid the run distilled on (its config.json), else the architecture's default (N=50, shift 17)."""
+    n = n or run.get("grid_steps", 50)
+    grid = solver.flow_grid(n, shift or run.get("shift", 17.0)) if kind == "flow" else solver.grid_for(cfg, n)
+    stored = run.get("grid")
+    if stored and stored["N"] == n and shift is None and not torch.equal(grid.t, torch.tensor(stored["t"], dtype=torch.float64)):
+        raise SampleError("the grid stored in the checkpoint's config.json differs from the one rebuilt from its settings")
+    return grid
+
+
+class Routed(torch.nn.Module):
+    """Two separately trained experts (ablation OD): t <= boundary_t -> detail, else semantic; one expert per batch."""
+
+    def __init__(self, semantic, detail, boundary_t):
+        super().__init__()
+        self.semantic, self.detail, self.boundary_t, self.config = semantic, detail, float(boundary_t), semantic.config
+
+    def forward(self, x, t, **cond):
+        m = t <= torch.tensor(self.boundary_t, dtype=t.dtype, device=t.device)
+        if bool(m.any()) != bool(m.all()):
+            raise ValueError("Routed experts need all t of a batch on one side of boundary_t")
+        return (self.detail if bool(m[0]) else self.semantic)(x, t, **cond)
+
+
+def _released(src, detail, teacher, steps, dtype, device):
+    """The authors' single-file layout: their routing and schedule."""
+    if detail or teacher or steps:
+        raise SampleError(f"{src.weights}: the authors' student holds its detail expert and samples their schedule; "
+                          "change it with --timesteps / --sigmas, not --detail / --teacher / --steps")
+    m, r = released.load_released(src, dtype, device)
+    m.eval().requires_grad_(False)
+    return m, {"mode": "released", "cfg": m.config, "run": {}, "grid": solver.flow_grid(), "boundaries": [],
+               "boundary_t": m.boundary_t, "folder": r["folder"], "pixel_space": False, "schedule": r["schedule"],
+               "threshold": r["threshold"]}
+
+
+def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=False, steps=None, shift=None):
+    """(model, info); info: mode (teacher|dual|od|vcm|pcm|semantic|released), cfg, run, grid, boundaries, boundary_t, ..."""
+    src = checkpoint.resolve(path)  # the one resolver: what the path is, verified once
+    if src.kind == "authors":
+        return _released(src, detail, teacher, steps, dtype, device)
+    run = src.run or {}
+    stage = run.get("stage")
+    if teacher or stage == "teacher":
+        mode = "teacher"
+    elif detail or stage == "detail":
+        mode = "od" if not detail and run.get("detail_full") else "dual"
+    elif stage in ("vcm", "pcm", "semantic"):
+        mode = stage
+    else:
+        raise SampleError(f"{path} is a plain backbone: pass --teacher (N-step sampling with guidance) or --detail ADAPTER")
+    m = checks.finite_model(checks.named(checkpoint.load_transformer, src.weights, src.weights, dtype=dtype,
+                                         device=device), src.weights)
+    teaching = mode == "teacher"  # students keep the grid they were distilled on: --steps/--shift are the teacher's
+    grid = make_grid(m.config, m.prediction, run, steps if teaching else None, shift if teaching else None)
+    boundaries, bt = [] if mode == "teacher" else run.get("boundaries"), None
+    if mode == "dual":
+        file = detail or src.detail or os.path.join(src.folder, "detail.safetensors")
+        if not os.path.isfile(file):
+            raise SampleError(f"detail adapter {file} does not exist")
+        m = checks.finite_model(checks.named(experts.DualExpert.from_detail, f"detail adapter {file}", m, file), file)
+        bt, kappa = m.boundary_t, experts.DualExpert.read_detail_meta(file).get("kappa")
+        t32, bt32 = grid.t.float(), torch.tensor(bt).float()
+        if kappa is None:  # an adapter saved without kappa: its boundary_t must be a grid point
+            kappa = int(hits[0]) - 1 if len(hits := (t32 == bt32).nonzero()) else -1
+        if not 0 <= kappa <= grid.N - 2 or t32[kappa + 1] != bt32:
+            raise SampleError(f"{file}: boundary_t {bt} is not the grid's t at kappa {kappa} ({grid.kind} grid, N={grid.N})")
+        boundaries = [kappa]
+    elif mode == "od":
+        if not run.get("init") or not os.path.exists(run["init"]):
+            raise SampleError(f"{src.folder}: ablation-OD detail expert, its semantic expert (--init {run.get('init')!r}) "
+                              "is missing")
+        bt = solver.boundary_t(grid, run["kappa"])
+        semantic = checkpoint.resolve(run["init"], "the OD run's semantic expert").weights
+        m = Routed(checkpoint.load_transformer(semantic, dtype=dtype, device=device), m, bt)
+    elif mode == "semantic":
+        print("warning: a semantic-expert checkpoint (no detail adapter): it runs the detail-phase steps too", file=sys.stderr)
+    m.eval().requires_grad_(False)
+    pixel = bool(run.get("pixel_space")) or (run.get("data_manifest") or {}).get("model") == "toy" \
+        or (m.config.out_channels or m.config.in_channels) == 3
+    return m, {"mode": mode, "cfg": m.config, "run": run, "grid": grid, "boundaries": boundaries, "boundary_t": bt,
+               "folder": src.folder, "pixel_space": pixel}
+
+
+def points(info, steps=None, sched_points="even", sigmas=None, timesteps=None):
+    """(t, alpha, sigma, grid indices or None, the custom schedule or None) of a sample run: a custom schedule (--sigmas / --timesteps, or the
+    authors' for their students), else the teacher's whole grid or the student's few-step schedule."""
+    grid, cfg = info["grid"], info["cfg"]
+    custom = {k: v for k, v in (("sigmas", sigmas), ("timesteps", timesteps)) if v}
+    custom = custom or dict([info["schedule"]] if info.get("schedule") else [])
+    if custom:  # flow: t = 1000 sigma, any points; CogVideoX: integer timesteps of its 1000-step schedule
+        fine = grid if grid.kind == "flow" else solver.grid_for(cfg, solver.T_TRAIN)
+        try:
+            return (*solver.custom_points(fine, **custom), None, custom)
+        except ValueError as e:
+            raise SampleError(f"--{next(iter(custom))}: {e}") from None
+    ks = (list(range(grid.N - 1, -1, -1)) if info["mode"] == "teacher"
+          else solver.student_schedule(grid, info["boundaries"], steps or 4, sched_points))
+    return (*solver.sample_points(grid, ks), ks, None)
+
+
+def expert_names(info, t):
+    """The expert at each model-native t: the dual expert's rule t <= boundary_t, compared in float32."""
+    if info["boundary_t"] is None:
+        return [info["mode"] if info["mode"] in ("teacher", "semantic") else "student"] * len(t)
+    bt = torch.tensor(info["boundary_t"], dtype=torch.float32)
+    return ["detail" if tt <= bt else "semantic" for tt in torch.as_tensor(t).float()]
+
+
+def _cast(cond, dtype):
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+
+
+def model_fn(model, cond, guidance=6.0):
+    """model_fn(x, t) for solver.sample: the model in its dtype, the teacher's embedded guidance where it takes one."""
+    dtype = next(model.parameters()).dtype
+    cond = _cast(cond, dtype)
+
+    def fn(x, t):
+        g = {"guidance": torch.full(t.shape, embedded_guidance(guidance), device=x.device, dtype=dtype)} \
+            if getattr(model.config, "guidance_embeds", False) else {}
+        return model(x.to(dtype), t, **cond, **g).float()
+    return fn
+
+
+@torch.no_grad()
+def student_sample(model, x, cond, grid, boundaries, steps, guidance=6.0, callback=None, points="even"):
+    """Few-step student sample from noise x (paper supp. 6; points: solver.student_schedule's); float32 latents."""
+    t, alpha, sigma = solver.sample_points(grid, solver.student_schedule(grid, boundaries, steps, points))
+    return solver.sample(model_fn(model, cond, guidance), x.float(), t, alpha, sigma, grid.kind, callback, progress=False)
+
+
+@torch.no_grad()
+def teacher_sample(model, x, cond, grid, guidance=6.0, uncond=None, callback=None):
+    """The teacher's N-step sample with its guidance (Teacher.sample); float32 latents."""
+    return Teacher(model, grid, guidance, uncond).sample(x.float(), cond, progress=False, callback=callback)
+
+
+@torch.no_grad()
+def generate(model, info, noise, cond, pts, guidance=6.0, uncond=None, batch_size=None, device="cpu", progress=True):
+    """(latents [n, C, F, H, W] float32 on the cpu, seconds of each step summed over the batches) from noise: the
+    student's jumps on pts = (t, alpha, sigma) (points()), or the teacher's N-step guided solve; batch_size at a time."""
+    import time
+
+    from tqdm.auto import tqdm
+    (t, alpha, sigma), n, bs = pts, len(noise), batch_size or len(noise)
+    secs, outs, clock = [0.0] * (len(t) - 1), [], [time.perf_counter()]
+    bar = tqdm(total=len(secs) * -(-n // bs), desc="steps", unit="step", disable=not progress)
+
+    def timer(i, x_next, x0):  # seconds of step i, summed over the batches
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        secs[i] += time.perf_counter() - clock[-1]
+        clock.append(time.perf_counter())
+        bar.update()
+    for b0 in range(0, n, bs):
+        x, c = noise[b0:b0 + bs].to(device), {k: v[b0:b0 + bs].to(device) for k, v in cond.items()}
+        clock.append(time.perf_counter())
+        if info["mode"] == "teacher":
+            outs.append(teacher_sample(model, x, c, info["grid"], guidance, uncond, timer).cpu())
+        else:
+            outs.append(solver.sample(model_fn(model, c, guidance), x.float(), t, alpha, sigma, info["grid"].kind, timer,
+                                      progress=False).cpu())
+    bar.close()
+    return torch.cat(outs), secs
+
+
+def model_name(cfg):
+    """The released preset this config equals, else a video_io model name of its family (it picks the VAE)."""
+    name = next((n for n in RELEASED if models.PRESETS.get(n) == cfg), None)
+    family = type(cfg).__name__
+    return name or ("hunyuan-video" if "Hunyuan" in family else "wan2.1-t2v-1.3b" if "Wan" in family else "cogvideox-2b")
+
+
+def get_cond(path, info, n, what="cond"):
+    """Conditioning for n samples: a data.load_cond file (batch 1 or n), else the dataset's uncond or zeros."""
+    cfg, run, pooled = info["cfg"], info["run"], getattr(info["cfg"], "pooled_projection_dim", None)
+    if not path and run.get("data") and os.path.isfile(os.path.join(run["data"], "uncond.safetensors")):
+        path = os.path.join(run["data"], "uncond.safetensors")
+        print(f"warning: no --{what}: using the unconditional conditioning of the run's dataset ({path})", file=sys.stderr)
+    elif not path and any(models.PRESETS.get(r) == cfg for r in RELEASED):
+        raise SampleError(f"--{what} FILE is required for {model_name(cfg)} (make one: python data.py encode-prompts "
+                          "--model NAME --weights WEIGHTS --prompts prompts.txt --out FILE)")
+    elif not path:
+        print(f"warning: no --{what}: sampling with all-zero conditioning", file=sys.stderr)
+    if path:
+        cond = data.load_cond(path)
+    else:  # text tokens: CogVideoX's fixed T5 length, HunyuanVideo's 256 Llama tokens, Wan's 512 umT5 tokens
+        n_text = getattr(cfg, "max_text_seq_length", 512 if isinstance(cfg, models.WanConfig) else 256)
+        cond = {"text": torch.zeros(1, n_text, data.text_width(cfg))}
+        cond.update({"pooled": torch.zeros(1, pooled)} if pooled else {})
+    data.check_fits(cfg, cond, where=path or "all-zero conditioning")
+    checks.finite(cond, f"--{what} {path}")
+    if (b := cond["text"].shape[0]) not in (1, n):
+        raise SampleError(f"{path}: conditioning batch {b} must be 1 or --num {n}")
+    return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+
+
+def latent_size(info, frames=None, height=None, width=None):
+    """(F, H, W) of the latents: the arguments, else the run's data, else the model config; checked against the patch."""
+    cfg, shape = info["cfg"], (info["run"].get("data_manifest") or {}).get("latent_shape")
+    if shape:
+        default = shape[1:]
+    elif hasattr(cfg, "sample_frames"):
+        default = ((cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1, cfg.sample_height, cfg.sample_width)
+    else:
+        default = WAN_LATENT if isinstance(cfg, models.WanConfig) else HUNYUAN_LATENT
+    f, h, w = (a if a is not None else d for a, d in zip((frames, height, width), default))
+    data.check_fits(cfg, latent_shape=(cfg.in_channels, f, h, w),
+                    where=f"latent size --frames {f} --height {h} --width {w}")
+    return f, h, w
+
+
+def read_latents(path):
+    """(latents [n, C, F, H, W], metadata) of a latents.safetensors written by sample.py."""
+    import json
+
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise SampleError(f"latents file {path} does not exist")
+    with safe_open(path, framework="pt") as f:
+        if "latents" not in f.keys():
+            raise SampleError(f"{path} holds no 'latents' tensor (keys: {sorted(f.keys())})")
+        return f.get_tensor("latents"), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}

@@ -1,0 +1,117 @@
+"""Saving and resuming a train.py run (DESIGN sec. 9): the step folder written from every rank (storage/checkpoint.py
+holds its layout), the newest intact one found again, and the run's settings compared before going on from it."""
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+from storage import integrity
+from storage.checkpoint import RESUMABLE, atomic_dir, save_transformer, step_dir, step_folders, step_missing
+
+# run settings a resumed run must share with its checkpoint: the state's shape (never overridable) and
+# what the run trains on and towards (--resume-anyway goes on with the new values)
+RESUME_SHAPE = ("stage", "detail_full", "grid_steps", "shift", "lora_rank", "lora_targets", "disc_hidden", "boundaries")
+RESUME_RUN = ("teacher", "init", "data", "batch_size", "grad_accum", "seed", "w_tc", "w_gan", "w_fm", "loss",
+              "target_ema", "guidance", "cond_drop")
+
+
+def same_run(ckpt, old, settings, anyway=False):
+    """Refuse to go on from a checkpoint saved with other RESUME_SHAPE settings, or other RESUME_RUN ones unless
+    `anyway` (then a warning); settings: this run's config values (paths absolute)."""
+    differ = lambda keys: [f"{k}={old.get(k)!r} (now {settings.get(k)!r})" for k in keys  # noqa: E731
+                           if k in settings and old.get(k) != settings[k]]
+    if bad := differ(RESUME_SHAPE):
+        raise ValueError(f"{ckpt} was saved with {', '.join(bad)}: its state cannot go on in this run")
+    if (bad := differ(RESUME_RUN)) and not anyway:
+        raise ValueError(f"--resume: {ckpt} was saved with {', '.join(bad)}; use the same flags, another --out, "
+                         "or --resume-anyway to go on with the new values")
+    for b in bad:
+        print(f"warning: --resume-anyway: {ckpt} was saved with {b}", file=sys.stderr)
+
+
+def resume_from(out, settings, anyway=False):
+    """(newest complete, intact step folder, its train_state) to go on from, or (None, None) in a run without step
+    folders; newer damaged ones are skipped and named. `settings`: checked by same_run."""
+    names = step_folders(out)
+    for name in reversed(names):
+        ckpt = os.path.join(out, name)
+        bad = step_missing(ckpt, RESUMABLE)
+        try:  # mmap: ranks read only the pages they use of the full optimizer state
+            if not bad:
+                state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False, mmap=True)
+                with open(os.path.join(ckpt, "config.json")) as f:
+                    old = json.load(f)
+        except Exception as e:  # noqa: BLE001 - garbage bytes fail the unpickler in many ways
+            bad = [f"train_state.pt or config.json (unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__})"]
+        if bad:
+            print(f"skipping incomplete or damaged checkpoint {ckpt}: {', '.join(bad)}", file=sys.stderr)
+            continue
+        same_run(ckpt, old, settings, anyway)
+        return ckpt, state
+    if names:
+        raise ValueError(f"--resume: no complete checkpoint in {out} (all {len(names)} are incomplete or damaged)")
+    return None, None
+
+
+def open_run(out, resume, settings, anyway=False, main=True):
+    """Start the run in `out` (refusing to mix with one already there) or go on from its newest intact checkpoint
+    (resume_from) -> (step folder, train_state) or (None, None); `main` (rank 0) removes leftovers and reports."""
+    if not resume and step_folders(out):
+        raise ValueError(f"{out} already holds checkpoints: pass --resume or choose another --out")
+    if main:
+        integrity.clean_tmp(out)
+    ckpt, state = resume_from(out, settings, anyway) if resume else (None, None)
+    if resume and main:
+        print(f"resuming from {ckpt} (step {state['step']})" if ckpt else f"--resume: no checkpoint in {out}, "
+              "starting at step 0")
+    return ckpt, state
+
+
+def rng_state():
+    """Every RNG a training process draws from (python, numpy, torch, CUDA), for train_state.pt."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False, build=None, detail_meta=None):
+    """Write step_dir(out, step) (layout above); call it on every rank. The optimizer's, EMA's and (sharded: FSDP2)
+    model's states are gathered as full FQN-keyed states, portable across FSDP/DDP and world sizes, with every
+    rank's RNG state; rank 0 writes atomically, sharded from build() (an unsharded copy on the meta device).
+    state: the rest of train_state.pt; with detail_meta, a DualExpert: its adapter goes to detail.safetensors."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    osd = get_optimizer_state_dict(model, opt, options=full)  # collectives under FSDP: every rank takes part
+    sd = get_model_state_dict(model, options=full) if sharded else None
+    ema_sd = None if ema is None else get_model_state_dict(ema, options=full) if sharded else ema.state_dict()
+    rngs = [rng_state()] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rngs[0])
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if sd is not None:
+            model = build()
+            model.load_state_dict(sd, assign=True)
+        with atomic_dir(step_dir(out, step)) as tmp:
+            if detail_meta is None:
+                save_transformer(model, os.path.join(tmp, "transformer"))
+            else:
+                model.save_semantic(os.path.join(tmp, "transformer"))
+                model.save_detail(os.path.join(tmp, "detail.safetensors"), detail_meta)
+            torch.save({**state, "step": step, "opt": osd, "ema": ema_sd, "rng": rngs},
+                       os.path.join(tmp, "train_state.pt"))
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump({**run_config, "step": step}, f, indent=2)
+            integrity.write_checksums(tmp)  # before the folder goes live: every live step folder has them
+    if dist.is_initialized():
+        dist.barrier()

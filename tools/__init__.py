@@ -1,0 +1,1 @@
+"""Supporting tools: input checks, training monitor and plots, speed benchmarks."""
