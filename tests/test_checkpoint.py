@@ -218,3 +218,42 @@ def test_rng_state_round_trip():
     resume.set_rng_state(s)
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+def test_resolve_tells_every_kind_of_path_apart(tmp_path):
+    """checkpoint.resolve: run folder -> its newest complete step; step folder (its run config and adapter);
+    transformer and pipeline folders; the authors' layout (by its PEFT keys); original files; and what is none."""
+    m = tiny("tiny-cogvideox")
+    run = {"stage": "detail", "model_config": M.config_to_dict(m.config)}
+    for step in ("step_0000001", "step_0000002"):
+        checkpoint.save_transformer(m, tmp_path / "run" / step / "transformer")
+        (tmp_path / "run" / step / "config.json").write_text(json.dumps(run))
+        save_file({"x": torch.zeros(1)}, tmp_path / "run" / step / "detail.safetensors")
+    (tmp_path / "run" / "config.json").write_text(json.dumps(run))
+    (tmp_path / "run" / "step_0000003").mkdir()  # newer and incomplete: skipped
+    src = checkpoint.resolve(tmp_path / "run")
+    assert (src.kind, src.folder, src.weights, src.run["stage"], src.detail) == (
+        "step", str(tmp_path / "run" / "step_0000002"), str(tmp_path / "run" / "step_0000002" / "transformer"),
+        "detail", str(tmp_path / "run" / "step_0000002" / "detail.safetensors"))
+    assert checkpoint.resolve(tmp_path / "run" / "step_0000001").folder == str(tmp_path / "run" / "step_0000001")
+    pipe = tmp_path / "pipe"
+    checkpoint.save_transformer(m, pipe / "transformer")
+    assert [(s.kind, s.weights) for s in map(checkpoint.resolve, (pipe, pipe / "transformer"))] == [
+        ("transformer", str(pipe / "transformer")), ("transformer", str(pipe / "transformer"))]
+    sd = {k.replace("to_q.weight", "to_q.lora_A.lora1.weight") if "to_q.weight" in k else k: v
+          for k, v in m.state_dict().items()}  # the authors' adapter keys (storage/released.py reads the rest)
+    (tmp_path / "authors" / "transformer").mkdir(parents=True)
+    save_file(sd, tmp_path / "authors" / "transformer" / checkpoint.WEIGHTS)
+    shutil.copy(pipe / "transformer" / "config.json", tmp_path / "authors" / "transformer" / "config.json")
+    assert checkpoint.resolve(tmp_path / "authors").kind == "authors"
+    (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"")
+    assert checkpoint.resolve(tmp_path / "mp_rank_00_model_states.pt").kind == "original"
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "config.json").write_text(json.dumps(run))  # a run before its first save
+    for path, want in ((tmp_path / "fresh", "no checkpoint yet in this run folder"), (tmp_path / "nope", "does not exist"),
+                       (tmp_path / "run" / "step_0000003", "damaged or incomplete"),
+                       (tmp_path / "w.bin", "no known checkpoint format")):
+        if path.name == "w.bin":
+            path.write_bytes(b"")
+        with pytest.raises(checkpoint.CheckpointError, match=want):
+            checkpoint.resolve(path)
