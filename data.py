@@ -223,7 +223,7 @@ def load_cond(path):
 
 # ------------------------------------------------------------------------------------------------------
 # Filling a dataset from real videos: `python data.py encode ...` and `python data.py encode-prompts ...`.
-# The VAE/text-encoder work lives in video_io.py (optional packages: pip install -r requirements-video.txt).
+# The VAE/text-encoder work lives in storage/video_io.py (optional packages: pip install -r requirements-video.txt).
 
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

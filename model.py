@@ -1,10 +1,10 @@
 """Video diffusion transformers (CogVideoX, HunyuanVideo, Wan2.1) in plain PyTorch: the config registry, the presets
-and `build_transformer`. The architectures are one file each (cogvideox.py, hunyuan_video.py, wan.py) on the shared
-layers of layers.py; each declares its `ARCHITECTURE` and `PRESETS`, which this file registers.
+and `build_transformer`. The architectures are one file each (backbones/cogvideox.py, hunyuan_video.py, wan.py) on the
+shared layers of backbones/layers.py; each declares its `ARCHITECTURE` and `PRESETS`, which this file registers.
 `model.CogVideoXTransformer` etc. resolve to the architecture files.
 
 Module and parameter names equal diffusers' state-dict keys, so a diffusers `transformer/` folder
-loads 1:1 (see checkpoint.py). Public call: `model(x [B,C,F,H,W], t [B], text=...) -> [B,C,F,H,W]`.
+loads 1:1 (see storage/checkpoint.py). Public call: `model(x [B,C,F,H,W], t [B], text=...) -> [B,C,F,H,W]`.
 Positional tables and sinusoids are computed in fp32/fp64 for the actual latent size (never stored in the
 state dict; the tables are cached per size, device and dtype: layers.cached_table); attention runs in the input
 dtype through SDPA.

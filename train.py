@@ -232,7 +232,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
     ckpt, state = resume.open_run(out, args.resume, vars(args) | paths | {"boundaries": boundaries},
                                       args.resume_anyway, rank == 0)
 
-    # --- models: the same init seed on every rank; --fsdp: meta build, each rank reads its own shards (fsdp.py)
+    # --- models: the same init seed on every rank; --fsdp: meta build, each rank reads its own shards (scale/fsdp.py)
     torch.manual_seed(args.seed)
     tdtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.fsdp:  # FSDP2 per block + root, the EMA and the frozen teacher sharded too
@@ -365,7 +365,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
     stream = data.batches(ds, sampler, B, epoch, pos)
     nan_at = int(os.environ.get("DCM_TRAIN_NAN_AT_STEP", -1))  # test hook: poison the loss of this step
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc=args.stage, mininterval=2)
-    while mon(step, student) < args.max_steps:  # validation samples / TensorBoard between steps (monitor.py)
+    while mon(step, student) < args.max_steps:  # validation samples / TensorBoard between steps (tools/monitor.py)
         # per-term gradient norms at the output on probe steps; not under FSDP, whose resharded teacher the GAN terms'
         # extra backward would need gathered again
         t0, sums = time.time(), {}

@@ -2,9 +2,9 @@
 teacher, and the DCM training steps against the same steps built on diffusers' model (bench_train.py).
 Prints a table and writes JSON.
 
-    python bench.py --compile            # GPU: real sizes, random bf16 weights, eager and compiled rows
-    python bench.py --device cpu         # tiny presets: the ours/diffusers ratio, smoke runs of the rest
-    python bench.py --rows forward,train,detail --compile
+    python tools/bench.py --compile            # GPU: real sizes, random bf16 weights, eager and compiled rows
+    python tools/bench.py --device cpu         # tiny presets: the ours/diffusers ratio, smoke runs of the rest
+    python tools/bench.py --rows forward,train,detail --compile
 
 diffusers is the reference we race, so it is needed here (and in the tests), never in the library.
 """

@@ -1,7 +1,7 @@
 """Curves of one or several train.py runs into PNGs: compare two runs with one command.
 
-    python plot.py out/sem                            # -> out/sem/plots/
-    python plot.py runs/dcm runs/pcm --out cmp/       # one line per run in every panel
+    python tools/plot.py out/sem                            # -> out/sem/plots/
+    python tools/plot.py runs/dcm runs/pcm --out cmp/       # one line per run in every panel
 
 Reads each RUN's log.jsonl and probes.jsonl (train.py writes both) and draws
   losses.png  every logged loss term (the total, cd, tc, gan_g, fm, d, diffusion), one panel each;

@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 
-from tools import plot  # the repo's plot.py (toy/run.py puts the repo root on sys.path)
+from tools import plot  # tools/plot.py (toy/run.py puts the repo root on sys.path)
 from toy import bench
 from toy.figures import fig5, fig10, fig_curves, fig_train, sample_gif
 
@@ -150,7 +150,7 @@ def write(out, s, models, gif, run_dirs):
     res, params, kap, sig = s["results"], s["param_counts"], s["kappa"], s["grid_sigma"]
     fig10(os.path.join(out, "fig10_x0_change.png"), s["fig10_l1"], kap, N, S["kappa_q"], s["kappa_checks"])
     probes = plot.read_run(run_dirs["vcm_s0"])["probes"]
-    if probes:  # paper Fig. 2, drawn by plot.py as for any run
+    if probes:  # paper Fig. 2, drawn by tools/plot.py as for any run
         plot.probe_curves(os.path.join(out, "fig2_probes.png"), [{"probes": probes}], ["VCM"])
     curves = {k: run_dirs[f"{k}_s0"] for k in ("vcm", "pcm", "sem_tc", "dcm")}
     plot.loss_curves(os.path.join(out, "train_losses.png"), [plot.read_run(d) for d in curves.values()], list(curves))
@@ -291,9 +291,9 @@ def write(out, s, models, gif, run_dirs):
                  f"grad norm high {np.mean([r['high_grad_norm'] for r in probes]):.4g} / low "
                  f"{np.mean([r['low_grad_norm'] for r in probes]):.4g} (last probe, step {h['step']}: loss "
                  f"{h['high_loss']:.4g} / {h['low_loss']:.4g}).\n")
-    L.append("## Training curves (plot.py)\n")
+    L.append("## Training curves (tools/plot.py)\n")
     L.append("![losses](train_losses.png)\n\nEvery loss term of the VCM, PCM, semantic (+TC) and DCM detail runs of "
-             f"training seed 0, drawn by `python plot.py {' '.join(os.path.relpath(d, out) for d in curves.values())}` "
+             f"training seed 0, drawn by `python tools/plot.py {' '.join(os.path.relpath(d, out) for d in curves.values())}` "
              "(which also draws the probes and the learning-rate / gradient-norm curves).\n")
     val = os.path.join(run_dirs["dcm_s0"], "samples")
     vsteps = sorted(os.listdir(val)) if os.path.isdir(val) else []
