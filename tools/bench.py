@@ -280,7 +280,7 @@ def main(argv=None):
 
 
 def table(result):
-    """Markdown table of a bench result (the README's copy is regenerated from this)."""
+    """Markdown table of a bench result (docs/speed.md's copy is regenerated from this)."""
     i = result["info"]
     ceiling = i.get("bf16_matmul_tflops")
     mfu = lambda d: f"{d['mfu']:.2f}" if d.get("mfu") is not None else "n/a"  # noqa: E731
