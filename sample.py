@@ -1,5 +1,4 @@
-"""Few-step generation with the trained students, the teacher's N-step reference, and video files out
-(the command line; the sampler, loading and routing are sampling.py's).
+"""Few-step generation with students, the teacher's N-step reference, video files out (the command line of sampling.py).
 
     python sample.py --ckpt out/detail                   # newest complete step of a train.py run
     python sample.py --ckpt out/detail/step_0001000 --steps 4 --num 4 --cond prompts.safetensors
@@ -133,7 +132,8 @@ def main(argv=None):
                 contextlib.redirect_stdout(sys.stdout if parallel.lead() else null):
             return main(argv)
     if args.latents:
-        x, meta = checks.named(sampling.read_latents, f"--latents {args.latents}", args.latents)
+        with checks.naming(f"--latents {args.latents}"):
+            x, meta = sampling.read_latents(args.latents)
         return {"latents": x, "videos": decode(x, meta, args), "out": args.out}
     model, info = sampling.load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps, args.shift)
     if info["mode"] == "dual" and not args.no_merge:

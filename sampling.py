@@ -85,8 +85,8 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         mode = stage
     else:
         raise SampleError(f"{path} is a plain backbone: pass --teacher (N-step sampling with guidance) or --detail ADAPTER")
-    m = checks.finite_model(checks.named(checkpoint.load_transformer, src.weights, src.weights, dtype=dtype,
-                                         device=device), src.weights)
+    with checks.naming(src.weights):
+        m = checks.finite_model(checkpoint.load_transformer(src.weights, dtype=dtype, device=device), src.weights)
     teaching = mode == "teacher"  # students keep the grid they were distilled on: --steps/--shift are the teacher's
     grid = make_grid(m.config, m.prediction, run, steps if teaching else None, shift if teaching else None)
     boundaries, bt = [] if mode == "teacher" else run.get("boundaries"), None
@@ -94,7 +94,8 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         file = detail or src.detail or os.path.join(src.folder, "detail.safetensors")
         if not os.path.isfile(file):
             raise SampleError(f"detail adapter {file} does not exist")
-        m = checks.finite_model(checks.named(experts.DualExpert.from_detail, f"detail adapter {file}", m, file), file)
+        with checks.naming(f"detail adapter {file}"):
+            m = checks.finite_model(experts.DualExpert.from_detail(m, file), file)
         bt, kappa = m.boundary_t, experts.DualExpert.read_detail_meta(file).get("kappa")
         t32, bt32 = grid.t.float(), torch.tensor(bt).float()
         if kappa is None:  # an adapter saved without kappa: its boundary_t must be a grid point

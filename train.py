@@ -146,8 +146,7 @@ def load(path, dtype, device):
 
 
 def check_sources(args, cfg):
-    """--teacher / --init resolved and verified once (checkpoint.resolve) before any weights load or anything is
-    written; --init of the teacher's architecture and, for --stage detail, a semantic-stage checkpoint."""
+    """--teacher / --init resolved and verified before any load; --init: the teacher's architecture, a semantic expert."""
     src = {k: checkpoint.resolve(p, f"--{k}") for k in ("teacher", "init") if (p := getattr(args, k)) and not args.dry_run}
     if "init" in src and (diff := checks.config_diff(checkpoint.read_config(src["init"].weights), cfg)):
         raise checks.InputError(f"--init {args.init} is another architecture than the model "

@@ -7,8 +7,8 @@ Loading builds the model on the meta device and assigns the stored tensors one b
 never sit in memory twice.
 
 A training step folder `OUT/step_{step:07d}/` (written by storage/resume.py) holds `transformer/` (diffusers
-layout; the dual expert's frozen semantic backbone), `detail.safetensors` (the LoRA detail expert's adapter), `train_state.pt`
-(optimizers, RNG, data position) and `config.json` (the run config: stage, model config, grid, ...).
+layout; the dual expert's frozen semantic backbone), `detail.safetensors` (the LoRA detail expert's adapter),
+`train_state.pt` (optimizers, RNG, data position) and `config.json` (the run config: stage, model config, grid, ...).
 """
 
 import json

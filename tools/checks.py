@@ -9,6 +9,7 @@ naming it, before any expensive work starts (a traceback or a silently wrong res
 """
 import json
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -80,10 +81,12 @@ def sampling_memory(cfg, num, batch, size, dtype, dev):
            torch.device(dev))
 
 
-def named(fn, what, *a, **k):
-    """fn(*a, **k) with a damaged file's error (safetensors, OS, key checks) as one InputError naming `what`."""
+@contextmanager
+def naming(what):
+    """`with naming(what): load(...)`: a damaged file's error (safetensors, OS, key checks) as one InputError naming
+    `what` (a context, not a callback: the caller calls its loader itself, so no call runs back up through here)."""
     try:
-        return fn(*a, **k)
+        yield
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated/garbage files fail in the parser with many error types
