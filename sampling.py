@@ -1,7 +1,7 @@
 """Sampling with a trained student or the teacher: the library behind sample.py, eval.py, tools/monitor.py, toy/.
 
     model, info = load_student("out/detail")            # any checkpoint path (storage/checkpoint.resolve)
-    t, alpha, sigma, ks = points(info, steps=4)         # the student's schedule (paper supp. 6)
+    t, alpha, sigma, ks, _ = points(info, steps=4)      # the student's schedule (paper supp. 6)
     x = student_sample(model, noise, cond, info["grid"], info["boundaries"], 4)
 
 Students (paper supp. 6): steps split evenly between the phases (points: or by phase length, or grid indices),
