@@ -9,7 +9,7 @@ per rank, host memory is its shards (on the GPU in a real run) plus one tensor's
 adapter draws its LoRA A matrices from the same seeded CPU generator, in the same order, as `DualExpert` does on a
 full model, so the start-up equals the full-copy one bit for bit (tests/test_fsdp.py). `DCM_FSDP_FULL_COPY=1` runs
 the old start-up (every rank loads everything, then shards): the reference. Measured host memory:
-`python tests/fsdp_host_memory.py` (README).
+`python tests/fsdp_host_memory.py` (docs/training.md).
 """
 import json
 import math

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=2 tests/plan_fsdp_measure.py OUT_DIR
 
 Per case: rank 0's peak live tensor bytes during train.py's 2nd step (test_plan.measured) against the dry run's
-activations + grads + latents for --fsdp --world-size 2 (README, "Does it fit?").
+activations + grads + latents for --fsdp --world-size 2 (docs/training.md, "Does it fit?").
 """
 import contextlib
 import io

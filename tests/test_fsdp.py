@@ -1,6 +1,6 @@
 """fsdp.py: the meta start-up (each rank reads its own shards) equals the full-copy one bit for bit, at start-up and
 after training, for the detail stage (DualExpert, EMA, bf16 teacher: fresh adapter, then resumed); its
-errors name the checkpoint. Host memory: tests/fsdp_host_memory.py (a script, numbers in the README)."""
+errors name the checkpoint. Host memory: tests/fsdp_host_memory.py (a script, numbers in docs/training.md)."""
 import dataclasses
 import os
 import shutil

@@ -107,7 +107,7 @@ def block_saved(block, args, dtype):
 def test_block_units_equal_saved_tensors(dtype, grads):
     """plan.block_units (the per-block formula) against the bytes autograd saves in each kind of block, trained
     (the student) and frozen (the teacher's GAN pass, input gradient only); within 8%
-    (measured: -2.2% to +5.5%: README)."""
+    (measured: -2.2% to +5.5%: docs/training.md)."""
     B, Lv, Lt, D = 1, 512, 32, 128
     act = torch.bfloat16 if dtype == "bf16" else torch.float32
     x, c = (torch.randn(B, n, D, dtype=act, requires_grad=True) for n in (Lv, Lt))
@@ -137,7 +137,7 @@ STEPS = [("cogvideox", "semantic", True, "fp32"), ("cogvideox", "detail", False,
 @pytest.mark.parametrize("arch,stage,ckpt,dtype", STEPS)
 def test_step_peak_within_15_percent(tmp_path, monkeypatch, arch, stage, ckpt, dtype):
     """The dry run's activations + grads + latents against the measured peak of one real train.py step (CPU, the
-    LiveBytes measurement above): within the issue's 15% (measured: 1-7%, see README)."""
+    LiveBytes measurement above): within the issue's 15% (measured: 1-7%, see docs/training.md)."""
     argv = make_run(tmp_path, CONFIGS[arch]) + ["--stage", stage, "--dtype", dtype] + ["--grad-ckpt"] * ckpt
     got = measured(argv + ["--out", str(tmp_path / "run")], monkeypatch)
     p = train.main(argv + ["--dry-run"])["plan"]

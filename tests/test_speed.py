@@ -120,7 +120,7 @@ def cd_step(preset, stage, device, dtype=torch.float32, B=2):
     disc = losses.Discriminator.for_model(tmodel, hidden=32).to(device) if stage == "detail" else None
     hv = "hunyuan" in preset
     cond = {"text": torch.randn(B, 5, data.text_width(cfg))}
-    cond |= {"pooled": torch.randn(B, cfg.pooled_projection_dim)} if hv else {}  # no text mask: see the README
+    cond |= {"pooled": torch.randn(B, cfg.pooled_projection_dim)} if hv else {}  # no text mask: see docs/speed.md
     cond = {k: v.to(device, dtype) for k, v in cond.items()}
     scond = cond | ({"guidance": torch.full((B,), 6016.0, device=device, dtype=dtype)} if hv else {})
     uncond = None if hv else {"text": torch.zeros(1, 5, data.text_width(cfg), device=device, dtype=dtype)}

@@ -1,7 +1,7 @@
 """The toy study's training runs, in parallel worker processes (issue 17 item 6: the budget on 2 cores).
 
 A toy run is small (batch 16 of ~100 tokens), so one torch thread does most of the work two would: measured on 2 cores,
-80 VCM steps took 12.4 s as one run on 2 threads and 9.2 s each as two runs side by side on 1 thread (README, the
+80 VCM steps took 12.4 s as one run on 2 threads and 9.2 s each as two runs side by side on 1 thread (docs/toy.md, the
 toy). A run that names another's checkpoint as "@name" in its argv waits for it.
 """
 import concurrent.futures as cf
