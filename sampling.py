@@ -91,7 +91,7 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
     grid = make_grid(m.config, m.prediction, run, steps if teaching else None, shift if teaching else None)
     boundaries, bt = [] if mode == "teacher" else run.get("boundaries"), None
     if mode == "dual":
-        file = detail or src.detail or os.path.join(src.folder, "detail.safetensors")
+        file = detail or src.detail  # a LoRA detail-stage step names its adapter (resolve)
         if not os.path.isfile(file):
             raise SampleError(f"detail adapter {file} does not exist")
         with checks.naming(f"detail adapter {file}"):

@@ -164,12 +164,12 @@ def load_transformer(path, dtype=None, device=None):
         cfg, src = _load_state_dict_file(path)
         shapes, load = {k: tuple(v.shape) for k, v in src.items()}, lambda: _drain(src)
     else:
-        folder = transformer_folder(path)
-        shapes, load = _folder_tensors(folder)
-        if any(f".lora_A.{AUTHORS_ADAPTER}." in k for k in shapes):  # PEFT's adapter keys: a dual expert, not one transformer
+        src = resolve(path)
+        if src.kind == "authors":  # PEFT's adapter keys: a dual expert, not one transformer
             raise ValueError(f"{path}: the authors' DCM layout (semantic weights + PEFT 'lora1' + *_lora copies): "
                              "sample it with sample.py --ckpt, load it with storage.released.load_released")
-        cfg = read_config(os.path.join(folder, "config.json"))
+        shapes, load = _folder_tensors(src.weights)
+        cfg = read_config(os.path.join(src.weights, "config.json"))
     model = M.build_transformer(cfg, device="meta")
     check_keys(model, shapes, path)
     sd = {}
@@ -373,9 +373,10 @@ def resolve(path, what="checkpoint"):
             raise CheckpointError(f"{what} {path}: none of its {len(steps)} step_* checkpoints is complete (the newest, "
                                   f"{steps[-1]}, lacks {', '.join(step_missing(os.path.join(path, steps[-1])))})")
         return resolve(step, what)
-    if is_run_config(path) and not has_transformer and not STEP.fullmatch(os.path.basename(os.path.normpath(path))):
+    named_step, run_config = STEP.fullmatch(os.path.basename(os.path.normpath(path))), is_run_config(path)
+    if run_config and not has_transformer and not named_step:
         raise CheckpointError(f"{what} {path}: no checkpoint yet in this run folder (no step_* folder)")
-    if STEP.fullmatch(os.path.basename(os.path.normpath(path))) or is_run_config(path):
+    if named_step or run_config:
         if missing := step_missing(path):
             raise CheckpointError(f"damaged or incomplete {what} {path}: {', '.join(missing)}")
         run = checks.read_json(os.path.join(path, "config.json"), "run config")
