@@ -2,7 +2,8 @@
 
 A dataset is a folder:
 
-    DIR/manifest.json            what is inside (see `write_manifest`)
+    DIR/manifest.json            what is inside (see `write_manifest`), with the sha256 and size of every shard
+                                 and the sha256 of the uncond file
     DIR/shard_00000.safetensors  "latents" [n, C, F, H, W] (already multiplied by the VAE scaling
                                  factor, or for Wan normalised by the VAE's per-channel mean/std, as the
                                  backbone consumes them), "text" [n, L, D_text],
@@ -14,16 +15,25 @@ A dataset is a folder:
                                  run must match them. Its shards carry safetensors metadata "videos" (the
                                  source file of each sample) and "skipped" (JSON list of {video, reason}).
 
+A dataset is identified by its content, not its folder: `LatentDataset` checks every shard and the uncond file
+against the sha256 the manifest recorded (a file changed since then is refused) and `LatentDataset.digest` hashes
+the latent shape and those digests, so a moved or copied dataset keeps its digest and a rewritten one does not
+(train.py's --resume compares it). Manifests written before the digests existed still load (digests computed then).
+`python data.py synthetic` / `encode` refuse a folder that already holds a dataset unless --overwrite (which
+removes its files first); `encode` goes on with its own unfinished encoding when the settings are the same.
+
 A conditioning file for sample.py is one safetensors file with the same conditioning keys and a
 leading batch dimension (`save_cond` / `load_cond`). `check_fits` checks data against a model config;
 `batches` and `draws` are the training order (resumable) and each sample's noise (split-independent).
 """
+import glob
+import hashlib
 import json
 import os
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from storage import integrity
 from tools import checks
@@ -69,23 +79,55 @@ def write_shard(dir, index, tensors, metadata=None):
 
 
 def write_manifest(dir, *, model, latent_shape, vae_scaling_factor, shards, uncond, extra=None):
-    """manifest.json: the model preset the latents are for, their shape [C, F, H, W], the VAE scaling
-    factor already applied to them, the shards [{"file", "num"}], and the unconditional conditioning."""
+    """manifest.json: the model preset the latents are for, their shape [C, F, H, W], the VAE scaling factor
+    already applied to them, the shards [{"file", "num", "sha256", "bytes"}], and the unconditional conditioning
+    (written here, its sha256 recorded). `shards`: [{"file", "num"}], already written into `dir`."""
     os.makedirs(dir, exist_ok=True)
     atomic_save_file(uncond, os.path.join(dir, "uncond.safetensors"))
+    # digests at manifest time, one read of each file: encode_dataset's shards may come from an earlier process
+    shards = [{**s, "sha256": integrity.digest(os.path.join(dir, s["file"])),
+               "bytes": os.path.getsize(os.path.join(dir, s["file"]))} for s in shards]
     manifest = {
         "format": FORMAT,
         "model": model,
         "latent_shape": list(latent_shape),
         "vae_scaling_factor": vae_scaling_factor,
         "cond_keys": sorted(k for k in uncond if k in COND_KEYS),
-        "shards": list(shards),
+        "shards": shards,
         "num_samples": sum(s["num"] for s in shards),
         "uncond": "uncond.safetensors",
+        "uncond_sha256": integrity.digest(os.path.join(dir, "uncond.safetensors")),
         **(extra or {}),
     }
     atomic_write_json(manifest, os.path.join(dir, "manifest.json"))
     return manifest
+
+
+def dataset_files(dir):
+    """The names of the files of a dataset (or of an unfinished encoding) in `dir`, manifest.json first: the
+    manifest, encode.json, the uncond file, shard_*.safetensors and any other file the manifest names."""
+    names = {n for n in ("manifest.json", "encode.json", "uncond.safetensors") if os.path.isfile(os.path.join(dir, n))}
+    names |= {os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(dir), "shard_*.safetensors"))}
+    try:
+        with open(os.path.join(dir, "manifest.json")) as f:
+            m = json.load(f)
+        named = [s.get("file") for s in m.get("shards", [])] + [m.get("uncond")]
+    except (OSError, ValueError, AttributeError, TypeError):  # a damaged manifest: the usual names still go
+        named = []
+    names |= {n for n in named if isinstance(n, str) and not os.path.isabs(n)  # never a file outside dir
+              and os.path.normpath(n).split(os.sep)[0] != ".." and os.path.isfile(os.path.join(dir, n))}
+    return sorted(names, key=lambda n: (n != "manifest.json", n))
+
+
+def clear_for_new(dir, overwrite):
+    """Refuse (DataError) to write a new dataset into `dir` over one already there unless `overwrite`, which first
+    removes the old one's files, manifest first: no stale shard survives next to the new dataset."""
+    old = dataset_files(dir) if os.path.isdir(dir) else []
+    if old and not overwrite:
+        raise DataError(f"{dir} already holds a dataset ({', '.join(old[:3])}{', ...' * (len(old) > 3)}); "
+                        "pass --overwrite to replace it, or choose another --out")
+    for n in old:
+        os.remove(os.path.join(dir, n))
 
 
 def read_manifest(dir):
@@ -98,8 +140,10 @@ def read_manifest(dir):
     need = {"shards": list, "latent_shape": list, "num_samples": int, "uncond": str}
     if bad := [f"{k} ({t.__name__})" for k, t in need.items() if not isinstance(manifest.get(k), t)]:
         raise DataError(f"{path}: missing or malformed {', '.join(bad)} (see data.py for the format)")
-    if not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in manifest["shards"]):
-        raise DataError(f"{path}: every entry of 'shards' must be {{\"file\": NAME, \"num\": N}}")
+    if not all(isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("sha256", ""), str)
+               for s in manifest["shards"]) or not isinstance(manifest.get("uncond_sha256", ""), str):
+        raise DataError(f"{path}: every entry of 'shards' must be {{\"file\": NAME, \"num\": N, \"sha256\": HEX}} "
+                        "and 'uncond_sha256' a hex string")
     for s in manifest["shards"]:
         if not os.path.isfile(os.path.join(dir, s["file"])):
             raise DataError(f"{dir}: shard {s['file']} named in manifest.json is missing")
@@ -107,14 +151,20 @@ def read_manifest(dir):
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """All shards of a dataset folder, loaded into memory once; item i -> dict of per-sample tensors."""
+    """All shards of a dataset folder, loaded into memory once and checked against the manifest's digests;
+    item i -> dict of per-sample tensors; `digest`: the dataset's content (not its path) as one hex string."""
 
     def __init__(self, dir):
         self.dir = dir
         self.manifest = read_manifest(dir)
-        checks.memory(2 * sum(os.path.getsize(os.path.join(dir, s["file"])) for s in self.manifest["shards"]),
+        sizes = [os.path.getsize(os.path.join(dir, s["file"])) for s in self.manifest["shards"]]
+        checks.memory(2 * sum(sizes) + max(sizes, default=0),
                       f"dataset {dir} (held in memory: its shards, then their concatenation)")
-        parts = [checks.load_safetensors(os.path.join(dir, s["file"]), "dataset shard") for s in self.manifest["shards"]]
+        parts, shas = [], []
+        for s in self.manifest["shards"]:
+            tensors, sha = _load_checked(dir, s["file"], s.get("sha256"), "dataset shard")
+            parts.append(tensors)
+            shas.append(sha)
         keys = set(parts[0]) if parts else set()
         if parts and not {"latents", "text"} <= keys:
             raise DataError(f"{dir}/{self.manifest['shards'][0]['file']}: needs 'latents' and 'text', has {sorted(keys)}")
@@ -122,19 +172,40 @@ class LatentDataset(torch.utils.data.Dataset):
             if set(p) != keys:
                 raise DataError(f"{dir}/{s['file']}: keys {sorted(p)} differ from the first shard's {sorted(keys)}")
         self.tensors = {k: torch.cat([p[k] for p in parts]) for k in keys}
-        self.uncond = checks.load_safetensors(os.path.join(dir, self.manifest["uncond"]), "dataset uncond file")
+        self.uncond, uncond_sha = _load_checked(dir, self.manifest["uncond"], self.manifest.get("uncond_sha256"),
+                                                "dataset uncond file")
         n = len(self.tensors["latents"]) if parts else 0
         if n != self.manifest["num_samples"]:
             raise DataError(f"{dir}: manifest says {self.manifest['num_samples']} samples, shards hold {n}")
         if parts and list(self.tensors["latents"].shape[1:]) != self.manifest["latent_shape"]:
             raise DataError(f"{dir}: latents are {list(self.tensors['latents'].shape[1:])}, "
                             f"manifest says {self.manifest['latent_shape']}")
+        self.digest = hashlib.sha256(json.dumps([self.manifest["latent_shape"], shas, uncond_sha]).encode()).hexdigest()
 
     def __len__(self):
         return len(self.tensors["latents"])
 
     def __getitem__(self, i):
         return {k: v[i] for k, v in self.tensors.items()}
+
+
+def _load_checked(dir, name, recorded, what):
+    """(tensors, sha256) of one file of a dataset, its bytes read once; bytes other than the `recorded` sha256
+    (None: a manifest older than the digests) -> DataError naming the file."""
+    path = os.path.join(dir, name)
+    if not os.path.isfile(path):
+        raise DataError(f"{what} {path} named in manifest.json does not exist")
+    with open(path, "rb") as f:
+        blob = f.read()
+    try:
+        tensors = load(blob)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for every kind of damage
+        raise DataError(f"{what} {path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    sha = hashlib.sha256(blob).hexdigest()
+    if recorded is not None and sha != recorded:
+        raise DataError(f"{path} changed since its manifest was written (sha256 {sha[:12]}... != recorded "
+                        f"{recorded[:12]}...); write the dataset again or restore the file")
+    return tensors, sha
 
 
 def patch_of(cfg):
@@ -265,8 +336,9 @@ def _device_dtype(device, dtype):
 
 def encode_dataset(videos, captions, model, weights, out, frames=None, height=None, width=None, shard_size=32,
                    stride=1, fps=None, posterior="sample", seed=0, device=None, dtype=None,
-                   save_dtype="float32", tiling=False, progress=True):
-    """Encode a folder of videos + captions into a dataset folder (format above); resumable; -> manifest."""
+                   save_dtype="float32", tiling=False, progress=True, overwrite=False):
+    """Encode a folder of videos + captions into a dataset folder (format above); resumable (same settings); a
+    folder holding another dataset is refused unless `overwrite` (which removes its files first); -> manifest."""
     from tqdm import tqdm
 
     from storage import video_io
@@ -284,15 +356,16 @@ def encode_dataset(videos, captions, model, weights, out, frames=None, height=No
     shape = video_io.latent_shape(cfg, frames, height, width)
     settings = dict(model=model, frames=frames, height=height, width=width, stride=stride, fps=fps,
                     posterior=posterior, seed=seed, shard_size=shard_size, save_dtype=save_dtype, videos=names)
-    os.makedirs(out, exist_ok=True)
     settings_path = os.path.join(out, "encode.json")
-    if os.path.isfile(settings_path):  # resuming: finished shards are only valid for the same inputs
-        with open(settings_path) as f:
-            old = json.load(f)
+    if os.path.isfile(settings_path) and not overwrite:  # resuming: finished shards are only valid for the same inputs
+        old = checks.read_json(settings_path, "encode settings")
         diff = sorted(k for k in settings if old.get(k) != settings[k])
         if diff:
             raise DataError(f"{out} was encoded with other settings ({', '.join(diff)} differ); "
-                            f"use a new --out folder or delete {out}")
+                            "pass --overwrite to encode it again from scratch, or use a new --out folder")
+    else:  # a new encoding, never mixed with another dataset's files
+        clear_for_new(out, overwrite)
+    os.makedirs(out, exist_ok=True)
     atomic_write_json(settings, settings_path)
 
     n_shards = -(-len(names) // shard_size)
@@ -361,9 +434,10 @@ def encode_prompts(prompts, model, weights, out, device=None, dtype=None):
     return cond
 
 
-def synthetic_dataset(model, out, num=8, frames=2, height=4, width=4, text_len=8, seed=0):
+def synthetic_dataset(model, out, num=8, frames=2, height=4, width=4, text_len=8, seed=0, overwrite=False):
     """A dataset of random latents and conditioning for `model` (a preset): no VAE or text encoder needed, for
-    trying the commands on the tiny presets. HunyuanVideo-style models get pooled vectors and a text mask."""
+    trying the commands on the tiny presets. HunyuanVideo-style models get pooled vectors and a text mask.
+    A folder already holding a dataset is refused unless `overwrite` (its files are removed first)."""
     import model as models
     if model not in models.PRESETS:
         raise DataError(f"--model {model!r} is not a preset; known: {', '.join(models.PRESETS)}")
@@ -379,6 +453,7 @@ def synthetic_dataset(model, out, num=8, frames=2, height=4, width=4, text_len=8
         real = (torch.arange(text_len) < max(1, text_len // 2)).long()  # right-padded prompts
         t |= {"pooled": torch.randn(num, pooled, generator=g), "text_mask": real.repeat(num, 1)}
         un |= {"pooled": torch.zeros(1, pooled), "text_mask": (torch.arange(text_len) < 1).long()[None]}
+    clear_for_new(out, overwrite)
     write_shard(out, 0, t)
     manifest = write_manifest(out, model=model, latent_shape=shape, vae_scaling_factor=1.0,
                               shards=[{"file": shard_name(0), "num": num}], uncond=un, extra={"synthetic": True})
@@ -394,7 +469,7 @@ def main(argv=None):
     e = sub.add_parser("encode", help="videos + captions -> latent dataset folder")
     e.add_argument("--videos", required=True, help="folder of video files (sorted by name)")
     e.add_argument("--captions", required=True, help=".txt one caption per line (sorted video order) or .json")
-    e.add_argument("--out", required=True, help="dataset folder (resumes if it exists)")
+    e.add_argument("--out", required=True, help="dataset folder (an unfinished one, same settings: resumes)")
     e.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default: 49 CogVideoX, 33 HunyuanVideo, 81 Wan)")
     e.add_argument("--height", type=int, help="default: 480 CogVideoX, 544 HunyuanVideo, 480 Wan")
     e.add_argument("--width", type=int, help="default: 720 CogVideoX, 960 HunyuanVideo, 832 Wan")
@@ -406,6 +481,8 @@ def main(argv=None):
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--save-dtype", choices=sorted(DTYPES), default="float32")
     e.add_argument("--tiling", action="store_true", help="tiled VAE encode (less memory, seams)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset already in --out (its files are removed first; default: refuse)")
     q = sub.add_parser("encode-prompts", help="prompts file -> conditioning file for sample.py")
     q.add_argument("--prompts", required=True, help="text file, one prompt per line")
     q.add_argument("--out", required=True, help="FILE.safetensors")
@@ -415,6 +492,8 @@ def main(argv=None):
     y.add_argument("--num", type=int, default=8, help="number of samples")
     for k, v in (("frames", 2), ("height", 4), ("width", 4), ("text-len", 8), ("seed", 0)):
         y.add_argument(f"--{k}", type=int, default=v, help=f"default {v}" + (" (latent size)" * (k in "frames height width")))
+    y.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset already in --out (its files are removed first; default: refuse)")
     for a in (e, q):
         a.add_argument("--model", required=True, help="cogvideox-2b | cogvideox-5b | hunyuan-video | wan2.1-t2v-1.3b | wan2.1-t2v-14b")
         a.add_argument("--weights", required=True, help="local hub-layout folder: vae/, text_encoder/, tokenizer/...")
@@ -423,15 +502,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         if args.cmd == "synthetic":
-            synthetic_dataset(args.model, args.out, args.num, args.frames, args.height, args.width, args.text_len, args.seed)
+            synthetic_dataset(args.model, args.out, args.num, args.frames, args.height, args.width, args.text_len,
+                              args.seed, args.overwrite)
         elif args.cmd == "encode":
             encode_dataset(args.videos, args.captions, args.model, args.weights, args.out, args.frames, args.height,
                            args.width, args.shard_size, args.stride, args.fps, args.posterior, args.seed,
-                           args.device, args.dtype, args.save_dtype, args.tiling)
+                           args.device, args.dtype, args.save_dtype, args.tiling, overwrite=args.overwrite)
         else:
             encode_prompts(args.prompts, args.model, args.weights, args.out, args.device, args.dtype)
-    except (DataError, ValueError, FileNotFoundError, ImportError) as err:
-        sys.exit(f"error: {err}")
+    except (DataError, ValueError, FileNotFoundError, ImportError) as err:  # bad input: one line, exit 2
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -129,7 +129,10 @@ def ema_update(ema, model, decay):
             pe.lerp_(p, 1 - decay)
 
 
-def temporal_coherence_loss(xhat, x_tgt, d=3):
+TC_STRIDE = 3  # eq. 8's frame stride d (authors)
+
+
+def temporal_coherence_loss(xhat, x_tgt, d=TC_STRIDE):
     """Temporal coherence (eq. 8, authors' form): MSE between frame differences at stride d."""
     _same_shape(xhat, x_tgt, "temporal_coherence_loss")
     if xhat.dim() != 5:

@@ -135,7 +135,7 @@ def main(argv=None):
         with checks.naming(f"--latents {args.latents}"):
             x, meta = sampling.read_latents(args.latents)
         return {"latents": x, "videos": decode(x, meta, args), "out": args.out}
-    model, info = sampling.load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps, args.shift)
+    model, info = sampling.load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps, args.shift, "--ckpt")
     if info["mode"] == "dual" and not args.no_merge:
         model.merge_lora()  # one GEMM per detail linear instead of three (round-off differences only)
     cfg, grid, run, teacher = info["cfg"], info["grid"], info["run"], info["mode"] == "teacher"

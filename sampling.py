@@ -70,9 +70,11 @@ def _released(src, detail, teacher, steps, dtype, device):
                "threshold": r["threshold"]}
 
 
-def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=False, steps=None, shift=None):
-    """(model, info); info: mode (teacher|dual|od|vcm|pcm|semantic|released), cfg, run, grid, boundaries, boundary_t, ..."""
-    src = checkpoint.resolve(path)  # the one resolver: what the path is, verified once
+def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=False, steps=None, shift=None,
+                 what="checkpoint"):
+    """(model, info); info: mode (teacher|dual|od|vcm|pcm|semantic|released), cfg, run, grid, boundaries, boundary_t, ...
+    what: how errors name the path (the flag it came from, e.g. "--ckpt")."""
+    src = checkpoint.resolve(path, what)  # the one resolver: what the path is, verified once
     if src.kind == "authors":
         return _released(src, detail, teacher, steps, dtype, device)
     run = src.run or {}
@@ -233,18 +235,30 @@ def get_cond(path, info, n, what="cond"):
     return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
 
 
+def latent_choice(info, frames=None, height=None, width=None):
+    """((F, H, W), where it came from): the arguments, else the run's dataset manifest, else the model's full size."""
+    cfg, run = info["cfg"], info["run"]
+    if shape := (run.get("data_manifest") or {}).get("latent_shape"):
+        default, source = shape[1:], "the run's dataset manifest" + (f" ({run['data']})" if run.get("data") else "")
+    else:  # no dataset recorded (the authors' students, a transformer folder): a full-size clip, slow on a CPU
+        if hasattr(cfg, "sample_frames"):
+            default = ((cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1, cfg.sample_height, cfg.sample_width)
+        else:
+            default = WAN_LATENT if isinstance(cfg, models.WanConfig) else HUNYUAN_LATENT
+        source = "the model's full-size default (no dataset recorded; pass --frames/--height/--width)"
+    given = [f"--{n}" for n, a in zip(("frames", "height", "width"), (frames, height, width)) if a is not None]
+    if given:
+        source = "/".join(given) + ("" if len(given) == 3 else f", the rest from {source}")
+    return tuple(a if a is not None else d for a, d in zip((frames, height, width), default)), source
+
+
 def latent_size(info, frames=None, height=None, width=None):
-    """(F, H, W) of the latents: the arguments, else the run's data, else the model config; checked against the patch."""
-    cfg, shape = info["cfg"], (info["run"].get("data_manifest") or {}).get("latent_shape")
-    if shape:
-        default = shape[1:]
-    elif hasattr(cfg, "sample_frames"):
-        default = ((cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1, cfg.sample_height, cfg.sample_width)
-    else:
-        default = WAN_LATENT if isinstance(cfg, models.WanConfig) else HUNYUAN_LATENT
-    f, h, w = (a if a is not None else d for a, d in zip((frames, height, width), default))
+    """(F, H, W) of the latents (latent_choice), checked against the patch; prints the size and where it came from."""
+    cfg = info["cfg"]
+    (f, h, w), source = latent_choice(info, frames, height, width)
     data.check_fits(cfg, latent_shape=(cfg.in_channels, f, h, w),
                     where=f"latent size --frames {f} --height {h} --width {w}")
+    print(f"latent [{cfg.in_channels}, {f}, {h}, {w}] from {source}")
     return f, h, w
 
 

@@ -17,6 +17,11 @@ Stages (k = index on the teacher's N-step grid, kappa = the DCM cut):
             fine-tuned separate copy instead of LoRA).
 Per-sample noise, k and drops (data.draws): a global batch trains the same however it is split over ranks.
 """
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch loads ends the process quietly, as SIGTERM does: nothing to save yet
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # storage/preempt.py takes both signals over once the run is set up
+
 import argparse
 import contextlib
 import json
@@ -40,7 +45,7 @@ import losses
 import model as models
 import solver
 from scale import fsdp, parallel, plan
-from storage import checkpoint, resume
+from storage import checkpoint, preempt, resume
 from teacher import Teacher, embedded_guidance, uses_cfg
 from tools import checks, monitor
 
@@ -61,8 +66,8 @@ lora_rank, disc_hidden = 128, 1024
 seed, probe_every, save_every = 0, 50, 500
 
 
-class TrainError(Exception):
-    """A run that cannot start or go on; the command line prints it as one line."""
+class TrainError(checks.InputError):
+    """A run that cannot start (flags, files); the command line prints it as one line, exit 2."""
 
 
 def parse_args(argv):
@@ -70,11 +75,12 @@ def parse_args(argv):
     a = p.add_argument
     a("--config", help=f"model preset ({', '.join(models.PRESETS)}) or config.json (diffusers or a run's); "
                        "default: the teacher's")
-    a("--stage", default="teacher", choices=STAGES)
+    a("--stage", required=True, choices=STAGES, help="what to train (no default: a wrong guess trains the wrong model)")
     a("--data", help="dataset folder (format: data.py)")
     a("--out", help="run folder (default out/<stage>)")
-    a("--teacher", help="teacher transformer or step folder (stage teacher: optional init)")
-    a("--init", help="student init: detail needs the semantic expert; others default to the teacher")
+    a("--teacher", help="the model to distil: a transformer or step folder (not for --stage teacher)")
+    a("--init", help="weights to start from: detail needs the semantic expert; others default to the teacher, "
+                     "stage teacher to a fresh model")
     a("--max-steps", type=int, help=f"default per stage {max_steps}")
     a("--batch-size", type=int, default=batch_size, help="micro-batch per process")
     a("--grad-accum", type=int, default=grad_accum)
@@ -117,11 +123,14 @@ def parse_args(argv):
     a("--gpu-mem", type=float, default=80.0, help="dry-run: GiB per GPU to fit in")
     a("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
+    for x in p._actions:  # parsed again without defaults: only the flags the command line names remain
+        x.default = argparse.SUPPRESS
+    given = set(vars(p.parse_args(argv)))
     for name, table in (("max_steps", max_steps), ("lr", lr), ("w_tc", w_tc), ("w_gan", w_gan), ("w_fm", w_fm)):
         if getattr(args, name) is None:
             setattr(args, name, table.get(args.stage, 0.0))
     args.out = args.out or os.path.join("out", args.stage)
-    checks.train_args(args)  # flags and their combinations, named in one line each
+    checks.train_args(args, given)  # flags and their combinations, named in one line each
     if args.kappa is not None and not 0 <= args.kappa <= args.grid_steps - 2:
         raise TrainError(f"--kappa {args.kappa} must lie in 0..N-2 = 0..{args.grid_steps - 2}")
     return args
@@ -129,9 +138,10 @@ def parse_args(argv):
 
 def model_config(args):
     """The model config: the --teacher's, else --config's (a preset or config.json); both given, they must agree."""
-    cfg, tcfg = (checkpoint.read_config(p) if p else None for p in (args.config, args.teacher))
+    own = args.teacher or (args.init if args.stage == "teacher" else None)  # the teacher stage starts from --init
+    cfg, tcfg = (checkpoint.read_config(p) if p else None for p in (args.config, own))
     if cfg is not None and tcfg is not None and cfg != tcfg:
-        raise TrainError(f"--config {args.config} differs from the teacher's config ({args.teacher})")
+        raise TrainError(f"--config {args.config} differs from the config of {own}")
     if cfg is None and tcfg is None:
         raise TrainError("no model: give --config (a preset or config.json) or --teacher")
     return cfg if tcfg is None else tcfg
@@ -143,26 +153,6 @@ def load(path, dtype, device):
         return checks.finite_model(checkpoint.load_transformer(path, dtype=dtype, device=device), path)
     except Exception as e:  # noqa: BLE001 - truncated files raise safetensors/OS errors of many kinds
         raise TrainError(f"cannot load the transformer in {path}: {str(e).splitlines()[0]}") from e
-
-
-def check_sources(args, cfg):
-    """--teacher / --init resolved and verified before any load; --init: the teacher's architecture, a semantic expert."""
-    src = {k: checkpoint.resolve(p, f"--{k}") for k in ("teacher", "init") if (p := getattr(args, k)) and not args.dry_run}
-    if "init" in src and (diff := checks.config_diff(checkpoint.read_config(src["init"].weights), cfg)):
-        raise checks.InputError(f"--init {args.init} is another architecture than the model "
-                                f"({args.teacher or args.config}): " + "; ".join(diff[:6]))
-    if "init" not in src or args.stage != "detail":
-        return
-    parent = os.path.dirname(os.path.normpath(args.init))  # a step's transformer/ given: its step's run config
-    stage = (src["init"].run or (checks.read_json(os.path.join(parent, "config.json"), "run config")
-                                 if checkpoint.is_run_config(parent) else {})).get("stage")
-    if stage not in ("semantic", "detail", None):
-        raise checks.InputError(f"--init {args.init} is a {stage}-stage checkpoint; --stage detail builds on the "
-                                "semantic expert (train it first: --stage semantic --teacher ...)")
-    if stage != "semantic":
-        print(f"warning: --init {args.init} " + ("records no training stage; it is taken as the semantic expert" if stage
-              is None else "is a detail-stage checkpoint: its frozen semantic backbone is used, its adapter is not"),
-              file=sys.stderr)
 
 
 def build_student(args, cfg, grid, ckpt=None, device="cpu"):
@@ -188,7 +178,7 @@ def main(argv=None):
     checkpoint.verify_checksums = args.verify != "none"
     cfg = model_config(args)
     args.kappa = solver.default_kappa(cfg, args.grid_steps) if args.kappa is None else args.kappa
-    check_sources(args, cfg)
+    resume.check_sources(args, cfg)
     kind = models.build_transformer(cfg, device="meta").prediction
     grid = solver.flow_grid(args.grid_steps, args.shift) if kind == "flow" else solver.grid_for(cfg, args.grid_steps)
     if args.dry_run:
@@ -201,11 +191,11 @@ def main(argv=None):
         torch.cuda.set_device(dev)
     device = torch.device(dev)
     parallel.check(args.sp, cfg, world)
-    with parallel.distributed(device, args.sp, args.fsdp) as (dp, dp_rank):  # an SP group trains the same samples
-        return train(args, cfg, kind, grid, world, rank, device, dp, dp_rank)
+    with preempt.Preemption(argv) as pre, parallel.distributed(device, args.sp, args.fsdp) as (dp, dp_rank):
+        return train(args, cfg, kind, grid, world, rank, device, dp, dp_rank, pre)  # an SP group: the same samples
 
 
-def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
+def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None):
     distributed, out, B, accum = dist.is_initialized(), args.out, args.batch_size, args.grad_accum
     N, kap = grid.N, args.kappa
     log0 = print if rank == 0 else (lambda *a, **k: None)
@@ -220,6 +210,9 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
     # --- data: the DistributedSampler's seeded order, resumable at a micro-batch position
     ds = data.LatentDataset(args.data)
     cond_keys = data.check_fits(cfg, ds.tensors, ds.manifest["latent_shape"], ds.uncond, where=ds.dir)
+    if args.w_tc and rank == 0 and (n_f := ds.manifest["latent_shape"][1]) <= losses.TC_STRIDE:
+        print(f"warning: TC loss is 0: {n_f} latent frames, its frame stride is {losses.TC_STRIDE} (--w-tc {args.w_tc} "
+              f"does nothing on {ds.dir})", file=sys.stderr)
     if len(ds) // dp < B:
         raise data.DataError(f"{ds.dir}: {len(ds)} samples are fewer than batch {B} x data parallel {dp}")
     sampler = torch.utils.data.DistributedSampler(ds, dp, dp_rank, shuffle=True, seed=args.seed, drop_last=True)
@@ -228,6 +221,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
 
     # --- a new run, or going on from the newest intact checkpoint of the same run (resume.same_run)
     paths = {k: os.path.abspath(getattr(args, k)) for k in ("data", "teacher", "init") if getattr(args, k)}
+    paths["data_digest"] = ds.digest  # a resume compares the data by content, not by path
     ckpt, state = resume.open_run(out, args.resume, vars(args) | paths | {"boundaries": boundaries},
                                       args.resume_anyway, rank == 0)
 
@@ -351,19 +345,15 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
         resume.set_rng_state(state["rng"][rank])
     elif state and state.get("dp", state["world_size"]) != dp:  # another SP degree alone keeps the data order
         log0(f"data parallel size {dp} != the checkpoint's: the data order continues, not exactly")
-    row = {}
-    for path in [os.path.join(out, f) for f in ("log.jsonl", "probes.jsonl")] if rank == 0 else []:
-        if os.path.isfile(path):
-            with open(path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            with open(path, "w") as f:
-                f.writelines(keep)
-            row = row or (json.loads(keep[-1]) if keep else {})  # the summary of a run already finished
+    row = resume.trim_logs(out, step) if rank == 0 else {}  # logs cut back to the checkpoint's step
 
     # --- training loop
     stream = data.batches(ds, sampler, B, epoch, pos)
     nan_at = int(os.environ.get("DCM_TRAIN_NAN_AT_STEP", -1))  # test hook: poison the loss of this step
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc=args.stage, mininterval=2)
+    pre = pre or preempt.Preemption([])
+    pre.arm()  # a signal from here on: finish the step, save, stop (storage/preempt.py)
+    t_start, step0 = time.time(), step
     while mon(step, student) < args.max_steps:  # validation samples / TensorBoard between steps (tools/monitor.py)
         # per-term gradient norms at the output on probe steps; not under FSDP, whose resharded teacher the GAN terms'
         # extra backward would need gathered again
@@ -391,8 +381,8 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
                 (terms["d"] / accum).backward()
             for k, v in (terms | {"loss": total}).items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
-        vals = torch.stack([sums[k] for k in sorted(sums)])
-        if distributed:
+        vals = torch.stack([sums[k] for k in sorted(sums)] + [torch.tensor(pre.pending(), device=device)])
+        if distributed:  # + the stop flag: a signal on any rank stops every rank after this same step
             dist.all_reduce(vals)
             vals /= world
         gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # below: the step's one host sync (the NaN check)
@@ -402,11 +392,12 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
                 dist.all_reduce(p.grad)
                 p.grad /= world
             norms.append(torch.nn.utils.clip_grad_norm_(disc.parameters(), grad_clip))
-        row = dict(zip(sorted(sums) + ["grad_norm", "d_grad_norm"], torch.cat([vals, torch.stack(norms)]).tolist()))
+        *row, stop = torch.cat([vals[:-1], torch.stack(norms), vals[-1:]]).tolist()
+        row = dict(zip(sorted(sums) + ["grad_norm", "d_grad_norm"], row))
         bad = [k for k, v in row.items() if not np.isfinite(v)]
         if bad:  # stop before the update: the last checkpoint stays the last good state
             good = checkpoint.latest_step(out, checkpoint.RESUMABLE, quiet=True)
-            raise TrainError(f"non-finite {', '.join(bad)} at step {step + 1}; stopped before the update, "
+            raise checks.RunFailed(f"non-finite {', '.join(bad)} at step {step + 1}; stopped before the update, "
                              f"last good checkpoint: {good or 'none'}")
         for o in [opt] + ([d_opt] if d_opt else []):
             o.step()
@@ -424,7 +415,8 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
                 f.write(json.dumps(row) + "\n")
         if probes and step % args.probe_every == 0:
             run_probes(step)
-        if step == args.max_steps or (args.save_every > 0 and step % args.save_every == 0):
+        stop = stop > 0 and step < args.max_steps
+        if stop or step == args.max_steps or (args.save_every > 0 and step % args.save_every == 0):
             rest = {"epoch": epoch, "pos": pos, "world_size": world, "dp": dp, "disc": disc and disc.state_dict(),
                     "d_opt": d_opt and d_opt.state_dict()}
             resume.save_step(out, step, student, opt, rest, run_config, ema, sharded=args.fsdp,
@@ -432,19 +424,22 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0):
                                  detail_meta={"kappa": kap} if lora else None)
             if rank == 0:
                 checkpoint.keep_last(out, args.keep_last)
+        if stop:
+            bar.close()
+            raise preempt.Interrupted(pre.signum, rank == 0 and f"interrupted at step {step}: saved "
+                                      f"{checkpoint.step_dir(out, step)}; resume with: {pre.resume_command()}" or "")
     bar.close()
+    how = f"--teacher --steps {N}" if args.stage == "teacher" else "--steps 4"
+    log0(f"done: step {step} of {args.max_steps} ({step - step0} trained in {time.time() - t_start:.0f} s); model: "
+         f"{checkpoint.step_dir(out, step)}\n  sample it: python sample.py --ckpt {out} {how} --out "
+         f"{os.path.join(out, 'samples')}")
     return {"step": step, "losses": row, "out": out, "checkpoint": checkpoint.step_dir(out, step)}
 
 
-def _cli():
-    try:
-        main()
-    except (TrainError, ValueError, FileNotFoundError) as e:  # known bad input: one line, no traceback
-        if os.environ.get("DCM_TRACEBACK"):
-            raise
-        sys.exit(f"error: {str(e).strip()}")
-    return 0
+def cli(argv=None):
+    """main() as a command line: one line and exit 2 for bad input, 1 for a failed run, 130/143 for a signal."""
+    return checks.cli(main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(_cli())
+    sys.exit(cli())

@@ -228,7 +228,8 @@ def sp_degrees(cfg, world):
 
 
 def dry_run(args, cfg, build):
-    """Print the per-GPU plan, whether it fits --gpu-mem GiB and the smallest SP degree that fits; return it."""
+    """Print the per-GPU plan, whether it fits --gpu-mem GiB and the smallest SP degree that fits; return it (fits: None
+    when it cannot tell, with no latent size known)."""
     sp = getattr(args, "sp", None) or 1
     gpu = getattr(args, "gpu_mem", 80.0)
     if gpu <= 0 or args.batch_size < 1:
@@ -246,8 +247,11 @@ def dry_run(args, cfg, build):
     min_sp = next((n for n, ok in fits.items() if ok), None) if size else None
     print(f"stage {args.stage}, {type(cfg).__name__}, world {world}{' FSDP' if args.fsdp else ' DDP'}, SP {sp}, "
           f"{args.dtype}, grad ckpt {'on' if args.grad_ckpt else 'off'}, batch {args.batch_size} per rank")
-    print(f"latent {'x'.join(map(str, size))}: {p['shape'].video} video tokens per rank (after SP) + {p['shape'].text} "
-          "text" if size else "latent size unknown (give --frames/--height/--width or --data): activations NOT counted")
+    source = ("--frames/--height/--width" if getattr(args, "frames", None) is not None else
+              "--data's manifest" if getattr(args, "data", None) else "the model config's sample size")
+    print(f"latent {'x'.join(map(str, size))} (from {source}): {p['shape'].video} video tokens per rank (after SP) + "
+          f"{p['shape'].text} text" if size else "latent size unknown (no --frames/--height/--width, no --data, none in "
+          "the model config): activations not counted")
     print(f"params: student {counts['params'] / 1e9:.3f} B ({counts['trainable'] / 1e9:.4f} B trainable), "
           f"teacher {counts['teacher'] / 1e9:.3f} B, discriminator {counts['disc'] / 1e6:.1f} M")
     rows = {**p["static"], "grads (fp32, in the backward rows)": p["grads"], "latents in flight": p["latents"],
@@ -257,8 +261,16 @@ def dry_run(args, cfg, build):
     for k, v in p["passes"].items():
         print(f"  {'activations: ' + k:40s} {v / GIB:9.2f} GiB{'  <- peak' if k == p['peak_pass'] else ''}")
     ok = p["total"] <= gpu * GIB
-    print(f"  {'total (peak)' if size else 'total (without activations)':40s} {p['total'] / GIB:9.2f} GiB per GPU: "
-          f"{'fits' if ok else 'does NOT fit'} in {gpu:g} GiB")
+    ok = ok if size or not ok else None  # without a latent size only a "no" is certain: activations only add
+    flags = "--frames/--height/--width"
+    if size:
+        verdict = f"{'fits' if ok else 'does NOT fit'} in {gpu:g} GiB"
+    elif ok is False:
+        verdict = f"does NOT fit in {gpu:g} GiB even before the activations (not counted: no {flags} or --data)"
+    else:
+        verdict = f"cannot tell whether it fits in {gpu:g} GiB without {flags} (or --data): activations not counted"
+    total = "total (peak)" if size else "total (without activations)"
+    print(f"  {total:40s} {p['total'] / GIB:9.2f} GiB per GPU: {verdict}")
     if size:
         print("smallest SP degree that fits: " + (str(min_sp) if min_sp else f"none up to {max(fits)} (world {world})"))
     dp = world // sp

@@ -375,10 +375,11 @@ def resolve(path, what="checkpoint"):
         return resolve(step, what)
     named_step, run_config = STEP.fullmatch(os.path.basename(os.path.normpath(path))), is_run_config(path)
     if run_config and not has_transformer and not named_step:
-        raise CheckpointError(f"{what} {path}: no checkpoint yet in this run folder (no step_* folder)")
+        raise CheckpointError(f"{what} {path}: no checkpoint yet in this run folder (no step_* folder: the run has not "
+                              "saved a step)")
     if named_step or run_config:
         if missing := step_missing(path):
-            raise CheckpointError(f"damaged or incomplete {what} {path}: {', '.join(missing)}")
+            raise CheckpointError(f"{what} {path}: damaged or incomplete checkpoint: {', '.join(missing)}")
         run = checks.read_json(os.path.join(path, "config.json"), "run config")
         lora = run.get("stage") == "detail" and not run.get("detail_full")
         return Source(path, "step", path, os.path.join(path, "transformer"), run,

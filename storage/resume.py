@@ -1,33 +1,39 @@
 """Saving and resuming a train.py run (DESIGN sec. 9): the step folder written from every rank (storage/checkpoint.py
-holds its layout), the newest intact one found again, and the run's settings compared before going on from it."""
+holds its layout), the newest intact one found again, the run's settings compared before going on from it, and what a
+run starts from (--teacher / --init) checked before anything loads."""
 import json
 import os
 import random
 import sys
+import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-from storage import integrity
+from storage import checkpoint, integrity
 from storage.checkpoint import RESUMABLE, atomic_dir, save_transformer, step_dir, step_folders, step_missing
+from tools import checks
 
 # run settings a resumed run must share with its checkpoint: the state's shape (never overridable) and
-# what the run trains on and towards (--resume-anyway goes on with the new values)
+# what the run trains on and towards (--resume-anyway goes on with the new values); the data by its content
+# (data.LatentDataset.digest): a moved or copied dataset resumes, one rewritten in place does not
 RESUME_SHAPE = ("stage", "detail_full", "grid_steps", "shift", "lora_rank", "lora_targets", "disc_hidden", "boundaries")
-RESUME_RUN = ("teacher", "init", "data", "batch_size", "grad_accum", "seed", "w_tc", "w_gan", "w_fm", "loss",
+RESUME_RUN = ("teacher", "init", "data_digest", "batch_size", "grad_accum", "seed", "w_tc", "w_gan", "w_fm", "loss",
               "target_ema", "guidance", "cond_drop")
 
 
 def same_run(ckpt, old, settings, anyway=False):
     """Refuse to go on from a checkpoint saved with other RESUME_SHAPE settings, or other RESUME_RUN ones unless
-    `anyway` (then a warning); settings: this run's config values (paths absolute)."""
+    `anyway` (then a warning); settings: this run's config values (paths absolute). A checkpoint saved before
+    runs recorded the data's digest is compared by the --data path."""
     differ = lambda keys: [f"{k}={old.get(k)!r} (now {settings.get(k)!r})" for k in keys  # noqa: E731
                            if k in settings and old.get(k) != settings[k]]
+    run_keys = RESUME_RUN if "data_digest" in old else tuple("data" if k == "data_digest" else k for k in RESUME_RUN)
     if bad := differ(RESUME_SHAPE):
         raise ValueError(f"{ckpt} was saved with {', '.join(bad)}: its state cannot go on in this run")
-    if (bad := differ(RESUME_RUN)) and not anyway:
+    if (bad := differ(run_keys)) and not anyway:
         raise ValueError(f"--resume: {ckpt} was saved with {', '.join(bad)}; use the same flags, another --out, "
                          "or --resume-anyway to go on with the new values")
     for b in bad:
@@ -103,6 +109,7 @@ def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False,
             model = build()
             model.load_state_dict(sd, assign=True)
         with atomic_dir(step_dir(out, step)) as tmp:
+            time.sleep(float(os.environ.get("DCM_TEST_SAVE_SLEEP", 0)))  # test hook: a slow save to signal inside
             if detail_meta is None:
                 save_transformer(model, os.path.join(tmp, "transformer"))
             else:
@@ -115,3 +122,36 @@ def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False,
             integrity.write_checksums(tmp)  # before the folder goes live: every live step folder has them
     if dist.is_initialized():
         dist.barrier()
+
+
+def trim_logs(out, step):
+    """Cut log.jsonl and probes.jsonl back to `step` (a resumed run rewrites what came after) -> the last log row."""
+    row = {}
+    for path in [os.path.join(out, f) for f in ("log.jsonl", "probes.jsonl")]:
+        if os.path.isfile(path):
+            with open(path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            with open(path, "w") as f:
+                f.writelines(keep)
+            row = row or (json.loads(keep[-1]) if keep else {})  # the summary of a run already finished
+    return row
+
+
+def check_sources(args, cfg):
+    """--teacher / --init resolved and verified before any load; --init: the teacher's architecture, a semantic expert."""
+    src = {k: checkpoint.resolve(p, f"--{k}") for k in ("teacher", "init") if (p := getattr(args, k)) and not args.dry_run}
+    if "init" in src and (diff := checks.config_diff(checkpoint.read_config(src["init"].weights), cfg)):
+        raise checks.InputError(f"--init {args.init} is another architecture than the model "
+                                f"({args.teacher or args.config}): " + "; ".join(diff[:6]))
+    if "init" not in src or args.stage != "detail":
+        return
+    parent = os.path.dirname(os.path.normpath(args.init))  # a step's transformer/ given: its step's run config
+    stage = (src["init"].run or (checks.read_json(os.path.join(parent, "config.json"), "run config")
+                                 if checkpoint.is_run_config(parent) else {})).get("stage")
+    if stage not in ("semantic", "detail", None):
+        raise checks.InputError(f"--init {args.init} is a {stage}-stage checkpoint; --stage detail builds on the "
+                                "semantic expert (train it first: --stage semantic --teacher ...)")
+    if stage != "semantic":
+        print(f"warning: --init {args.init} " + ("records no training stage; it is taken as the semantic expert" if stage
+              is None else "is a detail-stage checkpoint: its frozen semantic backbone is used, its adapter is not"),
+              file=sys.stderr)

@@ -79,7 +79,7 @@ def main():
                         uncond={"text": torch.zeros(1, L, cfg.text_embed_dim)})
     full = 4 * n_params
     cases = {
-        "teacher stage (student only)": ["--stage", "teacher", "--teacher", "model"],
+        "teacher stage (student only)": ["--stage", "teacher", "--init", "model"],
         "semantic, fp32 teacher": ["--stage", "semantic", "--teacher", "model"],
         "semantic, bf16 teacher": ["--stage", "semantic", "--teacher", "model", "--dtype", "bf16"],
         "detail, EMA, bf16 teacher": ["--stage", "detail", "--teacher", "model", "--init", "model", "--dtype", "bf16",

@@ -38,10 +38,11 @@ for arch in ("cogvideox", "hunyuan"):
         make_run(folder, CONFIGS[arch])
     dist.barrier()
     base = ["--teacher", str(folder / "t"), "--init", str(folder / "t"), "--data", str(folder / "d"), "--batch-size",
-            "1", "--probe-every", "0", "--save-every", "0", "--device", "cpu", "--lora-rank", "8", "--disc-hidden", "64",
+            "1", "--probe-every", "0", "--save-every", "0", "--device", "cpu",
             "--fsdp"]
     for stage, ckpt in (("semantic", True), ("semantic", False), ("detail", True)):
-        argv = base + ["--stage", stage, "--dtype", "bf16"] + ["--grad-ckpt"] * ckpt
+        argv = base + ["--stage", stage, "--dtype", "bf16"] + ["--grad-ckpt"] * ckpt + (
+            ["--lora-rank", "8", "--disc-hidden", "64"] if stage == "detail" else [])
         got = measured(argv + ["--out", str(folder / f"{stage}{ckpt}")], Patch())
         data.draws = draws
         if rank == 0:

@@ -4,17 +4,22 @@ Text encoding is checked against the diffusers pipelines' own encode_prompt; lat
 diffusers VAE; videos are read back with ffmpeg."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import imageio_ffmpeg as ffmpeg  # the test deps (requirements-dev.txt) include requirements-video.txt's
 
 import data
-from storage import video_io
+from storage import integrity, video_io
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CORPUS = ["a cat walks on the grass", "a dog runs in the park at noon", "the camera pans over a city at night",
           "waves crash on a rocky shore", "a red car drives down a long empty road", "",
@@ -250,11 +255,23 @@ def test_resume_skips_finished_shards(cog_weights, videos, tmp_path, monkeypatch
     monkeypatch.setattr(video_io, "load_vae", lambda *a, **k: pytest.fail("VAE loaded"))
     monkeypatch.setattr(video_io, "TextEncoder", lambda *a, **k: pytest.fail("text encoder loaded"))
     data.encode_dataset(*args, **kw)
-    with pytest.raises(data.DataError, match="other settings .*frames"):
+    with pytest.raises(data.DataError, match="other settings .*frames.*pass --overwrite"):
         data.encode_dataset(*args, **{**kw, "frames": 5})
+    # a folder holding another dataset (no encode.json of these settings) is refused before any model loads
+    other = str(tmp_path / "synthetic")
+    data.synthetic_dataset("tiny-cogvideox", other, num=2)
+    with pytest.raises(data.DataError, match=f"{re.escape(other)} already holds a dataset .*pass --overwrite"):
+        data.encode_dataset(*args[:-1], other, **kw)
+    assert sorted(os.listdir(other)) == ["manifest.json", data.shard_name(0), "uncond.safetensors"]
+    # --overwrite encodes again from scratch: the old shards go, none survives next to the new ones
+    monkeypatch.undo()
+    m = data.encode_dataset(*args, **{**kw, "shard_size": 5}, overwrite=True)
+    assert [s["num"] for s in m["shards"]] == [3] and len(m["skipped"]) == 2
+    assert sorted(os.listdir(out)) == ["encode.json", "manifest.json", data.shard_name(0), "uncond.safetensors"]
+    torch.testing.assert_close(data.LatentDataset(out).tensors["latents"], first)
 
 
-def test_bad_inputs_have_clear_errors(cog_weights, hy_weights, videos, tmp_path):
+def test_bad_inputs_have_clear_errors(cog_weights, hy_weights, videos, tmp_path, capsys):
     caps = tmp_path / "caps.txt"
     caps.write_text("one\ntwo\n")
     args = dict(model="tiny-cogvideox", weights=cog_weights, out=str(tmp_path / "o"), progress=False)
@@ -276,9 +293,78 @@ def test_bad_inputs_have_clear_errors(cog_weights, hy_weights, videos, tmp_path)
         data.encode_dataset(videos, cap, **args, frames=9, height=36, width=32)
     with pytest.raises(ValueError, match="unknown model 'cogvideox'"):
         data.encode_dataset(videos, cap, **{**args, "model": "cogvideox"})
-    with pytest.raises(SystemExit, match="error: .*does not exist"):
+    with pytest.raises(SystemExit) as e:
         data.main(["encode-prompts", "--prompts", str(caps), "--model", "hunyuan-video", "--weights",
                    str(tmp_path / "nowhere"), "--out", str(tmp_path / "c.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and re.match("error: .*does not exist", err), err
+
+
+def synthetic(out, num=4, seed=0):
+    """A tiny-cogvideox synthetic dataset in `out` -> its folder as a string."""
+    data.synthetic_dataset("tiny-cogvideox", str(out), num=num, seed=seed)
+    return str(out)
+
+
+def test_a_file_changed_since_its_manifest_is_refused_by_name(tmp_path):
+    ds = synthetic(tmp_path / "ds")
+    shard, uncond = os.path.join(ds, data.shard_name(0)), os.path.join(ds, "uncond.safetensors")
+    m = data.read_manifest(ds)
+    assert m["shards"][0]["sha256"] == integrity.digest(shard) and m["shards"][0]["bytes"] == os.path.getsize(shard)
+    assert m["uncond_sha256"] == integrity.digest(uncond)
+    for path in (shard, uncond):  # rewritten in place with other tensors of the same shapes
+        keep = open(path, "rb").read()
+        save_file({k: v + 1 if v.is_floating_point() else v for k, v in load_file(path).items()}, path)
+        with pytest.raises(data.DataError, match=re.escape(path) + r" changed since its manifest was written "
+                                                  r"\(sha256 [0-9a-f]{12}\.\.\. != recorded [0-9a-f]{12}\.\.\.\)"):
+            data.LatentDataset(ds)
+        open(path, "wb").write(keep)
+    assert len(data.LatentDataset(ds)) == 4
+
+
+def test_digest_is_the_content_not_the_folder_and_old_manifests_still_load(tmp_path):
+    a = synthetic(tmp_path / "a")
+    digest = data.LatentDataset(a).digest
+    moved = shutil.copytree(a, tmp_path / "moved")
+    assert re.fullmatch("[0-9a-f]{64}", digest) and data.LatentDataset(moved).digest == digest
+    assert data.LatentDataset(synthetic(tmp_path / "b", seed=1)).digest != digest  # other content
+    assert data.LatentDataset(synthetic(tmp_path / "c", num=3)).digest != digest
+    # a manifest written before the digests: loads, its digest computed from the files
+    path = os.path.join(moved, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    m["shards"] = [{"file": s["file"], "num": s["num"]} for s in m["shards"]]
+    del m["uncond_sha256"]
+    with open(path, "w") as f:
+        json.dump(m, f)
+    old = data.LatentDataset(moved)
+    assert old.digest == digest and torch.equal(old.tensors["latents"], data.LatentDataset(a).tensors["latents"])
+
+
+def test_synthetic_refuses_an_existing_dataset_unless_overwrite(tmp_path):
+    out = tmp_path / "ds"
+    g = torch.Generator().manual_seed(0)
+    t = {"latents": torch.randn(4, 4, 2, 4, 4, generator=g), "text": torch.randn(4, 8, 32, generator=g)}
+    data.write_shard(str(out), 0, t)
+    data.write_shard(str(out), 1, t)
+    data.atomic_save_file(t, str(out / "extra.safetensors"))  # a shard the manifest names, not called shard_*
+    names = (data.shard_name(0), data.shard_name(1), "extra.safetensors")
+    data.write_manifest(str(out), model="tiny-cogvideox", latent_shape=[4, 2, 4, 4], vae_scaling_factor=1.0,
+                        shards=[{"file": n, "num": 4} for n in names], uncond={"text": torch.zeros(1, 8, 32)})
+    (out / "notes.txt").write_text("not part of the dataset")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    argv = ["synthetic", "--model", "tiny-cogvideox", "--out", str(out), "--num", "3"]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *argv], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith(f"error: {out} already holds a dataset") and "--overwrite" in lines[0]
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before  # nothing written
+    data.main(argv + ["--overwrite", "--seed", "1"])
+    assert sorted(os.listdir(out)) == ["manifest.json", "notes.txt", data.shard_name(0), "uncond.safetensors"]
+    ds = data.LatentDataset(str(out))
+    assert len(ds) == 3 and ds.manifest["synthetic"] and ds.manifest["num_samples"] == 3
+    assert ds.digest == data.LatentDataset(synthetic(tmp_path / "fresh", num=3, seed=1)).digest
 
 
 def test_encode_prompts_cli(hy_weights, tmp_path):

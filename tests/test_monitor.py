@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from tools import plot
 import sampling
-from test_train import SMALL, make_dataset, read_jsonl, run, tensors
+from test_train import LORA, SMALL, make_dataset, read_jsonl, run, tensors
 
 VAL = ["--sample-every", 1, "--sample-steps", "1,2", "--sample-num", 3]
 
@@ -38,8 +38,9 @@ def rng_of(ckpt):
 def test_validation_sampling_leaves_training_bit_identical(base, tmp_path, stage, extra):
     """Weights, EMA, optimizer, discriminator, RNG states and losses after 2 steps: equal with and without sampling.
     (teacher + FSDP: FSDP2 decides at its first forward, the step-0 validation, which parameters train.)"""
-    argv = ["--stage", stage, "--teacher", base["teacher"], "--init", base["semantic"], "--data", base["data"],
-            "--max-steps", 2, "--batch-size", 2, "--lr", 1e-3, "--target-ema", 0.5, *SMALL, *extra]
+    argv = ["--stage", stage, "--init", base["semantic"], "--data", base["data"], "--max-steps", 2, "--batch-size", 2,
+            "--lr", 1e-3, *SMALL, *extra] + ([] if stage == "teacher" else ["--teacher", base["teacher"], "--target-ema", 0.5])
+    argv += LORA if stage == "detail" else []
     plain = run(*argv, "--out", tmp_path / "plain")
     watched = run(*argv, "--out", tmp_path / "watched", *VAL)
     a, b = tensors(plain["checkpoint"]), tensors(watched["checkpoint"])
@@ -77,12 +78,13 @@ def test_bad_monitor_flags_fail_before_training(base, tmp_path, monkeypatch, cap
                        (["--sample-every", "1", "--sample-decode", str(tmp_path / "nope")], "nope")):
         monkeypatch.setattr(sys, "argv", argv + flags)
         with pytest.raises(SystemExit) as e:
-            train._cli()
-        assert str(e.value).startswith("error: ") and msg in str(e.value), e.value
+            train.cli()
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and msg in err and "\n" not in err, err
         assert not os.path.exists(tmp_path / "x" / "log.jsonl")
     monkeypatch.setattr(sys, "argv", argv + ["--sample-steps", "2,x"])
     with pytest.raises(SystemExit):
-        train._cli()
+        train.cli()
     assert "--sample-steps" in capsys.readouterr().err
 
 

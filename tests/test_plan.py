@@ -65,7 +65,7 @@ def make_run(root, cfg):
     data.write_manifest(root / "d", model="custom", latent_shape=[C, *SIZE], vae_scaling_factor=1.0,
                         shards=[{"file": data.shard_name(0), "num": 2}], uncond=un)
     return ["--teacher", str(root / "t"), "--init", str(root / "t"), "--data", str(root / "d"), "--batch-size", "1",
-            "--probe-every", "0", "--save-every", "0", "--device", "cpu", "--lora-rank", "8", "--disc-hidden", "64"]
+            "--probe-every", "0", "--save-every", "0", "--device", "cpu"]
 
 
 def measured(argv, monkeypatch):
@@ -138,7 +138,8 @@ STEPS = [("cogvideox", "semantic", True, "fp32"), ("cogvideox", "detail", False,
 def test_step_peak_within_15_percent(tmp_path, monkeypatch, arch, stage, ckpt, dtype):
     """The dry run's activations + grads + latents against the measured peak of one real train.py step (CPU, the
     LiveBytes measurement above): within the issue's 15% (measured: 1-7%, see docs/training.md)."""
-    argv = make_run(tmp_path, CONFIGS[arch]) + ["--stage", stage, "--dtype", dtype] + ["--grad-ckpt"] * ckpt
+    argv = make_run(tmp_path, CONFIGS[arch]) + ["--stage", stage, "--dtype", dtype] + ["--grad-ckpt"] * ckpt + (
+        ["--lora-rank", "8", "--disc-hidden", "64"] if stage == "detail" else [])
     got = measured(argv + ["--out", str(tmp_path / "run")], monkeypatch)
     p = train.main(argv + ["--dry-run"])["plan"]
     want = p["total"] - sum(p["static"].values())
@@ -164,7 +165,7 @@ def test_plans_scale_and_answer(capsys):
     assert plan.plan(args, cfg, counts, 1)["passes"] == {}
 
 
-def test_dry_run_bad_input(monkeypatch):
+def test_dry_run_bad_input(monkeypatch, capsys):
     """Impossible sizes: one error line naming the flags, non-zero exit, before any model is built."""
     base = ["train.py", "--stage", "semantic", "--config", "tiny-hunyuan", "--dry-run"]
     for bad, want in ((["--frames", "32", "--height", "91", "--width", "160"], "divisible by the patch"),
@@ -175,6 +176,24 @@ def test_dry_run_bad_input(monkeypatch):
                        "--sp 3 must divide the attention heads (2)")):
         monkeypatch.setattr("sys.argv", base + bad)
         with pytest.raises(SystemExit) as e:
-            train._cli()
-        msg = e.value.code
-        assert isinstance(msg, str) and msg.startswith("error: ") and want in msg and "\n" not in msg, msg
+            train.cli()
+        msg = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and msg.startswith("error: ") and want in msg and "\n" not in msg, msg
+
+
+def test_dry_run_without_a_latent_size_says_it_cannot_tell(capsys):
+    """No --frames/--height/--width, no --data and none in the config (HunyuanVideo's): the activations are not
+    counted, so no "fits" verdict; weights and states alone over --gpu-mem are a certain "does NOT fit"."""
+    base = ["--stage", "semantic", "--config", "tiny-hunyuan", "--dry-run"]
+    r = train.main(base)
+    out = capsys.readouterr().out
+    assert r["fits"] is None and r["min_sp"] is None and r["plan"]["passes"] == {}
+    assert ("cannot tell whether it fits in 80 GiB without --frames/--height/--width (or --data): activations not "
+            "counted") in out
+    assert "fits in 80" not in out.replace("whether it fits in 80", "") and "smallest SP" not in out
+    r = train.main(base + ["--gpu-mem", "0.0001"])  # 0.1 MiB: below the tiny model's ~2 MiB of weights and states
+    out = capsys.readouterr().out
+    assert r["fits"] is False and "does NOT fit in 0.0001 GiB even before the activations" in out
+    r = train.main(base + ["--frames", "2", "--height", "4", "--width", "4"])
+    out = capsys.readouterr().out
+    assert r["fits"] is True and "latent 2x4x4 (from --frames/--height/--width)" in out and "fits in 80 GiB" in out

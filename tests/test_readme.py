@@ -129,7 +129,7 @@ def call(fn, argv):
 
 def runners(mp):
     """script -> its command line in this process (error handling included, as `python SCRIPT` runs it)."""
-    return {"train.py": lambda a: (mp.setattr(sys, "argv", ["train.py", *a]), train._cli()),
+    return {"train.py": lambda a: (mp.setattr(sys, "argv", ["train.py", *a]), train.cli()),
             "sample.py": sample.cli, "data.py": data.main, "eval.py": evaluate.cli, "export.py": export.main,
             "tools/bench.py": bench.main, "tools/plot.py": plot.cli, "toy/run.py": toy_run.main}
 

@@ -1,7 +1,7 @@
 """Bad input and faults (issue 14): every case ends in one `error:` line naming the flag or file (or a loud
 warning where the input is legal), before anything is written; checkpoints prove their integrity.
 
-Cases run in this process through the scripts' command-line entry points (train._cli, sample.cli, bench.main,
+Cases run in this process through the scripts' command-line entry points (train.cli, sample.cli, bench.main,
 data.main); a real subprocess shows that tools/bench.py's command line prints no traceback (train.py's and
 sample.py's are shown in their own test files).
 """
@@ -36,7 +36,7 @@ def fx(tmp_path_factory):
     p = {k: str(r / k) for k in ("data", "teacher", "sem", "det", "cog")}
     data.synthetic_dataset("tiny-hunyuan", p["data"], num=4)
     common = ["--data", p["data"], *QUIET]
-    train.main(["--config", "tiny-hunyuan", "--out", p["teacher"], "--max-steps", "1", *common])
+    train.main(["--config", "tiny-hunyuan", "--stage", "teacher", "--out", p["teacher"], "--max-steps", "1", *common])
     train.main(["--stage", "semantic", "--teacher", p["teacher"], "--out", p["sem"], "--max-steps", "2",
                 "--save-every", "1", *common])
     train.main(["--stage", "detail", "--teacher", p["teacher"], "--init", p["sem"], "--out", p["det"], "--max-steps", "1",
@@ -91,12 +91,13 @@ def nan_weights(folder):
 
 
 def train_err(monkeypatch, capsys, argv):
-    """train._cli on argv -> its one-line message (the exit status is that string: non-zero)."""
+    """train.cli on argv -> its one-line message (exit status 2: bad input)."""
     monkeypatch.setattr(sys, "argv", ["train.py", *map(str, argv)])
     with pytest.raises(SystemExit) as e:
-        train._cli()
-    assert isinstance(e.value.code, str), capsys.readouterr()
-    return e.value.code
+        train.cli()
+    *warnings, err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and all(w.startswith("warning: ") for w in warnings), (e.value.code, warnings, err)
+    return err
 
 
 TRAIN_CASES = {  # name -> (argv builder(fx, out), expected part of the message)
@@ -119,8 +120,25 @@ TRAIN_CASES = {  # name -> (argv builder(fx, out), expected part of the message)
                       "--max-steps 0 must be >= 1"),
     "--max-steps -3": (lambda fx, o: ["--config", "tiny-hunyuan", "--data", fx["data"], "--max-steps", -3, "--out", o],
                        "--max-steps -3 must be >= 1"),
-    "--target-ema 1.5": (lambda fx, o: ["--config", "tiny-hunyuan", "--data", fx["data"], "--target-ema", 1.5, "--out", o],
-                         "--target-ema 1.5 must lie in [0.0, 1.0)"),
+    "--target-ema 1.5": (lambda fx, o: ["--stage", "vcm", "--teacher", fx["teacher"], "--data", fx["data"], "--target-ema",
+                                        1.5, "--out", o], "--target-ema 1.5 must lie in [0.0, 1.0)"),
+    # a flag the stage would ignore, and flags that go with another one (issue 24: nothing passes silently)
+    "teacher stage --teacher": (lambda fx, o: ["--teacher", fx["teacher"], "--data", fx["data"], "--out", o],
+                                "--teacher means nothing to --stage teacher: the teacher stage trains the teacher "
+                                "itself; start it from weights with --init"),
+    "semantic --lora-rank": (lambda fx, o: ["--stage", "semantic", "--teacher", fx["teacher"], "--data", fx["data"],
+                                            "--lora-rank", 4, "--out", o], "--lora-rank means nothing to --stage semantic"),
+    "vcm --kappa": (lambda fx, o: ["--stage", "vcm", "--teacher", fx["teacher"], "--data", fx["data"], "--kappa", 3,
+                                   "--out", o], "--kappa means nothing to --stage vcm (used by --stage semantic / detail)"),
+    "teacher --w-tc": (lambda fx, o: ["--config", "tiny-hunyuan", "--data", fx["data"], "--w-tc", 1, "--out", o],
+                       "--w-tc means nothing to --stage teacher"),
+    "--detail-full --lora-rank": (lambda fx, o: ["--stage", "detail", "--detail-full", "--lora-rank", 8, "--teacher",
+                                                 fx["teacher"], "--init", fx["sem"], "--data", fx["data"], "--out", o],
+                                  "--lora-rank: --detail-full trains no LoRA"),
+    "--frames without --dry-run": (lambda fx, o: ["--config", "tiny-hunyuan", "--data", fx["data"], "--frames", 4,
+                                                  "--out", o], "--frames plans a run: it goes with --dry-run"),
+    "--resume-anyway alone": (lambda fx, o: ["--config", "tiny-hunyuan", "--data", fx["data"], "--resume-anyway",
+                                             "--out", o], "--resume-anyway goes with --resume"),
     "--disc-hidden 33": (lambda fx, o: ["--stage", "detail", "--teacher", fx["teacher"], "--init", fx["sem"],
                                         "--data", fx["data"], "--disc-hidden", 33, "--out", o], "must be a multiple of 32"),
     "--out an existing file": (lambda fx, o: ["--config", "tiny-hunyuan", "--data", fx["data"], "--out", write(o, "x")],
@@ -152,11 +170,17 @@ TRAIN_CASES = {  # name -> (argv builder(fx, out), expected part of the message)
 RESUME_CASES = {"--data": "data2", "--batch-size": 2, "--grad-accum": 2, "--seed": 5, "--w-tc": 0.5, "--teacher": "t2"}
 
 
+def other_data(d):
+    """The dataset in `d` rewritten by `data.py synthetic --overwrite` with other content (another seed)."""
+    data.main(["synthetic", "--model", "tiny-hunyuan", "--out", d, "--num", "4", "--seed", "1", "--overwrite"])
+
+
 @pytest.mark.parametrize("case", sorted(TRAIN_CASES))
 def test_train_bad_input_is_one_line_before_anything_is_written(fx, case, tmp_path, monkeypatch, capsys):
     build, want = TRAIN_CASES[case]
     out = str(tmp_path / "out")
-    msg = train_err(monkeypatch, capsys, build(fx, out))
+    argv = build(fx, out)
+    msg = train_err(monkeypatch, capsys, argv if "--stage" in argv else ["--stage", "teacher", *argv])
     assert msg.startswith("error: ") and want in msg and "\n" not in msg, msg
     assert not os.path.isdir(out) or not os.listdir(out)  # refused before the run folder was filled
 
@@ -164,22 +188,58 @@ def test_train_bad_input_is_one_line_before_anything_is_written(fx, case, tmp_pa
 @pytest.mark.parametrize("flag", sorted(RESUME_CASES))
 def test_resume_refuses_another_run_unless_told(fx, flag, tmp_path, monkeypatch, capsys):
     value = RESUME_CASES[flag]
-    if value in ("data2", "t2"):  # an identical copy elsewhere is still another path: the user must say so
-        value = damaged(fx, f"{'data' if value == 'data2' else 'teacher'}-copy", lambda d: None)
+    if value == "data2":  # the data is compared by content: a copy rewritten with other samples
+        value = damaged(fx, "data-other", other_data)
+    if value == "t2":  # an identical copy elsewhere is still another path: the user must say so
+        value = damaged(fx, "teacher-copy", lambda d: None)
     out = damaged(fx, f"sem-resume{flag}", lambda d: None)
     argv = ["--stage", "semantic", "--teacher", fx["teacher"], "--data", fx["data"], "--out", out, "--max-steps", 3,
             "--resume", *QUIET, flag, value]
     msg = train_err(monkeypatch, capsys, argv)
     assert "--resume-anyway" in msg and flag.lstrip("-").replace("-", "_") in msg, msg
     assert checkpoint.step_folders(out) == ["step_0000001", "step_0000002"]
-    if flag == "--seed":  # the override goes on, loudly
+    if flag in ("--seed", "--data"):  # the override goes on, loudly
         assert train.main(list(map(str, argv)) + ["--resume-anyway"])["step"] == 3
         assert "warning: --resume-anyway" in capsys.readouterr().err
 
 
+def test_resume_follows_the_data_by_content(fx, tmp_path, capsys):
+    """A copy of the dataset in another folder resumes, as if never moved; one changed in place stops the run."""
+    moved = shutil.copytree(fx["data"], tmp_path / "moved")
+    out = damaged(fx, "sem-moved", lambda d: None)
+    argv = ["--stage", "semantic", "--teacher", fx["teacher"], "--max-steps", "3", *QUIET]
+    assert train.main(argv + ["--data", str(moved), "--out", out, "--resume"])["step"] == 3
+    assert "resuming from" in capsys.readouterr().out
+    straight = train.main(argv + ["--data", fx["data"], "--out", str(tmp_path / "straight")])
+    a, b = (load_file(os.path.join(o, "step_0000003", "transformer", checkpoint.WEIGHTS))
+            for o in (out, straight["out"]))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    # a shard rewritten in place (other tensors, same name): the real command line, one line, no traceback
+    changed = damaged(fx, "data-inplace", lambda d: save_file(
+        {k: v + 1 if v.is_floating_point() else v for k, v in load_file(f"{d}/shard_00000.safetensors").items()},
+        f"{d}/shard_00000.safetensors"))
+    out = damaged(fx, "sem-inplace", lambda d: None)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv, "--data", changed, "--out", out,
+                        "--resume"], env=ENV, capture_output=True, text=True, timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith(f"error: {changed}/shard_00000.safetensors changed since its manifest was written")
+    assert checkpoint.step_folders(out) == ["step_0000001", "step_0000002"]
+
+
+def test_a_checkpoint_saved_before_data_digests_is_compared_by_the_data_path():
+    now = {"data": "/new", "data_digest": "ab", "seed": 0}
+    resume.same_run("ckpt", {"data": "/old", "data_digest": "ab", "seed": 0}, now)  # moved, same content: goes on
+    with pytest.raises(ValueError, match="data_digest='cd' .*--resume-anyway"):
+        resume.same_run("ckpt", {"data": "/new", "data_digest": "cd", "seed": 0}, now)
+    resume.same_run("ckpt", {"data": "/new", "seed": 0}, now)  # no digest recorded: the path decides
+    with pytest.raises(ValueError, match="data='/old' .*--resume-anyway"):
+        resume.same_run("ckpt", {"data": "/old", "seed": 0}, now)
+
+
 def test_resume_on_an_empty_out_says_it_starts_at_step_0(fx, tmp_path, capsys):
-    train.main(["--config", "tiny-hunyuan", "--data", fx["data"], "--out", str(tmp_path), "--max-steps", "1",
-                "--resume", *QUIET])
+    train.main(["--config", "tiny-hunyuan", "--stage", "teacher", "--data", fx["data"], "--out", str(tmp_path),
+                "--max-steps", "1", "--resume", *QUIET])
     assert "no checkpoint in" in capsys.readouterr().out
 
 
@@ -288,11 +348,15 @@ def test_synthetic_dataset_and_its_bad_input(tmp_path, capsys):
     ds = data.LatentDataset(str(tmp_path / "c"))
     assert len(ds) == 3 and data.check_fits(models.PRESETS["tiny-cogvideox"], ds.tensors, ds.manifest["latent_shape"],
                                             ds.uncond) == ["text"]
+    capsys.readouterr()
     for argv, want in ((["--model", "bogus"], "is not a preset"), (["--model", "tiny-hunyuan", "--num", "0"], ">= 1"),
-                       (["--model", "tiny-hunyuan", "--height", "3"], "divisible by the patch")):
+                       (["--model", "tiny-hunyuan", "--height", "3"], "divisible by the patch"),
+                       (["--model", "tiny-hunyuan", "--out", str(tmp_path / "c")], "already holds a dataset")):
         with pytest.raises(SystemExit) as e:
             data.main(["synthetic", "--out", str(tmp_path / "x"), *argv])
-        assert str(e.value.code).startswith("error: ") and want in str(e.value.code)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and want in err, err
+    assert not os.path.exists(tmp_path / "x")  # refused before anything was written
 
 
 def test_command_line_prints_no_traceback(fx):

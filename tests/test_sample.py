@@ -21,6 +21,7 @@ import experts
 from storage import integrity
 import model as models
 import sample
+import sampling
 import solver
 import train
 from teacher import Teacher
@@ -56,7 +57,7 @@ def runs(tmp_path_factory):
     init = ["--init", os.path.join(p["sem"], "step_0000001"), "--lora-rank", "4", "--disc-hidden", "32", "--w-gan", "0",
             "--w-fm", "0"]
     train.main(["--stage", "detail", "--out", p["det"], *init, *common])
-    train.main(["--stage", "detail", "--detail-full", "--out", p["od"], *init, *common])
+    train.main(["--stage", "detail", "--detail-full", "--out", p["od"], *init[:2], *init[4:], *common])  # OD: no LoRA rank
     # a 1-step LoRA is ~0: make the detail path really differ from the semantic one
     step = os.path.join(p["det"], "step_0000001")
     expert = experts.DualExpert.from_detail(checkpoint.load_transformer(os.path.join(step, "transformer")),
@@ -271,7 +272,39 @@ def test_command_line_error_has_no_traceback(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0 and "Traceback" not in r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert errors == [f"error: checkpoint {tmp_path / 'missing'} does not exist"]
+    assert errors == [f"error: --ckpt {tmp_path / 'missing'} does not exist"]
+
+
+def test_run_folder_before_its_first_checkpoint(tmp_path):
+    """A run folder holding only the config.json train.py writes before its first save: one line saying so (not
+    "damaged or incomplete"), exit status 2, no traceback, nothing written to --out."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = models.config_to_dict(models.PRESETS["tiny-cogvideox"])
+    data.atomic_write_json({"stage": "teacher", "model_config": cfg, "out": str(run)}, str(run / "config.json"))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(run), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"error: --ckpt {run}: no checkpoint yet in this run folder (no step_* folder: the run has not saved a step)"]
+    assert not os.path.exists(tmp_path / "o") and sorted(os.listdir(run)) == ["config.json"]
+
+
+def test_the_latent_size_line_says_where_the_size_came_from(tmp_path, capsys):
+    """sample.py prints the latent size it samples and its source: the run's dataset manifest, the flags (all or some),
+    or the model's full-size default when no dataset is recorded (the authors' students, a transformer folder)."""
+    pixel_checkpoint(str(tmp_path / "toy"))
+    argv = ["--ckpt", str(tmp_path / "toy"), "--steps", "1", "--out", str(tmp_path / "o")]
+    manifest = "the run's dataset manifest"
+    for flags, size, source in (([], [4, 8, 8], manifest),
+                                (["--frames", "2", "--height", "4", "--width", "6"], [2, 4, 6], "--frames/--height/--width"),
+                                (["--height", "4"], [4, 4, 8], f"--height, the rest from {manifest}")):
+        s = sample.main(argv + flags)
+        assert f"latent [3, {', '.join(map(str, size))}] from {source}" in capsys.readouterr().out.splitlines()
+        assert list(s["latents"].shape[2:]) == size
+    wan = {"cfg": models.PRESETS["wan2.1-t2v-1.3b"], "run": {}}  # the authors' Wan student: no run, no dataset
+    assert sampling.latent_size(wan) == sampling.WAN_LATENT
+    assert capsys.readouterr().out == ("latent [16, 21, 60, 104] from the model's full-size default (no dataset recorded; "
+                                       "pass --frames/--height/--width)\n")
 
 
 def test_points_option_picks_the_schedule(runs, tmp_path, capsys):

@@ -9,6 +9,8 @@ from toy import metrics as tm
 
 import data
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_make_batch_is_deterministic_and_well_formed():
     spec = toy_data.ToySpec()
@@ -159,14 +161,25 @@ def test_spread_marker():
     assert not bench.exceeds({"fd": {"mean": 1.0, "std": 0.0, "n": 1}}, {"fd": {"mean": 2.0, "std": 0.0, "n": 1}}, "fd")
 
 
-def test_quick_run_end_to_end(tmp_path, capsys):
+def doc_command(doc, marker="# run by tests/test_toy.py"):
+    """argv (after `python sample.py`) of the one sample.py command of doc marked as run here."""
+    import shlex
+    with open(os.path.join(ROOT, doc)) as f:
+        found = [shlex.split(ln.split(marker)[0]) for ln in f if ln.startswith("python sample.py") and marker in ln]
+    assert len(found) == 1, found
+    return found[0][2:]
+
+
+def test_quick_run_end_to_end(tmp_path, capsys, monkeypatch):
     """`python toy/run.py --quick`: every artefact written, every model scored at every step count with spreads
-    over training seeds for the headline rows, and the report states the TC/CD gradient ratio it calibrated."""
+    over training seeds for the headline rows, and the report states the TC/CD gradient ratio it calibrated; then
+    docs/sampling.md's toy sample.py command, as written, on its DCM student (GIF + MP4)."""
     import json
     import math
     import re
+    import sample
     from toy import run
-    out = str(tmp_path / "toy")
+    out = str(tmp_path / "out" / "toy-quick")  # the quick run's default folder, under tmp_path
     summary = run.main(["--quick", "--out", out, "--workers", "2"])
     console = capsys.readouterr()  # progress reaches the console: bars of this process, a line per worker's run
     assert "teacher: 100%" in console.err and "[toy] distil dcm_s0: " in console.out
@@ -205,6 +218,14 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert "samples.gif" in report and "kappa" in report and "train_losses.png" in report
     assert "validation_step_0000003_4step.gif" in report  # the validation grids of train.py, next to the report
     assert os.path.getsize(os.path.join(out, "validation_step_0000003_4step.gif")) > 0
+    monkeypatch.chdir(tmp_path)  # the documented command's relative paths: out/toy-quick/runs/dcm_s0 -> samples/...
+    argv = doc_command("docs/sampling.md")
+    s = sample.main(argv)
+    assert argv[argv.index("--ckpt") + 1] == "out/toy-quick/runs/dcm_s0" and s["mode"] == "dual"
+    n, folder = int(argv[argv.index("--num") + 1]), argv[argv.index("--out") + 1]
+    assert sorted(os.path.relpath(v, folder) for v in s["videos"]) == sorted(
+        f"sample_{i:03d}{ext}" for i in range(n) for ext in (".gif", ".mp4"))
+    assert all(os.path.getsize(v) > 0 for v in s["videos"])
 
 
 def test_the_committed_teacher_is_verified_trained_and_of_the_recipe_in_the_code(clf):

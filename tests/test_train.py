@@ -13,11 +13,13 @@ from safetensors.torch import load_file
 import data
 import model
 import train
+from tools import checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = ["tiny-cogvideox", "tiny-hunyuan", "tiny-wan"]
 KAPPA = {"tiny-wan": 34}  # the authors' Wan cut (randint(35, 50)); 37 for the others
-SMALL = ["--lora-rank", "4", "--disc-hidden", "32", "--probe-every", "1", "--device", "cpu"]  # CPU: bit-exact, gloo
+SMALL = ["--probe-every", "1", "--device", "cpu"]  # CPU: bit-exact, gloo
+LORA = ["--lora-rank", "4", "--disc-hidden", "32"]  # detail-stage flags (the other stages refuse them)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
 
@@ -119,7 +121,7 @@ def test_baselines_and_detail(base, preset, tmp_path):
             assert json.load(f)["boundaries"] == bounds
         assert set(r["losses"]) >= {"cd", "loss"} and "tc" not in r["losses"]
     sem = b["semantic"]["checkpoint"]
-    r = run("--stage", "detail", "--init", sem, "--out", tmp_path / "detail", "--lr", 1e-3, *common)
+    r = run("--stage", "detail", "--init", sem, "--out", tmp_path / "detail", "--lr", 1e-3, *common, *LORA)
     assert {"cd", "gan_g", "fm", "d", "d_grad_norm"} <= set(r["losses"])
     assert r["losses"]["loss"] == pytest.approx(r["losses"]["cd"] + 0.5 * r["losses"]["gan_g"] + 0.1 * r["losses"]["fm"], rel=1e-5)
     # frozen semantic weights stay bit-identical; the adapter moved
@@ -131,7 +133,8 @@ def test_baselines_and_detail(base, preset, tmp_path):
         cfg = json.load(f)
     assert cfg["trainable"] < cfg["params"] and cfg["k_range"] == [0, KAPPA.get(preset, 37)]
     # ablation OD, no GAN / FM: a full copy, every weight trainable
-    r = run("--stage", "detail", "--detail-full", "--init", sem, "--out", tmp_path / "od", "--w-gan", 0, "--w-fm", 0, *common)
+    r = run("--stage", "detail", "--detail-full", "--init", sem, "--out", tmp_path / "od", "--w-gan", 0, "--w-fm", 0, *common,
+            "--disc-hidden", 32)
     assert not {"gan_g", "fm", "d"} & set(r["losses"]) and not os.path.exists(os.path.join(r["checkpoint"], "detail.safetensors"))
     with open(os.path.join(r["checkpoint"], "config.json")) as f:
         cfg = json.load(f)
@@ -143,7 +146,7 @@ def test_teacher_loss_falls(tmp_path, preset):
     """One latent repeated: the diffusion loss (flow: logit-normal sigma; vpred: uniform t) must fall."""
     pattern = torch.randn(1, model.PRESETS[preset].in_channels, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     d = make_dataset(tmp_path / "data", preset, n=4, latents=pattern.repeat(4, 1, 1, 1, 1))
-    run("--config", preset, "--data", d, "--out", tmp_path / "run", "--max-steps", 150, "--batch-size", 4, "--lr", 1e-2,
+    run("--config", preset, "--stage", "teacher", "--data", d, "--out", tmp_path / "run", "--max-steps", 150, "--batch-size", 4, "--lr", 1e-2,
         "--probe-every", 0, "--save-every", 0, "--device", "cpu")
     losses = [r["diffusion"] for r in read_jsonl(tmp_path / "run" / "log.jsonl")]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
@@ -156,7 +159,7 @@ def test_exact_resume(base, tmp_path, stage, preset, capsys):
     # batch 3 of 8 samples, 2 micro-steps: the data order wraps an epoch mid-run
     argv = ["--stage", stage, "--teacher", b["teacher"]["checkpoint"], "--init", b["semantic"]["checkpoint"],
             "--data", b["data"], "--batch-size", 3, "--grad-accum", 2, "--lr", 1e-3, "--target-ema", 0.9,
-            "--save-every", 2, *SMALL]
+            "--save-every", 2, *SMALL, *(LORA if stage == "detail" else [])]
     straight = run(*argv, "--out", tmp_path / "a", "--max-steps", 4)
     run(*argv, "--out", tmp_path / "b", "--max-steps", 2)
     run(*argv, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
@@ -187,7 +190,7 @@ def test_torchrun_ddp_and_fsdp(base, tmp_path):
     """2 gloo ranks x batch 2 == 1 process x batch 4 (one step), for DDP and FSDP2, detail stage (LoRA, GAN, EMA)."""
     b = base("tiny-cogvideox")
     argv = ["--stage", "detail", "--teacher", b["teacher"]["checkpoint"], "--init", b["semantic"]["checkpoint"],
-            "--data", b["data"], "--max-steps", 1, "--lr", 1e-3, "--target-ema", 0.5, *SMALL]
+            "--data", b["data"], "--max-steps", 1, "--lr", 1e-3, "--target-ema", 0.5, *SMALL, *LORA]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "tests", "_ddp_check.py"), str(tmp_path), *map(str, argv), "--batch-size", "2"]
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
@@ -208,10 +211,10 @@ def test_torchrun_ddp_and_fsdp(base, tmp_path):
 
 
 def cli(monkeypatch, *argv):
-    """train.py's command line in-process: the SystemExit message it ends with."""
+    """train.py's command line in-process: its exit status (the message is on stderr)."""
     monkeypatch.setattr(sys, "argv", ["train.py", *map(str, argv)])
     with pytest.raises(SystemExit) as e:
-        train._cli()
+        train.cli()
     return e.value.code
 
 
@@ -226,23 +229,26 @@ def test_bad_input(base, tmp_path, monkeypatch, capsys):
     shutil.copytree(teacher, incomplete)
     os.remove(incomplete / "train_state.pt")
     cases = {
-        "neither a preset": ["--config", "no-such-model", "--data", b["data"]],
-        "does not fit model": ["--config", "tiny-cogvideox", "--data", h],
+        "neither a preset": ["--stage", "teacher", "--config", "no-such-model", "--data", b["data"]],
+        "does not fit model": ["--stage", "teacher", "--config", "tiny-cogvideox", "--data", h],
         "needs --init": ["--stage", "detail", "--teacher", teacher, "--data", b["data"]],
         "needs --teacher": ["--stage", "semantic", "--data", b["data"]],
         "cannot load": ["--stage", "semantic", "--teacher", broken, "--data", b["data"], "--out", tmp_path / "x"],
-        "no complete checkpoint": ["--teacher", teacher, "--data", b["data"], "--out", incomplete.parent, "--resume"],
-        "already holds checkpoints": ["--teacher", teacher, "--data", b["data"], "--out", b["teacher"]["out"]],
-        "is not a dataset": ["--config", "tiny-cogvideox", "--data", tmp_path],
+        "no complete checkpoint": ["--stage", "teacher", "--init", teacher, "--data", b["data"], "--out",
+                                   incomplete.parent, "--resume"],
+        "already holds checkpoints": ["--stage", "teacher", "--init", teacher, "--data", b["data"], "--out",
+                                      b["teacher"]["out"]],
+        "is not a dataset": ["--stage", "teacher", "--config", "tiny-cogvideox", "--data", tmp_path],
     }
     for want, argv in cases.items():
-        msg = cli(monkeypatch, *argv)
-        assert isinstance(msg, str) and msg.startswith("error: ") and want in msg, (want, msg)
+        assert cli(monkeypatch, *argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # (after a warning naming a skipped checkpoint)
+        assert err.startswith("error: ") and want in err, (want, err)
     assert cli(monkeypatch, "--stage", "bogus") == 2 and "invalid choice" in capsys.readouterr().err
-    # the real command line: one line on stderr, exit 1, no traceback
+    # the real command line: one line on stderr, exit 2 (bad input, as argparse), no traceback
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "detail", "--data", b["data"]],
                        env=ENV, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 1 and p.stderr.strip().startswith("error: ") and "Traceback" not in p.stderr
+    assert p.returncode == 2 and p.stderr.strip().startswith("error: ") and "Traceback" not in p.stderr
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(base, tmp_path, monkeypatch):
@@ -250,7 +256,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(base, tmp_path, monkeypatch):
     argv = ["--stage", "semantic", "--teacher", b["teacher"]["checkpoint"], "--data", b["data"], "--out", tmp_path,
             "--max-steps", 4, "--save-every", 2, "--batch-size", 2, *SMALL]
     monkeypatch.setenv("DCM_TRAIN_NAN_AT_STEP", "3")
-    with pytest.raises(train.TrainError, match=r"non-finite .* at step 3.*step_0000002"):
+    with pytest.raises(checks.RunFailed, match=r"non-finite .* at step 3.*step_0000002"):
         run(*argv)
     assert sorted(d for d in os.listdir(tmp_path) if d.startswith("step")) == ["step_0000002"]
     assert [r["step"] for r in read_jsonl(tmp_path / "log.jsonl")] == [1, 2]
@@ -277,7 +283,7 @@ def test_d_lr_and_betas_reach_the_optimizer_and_the_training_signals_are_logged(
     b = base("tiny-hunyuan")
     r = run("--stage", "detail", "--teacher", b["teacher"]["checkpoint"], "--init", b["semantic"]["checkpoint"],
             "--data", b["data"], "--max-steps", 1, "--batch-size", 2, "--d-lr", 3e-4, "--d-betas", 0.5, 0.9,
-            "--out", tmp_path / "d", *SMALL)
+            "--out", tmp_path / "d", *SMALL, *LORA)
     state = torch.load(os.path.join(r["checkpoint"], "train_state.pt"), weights_only=False)
     assert [(g["lr"], tuple(g["betas"])) for g in state["d_opt"]["param_groups"]] == [(3e-4, (0.5, 0.9))]
     row = read_jsonl(tmp_path / "d" / "log.jsonl")[0]
@@ -300,8 +306,8 @@ def test_flow_teacher_without_guidance_input_trains_with_condition_dropout(tmp_p
         return str(d)
     real = write(tmp_path / "real", {"text": b["text"], "pooled": b["pooled"]})
     empty = write(tmp_path / "empty", {k: v.expand(4, *v.shape[1:]).clone() for k, v in un.items()})
-    argv = ["--config", os.path.join(ROOT, "toy", "config.json"), "--max-steps", 2, "--batch-size", 2, "--lr", 1e-3,
-            "--probe-every", 0, "--save-every", 0, "--device", "cpu", "--shift", 3]
+    argv = ["--config", os.path.join(ROOT, "toy", "config.json"), "--stage", "teacher", "--max-steps", 2, "--batch-size",
+            2, "--lr", 1e-3, "--probe-every", 0, "--save-every", 0, "--device", "cpu", "--shift", 3]
     out = {name: run(*argv, "--data", d, "--cond-drop", p, "--out", tmp_path / name)
            for name, d, p in (("dropped", real, 1.0), ("empty", empty, 0.0), ("kept", real, 0.0))}
     loss = {n: [r["diffusion"] for r in read_jsonl(tmp_path / n / "log.jsonl")] for n in out}

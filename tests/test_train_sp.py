@@ -17,7 +17,7 @@ import model
 import sample
 import sampling
 import train
-from test_train import ENV, ROOT, SMALL, make_dataset, read_jsonl, run, tensors
+from test_train import ENV, LORA, ROOT, SMALL, make_dataset, read_jsonl, run, tensors
 
 SHAPE = (5, 6, 6)  # latent F, H, W: 5 x 3 x 3 = 45 tokens, split 23 + 22 (+1 padding); TC stride 3 spans the edge
 REL = 1e-4
@@ -76,7 +76,7 @@ def test_sp2_and_sp2xdp2_equal_one_process(models, tmp_path):
     (cdata, cmodel), (hdata, hmodel) = models["tiny-cogvideox"], models["tiny-hunyuan"]
     common = ["--batch-size", 2, "--lr", 1e-4, "--save-every", 2, "--target-ema", 0.5, *SMALL]
     sem = ["--stage", "semantic", "--teacher", cmodel, "--data", cdata, *common]
-    det = ["--stage", "detail", "--teacher", hmodel, "--init", hmodel, "--data", hdata, *common]
+    det = ["--stage", "detail", "--teacher", hmodel, "--init", hmodel, "--data", hdata, *common, *LORA]
     sp = ["--sp", 2]
     samp = ["--ckpt", tmp_path / "det_sp", "--num", 2, "--seed", 3, "--device", "cpu"]
     secs = torchrun(2, [
@@ -114,21 +114,22 @@ def test_sp2_and_sp2xdp2_equal_one_process(models, tmp_path):
     print({k: f"{v:.1e}" for k, v in errs.items()})
 
 
-def test_bad_sp(models, tmp_path, monkeypatch):
+def test_bad_sp(models, tmp_path, monkeypatch, capsys):
     """--sp without torchrun, not dividing the heads or the world: one error line, before any model is loaded."""
     data, path = models["tiny-cogvideox"]
     argv = ["--stage", "semantic", "--teacher", path, "--data", data, "--out", tmp_path / "x", "--device", "cpu"]
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, argv), "--sp", "2"], env=ENV,
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 1 and p.stderr.strip().startswith("error: --sp 2 needs N processes per sample: launch "
+    assert p.returncode == 2 and p.stderr.strip().startswith("error: --sp 2 needs N processes per sample: launch "
                                                               "with torchrun") and len(p.stderr.strip().splitlines()) == 1
     monkeypatch.setenv("RANK", "0")  # as under torchrun; the checks come before any process group
     for sp, world, want in ((3, 3, "must divide the model's 2 attention heads"), (2, 3, "must divide the world size 3")):
         monkeypatch.setenv("WORLD_SIZE", str(world))
         monkeypatch.setattr(sys, "argv", ["train.py", *map(str, argv), "--sp", str(sp)])
         with pytest.raises(SystemExit) as e:
-            train._cli()
-        assert str(e.value.code).startswith("error: --sp ") and want in str(e.value.code), e.value.code
+            train.cli()
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: --sp ") and want in err, err
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(sampling.SampleError, match="launch exactly 2 processes"):
         sample.main(["--ckpt", path, "--teacher", "--sp", "2"])

@@ -9,13 +9,38 @@ naming it, before any expensive work starts (a traceback or a silently wrong res
 """
 import json
 import os
+import sys
 from contextlib import contextmanager
 
 import torch
 
+from storage import preempt
+
 
 class InputError(ValueError):
-    """A bad flag or file; the command lines print it as one `error:` line and exit non-zero."""
+    """A bad flag or file; the command lines print it as one `error:` line and exit 2 (as argparse does)."""
+
+
+class RunFailed(Exception):
+    """Work that started and failed (a diverged loss): one `error:` line, exit 1."""
+
+
+def cli(main, argv=None):
+    """Every command line's main(argv): bad input (ValueError and its kin) -> one `error:` line, exit 2, as argparse;
+    RunFailed -> one line, exit 1; a signal -> its line, 130 (SIGINT) / 143 (SIGTERM). DCM_TRACEBACK=1 re-raises."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, ImportError, RunFailed, preempt.Interrupted, KeyboardInterrupt) as e:
+        if os.environ.get("DCM_TRACEBACK"):
+            raise
+        code = 130 if isinstance(e, KeyboardInterrupt) else getattr(e, "code", 1 if isinstance(e, RunFailed) else 2)
+        line = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
+        if isinstance(e, KeyboardInterrupt):
+            line = "interrupted (Ctrl-C): nothing saved"
+        if not isinstance(e, preempt.Interrupted) or str(e):
+            print(line if isinstance(e, (preempt.Interrupted, KeyboardInterrupt)) else f"error: {line}", file=sys.stderr)
+        raise SystemExit(code) from None
+    return 0
 
 
 def device(name, flag="--device"):
@@ -135,8 +160,29 @@ def at_least(args, minimum, *names):
             raise InputError(f"--{name.replace('_', '-')} {v} must be >= {minimum}")
 
 
-def train_args(args):
-    """train.py's flags that argparse cannot check alone (one InputError naming the flag)."""
+# train.py flags -> the stages that use them; given to another stage they would be ignored, so they are refused
+STAGE_FLAGS = {**dict.fromkeys(("detail_full", "lora_rank", "lora_targets", "disc_hidden", "d_lr", "d_betas", "w_gan",
+                                "w_fm"), ("detail",)),
+               "kappa": ("semantic", "detail"), "phases": ("pcm",), "cond_drop": ("teacher",),
+               **dict.fromkeys(("teacher", "w_tc", "target_ema", "loss"), ("vcm", "pcm", "semantic", "detail"))}
+DRY_RUN_FLAGS = ("world_size", "frames", "height", "width", "gpu_mem")
+
+
+def train_args(args, given=()):
+    """train.py's flags that argparse cannot check alone (one InputError naming the flag); `given`: the flags the
+    command line named (argparse dests), each refused where the run would ignore it."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for name in sorted(given):
+        if args.stage not in STAGE_FLAGS.get(name, (args.stage,)):
+            hint = (": the teacher stage trains the teacher itself; start it from weights with --init"
+                    if name == "teacher" else f" (used by --stage {' / '.join(STAGE_FLAGS[name])})")
+            raise InputError(f"{flag(name)} means nothing to --stage {args.stage}{hint}")
+        if name in DRY_RUN_FLAGS and not args.dry_run:
+            raise InputError(f"{flag(name)} plans a run: it goes with --dry-run")
+    if "resume_anyway" in given and not args.resume:
+        raise InputError("--resume-anyway goes with --resume")
+    if args.detail_full and given & {"lora_rank", "lora_targets"}:
+        raise InputError(f"{flag(min(given & {'lora_rank', 'lora_targets'}))}: --detail-full trains no LoRA")
     if args.stage == "detail" and not args.init:
         raise InputError("--stage detail needs --init: the semantic expert checkpoint to build on")
     if args.stage != "teacher" and not (args.teacher or args.dry_run):

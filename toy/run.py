@@ -270,7 +270,7 @@ def main(argv=None):
             res = jobs.train_run(out, f"teacher_{i}", common + prev + [
                 "--config", CONFIG, "--stage", "teacher", "--max-steps", str(steps), "--batch-size", str(S.batch),
                 "--lr", str(lr), "--probe-every", "0", "--cond-drop", str(S.cond_drop), "--seed", str(args.seed)])
-            prev, teacher_ckpt = ["--teacher", res["checkpoint"]], res["checkpoint"]
+            prev, teacher_ckpt = ["--init", res["checkpoint"]], res["checkpoint"]
             stages.append(teacher_ckpt)
         tmodel, tinfo = sampling.load_student(teacher_ckpt)
         if tinfo["mode"] != "teacher" or tinfo["run"].get("data_manifest", {}).get("toy_spec") != asdict(spec):
@@ -307,13 +307,16 @@ def main(argv=None):
                "grid_sigma": grid.sigma.tolist()}
         print(f"[toy] kappa = {kappa} ({kinfo}); checks {[c['kappa'] for c in sm['kappa_checks'].values()]}", flush=True)
 
-    dist = common + ["--teacher", teacher_ckpt, "--lora-rank", str(S.lora_rank), "--disc-hidden", str(S.disc_hidden),
-                     "--batch-size", str(S.student_batch), "--guidance", str(guidance), "--d-lr", str(S.d_lr)]
+    dist = common + ["--teacher", teacher_ckpt, "--batch-size", str(S.student_batch), "--guidance", str(guidance)]
     runs, run_s = {}, {}
 
     def argv(extra, seed=0, k=kappa, probe=S.probe_every * 3, save=0):
-        return dist + ["--kappa", str(k), "--seed", str(args.seed + seed), "--probe-every", str(probe),
-                       "--save-every", str(save)] + extra
+        """A student's flags: train.py refuses a flag its stage would ignore, so each stage gets only its own."""
+        stage = extra[extra.index("--stage") + 1]
+        own = (["--kappa", str(k)] if stage in ("semantic", "detail") else []) + (
+            ["--disc-hidden", str(S.disc_hidden), "--d-lr", str(S.d_lr)] if stage == "detail" else []) + (
+            ["--lora-rank", str(S.lora_rank)] if stage == "detail" and "--detail-full" not in extra else [])
+        return dist + own + ["--seed", str(args.seed + seed), "--probe-every", str(probe), "--save-every", str(save)] + extra
 
     def train_all(phase, todo):
         """{name: argv} training runs, side by side in args.workers processes (toy/jobs.py)."""
