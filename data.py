@@ -463,7 +463,6 @@ def synthetic_dataset(model, out, num=8, frames=2, height=4, width=4, text_len=8
 
 def main(argv=None):
     import argparse
-    import sys
     p = argparse.ArgumentParser(prog="data.py", description="Encode real videos/prompts for DCM.")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("encode", help="videos + captions -> latent dataset folder")
@@ -500,19 +499,18 @@ def main(argv=None):
         a.add_argument("--device", help="default: cuda if available")
         a.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 on cuda, else fp32)")
     args = p.parse_args(argv)
-    try:
+
+    def run(_):
         if args.cmd == "synthetic":
-            synthetic_dataset(args.model, args.out, args.num, args.frames, args.height, args.width, args.text_len,
-                              args.seed, args.overwrite)
-        elif args.cmd == "encode":
-            encode_dataset(args.videos, args.captions, args.model, args.weights, args.out, args.frames, args.height,
-                           args.width, args.shard_size, args.stride, args.fps, args.posterior, args.seed,
-                           args.device, args.dtype, args.save_dtype, args.tiling, overwrite=args.overwrite)
-        else:
-            encode_prompts(args.prompts, args.model, args.weights, args.out, args.device, args.dtype)
-    except (DataError, ValueError, FileNotFoundError, ImportError) as err:  # bad input: one line, exit 2
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+            return synthetic_dataset(args.model, args.out, args.num, args.frames, args.height, args.width,
+                                     args.text_len, args.seed, args.overwrite)
+        if args.cmd == "encode":
+            return encode_dataset(args.videos, args.captions, args.model, args.weights, args.out, args.frames,
+                                  args.height, args.width, args.shard_size, args.stride, args.fps, args.posterior,
+                                  args.seed, args.device, args.dtype, args.save_dtype, args.tiling,
+                                  overwrite=args.overwrite)
+        return encode_prompts(args.prompts, args.model, args.weights, args.out, args.device, args.dtype)
+    return checks.cli(run)  # bad input: one line, exit 2
 
 
 if __name__ == "__main__":

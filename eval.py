@@ -34,6 +34,7 @@ import data
 import sampling
 from storage import checkpoint
 from teacher import Teacher
+from tools import checks
 
 QUALITY = ("subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
            "aesthetic_quality", "imaging_quality", "dynamic_degree")
@@ -316,14 +317,8 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    try:
-        main(argv)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # EvalError, SampleError, DataError, weights folders
-        if os.environ.get("DCM_TRACEBACK"):
-            raise
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return 0
+    """main() as a command line: bad input is one `error:` line and exit 2 (tools/checks.cli)."""
+    return checks.cli(main, argv)
 
 
 if __name__ == "__main__":

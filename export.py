@@ -14,6 +14,7 @@ import torch
 import experts
 import solver
 from storage import checkpoint, released
+from tools import checks
 
 
 def authors(args):
@@ -44,13 +45,7 @@ def main(argv=None):
     e.add_argument("--out", required=True, help="output transformer/ folder")
     e.add_argument("--dtype", default="keep", choices=("keep", "fp32", "bf16"), help="their release is bf16")
     args = p.parse_args(argv)
-    try:
-        {"authors": authors}[args.cmd](args)
-    except (ValueError, FileNotFoundError) as err:
-        if os.environ.get("DCM_TRACEBACK"):
-            raise
-        print(f"error: {'; '.join(ln.strip() for ln in str(err).splitlines() if ln.strip())}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return checks.cli(lambda _: {"authors": authors}[args.cmd](args))  # bad input: one line, exit 2
 
 
 if __name__ == "__main__":

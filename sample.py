@@ -184,16 +184,8 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """main() with known bad input turned into one line on stderr and exit status 2 (DCM_TRACEBACK=1 re-raises)."""
-    try:
-        main(argv)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # SampleError, DataError, checkpoint/model errors
-        if os.environ.get("DCM_TRACEBACK"):
-            raise
-        print(f"error: {'; '.join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__}",
-              file=sys.stderr)
-        raise SystemExit(2) from None
-    return 0
+    """main() as a command line: bad input is one `error:` line and exit 2 (tools/checks.cli)."""
+    return checks.cli(main, argv)
 
 
 if __name__ == "__main__":

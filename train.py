@@ -396,7 +396,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
         row = dict(zip(sorted(sums) + ["grad_norm", "d_grad_norm"], row))
         bad = [k for k, v in row.items() if not np.isfinite(v)]
         if bad:  # stop before the update: the last checkpoint stays the last good state
-            good = checkpoint.latest_step(out, checkpoint.RESUMABLE, quiet=True)
+            good, _ = checkpoint.latest_step(out, checkpoint.RESUMABLE, quiet=True), bar.close()
             raise checks.RunFailed(f"non-finite {', '.join(bad)} at step {step + 1}; stopped before the update, "
                              f"last good checkpoint: {good or 'none'}")
         for o in [opt] + ([d_opt] if d_opt else []):

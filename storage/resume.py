@@ -28,8 +28,10 @@ def same_run(ckpt, old, settings, anyway=False):
     """Refuse to go on from a checkpoint saved with other RESUME_SHAPE settings, or other RESUME_RUN ones unless
     `anyway` (then a warning); settings: this run's config values (paths absolute). A checkpoint saved before
     runs recorded the data's digest is compared by the --data path."""
-    differ = lambda keys: [f"{k}={old.get(k)!r} (now {settings.get(k)!r})" for k in keys  # noqa: E731
-                           if k in settings and old.get(k) != settings[k]]
+    def differ(keys):
+        show = lambda k, v: f"{v[:12]}..." if k == "data_digest" and v else repr(v)  # noqa: E731 - 64 hex digits
+        return [f"{k}={show(k, old.get(k))} (now {show(k, settings.get(k))})" for k in keys
+                if k in settings and old.get(k) != settings[k]]
     run_keys = RESUME_RUN if "data_digest" in old else tuple("data" if k == "data_digest" else k for k in RESUME_RUN)
     if bad := differ(RESUME_SHAPE):
         raise ValueError(f"{ckpt} was saved with {', '.join(bad)}: its state cannot go on in this run")

@@ -230,7 +230,7 @@ def test_resume_follows_the_data_by_content(fx, tmp_path, capsys):
 def test_a_checkpoint_saved_before_data_digests_is_compared_by_the_data_path():
     now = {"data": "/new", "data_digest": "ab", "seed": 0}
     resume.same_run("ckpt", {"data": "/old", "data_digest": "ab", "seed": 0}, now)  # moved, same content: goes on
-    with pytest.raises(ValueError, match="data_digest='cd' .*--resume-anyway"):
+    with pytest.raises(ValueError, match=r"data_digest=cd\.\.\. \(now ab\.\.\.\).*--resume-anyway"):
         resume.same_run("ckpt", {"data": "/new", "data_digest": "cd", "seed": 0}, now)
     resume.same_run("ckpt", {"data": "/new", "seed": 0}, now)  # no digest recorded: the path decides
     with pytest.raises(ValueError, match="data='/old' .*--resume-anyway"):
@@ -366,4 +366,41 @@ def test_command_line_prints_no_traceback(fx):
         p = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], env=ENV, capture_output=True,
                            text=True, timeout=120)
         lines = p.stderr.strip().splitlines()
-        assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+
+
+def test_exit_status_convention(fx, tmp_path):
+    """Real processes, one convention: 2 for bad input (argparse's own included), 1 for a run that failed while
+    working; one line each, no traceback, nothing written."""
+    base = [sys.executable, os.path.join(ROOT, "train.py"), "--data", fx["data"], "--device", "cpu"]
+    cases = {  # name -> (argv, env, status, the line's start)
+        "no --stage": (["--config", "tiny-hunyuan", "--out", tmp_path / "a"], {}, 2, "usage: "),
+        "--teacher given to the teacher stage": (["--stage", "teacher", "--teacher", fx["teacher"], "--out",
+                                                  tmp_path / "b"], {}, 2, "error: --teacher means nothing"),
+        "the loss turns NaN at step 1": (["--stage", "teacher", "--config", "tiny-hunyuan", "--out", tmp_path / "c",
+                                          "--probe-every", "0"], {"DCM_TRAIN_NAN_AT_STEP": "1"}, 1,
+                                         "error: non-finite "),
+    }
+    procs = {k: subprocess.Popen(base + [str(a) for a in argv], env={**ENV, **env}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for k, (argv, env, _, _) in cases.items()}
+    for name, p in procs.items():  # side by side: each pays the torch import once
+        _, err = p.communicate(timeout=120)
+        *_, code, start = cases[name]
+        lines = [ln for ln in err.splitlines() if not ln.startswith(("warning: ", f"{cases[name][0][0]}:"))]
+        assert p.returncode == code and "Traceback" not in err, (name, p.returncode, err)
+        assert any(ln.startswith(start) for ln in lines), (name, err)
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+    assert not [n for n in os.listdir(tmp_path / "c") if n.startswith("step_")]  # stopped before the update
+
+
+def test_tc_warning_and_the_closing_summary(fx, tmp_path, capsys):
+    """Data with fewer latent frames than TC's stride says TC is 0; a run ends on where the model is and how to
+    sample it."""
+    r = train.main(["--stage", "semantic", "--teacher", fx["teacher"], "--data", fx["data"], "--out", str(tmp_path),
+                    "--max-steps", "1", *QUIET])
+    out, err = capsys.readouterr()
+    assert "warning: TC loss is 0: 2 latent frames, its frame stride is 3 (--w-tc 1.0 does nothing on" in err
+    assert r["losses"]["tc"] == 0.0
+    done = out.strip().splitlines()[-2:]
+    assert done[0].startswith(f"done: step 1 of 1 (1 trained in ") and done[0].endswith(f"model: {r['checkpoint']}")
+    assert done[1] == f"  sample it: python sample.py --ckpt {tmp_path} --steps 4 --out {tmp_path / 'samples'}"

@@ -237,13 +237,13 @@ def main(argv=None):
         import diffusers
         info["diffusers"] = diffusers.__version__
     except ImportError:
-        sys.exit("bench.py races diffusers' models: pip install -r requirements-dev.txt")
+        raise ImportError("bench.py races diffusers' models: pip install -r requirements-dev.txt") from None
     peak = matmul_ceiling(device) if gpu else None
     info["bf16_matmul_tflops"] = peak
     result = {"info": info, "forward": [], "e2e": None, "train_race": []}
     for name in presets if "forward" in rows else []:
         if name not in shapes:
-            sys.exit(f"no benchmark shape for preset {name!r}; known: {sorted(shapes)}")
+            raise checks.InputError(f"no benchmark shape for preset {name!r}; known: {sorted(shapes)}")
         r = row_forward(name, shapes[name], device, dtype, args.compile, peak, args.compile_backend)
         result["forward"].append(r)
         print(json.dumps(r), flush=True)
@@ -319,7 +319,4 @@ def table(result):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except checks.InputError as e:
-        sys.exit(f"error: {e}")
+    sys.exit(checks.cli(main))

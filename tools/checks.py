@@ -12,9 +12,7 @@ import os
 import sys
 from contextlib import contextmanager
 
-import torch
-
-from storage import preempt
+from storage import preempt  # torch is imported where it is used: a command line checks its flags before it loads
 
 
 class InputError(ValueError):
@@ -45,6 +43,7 @@ def cli(main, argv=None):
 
 def device(name, flag="--device"):
     """'auto' | 'cpu' | 'cuda[:i]' -> a usable torch.device (auto = cuda when present)."""
+    import torch
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -78,6 +77,7 @@ def out_dir(path, flag="--out"):
 def available_bytes(dev):
     """Free memory on `dev`: CUDA's free bytes, else the host's MemAvailable (None when unknown)."""
     if dev.type == "cuda":
+        import torch
         return torch.cuda.mem_get_info(dev)[0]
     try:
         with open("/proc/meminfo") as f:
@@ -87,8 +87,9 @@ def available_bytes(dev):
         return None
 
 
-def memory(nbytes, what, dev=torch.device("cpu")):
+def memory(nbytes, what, dev="cpu"):
     """Refuse an allocation of `nbytes` (an estimate made before allocating) that cannot fit on `dev`."""
+    import torch
     free = available_bytes(torch.device(dev))
     if free is not None and nbytes > free:
         raise InputError(f"{what} needs {nbytes / 2**30:.2f} GiB, only {free / 2**30:.2f} GiB is free on {dev}")
@@ -97,6 +98,7 @@ def memory(nbytes, what, dev=torch.device("cpu")):
 def sampling_memory(cfg, num, batch, size, dtype, dev):
     """Refuse a sample run that cannot fit: noise + results (float32) and one batch's activations (about 16 values
     per token and channel: a block's with its 4x MLP; SDPA keeps attention linear in the tokens)."""
+    import torch
     (f, h, w), p, pt = size, cfg.patch_size, getattr(cfg, "patch_size_t", None) or 1
     p, pt = (p[-1], p[0]) if isinstance(p, (tuple, list)) else (p, pt)  # Wan: patch_size (t, h, w)
     tokens = (f // pt) * (h // p) * (w // p) + getattr(cfg, "max_text_seq_length", 512)
@@ -120,6 +122,7 @@ def naming(what):
 
 def finite(tensors, where):
     """Every floating tensor of `tensors` (dict or named_parameters pairs) is free of NaN/inf."""
+    import torch
     items = tensors.items() if isinstance(tensors, dict) else tensors
     bad = [k for k, v in items if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:

@@ -14,6 +14,11 @@ import json
 import os
 import sys
 
+if __name__ == "__main__":  # `python tools/plot.py` puts tools/ on sys.path, not the repo root of the library
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools import checks  # noqa: E402
+
 LOSSES = ("loss", "cd", "tc", "gan_g", "fm", "d", "diffusion")  # train.py's terms, in this order
 OPTIM = (("lr", "learning rate"), ("grad_norm", "grad norm (student, before clipping)"),
          ("d_grad_norm", "grad norm (discriminator)"), ("time", "seconds per step"), ("peak_gib", "peak GiB"))
@@ -177,12 +182,8 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    try:
-        main(argv)
-    except PlotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return 0
+    """main() as a command line: bad input is one `error:` line and exit 2 (tools/checks.cli)."""
+    return checks.cli(main, argv)
 
 
 if __name__ == "__main__":

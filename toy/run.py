@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from storage import checkpoint  # noqa: E402
 import data  # noqa: E402
 from lora import TARGETS  # noqa: E402
-from tools import plot  # noqa: E402
+from tools import checks, plot  # noqa: E402
 import sampling  # noqa: E402
 import solver  # noqa: E402
 from teacher import Teacher, adjacent_x0_l1  # noqa: E402
@@ -140,7 +140,7 @@ def parse_args(argv):
     args.worker_threads = 1 if args.workers > 1 else args.threads
     for flag in ("threads", "workers"):
         if getattr(args, flag) < 1:
-            raise SystemExit(f"error: --{flag} must be >= 1, got {getattr(args, flag)}")
+            raise checks.InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     return args
 
 
@@ -239,11 +239,11 @@ def main(argv=None):
     print(f"[toy] {args.threads} torch threads here, {args.workers} training run(s) side by side", flush=True)
     out, spec = args.out, toy_data.ToySpec()
     if os.path.isdir(os.path.join(out, "runs")) and not args.reuse:
-        raise SystemExit(f"error: {out} already holds a toy run; pass --reuse to go on in it or a new --out")
+        raise checks.InputError(f"{out} already holds a toy run; pass --reuse to go on in it or a new --out")
     if args.teacher and not os.path.isdir(args.teacher):
-        raise SystemExit(f"error: --teacher {args.teacher} is not a folder")
+        raise checks.InputError(f"--teacher {args.teacher} is not a folder")
     if args.teacher and args.train_teacher:
-        raise SystemExit("error: --teacher CKPT and --train-teacher exclude each other")
+        raise checks.InputError("--teacher CKPT and --train-teacher exclude each other")
     os.makedirs(out, exist_ok=True)
     clock, sm = Clock(), {"settings": asdict(S), "quick": args.quick, "seed": args.seed, "spec": asdict(spec)}
     torch.manual_seed(args.seed)
@@ -274,7 +274,7 @@ def main(argv=None):
             stages.append(teacher_ckpt)
         tmodel, tinfo = sampling.load_student(teacher_ckpt)
         if tinfo["mode"] != "teacher" or tinfo["run"].get("data_manifest", {}).get("toy_spec") != asdict(spec):
-            raise SystemExit(f"error: {teacher_ckpt} is not a toy teacher trained on this toy's data ({asdict(spec)})")
+            raise checks.InputError(f"{teacher_ckpt} is not a toy teacher trained on this toy's data ({asdict(spec)})")
         grid = tinfo["grid"]
     with clock("guidance (validation)"):
         val_inputs = [bench.eval_batch(500 + args.seed, S.val_n, spec)]
@@ -299,11 +299,11 @@ def main(argv=None):
             return adjacent_x0_l1(x0s).tolist()
         l1 = fig10_curve(tmodel, 10_000 + args.seed)
         kappa, kinfo = choose_kappa(l1, S.kappa_q, grid.N)
-        checks = {"second noise batch": fig10_curve(tmodel, 20_000 + args.seed)}
+        others = {"second noise batch": fig10_curve(tmodel, 20_000 + args.seed)}
         if len(stages) > 1:
-            checks["teacher before its lr decay"] = fig10_curve(sampling.load_student(stages[-2])[0], 10_000 + args.seed)
+            others["teacher before its lr decay"] = fig10_curve(sampling.load_student(stages[-2])[0], 10_000 + args.seed)
         sm |= {"kappa": kappa, "kappa_rule": kinfo | {"sigma": float(grid.sigma[kappa + 1])}, "fig10_l1": l1,
-               "kappa_checks": {k: {"l1": v, "kappa": choose_kappa(v, S.kappa_q, grid.N)[0]} for k, v in checks.items()},
+               "kappa_checks": {k: {"l1": v, "kappa": choose_kappa(v, S.kappa_q, grid.N)[0]} for k, v in others.items()},
                "grid_sigma": grid.sigma.tolist()}
         print(f"[toy] kappa = {kappa} ({kinfo}); checks {[c['kappa'] for c in sm['kappa_checks'].values()]}", flush=True)
 
@@ -436,4 +436,4 @@ def machine():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(checks.cli(main))
