@@ -34,8 +34,6 @@ from copy import deepcopy
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-from torch.distributed.device_mesh import init_device_mesh
 from tqdm.auto import tqdm
 
 import data
@@ -229,6 +227,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
     torch.manual_seed(args.seed)
     tdtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.fsdp:  # FSDP2 per block + root, the EMA and the frozen teacher sharded too
+        from torch.distributed.device_mesh import init_device_mesh  # ~1 s to import with DTensor: only FSDP needs it
         mesh = init_device_mesh(device.type, (world,))
         student, ema, tmodel = fsdp.start_up(args, ckpt, state, mesh, device, tdtype,
                                              lambda c, d: build_student(args, cfg, grid, c, d), load)
@@ -261,7 +260,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
     d_opt = torch.optim.AdamW(disc.parameters(), lr=args.d_lr, betas=tuple(args.d_betas), weight_decay=d_weight_decay,
                               fused=fused) if disc else None
     if state:
-        set_optimizer_state_dict(student, opt, state["opt"], options=StateDictOptions(full_state_dict=True))
+        resume.load_optimizer(student, opt, state["opt"])
         for m, key in ((disc, "disc"), (d_opt, "d_opt")) if disc else ():
             m.load_state_dict(state[key])
     n_total, n_train = sum(p.numel() for p in student.parameters()), sum(p.numel() for p in params)

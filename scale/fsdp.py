@@ -20,8 +20,6 @@ from copy import deepcopy
 
 import torch
 from safetensors import safe_open
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 import experts
 import lora
@@ -97,6 +95,8 @@ def _source(path):
 
 def _rows(p):
     """The index of this rank's local shard inside the full tensor of parameter p (DTensor or plain)."""
+    from torch.distributed.tensor import DTensor  # here, not at the top: ~1 s to import, only FSDP needs it
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     if not isinstance(p, DTensor):
         return tuple(slice(0, n) for n in p.shape), p
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)

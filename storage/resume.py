@@ -10,7 +10,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 from storage import checkpoint, integrity
 from storage.checkpoint import RESUMABLE, atomic_dir, save_transformer, step_dir, step_folders, step_missing
@@ -99,7 +98,8 @@ def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False,
     model's states are gathered as full FQN-keyed states, portable across FSDP/DDP and world sizes, with every
     rank's RNG state; rank 0 writes atomically, sharded from build() (an unsharded copy on the meta device).
     state: the rest of train_state.pt; with detail_meta, a DualExpert: its adapter goes to detail.safetensors."""
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # (imported here: ~1 s, a save needs it)
     osd = get_optimizer_state_dict(model, opt, options=full)  # collectives under FSDP: every rank takes part
     sd = get_model_state_dict(model, options=full) if sharded else None
     ema_sd = None if ema is None else get_model_state_dict(ema, options=full) if sharded else ema.state_dict()
@@ -124,6 +124,12 @@ def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False,
             integrity.write_checksums(tmp)  # before the folder goes live: every live step folder has them
     if dist.is_initialized():
         dist.barrier()
+
+
+def load_optimizer(model, opt, osd):
+    """The optimizer state saved by save_step (full, FQN-keyed) into `opt`, for DDP, FSDP2 or one process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
 
 
 def trim_logs(out, step):
