@@ -380,7 +380,8 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
                 (terms["d"] / accum).backward()
             for k, v in (terms | {"loss": total}).items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
-        vals = torch.stack([sums[k] for k in sorted(sums)] + [torch.tensor(pre.pending(), device=device)])
+        flag = torch.full((1,), pre.pending(), device=device)  # a fill kernel: no host-to-device copy, no sync
+        vals = torch.cat([torch.stack([sums[k] for k in sorted(sums)]), flag])
         if distributed:  # + the stop flag: a signal on any rank stops every rank after this same step
             dist.all_reduce(vals)
             vals /= world

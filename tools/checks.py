@@ -28,16 +28,19 @@ def cli(main, argv=None):
     RunFailed -> one line, exit 1; a signal -> its line, 130 (SIGINT) / 143 (SIGTERM). DCM_TRACEBACK=1 re-raises."""
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, ImportError, RunFailed, preempt.Interrupted, KeyboardInterrupt) as e:
+    except preempt.Interrupted as e:  # its line (none on ranks > 0: rank 0 speaks for the run)
+        if str(e):
+            print(e, file=sys.stderr)
+        raise SystemExit(e.code) from None
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (storage/preempt.py handles it inside one)
+        print("interrupted (Ctrl-C): nothing saved", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (ValueError, FileNotFoundError, ImportError, RunFailed) as e:
         if os.environ.get("DCM_TRACEBACK"):
             raise
-        code = 130 if isinstance(e, KeyboardInterrupt) else getattr(e, "code", 1 if isinstance(e, RunFailed) else 2)
-        line = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
-        if isinstance(e, KeyboardInterrupt):
-            line = "interrupted (Ctrl-C): nothing saved"
-        if not isinstance(e, preempt.Interrupted) or str(e):
-            print(line if isinstance(e, (preempt.Interrupted, KeyboardInterrupt)) else f"error: {line}", file=sys.stderr)
-        raise SystemExit(code) from None
+        print("error: " + ("; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__),
+              file=sys.stderr)
+        raise SystemExit(1 if isinstance(e, RunFailed) else 2) from None
     return 0
 
 
