@@ -6,6 +6,8 @@ naming it, before any expensive work starts (a traceback or a silently wrong res
     memory(nbytes, "what", dev)   -> enough free memory for a tensor about to be allocated (estimated first)
     finite(tensors, "where")      -> no NaN/inf in weights or conditioning
     load_safetensors / read_json  -> a damaged or foreign file named, not a parser's traceback
+    cli(main, argv)               -> every command line: the one `error:` line and the exit status (2, 1, 130, 143)
+    train_args(args, given)       -> train.py's flag combinations, a flag its stage would ignore refused
 """
 import json
 import os
