@@ -370,12 +370,17 @@ def test_command_line_prints_no_traceback(fx):
 
 
 def test_real_processes_exit_status_and_lines(fx, tmp_path):
-    """Real train.py processes: 1 for a run that failed while working (bad input, 2: the cases above through
-    train.cli, test_train.py's subprocess), 0 with what is true said: data with fewer latent frames than TC's stride
-    warns that TC is 0; a run ends on where the model is and how to sample it. No traceback, no step after a NaN."""
+    """Real train.py processes: 2 for bad input (argparse's own here; ours: the cases above through train.cli), 1 for
+    a run that failed while working, 0 with what is true said: a dry run without a size cannot tell whether it
+    fits; data with fewer latent frames than TC's stride warns that TC is 0; a run ends on where the model is and
+    how to sample it. No traceback, nothing written where nothing should be."""
     base = [sys.executable, os.path.join(ROOT, "train.py"), "--device", "cpu"]
     data_ = ["--data", fx["data"]]
     cases = {  # name -> (argv, env, status, a line stderr (status != 0) or stdout starts with, stderr lines too)
+        "no --stage": (["--config", "tiny-hunyuan", *data_, "--out", tmp_path / "a"], {}, 2,
+                       "train.py: error: the following arguments are required: --stage", ()),
+        "a dry run without a size": (["--stage", "semantic", "--config", "tiny-hunyuan", "--dry-run"], {}, 0,
+                                     "total (without activations)", ()),
         "the loss turns NaN at step 1": (["--stage", "teacher", "--config", "tiny-hunyuan", *data_, "--out",
                                           tmp_path / "c", "--probe-every", "0"], {"DCM_TRAIN_NAN_AT_STEP": "1"}, 1,
                                          "error: non-finite ", ()),
@@ -386,12 +391,16 @@ def test_real_processes_exit_status_and_lines(fx, tmp_path):
     }
     procs = {k: subprocess.Popen(base + [str(a) for a in argv], env={**ENV, **env}, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for k, (argv, env, *_) in cases.items()}
+    said = {}
     for name, p in procs.items():  # side by side: each pays the torch import once
-        out, err = p.communicate(timeout=120)
+        out, err = said[name] = p.communicate(timeout=120)
         _, _, code, start, warnings = cases[name]
         assert p.returncode == code and "Traceback" not in err, (name, p.returncode, err)
         lines = (err if code else out).splitlines()
         assert any(ln.strip().startswith(start.strip()) for ln in lines), (name, out, err)
         assert all(any(ln.startswith(w) for ln in err.splitlines()) for w in warnings), (name, err)
+    assert not os.path.exists(tmp_path / "a")  # refused before the run folder was made
+    out = said["a dry run without a size"][0]
+    assert "cannot tell whether it fits in 80 GiB without --frames/--height/--width" in out and ": fits in" not in out
     assert not [n for n in os.listdir(tmp_path / "c") if n.startswith("step_")]  # stopped before the update
     assert os.listdir(tmp_path / "d") and "step_0000001" in os.listdir(tmp_path / "d")
