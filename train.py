@@ -62,6 +62,7 @@ guidance = 6.0                          # CFG scale (CogVideoX) / embedded guida
 cond_drop, target_ema, loss = 0.1, 0.0, "huber"
 lora_rank, disc_hidden = 128, 1024
 seed, probe_every, save_every = 0, 50, 500
+dist_timeout = 60.0                     # minutes: a 13B semantic save moves ~208 GB through rank 0 (scale/plan.py)
 
 
 class TrainError(checks.InputError):
@@ -120,6 +121,8 @@ def parse_args(argv):
     a("--width", type=int, help="dry-run: latent width")
     a("--gpu-mem", type=float, default=80.0, help="dry-run: GiB per GPU to fit in")
     a("--device", default="auto", help="auto | cpu | cuda")
+    a("--dist-timeout", type=float, default=dist_timeout, help="minutes a collective may wait for the slowest rank "
+      "(torch's default is 10: less than rank 0 takes to gather, write and checksum a 13B semantic checkpoint)")
     args = p.parse_args(argv)
     for x in p._actions:  # parsed again without defaults: only the flags the command line names remain
         x.default = argparse.SUPPRESS
@@ -189,7 +192,8 @@ def main(argv=None):
         torch.cuda.set_device(dev)
     device = torch.device(dev)
     parallel.check(args.sp, cfg, world)
-    with preempt.Preemption(argv) as pre, parallel.distributed(device, args.sp, args.fsdp) as (dp, dp_rank):
+    with preempt.Preemption(argv) as pre, parallel.distributed(device, args.sp, args.fsdp, args.dist_timeout) as (
+            dp, dp_rank):
         return train(args, cfg, kind, grid, world, rank, device, dp, dp_rank, pre)  # an SP group: the same samples
 
 
@@ -337,9 +341,9 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
 
     # --- state to go on from; logs cut back to the checkpoint's step
     step, epoch, pos = (state["step"], state["epoch"], state["pos"]) if state else (0, 0, 0)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + dp_rank)  # by data-parallel rank: the SP peers of a sample draw alike (e.g. dropout)
+    np.random.seed(args.seed + dp_rank)
+    torch.manual_seed(args.seed + dp_rank)
     if state and state["world_size"] == world:
         resume.set_rng_state(state["rng"][rank])
     elif state and state.get("dp", state["world_size"]) != dp:  # another SP degree alone keeps the data order
@@ -388,9 +392,8 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
         gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # below: the step's one host sync (the NaN check)
         norms = [getattr(gn, "full_tensor", lambda: gn)()]
         if disc is not None:
-            for p in disc.parameters() if distributed else ():
-                dist.all_reduce(p.grad)
-                p.grad /= world
+            if distributed:  # D is replicated, not wrapped: its gradients averaged by hand, in one all-reduce
+                parallel.all_reduce_mean([p.grad for p in disc.parameters()])
             norms.append(torch.nn.utils.clip_grad_norm_(disc.parameters(), grad_clip))
         *row, stop = torch.cat([vals[:-1], torch.stack(norms), vals[-1:]]).tolist()
         row = dict(zip(sorted(sums) + ["grad_norm", "d_grad_norm"], row))

@@ -14,6 +14,7 @@ alike is split over the ranks: its SUM over the group is N times the single-proc
 over the whole world that DDP and FSDP2 take (world = DP x SP) is the DP average of the single-process gradients.
 This file imports torch only (layers.py re-exports it to the backbones).
 """
+import datetime
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,17 +82,27 @@ def check(sp, cfg, world):
         check_heads(cfg, sp)
 
 
+def all_reduce_mean(tensors):
+    """Average `tensors` in place over every rank with one all-reduce of them all (a bucket), not one per tensor."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])  # [sum of numels]
+    dist.all_reduce(flat)
+    for t, v in zip(tensors, (flat / dist.get_world_size()).split([t.numel() for t in tensors])):
+        t.copy_(v.view_as(t))
+
+
 @contextmanager
-def distributed(device, sp=1, fsdp=False):
+def distributed(device, sp=1, fsdp=False, timeout_min=None):
     """torch.distributed for one run: torchrun's default group (or a 1-process group for --fsdp in a plain process)
-    when not already set up, and the SP groups -> yields (dp_size, dp_rank); undone on exit."""
+    when not already set up, and the SP groups -> yields (dp_size, dp_rank); undone on exit. timeout_min: how long a
+    collective may wait (None: torch's default, 10 min under NCCL)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if device.type == "cuda" and device.index is None:  # "cuda" = this process's GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     own = (world > 1 or fsdp) and not dist.is_initialized()
     if own:
         alone = {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **alone)
+        wait = {} if timeout_min is None else {"timeout": datetime.timedelta(minutes=timeout_min)}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **alone, **wait)
     try:
         yield init(sp) if dist.is_initialized() else (1, 0)
     finally:

@@ -314,3 +314,15 @@ def test_flow_teacher_without_guidance_input_trains_with_condition_dropout(tmp_p
     assert loss["dropped"] == loss["empty"] != loss["kept"]
     w = {n: tensors(os.path.join(r["checkpoint"], "transformer")) for n, r in out.items()}
     assert all(torch.equal(w["dropped"][k], w["empty"][k]) for k in w["empty"])
+
+
+def test_dist_timeout_reaches_the_process_group(base, tmp_path, monkeypatch):
+    """--dist-timeout (minutes) is the timeout of the group train.py makes (here --fsdp's 1-process group)."""
+    import datetime
+
+    from scale import parallel
+    b, seen, real = base("tiny-cogvideox"), [], parallel.dist.init_process_group
+    monkeypatch.setattr(parallel.dist, "init_process_group", lambda *a, **k: (seen.append(k.get("timeout")), real(*a, **k)))
+    run("--stage", "teacher", "--init", b["teacher"]["checkpoint"], "--data", b["data"], "--out", tmp_path / "r",
+        "--max-steps", 1, "--fsdp", "--dist-timeout", 7.5, *SMALL)
+    assert seen == [datetime.timedelta(minutes=7.5)]

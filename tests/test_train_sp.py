@@ -98,6 +98,11 @@ def test_sp2_and_sp2xdp2_equal_one_process(models, tmp_path):
         keys = ["loss", "cd", "grad_norm"] + (["tc"] if ref == "sem" else ["gan_g", "fm", "d", "d_grad_norm"])
         assert_losses(tmp_path / name, one[ref]["out"], keys)
         errs[name] = assert_close(tmp_path / name / f"step_000000{3 if ref == 'sem' else 2}", one[ref]["checkpoint"], name)
+    # the global RNGs are seeded by data-parallel rank: SP peers (ranks 0, 1) alike, DP groups (0 vs 2) not
+    rng = [torch.load(tmp_path / n / "step_0000002" / "train_state.pt", weights_only=False)["rng"]
+           for n in ("sem_res", "det_dp")]
+    assert torch.equal(rng[0][0]["torch"], rng[0][1]["torch"]) and rng[0][0]["numpy"][1].tolist() == rng[0][1]["numpy"][1].tolist()
+    assert torch.equal(rng[1][0]["torch"], rng[1][1]["torch"]) and not torch.equal(rng[1][0]["torch"], rng[1][2]["torch"])
     # resume under SP 2 is exact
     a, b = tensors(tmp_path / "sem_sp" / "step_0000003"), tensors(tmp_path / "sem_res" / "step_0000003")
     assert a.keys() == b.keys() and [k for k in a if "rng" not in k and not torch.equal(a[k], b[k])] == []

@@ -199,6 +199,8 @@ def train_args(args, given=()):
         raise InputError("--data is required (a dataset folder, see data.py)")
     at_least(args, 1, "max_steps", "batch_size", "grad_accum", "lora_rank", "disc_hidden", "world_size")
     at_least(args, 0, "save_every", "probe_every", "keep_last")
+    if not args.dist_timeout > 0:
+        raise InputError(f"--dist-timeout {args.dist_timeout} must be > 0 minutes")
     if args.stage == "detail" and args.disc_hidden % 32:
         raise InputError(f"--disc-hidden {args.disc_hidden} must be a multiple of 32 (the heads' GroupNorm(32))")
     if args.grid_steps < 2:
