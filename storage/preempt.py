@@ -67,8 +67,6 @@ class Preemption:
     def arm(self):
         """From now on a signal asks the loop to stop (pending) instead of raising."""
         self.armed = True
-        if self.signum:  # arrived while arming: start-up is over, so stop as soon as the loop can
-            self.at = time.monotonic()
 
     def pending(self):
         """1.0 when this process was signalled (summed over ranks by the step's all-reduce), else 0.0."""

@@ -26,9 +26,9 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from storage import checkpoint, integrity  # noqa: E402
+from storage.preempt import EXIT as CODE  # noqa: E402 - the exit status of each signal
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-CODE = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
 def command(argv, nproc=1):
