@@ -1,5 +1,6 @@
-"""Parameter-efficient dual expert (paper sec. 3.3, Fig. 4): one frozen semantic backbone, plus LoRA
-on the attention linears and trainable copies of the timestep-dependent layers for the detail expert.
+"""Parameter-efficient experts (paper sec. 3.3, Fig. 4): the dual expert (a frozen semantic expert + the detail
+expert's LoRA on the attention linears and trainable copies of the timestep-dependent layers), and the semantic expert
+built the same way over the teacher's frozen weights (`SemanticLoRA`, train.py --semantic-lora: one GPU).
 
 Routing design. The detail path is a *second module tree* (`expert.detail`) that shares every module
 and parameter of the backbone except the LoRA-wrapped linears and the copied layers, which are grafted
@@ -10,11 +11,18 @@ flag the other way). With two trees the recomputation always calls the same bloc
 forward did. A batch straddling the boundary is split into two sub-batches, each run through its tree,
 and scattered back, so it equals running the two halves separately bit for bit.
 
-Only `backbone`, `lora` and `copies` are registered submodules: state_dict/parameters hold every
-weight once; `.to()`/`.float()` update the shared tensors in place so both trees see them.
+Only `backbone`, `lora` and `copies` (and a LoRA semantic expert's `semantic_lora` / `semantic_copies`) are
+registered submodules: state_dict/parameters hold every weight once; `.to()`/`.float()` update the shared tensors in
+place so every tree sees them.
+
+With --semantic-lora the semantic expert is a tree of the same kind (`SemanticLoRA.adapted`: the frozen base + its
+own LoRA and copies), and the base tree itself, every adapter off, is the teacher (`BaseView`): one copy of the
+weights for teacher, semantic and detail expert. A detail expert on such a semantic expert stacks its LoRA on the
+semantic one (lora.LoRALinear `under`) and copies the semantic copies: detail = base + semantic + detail adapters.
 """
 import copy
 import json
+import os
 
 import torch
 import torch.nn as nn
@@ -25,7 +33,9 @@ from data import atomic_save_file
 from lora import LoRALinear, _matches, arch_of, module_key, targets_for
 from storage import checkpoint
 
-FORMAT = "dcm-detail-v1"
+FORMAT, SEMANTIC_FORMAT = "dcm-detail-v1", "dcm-semantic-lora-v1"
+
+
 def _graft(root, replacements):
     """A shallow copy of the module tree `root` with modules swapped in at dotted names.
 
@@ -75,72 +85,96 @@ def _join(a, b, inv):
     raise TypeError(f"cannot scatter a backbone result of type {type(a).__name__}")
 
 
-class DualExpert(nn.Module):
-    """Semantic expert (the backbone) + detail expert (LoRA + copied layers), routed per sample by t.
+def _targets(backbone, targets, lora_targets, copy_adaln):
+    """(arch, lora_targets, target spec, LoRA module names, copied module names) of a backbone (lora.targets_for)."""
+    arch = arch_of(backbone) if targets is None else "custom"
+    which = lora_targets if targets is None else "custom"
+    spec = targets_for(arch, lora_targets) if targets is None else targets
+    if not {"lora", "copy"} <= set(spec) or not set(spec) <= {"lora", "copy", "adaln"}:
+        raise ValueError(f"targets must have keys 'lora', 'copy' (and optionally 'adaln'), got {sorted(spec)}")
+    spec = {k: list(spec.get(k, [])) for k in ("lora", "copy", "adaln")}
+    modules = dict(backbone.named_modules())
+    names = list(modules)
 
-    Built in "detail" mode (backbone frozen, adapter trainable): building one starts stage 2, from the
-    trained semantic expert. The copies are taken at construction.
-    """
+    def resolve(patterns):
+        found = []
+        for p in patterns:
+            hit = _matches(p, names)
+            if not hit:
+                raise ValueError(f"adapter target '{p}' matches no module of the {arch} backbone")
+            found += [n for n in hit if n not in found]
+        return sorted(found, key=names.index)
 
-    def __init__(self, backbone, boundary_t, rank=128, alpha=256, copy_adaln=False, targets=None, lora_targets="authors"):
+    lora_names, copy_names = resolve(spec["lora"]), resolve(spec["copy"] + (spec["adaln"] if copy_adaln else []))
+    everything = lora_names + copy_names
+    for a in everything:
+        for b in everything:
+            if a != b and b.startswith(a + "."):
+                raise ValueError(f"adapter targets overlap: '{b}' lies inside '{a}'")
+        if len([n for n in everything if n == a]) > 1:
+            raise ValueError(f"'{a}' is both a LoRA target and a copied layer")
+    for n in lora_names:
+        if not isinstance(modules[n], nn.Linear):
+            raise ValueError(f"LoRA target '{n}' is a {type(modules[n]).__name__}, not nn.Linear")
+    return arch, which, spec, lora_names, copy_names
+
+
+def _adapter(backbone, lora_names, copy_names, rank, alpha, under=None, dtype=None):
+    """(lora ModuleDict, copies ModuleDict, {name: module to graft}) of a new adapter set on `backbone`; on top of
+    the SemanticLoRA `under`: its LoRA below each new one, its copies copied. LoRA pairs are drawn in name order."""
+    modules = dict(backbone.named_modules())
+    lora, copies, graft = nn.ModuleDict(), nn.ModuleDict(), {}
+    for n in lora_names:
+        key = module_key(n)
+        graft[n] = LoRALinear(modules[n], rank, alpha, under=() if under is None else (under.lora[key],), dtype=dtype)
+        lora[key] = graft[n].lora
+    for n in copy_names:
+        graft[n] = copies[module_key(n)] = copy.deepcopy(modules[n] if under is None else under.copies[module_key(n)])
+        if dtype is not None:
+            graft[n].to(dtype)
+    return lora, copies, graft
+
+
+class BaseView:
+    """The frozen base of a --semantic-lora student, every adapter off: the teacher. Calls go through the owner's
+    forward (`base=True`), so an FSDP2 root gathers its weights as for any other call; not an nn.Module, so a
+    Teacher does not freeze the owner's adapters."""
+
+    def __init__(self, owner):
+        self.owner = owner
+
+    def __call__(self, x, t, **kw):
+        return self.owner(x, t, base=True, **kw)
+
+    def time_embed(self, t, **cond):
+        return self.owner.time_embed(t, base=True, **cond)
+
+    def head(self, h, temb, grid):
+        return self.owner.head(h, temb, grid, base=True)
+
+    def parameters(self):
+        return self.owner.backbone.parameters()
+
+    def __getattr__(self, name):  # config, prediction, guidance, default_taps: the base's own
+        return getattr(self.owner.backbone, name)
+
+
+class SemanticLoRA(nn.Module):
+    """The semantic expert as LoRA + trainable copies of the timestep layers over the teacher's frozen weights
+    (train.py --semantic-lora R). `base_view()` is the teacher: the same tree with the adapter off."""
+
+    def __init__(self, backbone, rank, alpha, lora_targets="authors", copy_adaln=False, targets=None, dtype=None):
         super().__init__()
-        self.backbone = backbone
-        self.boundary_t = float(boundary_t)
+        self.backbone = backbone.requires_grad_(False)
         self.rank, self.alpha, self.copy_adaln = int(rank), float(alpha), bool(copy_adaln)
-        self.arch = arch_of(backbone) if targets is None else "custom"
-        self.lora_targets = lora_targets if targets is None else "custom"
-        spec = targets_for(self.arch, lora_targets) if targets is None else targets
-        if not {"lora", "copy"} <= set(spec) or not set(spec) <= {"lora", "copy", "adaln"}:
-            raise ValueError(f"targets must have keys 'lora', 'copy' (and optionally 'adaln'), got {sorted(spec)}")
-        self.targets = {k: list(spec.get(k, [])) for k in ("lora", "copy", "adaln")}
+        self.arch, self.lora_targets, self.targets, self.lora_names, self.copy_names = _targets(
+            backbone, targets, lora_targets, self.copy_adaln)
+        self.lora, self.copies, graft = _adapter(backbone, self.lora_names, self.copy_names, self.rank, self.alpha,
+                                                 dtype=dtype)
+        self.__dict__["adapted"] = _graft(backbone, graft)  # plain attribute: not a second registration
 
-        modules = dict(backbone.named_modules())
-        names = list(modules)
-
-        def resolve(patterns):
-            found = []
-            for p in patterns:
-                hit = _matches(p, names)
-                if not hit:
-                    raise ValueError(f"DualExpert target '{p}' matches no module of the {self.arch} backbone")
-                found += [n for n in hit if n not in found]
-            return sorted(found, key=names.index)
-
-        self.lora_names = resolve(self.targets["lora"])
-        self.copy_names = resolve(self.targets["copy"] + (self.targets["adaln"] if copy_adaln else []))
-        everything = self.lora_names + self.copy_names
-        for a in everything:
-            for b in everything:
-                if a != b and b.startswith(a + "."):
-                    raise ValueError(f"DualExpert targets overlap: '{b}' lies inside '{a}'")
-            if len([n for n in everything if n == a]) > 1:
-                raise ValueError(f"'{a}' is both a LoRA target and a copied layer")
-        for n in self.lora_names:
-            if not isinstance(modules[n], nn.Linear):
-                raise ValueError(f"LoRA target '{n}' is a {type(modules[n]).__name__}, not nn.Linear")
-
-        self.lora, self.copies, graft = nn.ModuleDict(), nn.ModuleDict(), {}
-        for n in self.lora_names:
-            graft[n] = LoRALinear(modules[n], self.rank, self.alpha)
-            self.lora[module_key(n)] = graft[n].lora
-        for n in self.copy_names:
-            graft[n] = self.copies[module_key(n)] = copy.deepcopy(modules[n])
-        self.__dict__["detail"] = _graft(backbone, graft)  # plain attribute: not a second registration
-        self.mode = None
-        self.set_mode("detail")
-
-    # --- the backbone's interface ---------------------------------------------------------------
-    @property
-    def semantic(self):
-        return self.backbone
-
-    @property
-    def config(self):
-        return self.backbone.config
-
-    @property
-    def prediction(self):
-        return self.backbone.prediction
+    config = property(lambda self: self.backbone.config)
+    prediction = property(lambda self: self.backbone.prediction)
 
     def default_taps(self):
         return self.backbone.default_taps()
@@ -151,11 +185,204 @@ class DualExpert(nn.Module):
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, on):
-        self.backbone.gradient_checkpointing = self.detail.gradient_checkpointing = bool(on)
+        self.backbone.gradient_checkpointing = self.adapted.gradient_checkpointing = bool(on)
 
     def train(self, mode=True):
         super().train(mode)
-        self.detail.train(mode)  # the grafted path copies are not registered here
+        self.adapted.train(mode)
+        return self
+
+    def forward(self, x, t, base=False, **kw):
+        """The semantic expert (the adapted tree), or with base=True the teacher (the base tree)."""
+        self.adapted.gradient_checkpointing = self.backbone.gradient_checkpointing
+        return (self.backbone if base else self.adapted)(x, t, **kw)
+
+    def time_embed(self, t, base=False, **cond):
+        return (self.backbone if base else self.adapted).time_embed(t, **cond)
+
+    def head(self, h, temb, grid, base=False):
+        return (self.backbone if base else self.adapted).head(h, temb, grid)
+
+    def base_view(self):
+        return BaseView(self)
+
+    def init_copies(self, state):
+        """The copied layers from backbone-keyed tensors (copy_keys): exact fp32 masters over a bf16 base."""
+        _load_copies(self.copies, self.copy_names, state)
+
+    def meta(self):
+        return {"format": SEMANTIC_FORMAT, "arch": self.arch, "rank": self.rank, "alpha": self.alpha,
+                "copy_adaln": self.copy_adaln, "targets": self.targets, "lora_targets": self.lora_targets}
+
+    def state(self):
+        return _adapter_state(self.lora, self.copies, self.lora_names, self.copy_names)
+
+    def save(self, path, meta=None):
+        """The adapter as one small safetensors file (PEFT-style keys, as DualExpert.save_detail)."""
+        _save_adapter(self.state(), self.meta(), meta, path)
+
+    @torch.no_grad()
+    def load(self, path):
+        return _load_adapter(path, SEMANTIC_FORMAT, self.meta(), self.state())
+
+    @classmethod
+    def from_file(cls, backbone, path, dtype=None):
+        info = read_meta(path, SEMANTIC_FORMAT)
+        m = cls(backbone, info["rank"], info["alpha"], info["lora_targets"], info["copy_adaln"],
+                info["targets"] if info["arch"] == "custom" else None, dtype)
+        m.load(path)
+        return m
+
+    @torch.no_grad()
+    def merged_state(self):
+        """The semantic expert as a plain backbone state dict: LoRA merged (fp32 sum, cast back), copies in place."""
+        return _merged(self.backbone.state_dict(), [self], self.lora_names, self.copy_names, self.copies)
+
+    def save_parts(self, folder, meta=None):
+        """A step folder's weights: FOLDER/semantic.safetensors (the base is the run's teacher)."""
+        self.save(os.path.join(folder, "semantic.safetensors"), meta)
+
+    @torch.no_grad()
+    def merge_into_base(self):
+        """Sampling and export: the base becomes the semantic expert (merged in place) -> the backbone; the teacher
+        is gone after this."""
+        self.backbone.load_state_dict(self.merged_state(), strict=True)
+        return self.backbone
+
+
+def _adapter_state(lora, copies, lora_names, copy_names):
+    """Adapter tensors under backbone names: '<linear>.lora_A.weight' / '.lora_B.weight' (PEFT naming) for LoRA,
+    and the copied layers' own backbone keys (e.g. 'proj_out.weight')."""
+    sd = {}
+    for n in lora_names:
+        sd[f"{n}.lora_A.weight"], sd[f"{n}.lora_B.weight"] = lora[module_key(n)].A, lora[module_key(n)].B
+    for n in copy_names:
+        sd.update({f"{n}.{k}": v for k, v in copies[module_key(n)].state_dict().items()})
+    return sd
+
+
+@torch.no_grad()
+def _load_copies(copies, copy_names, state):
+    """Fresh copied layers set from `state` (backbone keys -> tensors, e.g. the fp32 masters read from the checkpoint
+    of a backbone loaded in bf16), cast to each copy's dtype."""
+    for n in copy_names:
+        for k, v in copies[module_key(n)].state_dict().items():
+            v.copy_(state[f"{n}.{k}"])
+
+
+def copy_keys(m):
+    """The backbone keys of a DualExpert's / SemanticLoRA's copied layers."""
+    return [f"{n}.{k}" for n in m.copy_names for k in m.copies[module_key(n)].state_dict()]
+
+
+def _save_adapter(state, info, meta, path):
+    clash = set(info) & set(meta or {})
+    if clash:
+        raise ValueError(f"meta may not override the adapter's own fields {sorted(clash)}")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_save_file(tensors, path, metadata={"dcm": json.dumps(info | (meta or {}))})
+
+
+def read_meta(path, fmt=FORMAT):
+    """The metadata of an adapter file written by save_detail (fmt FORMAT) or SemanticLoRA.save (SEMANTIC_FORMAT)."""
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if "dcm" not in meta:
+        raise ValueError(f"{path} is not a DCM adapter file (no 'dcm' metadata)")
+    info = json.loads(meta["dcm"])
+    if info.get("format") != fmt:
+        raise ValueError(f"{path}: format {info.get('format')!r}, expected {fmt!r}")
+    info.setdefault("lora_targets", "custom" if info.get("arch") == "custom" else "all")  # files from before the flag
+    return info
+
+
+@torch.no_grad()
+def _load_adapter(path, fmt, mine, dst):
+    """Strict load of an adapter file into the tensors `dst` (checked against the expert's metadata `mine`)."""
+    info = read_meta(path, fmt)
+    bad = [f"{k}: file {info.get(k)!r} vs expert {v!r}" for k, v in mine.items() if info.get(k) != v]
+    if bad:
+        raise ValueError(f"{path} was saved for a different expert: " + "; ".join(bad))
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        missing, unexpected = sorted(set(dst) - keys), sorted(keys - set(dst))
+        if missing or unexpected:
+            raise ValueError(f"{path}: missing keys {missing[:10]} ({len(missing)} in all), "
+                             f"unexpected keys {unexpected[:10]} ({len(unexpected)} in all)")
+        for k, d in dst.items():
+            v = f.get_tensor(k)
+            if v.shape != d.shape:
+                raise ValueError(f"{path}: '{k}' has shape {tuple(v.shape)}, expected {tuple(d.shape)}")
+            d.copy_(v)
+    return info
+
+
+def _merged(sd, adapters, lora_names, copy_names, copies):
+    """A backbone state dict with the LoRA deltas of `adapters` (objects with .lora) summed in (fp32, cast back)
+    and the copied layers `copies` in place."""
+    sd = dict(sd)
+    for n in lora_names:
+        w = sd[f"{n}.weight"]
+        sd[f"{n}.weight"] = (w.float() + sum(a.lora[module_key(n)].weight_delta() for a in adapters)).to(w.dtype)
+    for n in copy_names:
+        sd.update({f"{n}.{k}": v for k, v in copies[module_key(n)].state_dict().items()})
+    return sd
+
+
+class DualExpert(nn.Module):
+    """Semantic expert (the backbone) + detail expert (LoRA + copied layers), routed per sample by t.
+
+    Built in "detail" mode (backbone frozen, adapter trainable): building one starts stage 2, from the
+    trained semantic expert. The copies are taken at construction.
+    """
+
+    def __init__(self, backbone, boundary_t, rank=128, alpha=256, copy_adaln=False, targets=None, lora_targets="authors",
+                 semantic=None, dtype=None):
+        """semantic: a SemanticLoRA over `backbone` (its adapter frozen under ours) or None (the backbone is the
+        semantic expert); dtype: of the new adapter (default: the backbone's; train.py: fp32 masters)."""
+        super().__init__()
+        self.backbone = backbone
+        self.boundary_t = float(boundary_t)
+        self.rank, self.alpha, self.copy_adaln = int(rank), float(alpha), bool(copy_adaln)
+        self.arch, self.lora_targets, self.targets, self.lora_names, self.copy_names = _targets(
+            backbone, targets, lora_targets, self.copy_adaln)
+        if semantic is not None and (semantic.backbone is not backbone or semantic.targets != self.targets
+                                     or semantic.copy_adaln != self.copy_adaln):
+            raise ValueError("a LoRA semantic expert must sit on the same backbone, with the detail expert's targets")
+        self.__dict__["sem"] = semantic  # plain attribute: its adapter is registered below, its backbone is ours
+        if semantic is not None:
+            self.semantic_lora, self.semantic_copies = semantic.lora, semantic.copies
+        self.lora, self.copies, graft = _adapter(backbone, self.lora_names, self.copy_names, self.rank, self.alpha,
+                                                 semantic, dtype)
+        self.__dict__["detail"] = _graft(backbone, graft)  # plain attribute: not a second registration
+        self.mode = None
+        self.set_mode("detail")
+
+    # --- the backbone's interface ---------------------------------------------------------------
+    @property
+    def semantic(self):
+        """The semantic expert's tree: the backbone, or with a LoRA semantic expert its adapted tree."""
+        return self.backbone if self.sem is None else self.sem.adapted
+
+    config = property(lambda self: self.backbone.config)
+    prediction = property(lambda self: self.backbone.prediction)
+
+    def default_taps(self):
+        return self.backbone.default_taps()
+
+    @property
+    def gradient_checkpointing(self):
+        return self.backbone.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on):
+        for tree in (self.backbone, self.semantic, self.detail):
+            tree.gradient_checkpointing = bool(on)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.detail.train(mode)  # the grafted trees' path copies are not registered here
+        self.semantic.train(mode)
         return self
 
     def detail_mask(self, t, B=None):
@@ -167,19 +394,23 @@ class DualExpert(nn.Module):
         # training step's) routes without reading the device, a device t costs a host sync in _route
         return t <= torch.full((), self.boundary_t, dtype=t.dtype, device=t.device)
 
-    def _route(self, mask, call):
-        """call(tree, idx) on each path's sub-batch (idx None = whole batch), results scattered back."""
-        self.detail.gradient_checkpointing = self.backbone.gradient_checkpointing
+    def _route(self, mask, call, base=False):
+        """call(tree, idx) on each path's sub-batch (idx None = whole batch), results scattered back; base=True:
+        the base tree for every sample (a LoRA semantic expert's teacher, BaseView)."""
+        semantic = self.backbone if base else self.semantic
+        for tree in (self.semantic, self.detail):
+            tree.gradient_checkpointing = self.backbone.gradient_checkpointing
+        if base or not bool(mask.any()):
+            return call(semantic, None)
         if bool(mask.all()):
             return call(self.detail, None)
-        if not bool(mask.any()):
-            return call(self.backbone, None)
         idx_d, idx_s = mask.nonzero()[:, 0], (~mask).nonzero()[:, 0]
-        out_d, out_s = call(self.detail, idx_d), call(self.backbone, idx_s)
+        out_d, out_s = call(self.detail, idx_d), call(semantic, idx_s)
         return _join(out_d, out_s, torch.argsort(torch.cat([idx_d, idx_s])))
 
-    def forward(self, x, t, taps=None, **cond):
-        """Backbone call signature; per-sample routing (returns v, or (v, feats) with taps)."""
+    def forward(self, x, t, taps=None, base=False, **cond):
+        """Backbone call signature; per-sample routing (returns v, or (v, feats) with taps); base=True: the teacher
+        of a LoRA semantic expert (the base tree, no adapter)."""
         B = x.shape[0]
         extra = {} if taps is None else {"taps": taps}
 
@@ -187,38 +418,46 @@ class DualExpert(nn.Module):
             if idx is None:
                 return tree(x, t, **extra, **cond)
             return tree(_at(x, idx), _at(t, idx), **extra, **_take(cond, idx, B))
-        return self._route(self.detail_mask(t, B), call)
+        return self._route(None if base else self.detail_mask(t, B), call, base)
 
-    def time_embed(self, t, **cond):
-        mask = self.detail_mask(t)
+    def time_embed(self, t, base=False, **cond):
         B = t.shape[0]
-        return self._route(mask,
-                           lambda tree, idx: tree.time_embed(t if idx is None else _at(t, idx),
-                                                            **(cond if idx is None else _take(cond, idx, B))))
+        return self._route(None if base else self.detail_mask(t), lambda tree, idx: tree.time_embed(
+            t if idx is None else _at(t, idx), **(cond if idx is None else _take(cond, idx, B))), base)
 
-    def head(self, h, temb, grid, t=None):
+    def head(self, h, temb, grid, t=None, base=False):
         """Backbone head, routed per sample by t (needed: norm_out/proj_out differ between experts)."""
-        if t is None:
+        if t is None and not base:
             raise ValueError("DualExpert.head needs t to pick the expert (or call .semantic.head / .detail.head)")
         B = h.shape[0]
-        return self._route(self.detail_mask(t, B), lambda tree, idx: tree.head(
-            h if idx is None else _at(h, idx), temb if idx is None else _at(temb, idx), grid))
+        return self._route(None if base else self.detail_mask(t, B), lambda tree, idx: tree.head(
+            h if idx is None else _at(h, idx), temb if idx is None else _at(temb, idx), grid), base)
+
+    def base_view(self):
+        """The teacher of a LoRA semantic expert: the base tree, every adapter off (BaseView)."""
+        if self.sem is None:
+            raise ValueError("a DualExpert over a fully fine-tuned semantic expert holds no teacher")
+        return BaseView(self)
 
     def merge_lora(self, merged=True):
-        """Sampling: fold each LoRA into a merged weight of the detail tree's own linear (one GEMM per call, no
-        low-rank pair); the semantic tree's weights stay as they are. merged=False goes back to the LoRA pair.
-        Merge after moving the model (the merged weights are plain attributes, not moved by .to())."""
-        for m in self.detail.modules():
+        """Sampling: fold each LoRA into a merged weight of its tree's own linear (one GEMM per call, no low-rank
+        pair); the backbone's weights stay as they are. merged=False goes back to the LoRA pairs. Merge after moving
+        the model (the merged weights are plain attributes, not moved by .to())."""
+        for m in [*self.detail.modules(), *self.semantic.modules()]:
             if isinstance(m, LoRALinear) and m.merged != merged:
                 m.merge() if merged else m.unmerge()
         return self
 
     # --- training -------------------------------------------------------------------------------
     def set_mode(self, mode):
-        """semantic: backbone trainable, adapter frozen; detail: only LoRA + copies trainable."""
+        """semantic: the semantic expert trainable (backbone, or its LoRA), detail adapter frozen; detail: only the
+        detail LoRA + copies trainable."""
         if mode not in ("semantic", "detail"):
             raise ValueError(f"mode must be 'semantic' or 'detail', got {mode!r}")
-        self.backbone.requires_grad_(mode == "semantic")
+        self.backbone.requires_grad_(mode == "semantic" and self.sem is None)
+        if self.sem is not None:
+            self.semantic_lora.requires_grad_(mode == "semantic")
+            self.semantic_copies.requires_grad_(mode == "semantic")
         self.lora.requires_grad_(mode == "detail")
         self.copies.requires_grad_(mode == "detail")
         self.mode = mode
@@ -227,98 +466,78 @@ class DualExpert(nn.Module):
     def param_counts(self):
         count = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
         c = {"backbone": count(self.backbone.parameters()), "lora": count(self.lora.parameters()),
-             "copies": count(self.copies.parameters())}
+             "copies": count(self.copies.parameters()),
+             "semantic_adapter": 0 if self.sem is None else count(self.sem.lora.parameters()) + count(
+                 self.sem.copies.parameters())}
         c["adapter"] = c["lora"] + c["copies"]
-        c["total"] = c["backbone"] + c["adapter"]
+        c["total"] = c["backbone"] + c["adapter"] + c["semantic_adapter"]
         c["trainable"] = count(p for p in self.parameters() if p.requires_grad)
         return c
 
     # --- files ----------------------------------------------------------------------------------
     def semantic_state(self):
-        return self.backbone.state_dict()
+        return self.backbone.state_dict() if self.sem is None else self.sem.merged_state()
 
     def save_semantic(self, folder, max_shard_size="5GB"):
+        """The fully fine-tuned semantic expert (the backbone) as a transformer folder."""
+        if self.sem is not None:
+            raise ValueError("a LoRA semantic expert is saved as its adapter (save_parts), its base is the teacher")
         checkpoint.save_transformer(self.backbone, folder, max_shard_size=max_shard_size)
+
+    def save_parts(self, folder, meta=None):
+        """A step folder's weights: FOLDER/transformer (the semantic backbone) or, for a LoRA semantic expert,
+        FOLDER/semantic.safetensors (its adapter; the base is the run's teacher); FOLDER/detail.safetensors."""
+        if self.sem is None:
+            self.save_semantic(os.path.join(folder, "transformer"))
+        else:
+            self.sem.save(os.path.join(folder, "semantic.safetensors"), meta)
+        self.save_detail(os.path.join(folder, "detail.safetensors"), meta)
+
+    def init_copies(self, state):
+        """The detail expert's copied layers from backbone-keyed tensors (copy_keys): exact fp32 masters of what it
+        copies (the semantic expert's layers) when that is held in bf16."""
+        _load_copies(self.copies, self.copy_names, state)
 
     def detail_meta(self):
         return {"format": FORMAT, "arch": self.arch, "boundary_t": self.boundary_t, "rank": self.rank,
                 "alpha": self.alpha, "copy_adaln": self.copy_adaln, "targets": self.targets,
-                "lora_targets": self.lora_targets}
+                "lora_targets": self.lora_targets, "semantic_lora": 0 if self.sem is None else self.sem.rank}
 
     def detail_state(self):
-        """Adapter tensors under backbone names: '<linear>.lora_A.weight' / '.lora_B.weight' (PEFT
-        naming) for LoRA, and the copied layers' own backbone keys (e.g. 'proj_out.weight')."""
-        sd = {}
-        for n in self.lora_names:
-            sd[f"{n}.lora_A.weight"] = self.lora[module_key(n)].A
-            sd[f"{n}.lora_B.weight"] = self.lora[module_key(n)].B
-        for n in self.copy_names:
-            sd.update({f"{n}.{k}": v for k, v in self.copies[module_key(n)].state_dict().items()})
-        return sd
+        """The detail adapter's tensors (_adapter_state's keys)."""
+        return _adapter_state(self.lora, self.copies, self.lora_names, self.copy_names)
 
     def save_detail(self, path, meta=None):
         """The detail adapter as one small safetensors file; `meta` adds e.g. kappa, grid name."""
-        info = self.detail_meta()
-        clash = set(info) & set(meta or {})
-        if clash:
-            raise ValueError(f"meta may not override the adapter's own fields {sorted(clash)}")
-        info.update(meta or {})
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.detail_state().items()}
-        atomic_save_file(tensors, path, metadata={"dcm": json.dumps(info)})
+        _save_adapter(self.detail_state(), self.detail_meta(), meta, path)
 
-    @staticmethod
-    def read_detail_meta(path):
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        if "dcm" not in meta:
-            raise ValueError(f"{path} is not a DCM detail-adapter file (no 'dcm' metadata)")
-        info = json.loads(meta["dcm"])
-        if info.get("format") != FORMAT:
-            raise ValueError(f"{path}: format {info.get('format')!r}, expected {FORMAT!r}")
-        info.setdefault("lora_targets", "custom" if info.get("arch") == "custom" else "all")  # files from before the flag
-        return info
+    read_detail_meta = staticmethod(read_meta)
 
     @classmethod
-    def from_detail(cls, backbone, path):
-        """A DualExpert built with the file's rank/alpha/boundary/targets, its adapter loaded."""
+    def from_detail(cls, backbone, path, semantic=None, semantic_merged=False):
+        """A DualExpert built with the file's rank/alpha/boundary/targets, its adapter loaded: on `semantic` (a
+        SemanticLoRA over `backbone`) or, semantic_merged, on a backbone that is such an expert merged (sampling)."""
         info = cls.read_detail_meta(path)
         targets = None if info["arch"] != "custom" else info["targets"]
-        expert = cls(backbone, info["boundary_t"], info["rank"], info["alpha"], info["copy_adaln"], targets, info["lora_targets"])
-        expert.load_detail(path)
+        expert = cls(backbone, info["boundary_t"], info["rank"], info["alpha"], info["copy_adaln"], targets,
+                     info["lora_targets"], semantic)
+        expert.load_detail(path, semantic_merged)
         return expert
 
     @torch.no_grad()
-    def load_detail(self, path):
-        """Strict load of a save_detail file into this expert; returns its metadata."""
-        info = self.read_detail_meta(path)
-        mine = self.detail_meta()
-        bad = [f"{k}: file {info.get(k)!r} vs expert {v!r}" for k, v in mine.items() if info.get(k) != v]
-        if bad:
-            raise ValueError(f"{path} was saved for a different detail expert: " + "; ".join(bad))
-        dst = self.detail_state()
-        with safe_open(path, framework="pt") as f:
-            keys = set(f.keys())
-            missing, unexpected = sorted(set(dst) - keys), sorted(keys - set(dst))
-            if missing or unexpected:
-                raise ValueError(f"{path}: missing keys {missing[:10]} ({len(missing)} in all), "
-                                 f"unexpected keys {unexpected[:10]} ({len(unexpected)} in all)")
-            for k, d in dst.items():
-                v = f.get_tensor(k)
-                if v.shape != d.shape:
-                    raise ValueError(f"{path}: '{k}' has shape {tuple(v.shape)}, expected {tuple(d.shape)}")
-                d.copy_(v)
-        return info
+    def load_detail(self, path, semantic_merged=False):
+        """Strict load of a save_detail file into this expert; returns its metadata. semantic_merged: the backbone is
+        the file's LoRA semantic expert merged (SemanticLoRA.merge_into_base), not a fully fine-tuned one."""
+        mine, theirs = self.detail_meta(), read_meta(path).get("semantic_lora")
+        if (semantic_merged and self.sem is None) or (not self.sem and not theirs):  # (or a file from before the flag)
+            mine.pop("semantic_lora")
+        return _load_adapter(path, FORMAT, mine, self.detail_state())
 
     @torch.no_grad()
     def merged_state(self):
         """The detail expert as a plain backbone state dict: LoRA merged (fp32 sum, cast back), copies in place."""
-        sd = dict(self.backbone.state_dict())
-        for n in self.lora_names:
-            w = sd[f"{n}.weight"]
-            sd[f"{n}.weight"] = (w.float() + self.lora[module_key(n)].weight_delta()).to(w.dtype)
-        for n in self.copy_names:
-            sd.update({f"{n}.{k}": v for k, v in self.copies[module_key(n)].state_dict().items()})
-        return sd
+        under = [] if self.sem is None else [self.sem]
+        return _merged(self.backbone.state_dict(), under + [self], self.lora_names, self.copy_names, self.copies)
 
     def export_merged(self, folder, max_shard_size="5GB"):
         """The detail expert as a full backbone checkpoint, loadable by checkpoint.load_transformer."""

@@ -25,7 +25,10 @@ def authors(args):
         raise released.ReleasedError(f"--ckpt {args.ckpt}: not a LoRA detail-stage run or step folder (no detail adapter"
                                      f"{'' if not adapter else ' ' + adapter})")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "keep": None}[args.dtype]
-    expert = experts.DualExpert.from_detail(checkpoint.load_transformer(src.weights), adapter)
+    semantic = checkpoint.load_transformer(src.weights)
+    if src.semantic:  # --semantic-lora: the semantic expert is its base + adapter, merged (fp32 sum)
+        semantic = experts.SemanticLoRA.from_file(semantic, src.semantic).merge_into_base()
+    expert = experts.DualExpert.from_detail(semantic, adapter, semantic_merged=bool(src.semantic))
     grid = solver.flow_grid(50, 17.0)  # the authors' distillation grid for both released students
     if expert.arch in released.LAYOUTS and (bad := released.routing_disagreements(expert, grid)):
         print(f"warning: their scripts route int(t) <= {released.LAYOUTS[expert.arch]['threshold']} to the detail "

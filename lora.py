@@ -83,22 +83,24 @@ class LoRA(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + scale * B A x: an nn.Linear with its adapter (the detail path's attention linears).
+    """y = base(x) + sum of frozen lower adapters + scale * B A x: an nn.Linear with its adapter.
 
-    merge() holds W + delta (fp32 sum, cast back) as this layer's own weight: one matmul per call, and base.weight
-    (shared with the semantic tree in a DualExpert) is never touched; unmerge() drops it. Costs one weight copy
-    while merged; merged vs unmerged outputs agree to round-off. A merged layer gives its LoRA no gradient:
-    merge for sampling.
+    `under`: LoRA pairs this one sits on (the frozen semantic LoRA under a detail LoRA, --semantic-lora), a plain
+    tuple: they are registered where they are trained, not here. merge() holds W + every delta (fp32 sum, cast back)
+    as this layer's own weight: one matmul per call, and base.weight (shared with the other trees of a DualExpert)
+    is never touched; unmerge() drops it. Costs one weight copy while merged; merged vs unmerged outputs agree to
+    round-off. A merged layer gives its LoRA no gradient: merge for sampling.
     """
 
-    def __init__(self, base, rank, alpha, lora=None):
+    def __init__(self, base, rank, alpha, lora=None, under=(), dtype=None):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
         self.base = base
         w = base.weight
         self.lora = lora if lora is not None else LoRA(
-            base.in_features, base.out_features, rank, alpha, device=w.device, dtype=w.dtype)
+            base.in_features, base.out_features, rank, alpha, device=w.device, dtype=dtype or w.dtype)
+        self.under = tuple(under)  # a tuple: not registered (see above)
         self._merged_weight = None  # a plain attribute: never in the state dict
 
     @property
@@ -108,14 +110,22 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.merged:
             return F.linear(x, self._merged_weight, self.base.bias)
-        return self.base(x) + self.lora(x)
+        y = self.base(x)
+        for u in self.under:
+            y = y + u(x)
+        return y + self.lora(x)
+
+    @torch.no_grad()
+    def weight(self):
+        """The merged weight W + every delta, summed in fp32, in W's dtype."""
+        w = self.base.weight
+        return (w.float() + sum(u.weight_delta() for u in self.under) + self.lora.weight_delta()).to(w.dtype)
 
     @torch.no_grad()
     def merge(self):
         if self.merged:
             raise RuntimeError("LoRALinear is already merged")
-        w = self.base.weight
-        self._merged_weight = (w.float() + self.lora.weight_delta()).to(w.dtype)
+        self._merged_weight = self.weight()
 
     @torch.no_grad()
     def unmerge(self):

@@ -10,6 +10,7 @@ and the student and target get their t on the host too, so a dual expert routes 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from solver import ode_step, phase_end
 
@@ -180,6 +181,9 @@ class Discriminator(nn.Module):
             raise ValueError(f"GroupNorm({groups}) needs hidden % {groups} == 0, got hidden={hidden}")
         self.dim, self.n_taps = dim, n_taps
         self.heads = nn.ModuleList([DiscriminatorHead(dim, hidden, groups) for _ in range(n_taps)])
+        # train.py --grad-ckpt: each head recomputed in the backward, so one tap's hidden-wide tensors are alive at a
+        # time, not all of them (Wan2.1-1.3B at 21x60x104: 15 taps, ~20 GiB -> ~1.4)
+        self.gradient_checkpointing = False
 
     @classmethod
     def for_model(cls, model, hidden=1024):
@@ -192,15 +196,19 @@ class Discriminator(nn.Module):
         if len(feats) != self.n_taps:
             raise ValueError(f"Discriminator has {self.n_taps} heads, got {len(feats)} features")
         n_f, h, w = grid
-        logits = []
-        for feat, head in zip(feats, self.heads):
+
+        def run(feat, head):
             B, L, C = feat.shape
-            if L != n_f * h * w or C != self.dim:
-                raise ValueError(f"feature [B, L, C] = {tuple(feat.shape)} does not match the token grid "
-                                 f"(F, h, w) = {tuple(grid)} (L = {n_f * h * w}) and dim = {self.dim}")
             x = feat.to(head.out.weight.dtype).view(B, n_f, h, w, C)  # [B, F, h, w, C]
             x = x.permute(0, 1, 4, 2, 3).reshape(B * n_f, C, h, w)  # [B*F, C, h, w]
-            logits.append(head(x).view(B, L))  # [B*F, 1, h, w] -> [B, L], same token order as feat
+            return head(x).view(B, L)  # [B*F, 1, h, w] -> [B, L], same token order as feat
+        logits = []
+        for feat, head in zip(feats, self.heads):
+            if feat.shape[1] != n_f * h * w or feat.shape[2] != self.dim:
+                raise ValueError(f"feature [B, L, C] = {tuple(feat.shape)} does not match the token grid "
+                                 f"(F, h, w) = {tuple(grid)} (L = {n_f * h * w}) and dim = {self.dim}")
+            ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+            logits.append(checkpoint(run, feat, head, use_reentrant=False) if ckpt else run(feat, head))
         return logits
 
 
@@ -219,7 +227,7 @@ def g_hinge_loss(fake_logits):
     return torch.stack([F.relu(1 - f.float()).mean() for f in fake_logits]).mean()
 
 
-def feature_matching_loss(model, fake_feats, real_feats, temb, grid):
+def feature_matching_loss(model, fake_feats, real_feats, temb, grid, ckpt=False):
     """Feature matching (eq. 10): MSE of model.head(fake_i) vs model.head(real_i), mean over taps;
     grid = latent (F, H, W). The real side is the target (no gradient)."""
     if len(fake_feats) != len(real_feats) or not fake_feats:
@@ -229,7 +237,11 @@ def feature_matching_loss(model, fake_feats, real_feats, temb, grid):
         _same_shape(f, r, "feature_matching_loss")
         with torch.no_grad():
             r_out = model.head(r, temb, grid)
-        losses.append(F.mse_loss(model.head(f, temb, grid).float(), r_out.float()))
+        if ckpt and torch.is_grad_enabled():  # one tap's head tensors alive at a time (train.py --grad-ckpt)
+            out = checkpoint(lambda f: model.head(f, temb, grid).float(), f, use_reentrant=False)
+        else:
+            out = model.head(f, temb, grid).float()
+        losses.append(F.mse_loss(out, r_out.float()))
     return torch.stack(losses).mean()
 
 
@@ -250,7 +262,7 @@ def adversarial_terms(teacher_model, disc, x_tgt, xhat, n, k_end, k_adv, grid, c
     g_loss = g_hinge_loss(disc(fake_f, tok_grid))
     disc.requires_grad_(True)
     temb = teacher_model.time_embed(t_adv, **cond)
-    fm_loss = feature_matching_loss(teacher_model, fake_f, real_f, temb, tuple(xhat.shape[2:]))
+    fm_loss = feature_matching_loss(teacher_model, fake_f, real_f, temb, tuple(xhat.shape[2:]), disc.gradient_checkpointing)
     return g_loss, fm_loss, ([f.detach() for f in fake_f], real_f)
 
 

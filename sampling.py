@@ -89,6 +89,9 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         raise SampleError(f"{path} is a plain backbone: pass --teacher (N-step sampling with guidance) or --detail ADAPTER")
     with checks.naming(src.weights):
         m = checks.finite_model(checkpoint.load_transformer(src.weights, dtype=dtype, device=device), src.weights)
+    if src.semantic and mode != "teacher":  # --semantic-lora: the base (the teacher) + the adapter, merged once
+        with checks.naming(f"semantic adapter {src.semantic}"):
+            m = checks.finite_model(experts.SemanticLoRA.from_file(m, src.semantic).merge_into_base(), src.semantic)
     teaching = mode == "teacher"  # students keep the grid they were distilled on: --steps/--shift are the teacher's
     grid = make_grid(m.config, m.prediction, run, steps if teaching else None, shift if teaching else None)
     boundaries, bt = [] if mode == "teacher" else run.get("boundaries"), None
@@ -97,7 +100,7 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         if not os.path.isfile(file):
             raise SampleError(f"detail adapter {file} does not exist")
         with checks.naming(f"detail adapter {file}"):
-            m = checks.finite_model(experts.DualExpert.from_detail(m, file), file)
+            m = checks.finite_model(experts.DualExpert.from_detail(m, file, semantic_merged=bool(src.semantic)), file)
         bt, kappa = m.boundary_t, experts.DualExpert.read_detail_meta(file).get("kappa")
         t32, bt32 = grid.t.float(), torch.tensor(bt).float()
         if kappa is None:  # an adapter saved without kappa: its boundary_t must be a grid point

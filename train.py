@@ -15,6 +15,9 @@ Stages (k = index on the teacher's N-step grid, kappa = the DCM cut):
   detail    DualExpert on the semantic expert (--init): LoRA + copied layers, k in 0..kappa -> clean
             end, + GAN / feature matching on teacher features; --detail-full = ablation "OD" (a fully
             fine-tuned separate copy instead of LoRA).
+One GPU (--semantic-lora R, both DCM stages): the semantic expert is LoRA + copied layers over the teacher's frozen
+weights, and the teacher is that same tree with the adapters off (experts.SemanticLoRA): no second copy. Frozen
+weights are held in the compute dtype (--dtype bf16: bf16), fp32 masters only for what trains.
 Per-sample noise, k and drops (data.draws): a global batch trains the same however it is split over ranks.
 """
 import signal
@@ -34,6 +37,7 @@ from copy import deepcopy
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import data
@@ -101,7 +105,10 @@ def parse_args(argv):
     a("--loss", default=loss, choices=("huber", "l2"), help="consistency loss: pseudo-Huber c=1e-3 or L2")
     a("--detail-full", action="store_true", help="detail: full fine-tuned copy instead of LoRA (ablation OD)")
     a("--lora-rank", type=int, default=lora_rank, help="detail LoRA rank (alpha = 2 x rank)")
-    a("--lora-targets", default="authors", choices=lora.LORA_TARGETS, help="detail: the authors' PEFT set or ours (all)")
+    a("--lora-targets", default="authors", choices=lora.LORA_TARGETS, help="the authors' PEFT set or ours (all)")
+    a("--lora-alpha", type=float, help="alpha of the LoRA this stage trains (default 2 x its rank)")
+    a("--semantic-lora", type=int, default=0, metavar="R", help="semantic expert as rank-R LoRA + copies over the "
+      "frozen teacher, which it shares (one GPU); 0 = full fine-tune. Give it to the detail stage on such a run too")
     a("--disc-hidden", type=int, default=disc_hidden, help="discriminator width (multiple of 32)")
     a("--cond-drop", type=float, default=cond_drop, help="teacher stage, CFG models: uncond probability")
     a("--guidance", type=float, default=guidance, help="teacher guidance scale")
@@ -157,15 +164,44 @@ def load(path, dtype, device):
 
 
 def build_student(args, cfg, grid, ckpt=None, device="cpu"):
-    """The trained model (DualExpert for detail) from ckpt, --init or --teacher; fresh when none or meta."""
-    src = ckpt or args.init or args.teacher
-    m = (models.build_transformer(cfg, device=device, dtype=torch.float32) if device == "meta" or not src
-         else load(src, torch.float32, device))
-    if args.stage == "detail" and not args.detail_full:
-        m = experts.DualExpert(m, solver.boundary_t(grid, args.kappa), args.lora_rank, 2 * args.lora_rank, lora_targets=args.lora_targets)
+    """The trained model from ckpt, --init or --teacher (fresh when none, or on meta): a backbone, a DualExpert
+    (detail), a SemanticLoRA (--semantic-lora, semantic stage). Frozen weights in the compute dtype, trained in fp32."""
+    dual, sem_lora = args.stage == "detail" and not args.detail_full, args.semantic_lora > 0
+    frozen = torch.bfloat16 if args.dtype == "bf16" and (dual or sem_lora) else torch.float32
+    src = args.teacher if sem_lora else ckpt or args.init or args.teacher  # a LoRA semantic expert's base: the teacher
+    m = (models.build_transformer(cfg, device=device, dtype=frozen) if device == "meta" or not src
+         else load(src, frozen, device))
+    alpha = lambda rank: args.lora_alpha or 2 * rank  # noqa: E731 - of the adapter this stage trains
+    if sem_lora and args.stage == "semantic":
+        m = experts.SemanticLoRA(m, args.semantic_lora, alpha(args.semantic_lora), args.lora_targets, dtype=torch.float32)
+        if ckpt:
+            m.load(os.path.join(ckpt, "semantic.safetensors"))
+    elif sem_lora:  # detail: the trained semantic adapter, frozen (a fresh one of rank R only to plan on meta)
+        with torch.random.fork_rng(devices=[]):  # overwritten at once: the detail LoRA draws as without it
+            if args.dry_run:
+                m = experts.SemanticLoRA(m, args.semantic_lora, 2 * args.semantic_lora, args.lora_targets, dtype=frozen)
+            else:
+                folder = ckpt or checkpoint.resolve(args.init, "--init").folder
+                m = experts.SemanticLoRA.from_file(m, os.path.join(folder, "semantic.safetensors"), frozen)
+        m.requires_grad_(False)
+    if dual:
+        m = experts.DualExpert(m.backbone if sem_lora else m, solver.boundary_t(grid, args.kappa), args.lora_rank,
+                               alpha(args.lora_rank), lora_targets=args.lora_targets, semantic=m if sem_lora else None,
+                               dtype=torch.float32)
         if ckpt:
             m.load_detail(os.path.join(ckpt, "detail.safetensors"))
+    if frozen != torch.float32 and device != "meta" and not ckpt and src:  # fresh copies of bf16-held layers: their
+        m.init_copies(read_masters(args, src, experts.copy_keys(m)))  # fp32 values from the file, not bf16-rounded
     return m
+
+
+def read_masters(args, src, keys):
+    """The stored (fp32) values of the layers a fresh adapter copies: from the LoRA semantic expert's adapter file
+    (a --semantic-lora detail stage), else from the checkpoint `src` itself."""
+    if args.stage == "detail" and args.semantic_lora:
+        with safe_open(os.path.join(checkpoint.resolve(args.init, "--init").folder, "semantic.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in keys}
+    return checkpoint.read_tensors(src, keys)
 
 
 def k_between(u, lo, hi):
@@ -238,7 +274,8 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
     else:
         student = build_student(args, cfg, grid, ckpt, device).to(device)
         ema = deepcopy(student).requires_grad_(False) if args.target_ema > 0 and args.stage != "teacher" else None
-        tmodel = None if args.stage == "teacher" else load(args.teacher, tdtype, device)
+        tmodel = (None if args.stage == "teacher" else student.base_view() if args.semantic_lora
+                  else load(args.teacher, tdtype, device))
         if ema is not None and state:
             ema.load_state_dict(state["ema"])
     print(f"rank {rank}: peak host memory at start-up {fsdp.host_peak_gib():.2f} GiB (ru_maxrss)", flush=True)
@@ -246,8 +283,8 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
     teacher, disc = None, losses.Discriminator.for_model(student, args.disc_hidden).to(device) if gan else None
     if tmodel is not None:
         teacher = Teacher(tmodel, grid, args.guidance, uncond)  # CFG: uses_cfg models, flow without guidance input
-    frozen_teacher = [] if teacher is None else [teacher.model]
-    for m in [student] + frozen_teacher if args.grad_ckpt else []:
+    frozen_teacher = [teacher.model] if isinstance(tmodel, torch.nn.Module) else []  # a BaseView: the student's
+    for m in [student] + frozen_teacher + ([disc] if disc is not None else []) if args.grad_ckpt else []:
         m.gradient_checkpointing = True
     if args.compile:
         student.compile()
@@ -424,7 +461,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
                     "d_opt": d_opt and d_opt.state_dict()}
             resume.save_step(out, step, student, opt, rest, run_config, ema, sharded=args.fsdp,
                                  build=lambda: build_student(args, cfg, grid, device="meta"),
-                                 detail_meta={"kappa": kap} if lora else None)
+                                 meta={"kappa": kap} if lora or args.semantic_lora else None)
             if rank == 0:
                 checkpoint.keep_last(out, args.keep_last)
         if stop:

@@ -117,16 +117,26 @@ def fill(m, locate):
             local.copy_(src.read(key, rows).to(local.dtype))
 
 
-def _dual_locate(m, base, detail):
-    """name -> (source, key) for a DualExpert: the backbone from `base`; LoRA and copies from the adapter file
-    `detail` (resume), or (fresh) copies from `base` and LoRA None (drawn by `_fresh_lora`)."""
+def _adapter_locate(m, base, detail, semantic):
+    """name -> (source, key) for an adapter model (experts.DualExpert / SemanticLoRA): the backbone from `base`; the
+    adapter it trains from its file `detail` (resume), or (fresh) its copies from what it copies and its LoRA None
+    (drawn by `_fresh_lora`); a LoRA semantic expert's adapter from its file `semantic` (the semantic stage's own
+    adapter: the file on resume, else fresh)."""
     table = {f"backbone.{k}": (base, k) for k in m.backbone.state_dict()}
-    for n in m.lora_names:
-        for attr, suffix in (("A", "lora_A"), ("B", "lora_B")):
-            table[f"lora.{lora.module_key(n)}.{attr}"] = (detail, f"{n}.{suffix}.weight") if detail else None
-    for n in m.copy_names:
-        for k in m.copies[lora.module_key(n)].state_dict():
-            table[f"copies.{lora.module_key(n)}.{k}"] = (detail or base, f"{n}.{k}")
+
+    def adapter(lora_dict, copies_dict, file, copied):
+        for n in m.lora_names:
+            for attr, suffix in (("A", "lora_A"), ("B", "lora_B")):
+                table[f"{lora_dict}.{lora.module_key(n)}.{attr}"] = (file, f"{n}.{suffix}.weight") if file else None
+        for n in m.copy_names:
+            for k in getattr(m, copies_dict)[lora.module_key(n)].state_dict():
+                table[f"{copies_dict}.{lora.module_key(n)}.{k}"] = (file or copied, f"{n}.{k}")
+    if isinstance(m, experts.SemanticLoRA):
+        adapter("lora", "copies", semantic, base)
+    else:
+        if m.sem is not None:  # the frozen semantic adapter; the detail copies start as its copies
+            adapter("semantic_lora", "semantic_copies", semantic, None)
+        adapter("lora", "copies", detail, semantic or base)
     return table.get
 
 
@@ -146,19 +156,19 @@ def _fresh_lora(models_):
                     local.copy_(getattr(fresh, attr)[rows])
 
 
-def _open_detail(m, path):
-    """The adapter file of a resumed detail run as a _Tensors reader, checked like DualExpert.load_detail."""
-    info, mine = experts.DualExpert.read_detail_meta(path), m.detail_meta()
-    bad = [f"{k}: file {info.get(k)!r} vs expert {v!r}" for k, v in mine.items() if info.get(k) != v]
-    if bad:
-        raise ValueError(f"{path} was saved for a different detail expert: " + "; ".join(bad))
+def _open_adapter(path, fmt, mine, want):
+    """An adapter file as a _Tensors reader, checked like DualExpert.load_detail / SemanticLoRA.load: its metadata
+    against `mine`, its keys against `want`."""
+    info = experts.read_meta(path, fmt)
+    bad = [f"{k}: file {info.get(k)!r} vs expert {v!r}" for k, v in mine.items() if info.get(k, 0 if k == "semantic_lora" else None) != v]
+    if bad:  # (a detail file from before --semantic-lora records no semantic_lora: 0)
+        raise ValueError(f"{path} was saved for a different expert: " + "; ".join(bad))
     f = safe_open(path, framework="pt")  # small (the adapter): its slices are read directly
     slices = {k: f.get_slice(k) for k in f.keys()}
     src = _Tensors(slices, {k: tuple(v.get_shape()) for k, v in slices.items()})
-    want = set(m.detail_state())
-    if set(src.shapes) != want:
-        raise ValueError(f"{path}: missing keys {sorted(want - set(src.shapes))[:10]}, "
-                         f"unexpected keys {sorted(set(src.shapes) - want)[:10]}")
+    if set(src.shapes) != set(want):
+        raise ValueError(f"{path}: missing keys {sorted(set(want) - set(src.shapes))[:10]}, "
+                         f"unexpected keys {sorted(set(src.shapes) - set(want))[:10]}")
     return src
 
 
@@ -168,26 +178,35 @@ def start_up(args, ckpt, state, mesh, device, tdtype, build, load):
     build(ckpt, device): train.build_student; load(path, dtype, device): train.load (the full-copy reference path and
     a fresh, randomly initialised student, which has no file to read from: built in full, then sharded)."""
     want_ema = args.target_ema > 0 and args.stage != "teacher"
-    src = ckpt or args.init or args.teacher
+    shared = args.semantic_lora > 0  # the teacher is the student's own base (experts.BaseView)
+    src = args.teacher if shared else ckpt or args.init or args.teacher
     if os.environ.get("DCM_FSDP_FULL_COPY") or not src:
         student = build(ckpt, torch.device("cpu"))
         ema = deepcopy(student).requires_grad_(False) if want_ema else None
         if ema is not None and state:
             ema.load_state_dict(state["ema"])
-        tmodel = None if args.stage == "teacher" else load(args.teacher, tdtype, torch.device("cpu"))
+        tmodel = None if args.stage == "teacher" or shared else load(args.teacher, tdtype, torch.device("cpu"))
         for m in [student, ema, tmodel]:
             if m is not None:
                 shard(m, mesh)
-        return student, ema, tmodel
+        return student, ema, student.base_view() if shared else tmodel
     try:
         student = build(ckpt, "meta")
         ema = build(ckpt, "meta").requires_grad_(False) if want_ema else None
+        adapted = isinstance(student, (experts.DualExpert, experts.SemanticLoRA))
         dual = isinstance(student, experts.DualExpert)
         base = _source(src)
-        checkpoint.check_keys(student.backbone if dual else student, base.shapes, src)
-        detail = _open_detail(student, os.path.join(ckpt, "detail.safetensors")) if dual and ckpt else None
-        tmodel = teach = None
-        if args.stage != "teacher":
+        checkpoint.check_keys(student.backbone if adapted else student, base.shapes, src)
+        detail = semantic = tmodel = teach = None
+        if dual and ckpt:
+            detail = _open_adapter(os.path.join(ckpt, "detail.safetensors"), experts.FORMAT, student.detail_meta(),
+                                   student.detail_state())
+        sem = student.sem if dual else student if adapted else None
+        if sem is not None and (ckpt or dual):  # the semantic stage's file on resume; the detail stage's from --init
+            folder = ckpt or checkpoint.resolve(args.init, "--init").folder
+            semantic = _open_adapter(os.path.join(folder, "semantic.safetensors"), experts.SEMANTIC_FORMAT, sem.meta(),
+                                     sem.state())
+        if args.stage != "teacher" and not shared:
             tmodel = models.build_transformer(student.config, device="meta", dtype=tdtype)
             teach = base if args.teacher == src else _source(args.teacher)
             checkpoint.check_keys(tmodel, teach.shapes, args.teacher)
@@ -195,9 +214,9 @@ def start_up(args, ckpt, state, mesh, device, tdtype, build, load):
             if m is not None:
                 shard(m, mesh)
                 m.to_empty(device=device)  # DTensor params swapped in place: the DualExpert's grafted tree sees them
-        if dual:  # drawn even on resume (then overwritten): the generator ends where the full-copy start-up leaves it
+        if adapted:  # drawn even on resume (then overwritten): the generator ends where the full-copy start-up leaves it
             _fresh_lora([student] + ([ema] if ema is not None and not state else []))
-        locate = _dual_locate(student, base, detail) if dual else (lambda name: (base, name))
+        locate = _adapter_locate(student, base, detail, semantic) if adapted else (lambda name: (base, name))
         fill(student, locate)
         if ema is not None:
             fill(ema, (lambda name, sd=_Tensors(state["ema"]): (sd, name)) if state else locate)
@@ -209,4 +228,4 @@ def start_up(args, ckpt, state, mesh, device, tdtype, build, load):
         if type(e).__name__ != "SafetensorError":
             raise
         raise ValueError(f"cannot load the transformer in {src}: {str(e).splitlines()[0]}") from e
-    return student, ema, tmodel
+    return student, ema, student.base_view() if shared else tmodel

@@ -149,11 +149,13 @@ def plan(args, cfg, counts, sp, device="cuda"):
     ema = args.target_ema > 0 and stage != "teacher"
     gan = stage == "detail" and bool(args.w_gan or args.w_fm)
     cfg_batch = 2 if stage != "teacher" and counts["cfg"] else 1  # CFG teachers run cond + uncond in one batch
-    static = {"student weights (fp32)": 4 * P / sh, "AdamW states (fp32)": 8 * T / sh,
-              "EMA target (fp32)": 4 * P / sh * ema, f"teacher ({args.dtype})": te * Pt / sh,
+    fe = 2 if bf16 and T < P else 4  # frozen student weights (the base, a frozen semantic expert): compute dtype
+    static = {"student weights, trained (fp32)": 4 * T / sh, f"student weights, frozen ({'bf16' if fe == 2 else 'fp32'})":
+              fe * (P - T) / sh, "AdamW states (fp32)": 8 * T / sh,
+              "EMA target (a copy of the student)": (4 * T + fe * (P - T)) / sh * ema, f"teacher ({args.dtype})": te * Pt / sh,
               "discriminator + grads + AdamW": 16 * Pd}
     grads = 4 * T / sh + (4 * T if world > 1 and not args.fsdp else 0)  # DDP: its gradient buckets are a 2nd copy
-    gather = 4 * block if args.fsdp else 0  # FSDP2: the block in use, all-gathered (fp32)
+    gather = fe * block if args.fsdp else 0  # FSDP2: the block in use, all-gathered (fp32, or frozen in bf16)
     # and in the backward its unsharded fp32 grads plus the flat buffer they are reduce-scattered from
     scatter = 2 * 4 * block * T / P if args.fsdp else 0
     # autocast caches a bf16 cast of every trainable fp32 weight until it exits (before backward); train.py turns the
@@ -175,7 +177,7 @@ def plan(args, cfg, counts, sp, device="cuda"):
         passes["teacher forward (no grad)"] = working_bytes(cfg, shape, cfg_batch * B, args.dtype, sp) + (
             2 * te * block if args.fsdp else 0)
         passes["target forward (no grad)"] = working_bytes(cfg, shape, B, args.dtype, sp) + gather + cache
-    trains = "lora" if stage == "detail" and T < P else "full"
+    trains = "lora" if T < P else "full"  # the detail expert, a --semantic-lora semantic expert
     s_all, s_one = saved_bytes(cfg, shape, B, args.dtype, ckpt, device, trains)
     work = working_bytes(cfg, shape, B, args.dtype, sp) if ckpt else 0  # a checkpointed block in progress
     held = s_all + io + cache + gather  # the student's graph, held from its forward to the backward
@@ -186,13 +188,17 @@ def plan(args, cfg, counts, sp, device="cuda"):
         t_all, t_one = saved_bytes(cfg, shape, B, args.dtype, ckpt, device, "none")
         h = args.disc_hidden
         feats = n_taps * B * full * D * e  # the real features (no grad), kept for FM and the D step
-        disc = n_taps * B * full * (2 * D + 6 * h) * e  # per tap: permuted copy, 6 hidden-wide (conv, GN, act)
-        fm = n_taps * B * full * 3 * D * e  # feature matching: the head on each fake tap (LN, mod, proj input)
+        # per tap: permuted copy, 6 hidden-wide (conv, GN, act); feature matching: the head on each fake tap (LN, mod,
+        # proj input). Grad ckpt recomputes each tap's head in the backward (losses.py): one tap's at a time
+        per_tap = (1 if ckpt else n_taps) * B * full * e
+        disc, fm = per_tap * (2 * D + 6 * h), per_tap * 3 * D
         kept = t_all + feats + io  # + the teacher's own embedding, head and RoPE tables; the backward frees D/FM first
         # the fake pass's block in progress, then the discriminator's and FM's tensors on top of its graph
         passes["GAN + FM passes (teacher graph)"] = held + kept + max(work, disc + fm)
         s_one = max(s_one, t_one)
-        extra_d = feats + n_taps * 2 * B * full * (3 * D + 6 * h) * e  # D step: fake+real batched, 2B
+        # D step: fake+real batched (2B): their concatenation, then the heads (one at a time under grad ckpt)
+        extra_d = feats + (n_taps * 2 * B * full * D * e + 2 * per_tap * (3 * D + 6 * h) if ckpt else
+                           n_taps * 2 * B * full * (3 * D + 6 * h) * e)
     unit = B * D * e * shape.joint
     # the block being recomputed (checkpointing) holds its saved tensors, or a forward's working set if larger
     bwd_block = (max(s_one, working_bytes(cfg, shape, B, args.dtype, sp)) if ckpt else 0) + W_GRAD * unit
@@ -212,7 +218,8 @@ def counts_of(args, cfg, build):
     """Parameter counts (student, trainable, teacher, discriminator, largest block) on the meta device."""
     count = lambda m, train=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not train)  # noqa: E731
     student = build()
-    teach = 0 if args.stage == "teacher" else count(models.build_transformer(cfg, device="meta"))
+    shared = getattr(args, "semantic_lora", 0) > 0  # the teacher is the student's own frozen base: no second copy
+    teach = 0 if args.stage == "teacher" or shared else count(models.build_transformer(cfg, device="meta"))
     gan = args.stage == "detail" and (args.w_gan or args.w_fm)
     with torch.device("meta"):
         disc = count(losses.Discriminator.for_model(student, args.disc_hidden)) if gan else 0

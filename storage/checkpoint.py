@@ -8,6 +8,8 @@ never sit in memory twice.
 
 A training step folder `OUT/step_{step:07d}/` (written by storage/resume.py) holds `transformer/` (diffusers
 layout; the dual expert's frozen semantic backbone), `detail.safetensors` (the LoRA detail expert's adapter),
+`semantic.safetensors` in place of `transformer/` in a --semantic-lora run (the semantic adapter; its base: the run's
+--teacher, recorded in config.json),
 `train_state.pt` (optimizers, RNG, data position) and `config.json` (the run config: stage, model config, grid, ...).
 """
 
@@ -185,6 +187,22 @@ def load_transformer(path, dtype=None, device=None):
     return model
 
 
+def read_tensors(path, keys):
+    """The stored tensors `keys` of a transformer checkpoint (a folder resolve() knows, or an original-format file), in
+    their stored dtype, read one by one: e.g. the fp32 masters of layers a bf16-loaded model copies to train."""
+    if os.path.isfile(path):
+        sd = _load_state_dict_file(path)[1]
+        return {k: sd[k] for k in keys}
+    folder, want, out = resolve(path).weights, set(keys), {}
+    for shard in _shard_files(folder):
+        with safe_open(os.path.join(folder, shard), framework="pt") as f:
+            for k in want & set(f.keys()):
+                out[k] = f.get_tensor(k)
+    if missing := sorted(want - set(out)):
+        raise ValueError(f"{path}: keys not in the checkpoint: {missing[:10]}")
+    return out
+
+
 # ---- saving ------------------------------------------------------------------------------------
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -295,11 +313,11 @@ def step_missing(folder, need=("config.json",)):
             run = json.load(f)
     except (OSError, ValueError):
         run = {}
-    lora = run.get("stage") == "detail" and not run.get("detail_full")
-    need = [*need, "transformer/config.json"] + ["detail.safetensors"] * lora
+    lora, sem_lora = run.get("stage") == "detail" and not run.get("detail_full"), bool(run.get("semantic_lora"))
+    need = [*need] + (["semantic.safetensors"] if sem_lora else ["transformer/config.json"]) + ["detail.safetensors"] * lora
     missing = [f for f in need if not os.path.isfile(os.path.join(folder, f))]
     try:
-        files = [os.path.join("transformer", s) for s in _shard_files(os.path.join(folder, "transformer"))]
+        files = [] if sem_lora else [os.path.join("transformer", s) for s in _shard_files(os.path.join(folder, "transformer"))]
     except ValueError:
         files, missing = [], missing + ["transformer weights"]
     files += [f for f in need if f.endswith((".safetensors", ".pt")) and f not in missing]
@@ -344,6 +362,7 @@ class Source:
     weights: str               # what load_transformer / released.load_released read
     run: dict | None = None    # a step folder's train.py run config
     detail: str | None = None  # a LoRA detail-stage step's adapter file
+    semantic: str | None = None  # a --semantic-lora step's semantic adapter file (weights: its base, the teacher)
 
 
 def _authors_layout(folder):
@@ -382,8 +401,14 @@ def resolve(path, what="checkpoint"):
             raise CheckpointError(f"{what} {path}: damaged or incomplete checkpoint: {', '.join(missing)}")
         run = checks.read_json(os.path.join(path, "config.json"), "run config")
         lora = run.get("stage") == "detail" and not run.get("detail_full")
-        return Source(path, "step", path, os.path.join(path, "transformer"), run,
-                      os.path.join(path, "detail.safetensors") if lora else None)
+        detail = os.path.join(path, "detail.safetensors") if lora else None
+        if not run.get("semantic_lora"):
+            return Source(path, "step", path, os.path.join(path, "transformer"), run, detail)
+        if not run.get("teacher") or not os.path.exists(run["teacher"]):
+            raise CheckpointError(f"{what} {path}: a --semantic-lora checkpoint whose base, the run's --teacher "
+                                  f"{run.get('teacher')!r}, does not exist (the adapter needs the weights it was trained on)")
+        base = resolve(run["teacher"], f"{what} {path}'s base (the run's --teacher)")
+        return Source(path, "step", path, base.weights, run, detail, os.path.join(path, "semantic.safetensors"))
     for folder in (os.path.join(path, "transformer"), path):
         if os.path.isfile(os.path.join(folder, "config.json")) and not is_run_config(folder):
             return Source(path, "authors" if _authors_layout(folder) else "transformer", path, folder)

@@ -18,7 +18,8 @@ from tools import checks
 # run settings a resumed run must share with its checkpoint: the state's shape (never overridable) and
 # what the run trains on and towards (--resume-anyway goes on with the new values); the data by its content
 # (data.LatentDataset.digest): a moved or copied dataset resumes, one rewritten in place does not
-RESUME_SHAPE = ("stage", "detail_full", "grid_steps", "shift", "lora_rank", "lora_targets", "disc_hidden", "boundaries")
+RESUME_SHAPE = ("stage", "detail_full", "grid_steps", "shift", "lora_rank", "lora_targets", "lora_alpha", "semantic_lora",
+                "disc_hidden", "boundaries")
 RESUME_RUN = ("teacher", "init", "data_digest", "batch_size", "grad_accum", "seed", "w_tc", "w_gan", "w_fm", "loss",
               "target_ema", "guidance", "cond_drop")
 
@@ -93,11 +94,11 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False, build=None, detail_meta=None):
+def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False, build=None, meta=None):
     """Write step_dir(out, step) (layout above); call it on every rank. The optimizer's, EMA's and (sharded: FSDP2)
     model's states are gathered as full FQN-keyed states, portable across FSDP/DDP and world sizes, with every
     rank's RNG state; rank 0 writes atomically, sharded from build() (an unsharded copy on the meta device).
-    state: the rest of train_state.pt; with detail_meta, a DualExpert: its adapter goes to detail.safetensors."""
+    state: the rest of train_state.pt; an adapter model (experts: save_parts) writes its adapter files, `meta` in them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # (imported here: ~1 s, a save needs it)
     osd = get_optimizer_state_dict(model, opt, options=full)  # collectives under FSDP: every rank takes part
@@ -112,11 +113,10 @@ def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False,
             model.load_state_dict(sd, assign=True)
         with atomic_dir(step_dir(out, step)) as tmp:
             time.sleep(float(os.environ.get("DCM_TEST_SAVE_SLEEP", 0)))  # test hook: a slow save to signal inside
-            if detail_meta is None:
-                save_transformer(model, os.path.join(tmp, "transformer"))
+            if hasattr(model, "save_parts"):  # experts.DualExpert / SemanticLoRA: adapter files (+ transformer/)
+                model.save_parts(tmp, meta)
             else:
-                model.save_semantic(os.path.join(tmp, "transformer"))
-                model.save_detail(os.path.join(tmp, "detail.safetensors"), detail_meta)
+                save_transformer(model, os.path.join(tmp, "transformer"))
             torch.save({**state, "step": step, "opt": osd, "ema": ema_sd, "rng": rngs},
                        os.path.join(tmp, "train_state.pt"))
             with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -159,6 +159,20 @@ def check_sources(args, cfg):
     if stage not in ("semantic", "detail", None):
         raise checks.InputError(f"--init {args.init} is a {stage}-stage checkpoint; --stage detail builds on the "
                                 "semantic expert (train it first: --stage semantic --teacher ...)")
+    init_rank = (src["init"].run or {}).get("semantic_lora") or 0
+    if init_rank != args.semantic_lora:
+        raise checks.InputError(f"--init {args.init} is " + (f"a LoRA semantic expert (--semantic-lora {init_rank}): pass "
+                                f"--semantic-lora {init_rank}" if init_rank else "a fully fine-tuned semantic expert: "
+                                f"--semantic-lora {args.semantic_lora} builds on a LoRA one (leave it out)"))
+    if init_rank:
+        init_run = src["init"].run
+        if os.path.realpath(init_run["teacher"]) != os.path.realpath(args.teacher):
+            raise checks.InputError(f"--teacher {args.teacher} is not the base of the LoRA semantic expert --init "
+                                    f"{args.init} (its run's --teacher {init_run['teacher']})")
+        if init_run.get("lora_targets") != args.lora_targets:
+            raise checks.InputError(f"--lora-targets {args.lora_targets}: the LoRA semantic expert --init {args.init} "
+                                    f"was trained with --lora-targets {init_run.get('lora_targets')}; the detail expert "
+                                    "stacks on the same layers")
     if stage != "semantic":
         print(f"warning: --init {args.init} " + ("records no training stage; it is taken as the semantic expert" if stage
               is None else "is a detail-stage checkpoint: its frozen semantic backbone is used, its adapter is not"),

@@ -169,8 +169,8 @@ def at_least(args, minimum, *names):
 
 
 # train.py flags -> the stages that use them; given to another stage they would be ignored, so they are refused
-STAGE_FLAGS = {**dict.fromkeys(("detail_full", "lora_rank", "lora_targets", "disc_hidden", "d_lr", "d_betas", "w_gan",
-                                "w_fm"), ("detail",)),
+STAGE_FLAGS = {**dict.fromkeys(("detail_full", "lora_rank", "disc_hidden", "d_lr", "d_betas", "w_gan", "w_fm"), ("detail",)),
+               **dict.fromkeys(("semantic_lora", "lora_targets", "lora_alpha"), ("semantic", "detail")),
                "kappa": ("semantic", "detail"), "phases": ("pcm",), "cond_drop": ("teacher",),
                **dict.fromkeys(("teacher", "w_tc", "target_ema", "loss"), ("vcm", "pcm", "semantic", "detail"))}
 DRY_RUN_FLAGS = ("world_size", "frames", "height", "width", "gpu_mem")
@@ -189,8 +189,22 @@ def train_args(args, given=()):
             raise InputError(f"{flag(name)} plans a run: it goes with --dry-run")
     if "resume_anyway" in given and not args.resume:
         raise InputError("--resume-anyway goes with --resume")
-    if args.detail_full and given & {"lora_rank", "lora_targets"}:
-        raise InputError(f"{flag(min(given & {'lora_rank', 'lora_targets'}))}: --detail-full trains no LoRA")
+    if args.detail_full and given & {"lora_rank", "lora_targets", "lora_alpha"}:
+        raise InputError(f"{flag(min(given & {'lora_rank', 'lora_targets', 'lora_alpha'}))}: --detail-full trains no LoRA")
+    if args.semantic_lora < 0:
+        raise InputError(f"--semantic-lora {args.semantic_lora}: a LoRA rank must be >= 1 (0 = the fully fine-tuned "
+                         "semantic expert)")
+    if args.stage == "semantic" and not args.semantic_lora and given & {"lora_targets", "lora_alpha"}:
+        raise InputError(f"{flag(min(given & {'lora_targets', 'lora_alpha'}))} means nothing to --stage semantic without "
+                         "--semantic-lora (the semantic expert is fully fine-tuned)")
+    if args.semantic_lora and args.detail_full:
+        raise InputError("--semantic-lora with --detail-full: the OD ablation trains a full copy of the semantic expert, "
+                         "which a LoRA semantic expert does not have")
+    if args.semantic_lora and args.target_ema:
+        raise InputError("--target-ema with --semantic-lora: the EMA target is not built for a shared base; use the "
+                         "stop-grad target (--target-ema 0, the authors')")
+    if args.semantic_lora and args.stage == "semantic" and args.init:
+        raise InputError("--init with --semantic-lora: a LoRA semantic expert starts from the teacher's weights")
     if args.stage == "detail" and not args.init:
         raise InputError("--stage detail needs --init: the semantic expert checkpoint to build on")
     if args.stage != "teacher" and not (args.teacher or args.dry_run):
@@ -198,6 +212,8 @@ def train_args(args, given=()):
     if not (args.data or args.dry_run):
         raise InputError("--data is required (a dataset folder, see data.py)")
     at_least(args, 1, "max_steps", "batch_size", "grad_accum", "lora_rank", "disc_hidden", "world_size")
+    if args.lora_alpha is not None and not 0 < args.lora_alpha < float("inf"):
+        raise InputError(f"--lora-alpha {args.lora_alpha} must be a finite number > 0")
     at_least(args, 0, "save_every", "probe_every", "keep_last")
     if not args.dist_timeout > 0:
         raise InputError(f"--dist-timeout {args.dist_timeout} must be > 0 minutes")
