@@ -171,6 +171,7 @@ class SemanticLoRA(nn.Module):
             backbone, targets, lora_targets, self.copy_adaln)
         self.lora, self.copies, graft = _adapter(backbone, self.lora_names, self.copy_names, self.rank, self.alpha,
                                                  dtype=dtype)
+        self.copies.requires_grad_(True)  # copied from the frozen base: trainable again
         self.__dict__["adapted"] = _graft(backbone, graft)  # plain attribute: not a second registration
 
     config = property(lambda self: self.backbone.config)

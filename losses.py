@@ -99,13 +99,14 @@ def consistency_target(x_prev, out_target, k_prev, k_end, grid):
                    grid.kind)
 
 
-def consistency_step(student, target, teacher, grid, boundaries, x0, eps, k, cond, scond, kind="huber"):
+def consistency_step(student, target, teacher, grid, boundaries, x0, eps, k, cond, scond, kind="huber", x_tgt=None):
     """One CD step at per-sample grid indices k (paper eq. 4, DESIGN sec. 1 steps 2-6) -> (loss, xhat, x_tgt, k_end).
 
     teacher: a Teacher (guided, given `cond`); student and target (the EMA, or the student itself) get `scond`
     (cond plus embedded guidance where the model takes it). The teacher step and the target run first, without
     grad, so the student's stored activations never coexist with the teacher's forward (lower peak memory).
-    k on the host (a device k is read once); k_end comes back on the host. No host sync inside."""
+    k on the host (a device k is read once); k_end comes back on the host. No host sync inside. x_tgt given (the same
+    step's, computed before): the teacher and target passes are skipped."""
     k = _per_sample(k, x0.shape[0], "k").cpu()
     k_end = phase_end(k, boundaries)
     _host_indices(k - 1, k_end, len(k))
@@ -113,8 +114,9 @@ def consistency_step(student, target, teacher, grid, boundaries, x0, eps, k, con
     c = on(x0.device, t=t, a=a, s=s, a_p=a_p, s_p=s_p, a_e=a_e, s_e=s_e, at_end=k - 1 == k_end)
     x_k = col(c["a"], x0) * x0 + col(c["s"], x0) * eps
     with torch.no_grad():  # the teacher's ODE step k -> k-1 (= teacher.step(x_k, k, cond))
-        x_prev = ode_step(x_k, teacher.guided(x_k, c["t"].float(), cond), c["a"], c["s"], c["a_p"], c["s_p"], grid.kind)
-        x_tgt = _target(x_prev, target(x_prev, t_p.float(), **scond).float(), c, grid.kind)
+        if x_tgt is None:
+            x_prev = ode_step(x_k, teacher.guided(x_k, c["t"].float(), cond), c["a"], c["s"], c["a_p"], c["s_p"], grid.kind)
+            x_tgt = _target(x_prev, target(x_prev, t_p.float(), **scond).float(), c, grid.kind)
     xhat = ode_step(x_k, student(x_k, t.float(), **scond).float(), c["a"], c["s"], c["a_e"], c["s_e"], grid.kind)
     return consistency_loss(xhat, x_tgt, kind), xhat, x_tgt, k_end
 

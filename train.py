@@ -110,6 +110,8 @@ def parse_args(argv):
     a("--semantic-lora", type=int, default=0, metavar="R", help="semantic expert as rank-R LoRA + copies over the "
       "frozen teacher, which it shares (one GPU); 0 = full fine-tune. Give it to the detail stage on such a run too")
     a("--disc-hidden", type=int, default=disc_hidden, help="discriminator width (multiple of 32)")
+    a("--gan-first", action="store_true", help="detail: the GAN/FM gradient at the student's output first, from a "
+      "no-grad student pass, so the teacher's graph and the student's never coexist (+1 student forward; one GPU)")
     a("--cond-drop", type=float, default=cond_drop, help="teacher stage, CFG models: uncond probability")
     a("--guidance", type=float, default=guidance, help="teacher guidance scale")
     a("--grid-steps", type=int, default=grid_steps, help="N, the teacher's grid")
@@ -319,7 +321,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
 
     # --- one micro-batch's loss terms
     vgrid = solver.grid_for(cfg, solver.T_TRAIN) if kind == "vpred" else None  # every DDIM training timestep
-    weights = {"diffusion": 1.0, "cd": 1.0, "tc": args.w_tc, "gan_g": args.w_gan, "fm": args.w_fm}
+    weights = {"diffusion": 1.0, "cd": 1.0, "tc": args.w_tc, "gan_g": args.w_gan, "fm": args.w_fm, "output": 1.0}
     C, n_f, H, W = ds.manifest["latent_shape"]
     tok_grid = tuple(n // p for n, p in zip((n_f, H, W), data.patch_of(cfg)))
 
@@ -339,17 +341,29 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
             t, a, s = grid.at(k) if k is not None else losses.diffusion_time(u[:, 0], kind, vgrid)
             return {"diffusion": losses.diffusion_loss(student_mod, x0, eps, t, a, s, kind, scond)}, None
         kk = k_between(u[:, 0], k_lo, k_hi) if k is None else k  # host indices (u is on the CPU): no sync in the step
-        l_cd, xhat, x_tgt, k_end = losses.consistency_step(student_mod, student if ema is None else ema, teacher, grid,
-                                                           boundaries, x0, eps, kk, cond, scond, args.loss)
+        step_ = lambda s_mod, x_tgt=None: losses.consistency_step(  # noqa: E731
+            s_mod, student if ema is None else ema, teacher, grid, boundaries, x0, eps, kk, cond, scond, args.loss, x_tgt)
+        gan_now, feats, g_out = k is None and gan, None, None
+        if gan_now and args.gan_first:  # the GAN/FM gradient at the output first: the teacher's graph is gone before
+            with torch.no_grad():  # the student's forward with grad (the same xhat, recomputed)
+                _, xhat, x_tgt, k_end = step_(student)
+            xhat.requires_grad_(True)
+            gan_g, fm, feats = losses.adversarial_terms(teacher.model, disc, x_tgt, xhat, n, k_end,
+                                                        k_between(u[:, 1], 0, kap), grid, scond, tok_grid)
+            losses.output_grad_norms(xhat, {"gan_g": gan_g, "fm": fm}, weights, into=out_gn)
+            g_out = torch.autograd.grad(weights["gan_g"] * gan_g + weights["fm"] * fm, xhat)[0]
+        l_cd, xhat, x_tgt, k_end = step_(student_mod, None if g_out is None else x_tgt)
         terms = {"cd": l_cd}
         if k is None and args.w_tc:
             terms["tc"] = losses.temporal_coherence_loss(xhat, x_tgt)
-        feats = None
-        if k is None and gan:
+        if g_out is not None:  # logged as computed; their gradient enters through `output` (value 0, gradient g_out)
+            terms |= {"gan_g": gan_g.detach(), "fm": fm.detach(), "output": (xhat * g_out).sum() - (xhat * g_out).sum().detach()}
+        elif gan_now:
             k_adv = k_between(u[:, 1], 0, kap)  # re-noise into the detail sub-trajectory (host indices)
             terms["gan_g"], terms["fm"], feats = losses.adversarial_terms(teacher.model, disc, x_tgt, xhat, n, k_end,
                                                                           k_adv, grid, scond, tok_grid)
-        losses.output_grad_norms(xhat, terms, weights, into=out_gn)  # a dict on probe steps: how hard each term pulls
+        losses.output_grad_norms(xhat, {k: v for k, v in terms.items() if v.requires_grad and k != "output"}, weights,
+                                 into=out_gn)  # a dict on probe steps: how hard each term pulls
         return terms, feats
 
     # --- fixed probe batches, high / low noise (paper Fig. 2): data, noise and k drawn once
@@ -420,7 +434,8 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
                     terms["d"], terms["d_acc_real"], terms["d_acc_fake"] = losses.discriminator_stats(disc, feats, tok_grid)
                 (terms["d"] / accum).backward()
             for k, v in (terms | {"loss": total}).items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+                if k != "output":  # --gan-first's gradient carrier: value 0
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
         flag = torch.full((1,), pre.pending(), device=device)  # a fill kernel: no host-to-device copy, no sync
         vals = torch.cat([torch.stack([sums[k] for k in sorted(sums)]), flag])
         if distributed:  # + the stop flag: a signal on any rank stops every rank after this same step

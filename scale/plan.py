@@ -193,9 +193,18 @@ def plan(args, cfg, counts, sp, device="cuda"):
         per_tap = (1 if ckpt else n_taps) * B * full * e
         disc, fm = per_tap * (2 * D + 6 * h), per_tap * 3 * D
         kept = t_all + feats + io  # + the teacher's own embedding, head and RoPE tables; the backward frees D/FM first
-        # the fake pass's block in progress, then the discriminator's and FM's tensors on top of its graph
-        passes["GAN + FM passes (teacher graph)"] = held + kept + max(work, disc + fm)
-        s_one = max(s_one, t_one)
+        # the fake pass's block in progress, then the discriminator's and FM's tensors on top of its graph; --gan-first:
+        # its gradient at the output is taken (a backward through the teacher's graph alone) before the student's
+        # forward with grad, which then holds only the real features
+        first = getattr(args, "gan_first", False)
+        passes["GAN + FM passes (teacher graph)"] = (0 if first else held) + kept + max(work, disc + fm)
+        if first:
+            t_bwd = (max(t_one, working_bytes(cfg, shape, B, args.dtype, sp)) if ckpt else 0) + W_GRAD * B * D * e * shape.joint
+            passes["GAN + FM backward (teacher graph, --gan-first)"] = kept + t_bwd
+            passes["student forward"] += feats
+            kept = feats
+        else:
+            s_one = max(s_one, t_one)
         # D step: fake+real batched (2B): their concatenation, then the heads (one at a time under grad ckpt)
         extra_d = feats + (n_taps * 2 * B * full * D * e + 2 * per_tap * (3 * D + 6 * h) if ckpt else
                            n_taps * 2 * B * full * (3 * D + 6 * h) * e)

@@ -45,6 +45,8 @@ def test_base_view_is_the_teacher_and_a_fresh_adapter_changes_nothing(arch):
     t, bt = timesteps(base, [45, 40, 20])
     ref = teacher(x, t, **cond)
     sem = experts.SemanticLoRA(base, 4, 8)
+    trains = [p for p in sem.parameters() if p.requires_grad]
+    assert {id(p) for p in trains} == {id(p) for p in [*sem.lora.parameters(), *sem.copies.parameters()]}
     assert torch.equal(sem(x, t, **cond), ref)  # B = 0 and the copies equal the base: the teacher itself
     randomize(sem.lora, sem.copies)
     assert not torch.equal(sem(x, t, **cond), ref)
@@ -190,7 +192,7 @@ def test_sp2_and_fsdp_equal_one_process(runs, tmp_path):
                  for i, sp in enumerate((["--sp", 2], ["--fsdp", "--batch-size", 1]))]
              + [["train", *det, *sp, "--out", tmp_path / f"det{i}", "--max-steps", 2]
                 for i, sp in enumerate((["--sp", 2], ["--fsdp", "--grad-ckpt", "--batch-size", 1]))], tmp_path)
-    ref_det = run(*det, "--out", tmp_path / "det_one", "--max-steps", 2)
+    run(*det, "--out", tmp_path / "det_one", "--max-steps", 2)
     for name, ref, keys in (("sem", root / "sem", ["loss", "cd", "tc", "grad_norm"]),
                             ("det", tmp_path / "det_one", ["loss", "cd", "gan_g", "fm", "d", "grad_norm"])):
         for i in (0, 1):

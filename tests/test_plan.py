@@ -130,19 +130,29 @@ def test_block_units_equal_saved_tensors(dtype, grads):
         assert abs(got / want - 1) < 0.08, (arch, kind, dtype, grads, got, want)
 
 
-STEPS = [("cogvideox", "semantic", True, "fp32"), ("cogvideox", "detail", False, "fp32"),
-         ("hunyuan", "semantic", False, "bf16"), ("hunyuan", "detail", True, "bf16")]
+STEPS = [("cogvideox", "semantic", True, "fp32", []), ("cogvideox", "detail", False, "fp32", []),
+         ("hunyuan", "semantic", False, "bf16", []), ("hunyuan", "detail", True, "bf16", []),
+         ("cogvideox", "semantic", True, "bf16", ["--semantic-lora", "8"]),  # one GPU: LoRA semantic expert, GAN first
+         ("hunyuan", "detail", True, "bf16", ["--semantic-lora", "8", "--gan-first"])]
 
 
-@pytest.mark.parametrize("arch,stage,ckpt,dtype", STEPS)
-def test_step_peak_within_15_percent(tmp_path, monkeypatch, arch, stage, ckpt, dtype):
+@pytest.mark.parametrize("arch,stage,ckpt,dtype,extra", STEPS)
+def test_step_peak_within_15_percent(tmp_path, monkeypatch, arch, stage, ckpt, dtype, extra):
     """The dry run's activations + grads + latents against the measured peak of one real train.py step (CPU, the
     LiveBytes measurement above): within the issue's 15% (measured: 1-7%, see docs/training.md)."""
     argv = make_run(tmp_path, CONFIGS[arch]) + ["--stage", stage, "--dtype", dtype] + ["--grad-ckpt"] * ckpt + (
-        ["--lora-rank", "8", "--disc-hidden", "64"] if stage == "detail" else [])
+        ["--lora-rank", "8", "--disc-hidden", "64"] if stage == "detail" else []) + extra
+    if "--semantic-lora" in extra:  # a LoRA semantic expert starts from the teacher; its detail stage builds on one
+        argv.remove("--init"), argv.remove(str(tmp_path / "t"))
+        if stage == "detail":
+            train.main(argv[:argv.index("--stage")] + ["--stage", "semantic", "--semantic-lora", "8", "--max-steps", "1",
+                                                      "--out", str(tmp_path / "sem")])
+            argv += ["--init", str(tmp_path / "sem")]
     got = measured(argv + ["--out", str(tmp_path / "run")], monkeypatch)
     p = train.main(argv + ["--dry-run"])["plan"]
     want = p["total"] - sum(p["static"].values())
+    print(f"{arch} {stage} {dtype} ckpt {ckpt} {' '.join(extra)}: measured {got / 2**20:.1f} MiB, plan {want / 2**20:.1f} MiB "
+          f"({want / got - 1:+.1%})")
     assert abs(want / got - 1) < 0.15, (got, want, p["passes"])
 
 
