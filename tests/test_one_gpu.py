@@ -2,7 +2,9 @@
 fresh adapter is the teacher, one CD / GAN step equals the same weights built as separate teacher and student copies,
 nothing is stored twice, resume is exact, --sp 2 and --fsdp (2 gloo ranks) equal one process, bad input."""
 import copy
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -10,13 +12,15 @@ import torch
 import data
 import experts
 import losses
-from storage import checkpoint
+from storage import checkpoint, integrity
 import model
+import sample
 import sampling
 import solver
 from teacher import Teacher
 from test_experts import KAPPA, inputs, timesteps
 from test_train import LORA, SMALL, make_dataset, run, tensors
+from test_robust import train_err
 from test_train_sp import assert_close, assert_losses, torchrun
 
 ARCHS = ["tiny-cogvideox", "tiny-hunyuan", "tiny-wan"]
@@ -185,16 +189,77 @@ def test_sample_merges_the_adapters_once(runs, tmp_path):
 
 
 def test_sp2_and_fsdp_equal_one_process(runs, tmp_path):
-    """2 gloo ranks, --sp 2 (one SP group) and --fsdp (DP 2, batch 1 each), both stages (TC; GAN + FM through the
+    """2 gloo ranks, --sp 2 (one SP group) and --fsdp (DP 2, batch 1 each; detail: --gan-first), both stages (TC; GAN + FM through the
     shared base) -> the weights and losses of the 1-process run."""
     root, sem, det = runs
     torchrun(2, [["train", *sem, *sp, "--out", tmp_path / f"sem{i}", "--max-steps", 2]
                  for i, sp in enumerate((["--sp", 2], ["--fsdp", "--batch-size", 1]))]
              + [["train", *det, *sp, "--out", tmp_path / f"det{i}", "--max-steps", 2]
-                for i, sp in enumerate((["--sp", 2], ["--fsdp", "--grad-ckpt", "--batch-size", 1]))], tmp_path)
+                for i, sp in enumerate((["--sp", 2], ["--fsdp", "--grad-ckpt", "--gan-first", "--batch-size", 1]))], tmp_path)
     run(*det, "--out", tmp_path / "det_one", "--max-steps", 2)
     for name, ref, keys in (("sem", root / "sem", ["loss", "cd", "tc", "grad_norm"]),
                             ("det", tmp_path / "det_one", ["loss", "cd", "gan_g", "fm", "d", "grad_norm"])):
         for i in (0, 1):
             assert_losses(tmp_path / f"{name}{i}", ref, keys)
             assert_close(tmp_path / f"{name}{i}" / "step_0000002", ref / "step_0000002", f"{name}{i}")
+
+
+BAD = {  # name -> (argv after the common flags, expected part of the one-line message)
+    "negative rank": (["--stage", "semantic", "--semantic-lora", -1], "--semantic-lora -1: a LoRA rank must be >= 1"),
+    "with --detail-full": (["--stage", "detail", "--init", "SEM", "--semantic-lora", 4, "--detail-full"],
+                           "--semantic-lora with --detail-full"),
+    "detail without the init's rank": (["--stage", "detail", "--init", "SEM"],
+                                       "is a LoRA semantic expert (--semantic-lora 4): pass --semantic-lora 4"),
+    "detail with another rank": (["--stage", "detail", "--init", "SEM", "--semantic-lora", 8],
+                                 "is a LoRA semantic expert (--semantic-lora 4): pass --semantic-lora 4"),
+    "detail on a full semantic expert": (["--stage", "detail", "--init", "TEACHER", "--semantic-lora", 4],
+                                         "is a fully fine-tuned semantic expert: --semantic-lora 4 builds on a LoRA one"),
+    "detail with another teacher": (["--stage", "detail", "--init", "SEM", "--semantic-lora", 4, "--teacher", "OTHER"],
+                                    "is not the base of the LoRA semantic expert"),
+    "detail with other lora targets": (["--stage", "detail", "--init", "SEM", "--semantic-lora", 4, "--lora-targets",
+                                        "all"], "was trained with --lora-targets authors"),
+    "with an EMA target": (["--stage", "semantic", "--semantic-lora", 4, "--target-ema", 0.9], "--target-ema with --semantic-lora"),
+    "semantic --init": (["--stage", "semantic", "--semantic-lora", 4, "--init", "TEACHER"],
+                        "--init with --semantic-lora: a LoRA semantic expert starts from the teacher's weights"),
+    "--lora-alpha 0": (["--stage", "semantic", "--semantic-lora", 4, "--lora-alpha", 0], "--lora-alpha 0.0 must be"),
+    "semantic --lora-targets alone": (["--stage", "semantic", "--lora-targets", "all"],
+                                      "--lora-targets means nothing to --stage semantic without --semantic-lora"),
+    "--gan-first without GAN": (["--stage", "detail", "--init", "SEM", "--semantic-lora", 4, "--gan-first", "--w-gan", 0,
+                                 "--w-fm", 0], "--gan-first with --w-gan 0 --w-fm 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line(runs, case, tmp_path, monkeypatch, capsys):
+    root, sem, _ = runs
+    argv, want = BAD[case]
+    paths = {"SEM": root / "sem", "TEACHER": root / "teacher", "OTHER": tmp_path / "other"}
+    if "OTHER" in argv:
+        shutil.copytree(root / "teacher", tmp_path / "other")
+    common = [a for a in sem[sem.index("--teacher"):] if a not in ("--semantic-lora", 4)]
+    argv = [*common, *[paths.get(a, a) if isinstance(a, str) else a for a in argv], "--out", tmp_path / "out"]
+    msg = train_err(monkeypatch, capsys, argv)
+    assert msg.startswith("error: ") and want in msg and "\n" not in msg, msg
+    assert not os.path.isdir(tmp_path / "out")
+
+
+def test_a_checkpoint_whose_base_is_gone_is_one_line(runs, tmp_path, capsys):
+    """sample.py on a --semantic-lora run whose teacher folder moved: one error line naming the missing base."""
+    root, _, _ = runs
+    shutil.copytree(root / "teacher", tmp_path / "teacher")
+    shutil.copytree(root / "sem", tmp_path / "sem")
+    step = tmp_path / "sem" / "step_0000002"
+    with open(step / "config.json") as f:
+        cfg = json.load(f)
+    cfg["teacher"] = str(tmp_path / "teacher")
+    with open(step / "config.json", "w") as f:
+        json.dump(cfg, f)
+    integrity.write_checksums(step)
+    assert sampling.load_student(step)[1]["mode"] == "semantic"
+    shutil.rmtree(tmp_path / "teacher")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sample.cli(["--ckpt", str(step), "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: --ckpt ") and "base, the run's --teacher" in err and \
+        "does not exist" in err and "\n" not in err, err

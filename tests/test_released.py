@@ -191,6 +191,35 @@ def test_trained_here_runs_in_their_model(tmp_path, capsys):
     assert res["experts"] == ["semantic", "semantic", "detail", "detail"] and res["grid_indices"] is None
 
 
+def test_a_lora_semantic_student_runs_in_their_model(tmp_path):
+    """A --semantic-lora detail step (LoRA semantic expert + detail LoRA over the teacher) exported by `export.py
+    authors`: the semantic adapter merged into the base, the detail LoRA on top; their two routes equal ours."""
+    copies = released.LAYOUTS["HunyuanVideo"]["copies"]
+    torch.manual_seed(4)
+    base = model.build_transformer(TINY_HY)
+    checkpoint.save_transformer(base, tmp_path / "teacher")
+    sem = experts.SemanticLoRA(base, 2, 3.0)
+    randomize_(sem.lora), randomize_(sem.copies)
+    ours = experts.DualExpert(base, 981.762939453125, R, ALPHA, semantic=sem.requires_grad_(False)).eval()
+    randomize_(ours.lora), randomize_(ours.copies)
+    step = tmp_path / "run" / "step_0000010"
+    step.mkdir(parents=True)
+    ours.save_parts(step, {"kappa": 37})
+    (step / "config.json").write_text(json.dumps({"stage": "detail", "step": 10, "semantic_lora": 2,
+                                                  "teacher": str(tmp_path / "teacher")}))
+    export.main(["authors", "--ckpt", str(step), "--out", str(tmp_path / "DCM_MINE" / "transformer")])
+    ref = theirs(HunyuanVideoTransformer3DModel, TINY_HY, copies, seed=1)
+    ref.load_state_dict(load_file(str(tmp_path / "DCM_MINE" / "transformer" / "diffusion_pytorch_model.safetensors")),
+                        strict=True)
+    inp, t_sem, t_det = hy_inputs(), torch.tensor([999.0, 983.68]), torch.tensor([981.762939453125, 912.4])
+    ref.disable_adapters()
+    err_sem = max_err(hy_ours(ours, inp, t_sem), hy_ref(ref, inp, t_sem))
+    with detail_modules(ref, copies):
+        err_det = max_err(hy_ours(ours, inp, t_det), hy_ref(ref, inp, t_det))
+    assert err_sem <= 1e-5 and err_det <= 1e-5, (err_sem, err_det)
+    assert max_err(hy_ours(ours, inp, t_sem), hy_ours(ours.base_view(), inp, t_sem)) > 1e-3  # not the teacher
+
+
 def _edit(folder, dst, change):
     sd = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
     change(sd)
