@@ -20,42 +20,15 @@ own LoRA and copies), and the base tree itself, every adapter off, is the teache
 weights for teacher, semantic and detail expert. A detail expert on such a semantic expert stacks its LoRA on the
 semantic one (lora.LoRALinear `under`) and copies the semantic copies: detail = base + semantic + detail adapters.
 """
-import copy
-import json
 import os
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 import model as model_lib
-from data import atomic_save_file
-from lora import LoRALinear, _matches, arch_of, module_key, targets_for
+from lora import (FORMAT, SEMANTIC_FORMAT, LoRALinear, adapter_state, graft, load_adapter, load_copies, merged_state,
+                  new_adapter, read_meta, resolve_targets, save_adapter)
 from storage import checkpoint
-
-FORMAT, SEMANTIC_FORMAT = "dcm-detail-v1", "dcm-semantic-lora-v1"
-
-
-def _graft(root, replacements):
-    """A shallow copy of the module tree `root` with modules swapped in at dotted names.
-
-    Only the modules on the paths to the replaced names are copied (their own params/buffers dicts
-    stay shared with the original); everything else is the very same object in both trees.
-    """
-    copied = {"": copy.copy(root)}
-    copied[""]._modules = dict(root._modules)
-    for name, new in replacements.items():
-        *path, leaf = name.split(".")
-        parent, prefix = copied[""], ""
-        for part in path:
-            prefix = f"{prefix}.{part}" if prefix else part
-            if prefix not in copied:
-                c = copy.copy(parent._modules[part])
-                c._modules = dict(c._modules)
-                copied[prefix] = parent._modules[part] = c
-            parent = copied[prefix]
-        parent._modules[leaf] = new
-    return copied[""]
 
 
 def _at(v, idx):
@@ -83,56 +56,6 @@ def _join(a, b, inv):
     if isinstance(a, (tuple, list)):
         return type(a)(_join(x, y, inv) for x, y in zip(a, b, strict=True))
     raise TypeError(f"cannot scatter a backbone result of type {type(a).__name__}")
-
-
-def _targets(backbone, targets, lora_targets, copy_adaln):
-    """(arch, lora_targets, target spec, LoRA module names, copied module names) of a backbone (lora.targets_for)."""
-    arch = arch_of(backbone) if targets is None else "custom"
-    which = lora_targets if targets is None else "custom"
-    spec = targets_for(arch, lora_targets) if targets is None else targets
-    if not {"lora", "copy"} <= set(spec) or not set(spec) <= {"lora", "copy", "adaln"}:
-        raise ValueError(f"targets must have keys 'lora', 'copy' (and optionally 'adaln'), got {sorted(spec)}")
-    spec = {k: list(spec.get(k, [])) for k in ("lora", "copy", "adaln")}
-    modules = dict(backbone.named_modules())
-    names = list(modules)
-
-    def resolve(patterns):
-        found = []
-        for p in patterns:
-            hit = _matches(p, names)
-            if not hit:
-                raise ValueError(f"adapter target '{p}' matches no module of the {arch} backbone")
-            found += [n for n in hit if n not in found]
-        return sorted(found, key=names.index)
-
-    lora_names, copy_names = resolve(spec["lora"]), resolve(spec["copy"] + (spec["adaln"] if copy_adaln else []))
-    everything = lora_names + copy_names
-    for a in everything:
-        for b in everything:
-            if a != b and b.startswith(a + "."):
-                raise ValueError(f"adapter targets overlap: '{b}' lies inside '{a}'")
-        if len([n for n in everything if n == a]) > 1:
-            raise ValueError(f"'{a}' is both a LoRA target and a copied layer")
-    for n in lora_names:
-        if not isinstance(modules[n], nn.Linear):
-            raise ValueError(f"LoRA target '{n}' is a {type(modules[n]).__name__}, not nn.Linear")
-    return arch, which, spec, lora_names, copy_names
-
-
-def _adapter(backbone, lora_names, copy_names, rank, alpha, under=None, dtype=None):
-    """(lora ModuleDict, copies ModuleDict, {name: module to graft}) of a new adapter set on `backbone`; on top of
-    the SemanticLoRA `under`: its LoRA below each new one, its copies copied. LoRA pairs are drawn in name order."""
-    modules = dict(backbone.named_modules())
-    lora, copies, graft = nn.ModuleDict(), nn.ModuleDict(), {}
-    for n in lora_names:
-        key = module_key(n)
-        graft[n] = LoRALinear(modules[n], rank, alpha, under=() if under is None else (under.lora[key],), dtype=dtype)
-        lora[key] = graft[n].lora
-    for n in copy_names:
-        graft[n] = copies[module_key(n)] = copy.deepcopy(modules[n] if under is None else under.copies[module_key(n)])
-        if dtype is not None:
-            graft[n].to(dtype)
-    return lora, copies, graft
 
 
 class BaseView:
@@ -167,12 +90,12 @@ class SemanticLoRA(nn.Module):
         super().__init__()
         self.backbone = backbone.requires_grad_(False)
         self.rank, self.alpha, self.copy_adaln = int(rank), float(alpha), bool(copy_adaln)
-        self.arch, self.lora_targets, self.targets, self.lora_names, self.copy_names = _targets(
+        self.arch, self.lora_targets, self.targets, self.lora_names, self.copy_names = resolve_targets(
             backbone, targets, lora_targets, self.copy_adaln)
-        self.lora, self.copies, graft = _adapter(backbone, self.lora_names, self.copy_names, self.rank, self.alpha,
+        self.lora, self.copies, swaps = new_adapter(backbone, self.lora_names, self.copy_names, self.rank, self.alpha,
                                                  dtype=dtype)
         self.copies.requires_grad_(True)  # copied from the frozen base: trainable again
-        self.__dict__["adapted"] = _graft(backbone, graft)  # plain attribute: not a second registration
+        self.__dict__["adapted"] = graft(backbone, swaps)  # plain attribute: not a second registration
 
     config = property(lambda self: self.backbone.config)
     prediction = property(lambda self: self.backbone.prediction)
@@ -209,22 +132,22 @@ class SemanticLoRA(nn.Module):
 
     def init_copies(self, state):
         """The copied layers from backbone-keyed tensors (copy_keys): exact fp32 masters over a bf16 base."""
-        _load_copies(self.copies, self.copy_names, state)
+        load_copies(self.copies, self.copy_names, state)
 
     def meta(self):
         return {"format": SEMANTIC_FORMAT, "arch": self.arch, "rank": self.rank, "alpha": self.alpha,
                 "copy_adaln": self.copy_adaln, "targets": self.targets, "lora_targets": self.lora_targets}
 
     def state(self):
-        return _adapter_state(self.lora, self.copies, self.lora_names, self.copy_names)
+        return adapter_state(self.lora, self.copies, self.lora_names, self.copy_names)
 
     def save(self, path, meta=None):
         """The adapter as one small safetensors file (PEFT-style keys, as DualExpert.save_detail)."""
-        _save_adapter(self.state(), self.meta(), meta, path)
+        save_adapter(self.state(), self.meta(), meta, path)
 
     @torch.no_grad()
     def load(self, path):
-        return _load_adapter(path, SEMANTIC_FORMAT, self.meta(), self.state())
+        return load_adapter(path, SEMANTIC_FORMAT, self.meta(), self.state())
 
     @classmethod
     def from_file(cls, backbone, path, dtype=None):
@@ -237,7 +160,7 @@ class SemanticLoRA(nn.Module):
     @torch.no_grad()
     def merged_state(self):
         """The semantic expert as a plain backbone state dict: LoRA merged (fp32 sum, cast back), copies in place."""
-        return _merged(self.backbone.state_dict(), [self], self.lora_names, self.copy_names, self.copies)
+        return merged_state(self.backbone.state_dict(), [self], self.lora_names, self.copy_names, self.copies)
 
     def save_parts(self, folder, meta=None):
         """A step folder's weights: FOLDER/semantic.safetensors (the base is the run's teacher)."""
@@ -249,85 +172,6 @@ class SemanticLoRA(nn.Module):
         is gone after this."""
         self.backbone.load_state_dict(self.merged_state(), strict=True)
         return self.backbone
-
-
-def _adapter_state(lora, copies, lora_names, copy_names):
-    """Adapter tensors under backbone names: '<linear>.lora_A.weight' / '.lora_B.weight' (PEFT naming) for LoRA,
-    and the copied layers' own backbone keys (e.g. 'proj_out.weight')."""
-    sd = {}
-    for n in lora_names:
-        sd[f"{n}.lora_A.weight"], sd[f"{n}.lora_B.weight"] = lora[module_key(n)].A, lora[module_key(n)].B
-    for n in copy_names:
-        sd.update({f"{n}.{k}": v for k, v in copies[module_key(n)].state_dict().items()})
-    return sd
-
-
-@torch.no_grad()
-def _load_copies(copies, copy_names, state):
-    """Fresh copied layers set from `state` (backbone keys -> tensors, e.g. the fp32 masters read from the checkpoint
-    of a backbone loaded in bf16), cast to each copy's dtype."""
-    for n in copy_names:
-        for k, v in copies[module_key(n)].state_dict().items():
-            v.copy_(state[f"{n}.{k}"])
-
-
-def copy_keys(m):
-    """The backbone keys of a DualExpert's / SemanticLoRA's copied layers."""
-    return [f"{n}.{k}" for n in m.copy_names for k in m.copies[module_key(n)].state_dict()]
-
-
-def _save_adapter(state, info, meta, path):
-    clash = set(info) & set(meta or {})
-    if clash:
-        raise ValueError(f"meta may not override the adapter's own fields {sorted(clash)}")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    atomic_save_file(tensors, path, metadata={"dcm": json.dumps(info | (meta or {}))})
-
-
-def read_meta(path, fmt=FORMAT):
-    """The metadata of an adapter file written by save_detail (fmt FORMAT) or SemanticLoRA.save (SEMANTIC_FORMAT)."""
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    if "dcm" not in meta:
-        raise ValueError(f"{path} is not a DCM adapter file (no 'dcm' metadata)")
-    info = json.loads(meta["dcm"])
-    if info.get("format") != fmt:
-        raise ValueError(f"{path}: format {info.get('format')!r}, expected {fmt!r}")
-    info.setdefault("lora_targets", "custom" if info.get("arch") == "custom" else "all")  # files from before the flag
-    return info
-
-
-@torch.no_grad()
-def _load_adapter(path, fmt, mine, dst):
-    """Strict load of an adapter file into the tensors `dst` (checked against the expert's metadata `mine`)."""
-    info = read_meta(path, fmt)
-    bad = [f"{k}: file {info.get(k)!r} vs expert {v!r}" for k, v in mine.items() if info.get(k) != v]
-    if bad:
-        raise ValueError(f"{path} was saved for a different expert: " + "; ".join(bad))
-    with safe_open(path, framework="pt") as f:
-        keys = set(f.keys())
-        missing, unexpected = sorted(set(dst) - keys), sorted(keys - set(dst))
-        if missing or unexpected:
-            raise ValueError(f"{path}: missing keys {missing[:10]} ({len(missing)} in all), "
-                             f"unexpected keys {unexpected[:10]} ({len(unexpected)} in all)")
-        for k, d in dst.items():
-            v = f.get_tensor(k)
-            if v.shape != d.shape:
-                raise ValueError(f"{path}: '{k}' has shape {tuple(v.shape)}, expected {tuple(d.shape)}")
-            d.copy_(v)
-    return info
-
-
-def _merged(sd, adapters, lora_names, copy_names, copies):
-    """A backbone state dict with the LoRA deltas of `adapters` (objects with .lora) summed in (fp32, cast back)
-    and the copied layers `copies` in place."""
-    sd = dict(sd)
-    for n in lora_names:
-        w = sd[f"{n}.weight"]
-        sd[f"{n}.weight"] = (w.float() + sum(a.lora[module_key(n)].weight_delta() for a in adapters)).to(w.dtype)
-    for n in copy_names:
-        sd.update({f"{n}.{k}": v for k, v in copies[module_key(n)].state_dict().items()})
-    return sd
 
 
 class DualExpert(nn.Module):
@@ -345,7 +189,7 @@ class DualExpert(nn.Module):
         self.backbone = backbone
         self.boundary_t = float(boundary_t)
         self.rank, self.alpha, self.copy_adaln = int(rank), float(alpha), bool(copy_adaln)
-        self.arch, self.lora_targets, self.targets, self.lora_names, self.copy_names = _targets(
+        self.arch, self.lora_targets, self.targets, self.lora_names, self.copy_names = resolve_targets(
             backbone, targets, lora_targets, self.copy_adaln)
         if semantic is not None and (semantic.backbone is not backbone or semantic.targets != self.targets
                                      or semantic.copy_adaln != self.copy_adaln):
@@ -353,9 +197,9 @@ class DualExpert(nn.Module):
         self.__dict__["sem"] = semantic  # plain attribute: its adapter is registered below, its backbone is ours
         if semantic is not None:
             self.semantic_lora, self.semantic_copies = semantic.lora, semantic.copies
-        self.lora, self.copies, graft = _adapter(backbone, self.lora_names, self.copy_names, self.rank, self.alpha,
+        self.lora, self.copies, swaps = new_adapter(backbone, self.lora_names, self.copy_names, self.rank, self.alpha,
                                                  semantic, dtype)
-        self.__dict__["detail"] = _graft(backbone, graft)  # plain attribute: not a second registration
+        self.__dict__["detail"] = graft(backbone, swaps)  # plain attribute: not a second registration
         self.mode = None
         self.set_mode("detail")
 
@@ -497,7 +341,7 @@ class DualExpert(nn.Module):
     def init_copies(self, state):
         """The detail expert's copied layers from backbone-keyed tensors (copy_keys): exact fp32 masters of what it
         copies (the semantic expert's layers) when that is held in bf16."""
-        _load_copies(self.copies, self.copy_names, state)
+        load_copies(self.copies, self.copy_names, state)
 
     def detail_meta(self):
         return {"format": FORMAT, "arch": self.arch, "boundary_t": self.boundary_t, "rank": self.rank,
@@ -506,11 +350,11 @@ class DualExpert(nn.Module):
 
     def detail_state(self):
         """The detail adapter's tensors (_adapter_state's keys)."""
-        return _adapter_state(self.lora, self.copies, self.lora_names, self.copy_names)
+        return adapter_state(self.lora, self.copies, self.lora_names, self.copy_names)
 
     def save_detail(self, path, meta=None):
         """The detail adapter as one small safetensors file; `meta` adds e.g. kappa, grid name."""
-        _save_adapter(self.detail_state(), self.detail_meta(), meta, path)
+        save_adapter(self.detail_state(), self.detail_meta(), meta, path)
 
     read_detail_meta = staticmethod(read_meta)
 
@@ -532,13 +376,13 @@ class DualExpert(nn.Module):
         mine, theirs = self.detail_meta(), read_meta(path).get("semantic_lora")
         if (semantic_merged and self.sem is None) or (not self.sem and not theirs):  # (or a file from before the flag)
             mine.pop("semantic_lora")
-        return _load_adapter(path, FORMAT, mine, self.detail_state())
+        return load_adapter(path, FORMAT, mine, self.detail_state())
 
     @torch.no_grad()
     def merged_state(self):
         """The detail expert as a plain backbone state dict: LoRA merged (fp32 sum, cast back), copies in place."""
         under = [] if self.sem is None else [self.sem]
-        return _merged(self.backbone.state_dict(), under + [self], self.lora_names, self.copy_names, self.copies)
+        return merged_state(self.backbone.state_dict(), under + [self], self.lora_names, self.copy_names, self.copies)
 
     def export_merged(self, folder, max_shard_size="5GB"):
         """The detail expert as a full backbone checkpoint, loadable by checkpoint.load_transformer."""

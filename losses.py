@@ -121,10 +121,55 @@ def consistency_step(student, target, teacher, grid, boundaries, x0, eps, k, con
     return consistency_loss(xhat, x_tgt, kind), xhat, x_tgt, k_end
 
 
+class SwappedEMA:
+    """The consistency target as the EMA of the trained tensors alone (eq. 4), for a student whose frozen part is
+    shared with the teacher (--semantic-lora): a copy of the adapters, swapped into the student for the target's
+    no-grad forward and back (exact copies both ways). One process or DDP, not FSDP2, whose root keeps its gathered
+    weights from one forward to the next."""
+
+    def __init__(self, model):
+        self.model = model
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for _, p in self.named]
+
+    @torch.no_grad()
+    def _swap(self):
+        for (_, p), s in zip(self.named, self.shadow):
+            held = p.detach().clone()
+            p.copy_(s)
+            s.copy_(held)
+
+    def __call__(self, x, t, **kw):
+        with torch.no_grad():
+            self._swap()
+            try:
+                return self.model(x, t, **kw)
+            finally:
+                self._swap()
+
+    @torch.no_grad()
+    def update(self, decay):
+        for (_, p), s in zip(self.named, self.shadow):
+            s.lerp_(p, 1 - decay)
+
+    def state_dict(self):
+        """{parameter name: EMA tensor} of the trained parameters (the names of the student's own state dict)."""
+        return {n: s.detach().clone() for (n, _), s in zip(self.named, self.shadow)}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd):
+        if set(sd) != {n for n, _ in self.named}:
+            raise ValueError(f"EMA state keys differ from the trained parameters: {sorted(set(sd) ^ {n for n, _ in self.named})[:6]}")
+        for (n, _), s in zip(self.named, self.shadow):
+            s.copy_(sd[n])
+
+
 @torch.no_grad()
 def ema_update(ema, model, decay):
     """The consistency target as the student's EMA (eq. 4): ema <- decay * ema + (1 - decay) * model, over the
     trainable parameters. FSDP2 (both sharded alike): a no-grad forward leaves the EMA's root gathered: reshard it."""
+    if isinstance(ema, SwappedEMA):
+        return ema.update(decay)
     for m in ema.modules():
         getattr(m, "reshard", lambda: None)()
     for pe, p in zip(ema.parameters(), model.parameters()):

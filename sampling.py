@@ -71,9 +71,10 @@ def _released(src, detail, teacher, steps, dtype, device):
 
 
 def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=False, steps=None, shift=None,
-                 what="checkpoint"):
+                 what="checkpoint", ema=False):
     """(model, info); info: mode (teacher|dual|od|vcm|pcm|semantic|released), cfg, run, grid, boundaries, boundary_t, ...
-    what: how errors name the path (the flag it came from, e.g. "--ckpt")."""
+    what: how errors name the path (the flag it came from, e.g. "--ckpt"); ema: a step folder's EMA target weights
+    (train_state.pt) in place of the online ones (the toy evaluates with them)."""
     src = checkpoint.resolve(path, what)  # the one resolver: what the path is, verified once
     if src.kind == "authors":
         return _released(src, detail, teacher, steps, dtype, device)
@@ -89,9 +90,14 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         raise SampleError(f"{path} is a plain backbone: pass --teacher (N-step sampling with guidance) or --detail ADAPTER")
     with checks.naming(src.weights):
         m = checks.finite_model(checkpoint.load_transformer(src.weights, dtype=dtype, device=device), src.weights)
+    ema_sd = torch.load(os.path.join(src.folder, "train_state.pt"), map_location="cpu", weights_only=False)["ema"] \
+        if ema else None
     if src.semantic and mode != "teacher":  # --semantic-lora: the base (the teacher) + the adapter, merged once
         with checks.naming(f"semantic adapter {src.semantic}"):
-            m = checks.finite_model(experts.SemanticLoRA.from_file(m, src.semantic).merge_into_base(), src.semantic)
+            sem = experts.SemanticLoRA.from_file(m, src.semantic)
+            if ema_sd is not None and stage == "semantic":
+                sem.load_state_dict(sem.state_dict() | ema_sd)  # the EMA of the trained adapter (losses.SwappedEMA)
+            m = checks.finite_model(sem.merge_into_base(), src.semantic)
     teaching = mode == "teacher"  # students keep the grid they were distilled on: --steps/--shift are the teacher's
     grid = make_grid(m.config, m.prediction, run, steps if teaching else None, shift if teaching else None)
     boundaries, bt = [] if mode == "teacher" else run.get("boundaries"), None
@@ -117,6 +123,11 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         m = Routed(checkpoint.load_transformer(semantic, dtype=dtype, device=device), m, bt)
     elif mode == "semantic":
         print("warning: a semantic-expert checkpoint (no detail adapter): it runs the detail-phase steps too", file=sys.stderr)
+    if ema_sd is not None and not (src.semantic and stage == "semantic"):  # (that one is merged above)
+        target = m.detail if mode == "od" else m
+        if src.semantic:  # the EMA of the detail adapter alone: the rest stays as loaded
+            ema_sd = target.state_dict() | ema_sd
+        target.load_state_dict(ema_sd)
     m.eval().requires_grad_(False)
     pixel = bool(run.get("pixel_space")) or (run.get("data_manifest") or {}).get("model") == "toy" \
         or (m.config.out_channels or m.config.in_channels) == 3

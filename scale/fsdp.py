@@ -159,9 +159,10 @@ def _fresh_lora(models_):
 def _open_adapter(path, fmt, mine, want):
     """An adapter file as a _Tensors reader, checked like DualExpert.load_detail / SemanticLoRA.load: its metadata
     against `mine`, its keys against `want`."""
-    info = experts.read_meta(path, fmt)
-    bad = [f"{k}: file {info.get(k)!r} vs expert {v!r}" for k, v in mine.items() if info.get(k, 0 if k == "semantic_lora" else None) != v]
-    if bad:  # (a detail file from before --semantic-lora records no semantic_lora: 0)
+    info = lora.read_meta(path, fmt)
+    old = {"semantic_lora": 0}  # what a detail file from before --semantic-lora left out
+    bad = [f"{k}: file {info.get(k)!r} vs expert {v!r}" for k, v in mine.items() if info.get(k, old.get(k)) != v]
+    if bad:
         raise ValueError(f"{path} was saved for a different expert: " + "; ".join(bad))
     f = safe_open(path, framework="pt")  # small (the adapter): its slices are read directly
     slices = {k: f.get_slice(k) for k in f.keys()}
@@ -175,7 +176,7 @@ def _open_adapter(path, fmt, mine, want):
 def start_up(args, ckpt, state, mesh, device, tdtype, build, load):
     """(student, ema or None, teacher model or None), sharded over mesh, each rank holding only its own shards.
 
-    build(ckpt, device): train.build_student; load(path, dtype, device): train.load (the full-copy reference path and
+    build(ckpt, device): student.build_student; load(path, dtype, device): student.load (the full-copy reference path and
     a fresh, randomly initialised student, which has no file to read from: built in full, then sharded)."""
     want_ema = args.target_ema > 0 and args.stage != "teacher"
     shared = args.semantic_lora > 0  # the teacher is the student's own base (experts.BaseView)
@@ -199,12 +200,12 @@ def start_up(args, ckpt, state, mesh, device, tdtype, build, load):
         checkpoint.check_keys(student.backbone if adapted else student, base.shapes, src)
         detail = semantic = tmodel = teach = None
         if dual and ckpt:
-            detail = _open_adapter(os.path.join(ckpt, "detail.safetensors"), experts.FORMAT, student.detail_meta(),
+            detail = _open_adapter(os.path.join(ckpt, "detail.safetensors"), lora.FORMAT, student.detail_meta(),
                                    student.detail_state())
         sem = student.sem if dual else student if adapted else None
         if sem is not None and (ckpt or dual):  # the semantic stage's file on resume; the detail stage's from --init
             folder = ckpt or checkpoint.resolve(args.init, "--init").folder
-            semantic = _open_adapter(os.path.join(folder, "semantic.safetensors"), experts.SEMANTIC_FORMAT, sem.meta(),
+            semantic = _open_adapter(os.path.join(folder, "semantic.safetensors"), lora.SEMANTIC_FORMAT, sem.meta(),
                                      sem.state())
         if args.stage != "teacher" and not shared:
             tmodel = models.build_transformer(student.config, device="meta", dtype=tdtype)

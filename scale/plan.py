@@ -150,9 +150,11 @@ def plan(args, cfg, counts, sp, device="cuda"):
     gan = stage == "detail" and bool(args.w_gan or args.w_fm)
     cfg_batch = 2 if stage != "teacher" and counts["cfg"] else 1  # CFG teachers run cond + uncond in one batch
     fe = 2 if bf16 and T < P else 4  # frozen student weights (the base, a frozen semantic expert): compute dtype
+    shared = getattr(args, "semantic_lora", 0) > 0  # the EMA copies the adapters only (losses.SwappedEMA)
     static = {"student weights, trained (fp32)": 4 * T / sh, f"student weights, frozen ({'bf16' if fe == 2 else 'fp32'})":
               fe * (P - T) / sh, "AdamW states (fp32)": 8 * T / sh,
-              "EMA target (a copy of the student)": (4 * T + fe * (P - T)) / sh * ema, f"teacher ({args.dtype})": te * Pt / sh,
+              "EMA target (a copy of the student)": (4 * T + fe * (P - T) * (not shared)) / sh * ema,
+              f"teacher ({args.dtype})": te * Pt / sh,
               "discriminator + grads + AdamW": 16 * Pd}
     grads = 4 * T / sh + (4 * T if world > 1 and not args.fsdp else 0)  # DDP: its gradient buckets are a 2nd copy
     gather = fe * block if args.fsdp else 0  # FSDP2: the block in use, all-gathered (fp32, or frozen in bf16)

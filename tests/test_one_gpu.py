@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import data
 import experts
@@ -147,6 +148,30 @@ def runs(tmp_path_factory):
     return root, sem, det
 
 
+def test_swapped_ema_is_an_ema_copy_of_the_adapters():
+    """losses.SwappedEMA: the target's forward equals a separate EMA model's bit for bit, leaves the student's own
+    weights as they were, and its update is the EMA of eq. 4 over the trained tensors only."""
+    torch.manual_seed(0)
+    sem = experts.SemanticLoRA(model.build_transformer("tiny-wan"), 4, 8)
+    randomize(sem.lora, sem.copies)
+    ema = losses.SwappedEMA(sem)
+    with torch.no_grad():
+        for p in sem.lora.parameters():
+            p.add_(1.0)  # the online adapter moves on; the EMA keeps the old values
+    ref = copy.deepcopy(sem)
+    ref.load_state_dict(sem.state_dict() | ema.state_dict())
+    before = {k: v.clone() for k, v in sem.state_dict().items()}
+    x, cond = inputs(sem.backbone, 2)
+    t = timesteps(sem.backbone, [45, 40])[0]
+    with torch.no_grad():
+        assert torch.equal(ema(x, t, **cond), ref(x, t, **cond)) and not torch.equal(sem(x, t, **cond), ref(x, t, **cond))
+    assert all(torch.equal(v, sem.state_dict()[k]) for k, v in before.items())
+    assert set(ema.state_dict()) == {n for n, p in sem.named_parameters() if p.requires_grad}
+    want = {k: v.lerp(sem.state_dict()[k], 0.1) for k, v in ema.state_dict().items()}
+    losses.ema_update(ema, sem, 0.9)
+    assert all(torch.equal(ema.state_dict()[k], v) for k, v in want.items())
+
+
 def test_step_folders_hold_adapters_only_and_resume_is_exact(runs, tmp_path):
     root, sem, det = runs
     step = root / "sem" / "step_0000002"
@@ -163,6 +188,12 @@ def test_step_folders_hold_adapters_only_and_resume_is_exact(runs, tmp_path):
     assert full["losses"]["gan_g"] > 0 and full["losses"]["fm"] > 0
     assert sorted(os.listdir(full["checkpoint"])) == ["checksums.json", "config.json", "detail.safetensors",
                                                       "semantic.safetensors", "train_state.pt"]
+    for stage, argv in (("semantic", [*sem, "--target-ema", 0.5]), ("detail", [*det, "--target-ema", 0.5])):  # EMA
+        ref = run(*argv, "--out", tmp_path / f"ema_{stage}", "--max-steps", 2)
+        run(*argv, "--out", tmp_path / f"ema_{stage}_res", "--max-steps", 1)
+        run(*argv, "--out", tmp_path / f"ema_{stage}_res", "--max-steps", 2, "--resume")
+        a, b = tensors(ref["checkpoint"]), tensors(tmp_path / f"ema_{stage}_res" / "step_0000002")
+        assert a.keys() == b.keys() and any("/ema/" in k for k in a) and [k for k in a if not torch.equal(a[k], b[k])] == []
     # the semantic adapter is trained in the semantic stage and frozen in the detail stage
     sem_file = "semantic.safetensors"
     assert [k for k in a if k.startswith(sem_file) and not torch.equal(a[k], tensors(step)[k])] == []
@@ -218,7 +249,8 @@ BAD = {  # name -> (argv after the common flags, expected part of the one-line m
                                     "is not the base of the LoRA semantic expert"),
     "detail with other lora targets": (["--stage", "detail", "--init", "SEM", "--semantic-lora", 4, "--lora-targets",
                                         "all"], "was trained with --lora-targets authors"),
-    "with an EMA target": (["--stage", "semantic", "--semantic-lora", 4, "--target-ema", 0.9], "--target-ema with --semantic-lora"),
+    "EMA target under FSDP": (["--stage", "semantic", "--semantic-lora", 4, "--target-ema", 0.9, "--fsdp"],
+                              "--target-ema with --semantic-lora and --fsdp"),
     "semantic --init": (["--stage", "semantic", "--semantic-lora", 4, "--init", "TEACHER"],
                         "--init with --semantic-lora: a LoRA semantic expert starts from the teacher's weights"),
     "--lora-alpha 0": (["--stage", "semantic", "--semantic-lora", 4, "--lora-alpha", 0], "--lora-alpha 0.0 must be"),
@@ -263,3 +295,23 @@ def test_a_checkpoint_whose_base_is_gone_is_one_line(runs, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error: --ckpt ") and "base, the run's --teacher" in err and \
         "does not exist" in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("stage", ["semantic", "detail"])
+def test_validation_samples_leave_training_alone_and_are_what_sample_py_samples(runs, stage, tmp_path):
+    """--sample-every on a --semantic-lora run: the run is bit-identical with and without it, and the latents equal
+    sample.py's sampler on the saved (merged) checkpoint from the same noise and prompts."""
+    root, sem, det = runs
+    argv = [*(sem if stage == "semantic" else det), "--max-steps", 1, "--target-ema", 0.5]
+    plain = run(*argv, "--out", tmp_path / "plain")
+    watched = run(*argv, "--out", tmp_path / "watched", "--sample-every", 1, "--sample-steps", 2, "--sample-num", 3)
+    a, b = tensors(plain["checkpoint"]), tensors(watched["checkpoint"])
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    with safe_open(str(tmp_path / "watched" / "samples" / "step_0000001" / "latents_2step.safetensors"), "pt") as f:
+        x = f.get_tensor("latents")
+    model, info = sampling.load_student(watched["checkpoint"])
+    ds = data.LatentDataset(sem[sem.index("--data") + 1])
+    cond = {"text": ds.tensors["text"][torch.linspace(0, len(ds) - 1, 3).round().long()]}
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0 + 7_000_003))
+    ref = sampling.student_sample(model, noise, cond, info["grid"], info["boundaries"], 2, 6.0)
+    assert torch.allclose(x, ref, atol=1e-5), (x - ref).abs().max()

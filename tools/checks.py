@@ -203,8 +203,9 @@ def train_args(args, given=()):
     if args.semantic_lora and args.detail_full:
         raise InputError("--semantic-lora with --detail-full: the OD ablation trains a full copy of the semantic expert, "
                          "which a LoRA semantic expert does not have")
-    if args.semantic_lora and args.target_ema:
-        raise InputError("--target-ema with --semantic-lora: the EMA target is not built for a shared base; use the "
+    if args.semantic_lora and args.target_ema and args.fsdp:
+        raise InputError("--target-ema with --semantic-lora and --fsdp: the adapters' EMA is swapped into the student "
+                         "for the target, which FSDP2's gathered root would not see; use one process / DDP, or the "
                          "stop-grad target (--target-ema 0, the authors')")
     if args.semantic_lora and args.stage == "semantic" and args.init:
         raise InputError("--init with --semantic-lora: a LoRA semantic expert starts from the teacher's weights")

@@ -97,11 +97,7 @@ TEACHER = "teacher (no distillation)"
 
 def load_model(ckpt, ema=False):
     """(model, info) of a train.py step folder; ema: the EMA target's weights (train_state.pt) instead of the online."""
-    model, info = sampling.load_student(ckpt)
-    if ema:
-        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)["ema"]
-        (model.detail if info["mode"] == "od" else model).load_state_dict(state)
-    return model, info
+    return sampling.load_student(ckpt, ema=ema)
 
 
 def curve(run_out, split, grid, guidance, steps, ema=False):

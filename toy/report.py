@@ -39,10 +39,12 @@ COMPARE = [  # (a, b, steps_a, steps_b, what): rows as (model, schedule)
     (("VCM", "own schedule"), (DCM, "even points"), 4, 2, "DCM at 2 steps vs VCM at 4 (the paper's limitation)"),
 ]
 ABLATION = [("VCM", "VCM", "(1)"), ("OD", "OD", "(2)"), ("OD+PE", "OD+PE", "(3)"), ("OD+PE+TC", "OD+PE+TC", "(4)"),
-            ("OD+PE+GF", "OD+PE+GF", "(5)"), (DCM, DCM, "(6)")]
+            ("OD+PE+GF", "OD+PE+GF", "(5)"), (DCM, DCM, "(6)"),
+            ("DCM, LoRA semantic expert (train.py --semantic-lora)", "DCM, LoRA semantic expert", "(7)")]
 ABL_COMPARE = [("VCM", "OD", "optimisation decoupling (1)->(2)"), ("OD", "OD+PE", "LoRA detail expert (2)->(3)"),
                ("OD+PE", "OD+PE+TC", "TC loss (3)->(4)"), ("OD+PE+GF", DCM, "TC loss (5)->(6)"),
-               ("OD+PE", "OD+PE+GF", "GAN + FM (3)->(5)"), ("OD+PE+TC", DCM, "GAN + FM (4)->(6)")]
+               ("OD+PE", "OD+PE+GF", "GAN + FM (3)->(5)"), ("OD+PE+TC", DCM, "GAN + FM (4)->(6)"),
+               (DCM, "DCM, LoRA semantic expert", "LoRA semantic expert (6)->(7)")]
 
 
 def fmt(agg, key, bold=False):
@@ -271,6 +273,15 @@ def write(out, s, models, gif, run_dirs):
         L.append(f"### {st} steps\n")
         L.append(ablation(res, params, st) + "\n")
     L.append(ablation_compare(res, steps_list) + "\n")
+    tp, teacher_n = s.get("trained_params", {}), params.get(TEACHER, 0)
+    if {"lsem_tc_s0", "dcm_lsem_s0", "sem_tc_s0", "dcm_s0"} <= set(tp):
+        L.append(f"Row (7) is row (6) with the semantic expert as rank-{S['lora_rank']} LoRA + trainable copies of the "
+                 "timestep layers over the teacher's frozen weights (`train.py --semantic-lora`), which are also the "
+                 f"teacher: its semantic stage trains {tp['lsem_tc_s0']['trainable']:,} parameters and stores "
+                 f"{tp['lsem_tc_s0']['params']:,} with the teacher, row (6)'s trains {tp['sem_tc_s0']['trainable']:,} "
+                 f"and stores {tp['sem_tc_s0']['params'] + teacher_n:,}; the detail stages train "
+                 f"{tp['dcm_lsem_s0']['trainable']:,} and {tp['dcm_s0']['trainable']:,}. The LoRA lr is "
+                 f"{S['lora_x']:g}x the full one, as for the detail expert.\n")
     if s["sweep"]:
         few = [x for x in (2, 4) if x in steps_list]
         L.append(f"## kappa sweep (paper Fig. 10 right): the DCM recipe retrained at each cut, "

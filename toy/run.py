@@ -116,6 +116,7 @@ MODELS = {
     "OD+PE+TC": ("pe_tc", (1, 1, 1, 0), False),
     "OD+PE+GF": ("pe_gf", (1, 1, 0, 1), False),
     "DCM (OD+PE+TC+GF)": ("dcm", (1, 1, 1, 1), True),
+    "DCM, LoRA semantic expert": ("dcm_lsem", (1, 1, 1, 1), False),  # train.py --semantic-lora (one GPU)
 }
 TEACHER = "teacher (no distillation)"
 
@@ -369,6 +370,11 @@ def main(argv=None):
         todo[f"pe_s{s}"] = argv(["--stage", "detail", "--init", f"@sem_s{s}"] + no_gf + lora, s)
         todo[f"pe_tc_s{s}"] = argv(["--stage", "detail", "--init", f"@sem_tc_s{s}"] + no_gf + lora, s)
         todo[f"pe_gf_s{s}"] = argv(["--stage", "detail", "--init", f"@sem_s{s}"] + lora, s)
+        # the one-GPU DCM: the semantic expert as LoRA over the teacher's weights, at the LoRA lr of the detail expert
+        lsem = ["--semantic-lora", str(S.lora_rank)]
+        todo[f"lsem_tc_s{s}"] = argv(["--stage", "semantic", "--max-steps", str(S.sem_steps), "--lr",
+                                      str(S.lora_x * lr_full)] + lsem + tc + tgt, s)
+        todo[f"dcm_lsem_s{s}"] = argv(["--stage", "detail", "--init", f"@lsem_tc_s{s}"] + lsem + lora, s)
     sweep = sorted({max(3, min(k, grid.N - 5)) for k in S.kappa_sweep} - {kappa})
     for k in sweep:
         for s in range(S.sweep_seeds):
@@ -409,6 +415,8 @@ def main(argv=None):
     # 7. report
     with clock("report"):
         sm |= {"results": results, "param_counts": param_counts(models, tmodel), "machine": machine(),
+               "trained_params": {n: {k: checks.read_json(os.path.join(r["out"], "config.json"), "run config")[k]
+                                      for k in ("params", "trainable")} for n, r in runs.items()},
                "train": {n: {"steps": r["step"], "final": r["losses"]} for n, r in runs.items()},
                "runs": {n: os.path.relpath(r["out"], out) for n, r in runs.items()}, "sweep": sweep,
                "phases_s": clock.phases, "run_s": run_s, "workers": [args.workers, args.worker_threads],
