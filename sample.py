@@ -89,6 +89,8 @@ def parse_args(argv):
     a("--sp", type=int, default=1, help="sequence parallel degree N: torchrun N processes sample one set together")
     a("--fps", type=int, default=8)
     a("--no-merge", action="store_true", help="dual expert: keep the detail LoRA unmerged (default: merged once)")
+    a("--exact", action="store_true", help="the authors' HunyuanVideo student: our exact loop (guidance 6016 as "
+      "trained, grid t) instead of their inference's (guidance 6000, t and latents in the model's dtype)")
     a("--verify", default="sha256", choices=("sha256", "none"), help="check step folders against their checksums")
     args = p.parse_args(argv)
     if not (args.ckpt or args.latents):
@@ -135,7 +137,11 @@ def main(argv=None):
         with checks.naming(f"--latents {args.latents}"):
             x, meta = sampling.read_latents(args.latents)
         return {"latents": x, "videos": decode(x, meta, args), "out": args.out}
-    model, info = sampling.load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps, args.shift, "--ckpt")
+    model, info = sampling.load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps,
+                                        args.shift, "--ckpt", exact=args.exact)
+    if info.get("authors_loop"):
+        print("the authors' inference rules (their inference_hy.py + DCM pipeline; --exact for ours): embedded "
+              "guidance 6000.0, the timestep and latents in the model's dtype after the first step")
     if info["mode"] == "dual" and not args.no_merge:
         model.merge_lora()  # one GEMM per detail linear instead of three (round-off differences only)
     cfg, grid, run, teacher = info["cfg"], info["grid"], info["run"], info["mode"] == "teacher"

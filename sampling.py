@@ -58,8 +58,9 @@ class Routed(torch.nn.Module):
         return (self.detail if bool(m[0]) else self.semantic)(x, t, **cond)
 
 
-def _released(src, detail, teacher, steps, dtype, device):
-    """The authors' single-file layout: their routing and schedule."""
+def _released(src, detail, teacher, steps, dtype, device, exact=False):
+    """The authors' single-file layout: their routing and schedule; for HunyuanVideo their inference loop too
+    (authors_sample) unless `exact`."""
     if detail or teacher or steps:
         raise SampleError(f"{src.weights}: the authors' student holds its detail expert and samples their schedule; "
                           "change it with --timesteps / --sigmas, not --detail / --teacher / --steps")
@@ -67,17 +68,18 @@ def _released(src, detail, teacher, steps, dtype, device):
     m.eval().requires_grad_(False)
     return m, {"mode": "released", "cfg": m.config, "run": {}, "grid": solver.flow_grid(), "boundaries": [],
                "boundary_t": m.boundary_t, "folder": r["folder"], "pixel_space": False, "schedule": r["schedule"],
-               "threshold": r["threshold"]}
+               "threshold": r["threshold"], "authors_loop": r["arch"] == "HunyuanVideo" and not exact}
 
 
 def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=False, steps=None, shift=None,
-                 what="checkpoint", ema=False):
+                 what="checkpoint", ema=False, exact=False):
     """(model, info); info: mode (teacher|dual|od|vcm|pcm|semantic|released), cfg, run, grid, boundaries, boundary_t, ...
     what: how errors name the path (the flag it came from, e.g. "--ckpt"); ema: a step folder's EMA target weights
-    (train_state.pt) in place of the online ones (the toy evaluates with them)."""
+    (train_state.pt) in place of the online ones (the toy evaluates with them); exact: an authors' HunyuanVideo
+    student samples with our exact loop instead of theirs (authors_sample)."""
     src = checkpoint.resolve(path, what)  # the one resolver: what the path is, verified once
     if src.kind == "authors":
-        return _released(src, detail, teacher, steps, dtype, device)
+        return _released(src, detail, teacher, steps, dtype, device, exact)
     run = src.run or {}
     stage = run.get("stage")
     if teacher or stage == "teacher":
@@ -176,6 +178,32 @@ def model_fn(model, cond, guidance=6.0):
     return fn
 
 
+AUTHORS_GUIDANCE = 6.0 * 1000.0  # their inference_hy.py: guidance_scale 6.0 x 1000 in the (fp32) transformer's dtype
+
+
+@torch.no_grad()
+def authors_sample(model, x, cond, t, sigma, guidance=AUTHORS_GUIDANCE, callback=None):
+    """The authors' HunyuanVideo DCM inference loop, as their code runs it (Vchitect/DCM
+    fastvideo/models/hunyuan_hf/pipeline_hunyuan.py `dcm()`, lines 949-990, and fastvideo/distill/solver.py
+    `InferencePCMFMScheduler.step`, lines 238-254): embedded guidance 6000.0, not the 6016 they train with; the
+    timestep cast to the latents' dtype; Euler through their `denoised` / `derivative` form in fp32, the new latents
+    cast to the model output's dtype. So a bf16 model sees bf16 latents and t = 992, 980, 912 after the first step
+    (981.8 -> 980, 912.4 -> 912); in fp32 only the guidance differs from our loop. Returns float32 latents."""
+    dtype = next(model.parameters()).dtype
+    cond, lat = _cast(cond, dtype), x.float()
+    g = torch.full((x.shape[0],), guidance, device=x.device)  # float32: the embedding computes from it
+    sig = sigma.float().to(x.device)  # their scheduler's sigmas_: float32
+    for i in range(len(t) - 1):
+        tt = torch.full((x.shape[0],), float(t[i]), dtype=torch.float32, device=x.device).to(lat.dtype)
+        out = model(lat.to(dtype), tt.float(), guidance=g, **cond)
+        sample = lat.float()
+        denoised = sample - out * sig[i]
+        lat = (sample + (sample - denoised) / sig[i] * (sig[i + 1] - sig[i])).to(out.dtype)
+        if callback is not None:
+            callback(i, lat, denoised)
+    return lat.float()
+
+
 @torch.no_grad()
 def student_sample(model, x, cond, grid, boundaries, steps, guidance=6.0, callback=None, points="even"):
     """Few-step student sample from noise x (paper supp. 6; points: solver.student_schedule's); float32 latents."""
@@ -211,6 +239,8 @@ def generate(model, info, noise, cond, pts, guidance=6.0, uncond=None, batch_siz
         clock.append(time.perf_counter())
         if info["mode"] == "teacher":
             outs.append(teacher_sample(model, x, c, info["grid"], guidance, uncond, timer).cpu())
+        elif info.get("authors_loop"):
+            outs.append(authors_sample(model, x, c, t, sigma, callback=timer).cpu())
         else:
             outs.append(solver.sample(model_fn(model, c, guidance), x.float(), t, alpha, sigma, info["grid"].kind, timer,
                                       progress=False).cpu())

@@ -14,14 +14,17 @@ That is exactly our DualExpert with `lora_targets="authors"`, so loading is a ke
 a key that is not in the layout, or one that is missing, is an error naming it. Their inference routes a
 batch by its first sample: adapters and `*_lora` modules on when int(t[0]) <= 981 (HunyuanVideo) or 978
 (Wan), i.e. t < 982 / 979; our DualExpert applies the same rule to every sample (boundary_t below).
-The file holds no LoRA alpha (their scripts hard-code alpha = 2 * r): we read `_dcm_lora_alpha` from
-config.json when we wrote it, else use 2 * r. diffusers ignores config keys that start with "_".
+The file holds no LoRA alpha (their scripts hard-code alpha = 2 * r): an export of ours records rank and alpha in the
+weights file's metadata (older exports: `_dcm_lora_alpha` in config.json), else we use 2 * r. Their scripts build the
+transformer as `cls(**json.load(config.json))` with their own classes, which take exactly their `__init__` arguments
+(`config_keys` below): an export writes those keys and no other, not even diffusers' `_class_name`.
 """
 import json
 import os
 from dataclasses import fields
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import experts
@@ -35,10 +38,19 @@ ADAPTER = checkpoint.AUTHORS_ADAPTER  # "lora1"
 LAYOUTS = {
     "HunyuanVideo": {"copies": {"time_text_embed_lora": "time_text_embed", "norm_out_lora": "norm_out",
                                 "proj_out_lora": "proj_out"},
-                     "threshold": 981, "schedule": ("sigmas", [1.0, 0.9920, 0.9818, 0.9124])},
+                     "threshold": 981, "schedule": ("sigmas", [1.0, 0.9920, 0.9818, 0.9124]),
+                     # the __init__ arguments of their class, fastvideo/models/hunyuan_hf/modeling_hunyuan.py 678-696
+                     "config_keys": ("in_channels", "out_channels", "num_attention_heads", "attention_head_dim",
+                                     "num_layers", "num_single_layers", "num_refiner_layers", "mlp_ratio", "patch_size",
+                                     "patch_size_t", "qk_norm", "guidance_embeds", "text_embed_dim",
+                                     "pooled_projection_dim", "rope_theta", "rope_axes_dim")},
     "Wan": {"copies": {"condition_embedder_lora": "condition_embedder", "norm_out_lora": "norm_out",
                        "proj_out_lora": "proj_out"},
-            "threshold": 978, "schedule": ("timesteps", [1000, 992, 982, 949, 905, 810])},
+            "threshold": 978, "schedule": ("timesteps", [1000, 992, 982, 949, 905, 810]),
+            # their fastvideo/models/wan_hf/modeling_wan.py 387-404
+            "config_keys": ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
+                            "text_dim", "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps",
+                            "image_dim", "added_kv_proj_dim", "rope_max_seq_len")},
 }
 
 
@@ -99,7 +111,11 @@ def load_released(path, dtype=None, device="cpu"):
     cfg, raw = read_config(folder)
     shapes, load = checkpoint._folder_tensors(folder)
     rank = next(s[0] for k, s in shapes.items() if k.endswith(f".lora_A.{ADAPTER}.weight"))
-    alpha = raw.get("_dcm_lora_alpha", 2 * rank)
+    meta = {}
+    if os.path.isfile(os.path.join(folder, checkpoint.WEIGHTS)):
+        with safe_open(os.path.join(folder, checkpoint.WEIGHTS), framework="pt") as f:
+            meta = f.metadata() or {}
+    alpha = float(meta.get("dcm_lora_alpha", raw.get("_dcm_lora_alpha", 2 * rank)))
     backbone = checkpoint.M.build_transformer(cfg, device="meta")
     arch = lora.arch_of(backbone)
     if arch not in LAYOUTS:
@@ -140,16 +156,28 @@ def routing_disagreements(expert, grid):
     return [float(t) for t, o in zip(t32, ours) if bool(o) != (int(t) <= thr)]
 
 
+def their_config(expert):
+    """config.json for their class: exactly its __init__ arguments (LAYOUTS config_keys); a setting of ours their
+    class cannot express (a non-default value of another field) is an error naming it."""
+    ours, keys = checkpoint.M.config_to_dict(expert.config), LAYOUTS[expert.arch]["config_keys"]
+    defaults = {f.name: f.default for f in fields(type(expert.config))}
+    lost = [k for k, v in ours.items() if not k.startswith("_") and k not in keys and v != defaults.get(k)]
+    if lost:
+        raise ReleasedError(f"the authors' {expert.arch} class has no {', '.join(f'{k} (here {ours[k]!r})' for k in lost)}")
+    return {k: ours[k] for k in keys}
+
+
 def export_released(expert, folder, dtype=None):
-    """Write `expert` as the authors' transformer/ folder: config.json (diffusers', + _dcm_lora_rank/_alpha)
-    and one diffusion_pytorch_model.safetensors. Their inference scripts hard-code r=128, alpha=256."""
+    """Write `expert` as the authors' transformer/ folder: config.json (their class's arguments only, their_config)
+    and one diffusion_pytorch_model.safetensors, rank and alpha in its metadata. Their inference scripts hard-code
+    r=128, alpha=256."""
     sd = released_state(expert)
+    config = their_config(expert)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
-    config = {**checkpoint.M.config_to_dict(expert.config), "_diffusers_version": checkpoint.DIFFUSERS_VERSION,
-              "_dcm_lora_rank": expert.rank, "_dcm_lora_alpha": expert.alpha}
     with checkpoint.atomic_dir(folder) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-        save_file(sd, os.path.join(tmp, checkpoint.WEIGHTS), metadata={"format": "pt"})
+        save_file(sd, os.path.join(tmp, checkpoint.WEIGHTS), metadata={"format": "pt", "dcm_lora_rank": str(expert.rank),
+                                                                        "dcm_lora_alpha": str(expert.alpha)})
     return folder

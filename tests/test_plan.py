@@ -207,3 +207,20 @@ def test_dry_run_without_a_latent_size_says_it_cannot_tell(capsys):
     r = train.main(base + ["--frames", "2", "--height", "4", "--width", "4"])
     out = capsys.readouterr().out
     assert r["fits"] is True and "latent 2x4x4 (from --frames/--height/--width)" in out and "fits in 80 GiB" in out
+
+
+def test_one_gpu_plans(capsys):
+    """The one-GPU rows of docs/training.md: with --semantic-lora (and --gan-first in the detail stage) Wan2.1-1.3B
+    fits 24 GiB in both stages at 21x60x104 where the full fine-tune does not, and HunyuanVideo's detail stage fits
+    80 GiB at 16x90x160 where it does not without --gan-first; the shared teacher costs nothing."""
+    wan = ["--config", "wan2.1-t2v-1.3b", "--dry-run", "--dtype", "bf16", "--grad-ckpt", "--frames", "21", "--height",
+           "60", "--width", "104", "--gpu-mem", "24"]
+    full, sem = (train.main(["--stage", "semantic", *wan, *x]) for x in ([], ["--semantic-lora", "16"]))
+    det = train.main(["--stage", "detail", *wan, "--init", "x", "--semantic-lora", "16", "--gan-first"])
+    assert not full["fits"] and sem["fits"] and det["fits"] and sem["teacher"] == det["teacher"] == 0
+    assert sem["trainable"] < 0.05 * sem["params"] and sem["total"] < 0.5 * full["total"]
+    hy = ["--stage", "detail", "--config", "hunyuan-video", "--dry-run", "--dtype", "bf16", "--grad-ckpt", "--frames",
+          "16", "--height", "90", "--width", "160", "--init", "x", "--semantic-lora", "16"]
+    plain, first = train.main(hy), train.main(hy + ["--gan-first"])
+    assert not plain["fits"] and first["fits"] and first["total"] < plain["total"] - 16 * 2**30
+    capsys.readouterr()

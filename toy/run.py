@@ -103,10 +103,10 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = Settings(n_data=256, clf_steps=60, teacher=((60, 1e-3), (20, 2e-4)), batch=8, guidance_grid=(1.0, 3.0),
+QUICK = Settings(n_data=128, clf_steps=30, teacher=((20, 1e-3), (10, 2e-4)), batch=8, guidance_grid=(1.0, 3.0),
                  student_batch=8, single_steps=6, sem_steps=3, det_steps=3, tc_calib_steps=2, probe_every=2, sample_every=3,
-                 curve_points=2, d_control_steps=3, train_seeds=2, ablation_seeds=1, val_n=16, eval_seeds=2, eval_n=16,
-                 eval_steps=(2, 4), fig10_n=8, gif_n=3, kappa_sweep=(20,), sweep_seeds=1)
+                 curve_points=2, d_control_steps=3, train_seeds=2, ablation_seeds=1, val_n=8, eval_seeds=2, eval_n=8,
+                 eval_steps=(2, 4), fig10_n=4, gif_n=3, kappa_sweep=(20,), sweep_seeds=1)
 # model name -> (training run that holds it, paper Table 3 flags OD, PE, TC, GF, headline row)
 MODELS = {
     "VCM": ("vcm", (0, 0, 0, 0), True),
@@ -126,18 +126,19 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="smoke test: tiny budgets, <= 60 s")
     p.add_argument("--out", help="run folder (default out/toy, --quick: out/toy-quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, training and evaluation")
-    p.add_argument("--threads", type=int, help="torch CPU threads of this process (default: the free cores)")
+    p.add_argument("--threads", type=int, help="torch CPU threads of this process (default: the cores it may use)")
     p.add_argument("--workers", type=int, help="training runs side by side, one torch thread each (default: 2 when "
-                   "2 cores are free, else 1)")
+                   "it may use 2 cores, else 1)")
     p.add_argument("--reuse", action="store_true", help="keep finished training runs already in --out")
     p.add_argument("--teacher", help="a trained toy teacher (train.py step folder) instead of the committed one")
     p.add_argument("--train-teacher", action="store_true", help="train the teacher from scratch (Settings.teacher)")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join(ROOT, "out", "toy-quick" if args.quick else "toy")
+    # the cores this process may use (its CPU affinity), never a load average: a job that just ended leaves the
+    # 1-minute average high for a minute, and a run sized by it left half a machine idle for 38 minutes (issue 27)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    free = max(1, cores - int(os.getloadavg()[0])) if hasattr(os, "getloadavg") else cores
-    args.threads = args.threads or free
-    args.workers = args.workers or (2 if free >= 2 else 1)
+    args.threads = args.threads or cores
+    args.workers = args.workers or (2 if cores >= 2 else 1)
     args.worker_threads = 1 if args.workers > 1 else args.threads
     for flag in ("threads", "workers"):
         if getattr(args, flag) < 1:
