@@ -212,16 +212,14 @@ def vbench_main(args):
     lat_path = os.path.join(args.out, "latency.json")
     latency = json.load(open(lat_path)) if os.path.isfile(lat_path) else {"per_video": {}}
     if todo:
+        need = list(dict.fromkeys(p for p, _, _ in todo))  # encoded first, the encoder freed (the peak on one GPU)
+        conds = sampling.encode_prompts(name, args.weights, need + [""], args.device, args.dtype)  # "": the CFG branch
         model, info = sampling.load_student(args.ckpt, args.device, args.dtype, args.detail)
         if info["mode"] == "teacher":
             raise EvalError(f"{args.ckpt} is a teacher checkpoint: eval.py vbench evaluates a distilled student")
         cfg = info["cfg"]
         args.guidance = args.guidance if args.guidance is not None else info["run"].get("guidance", 6.0)
         size = sampling.latent_size(info, args.frames, args.height, args.width)
-        enc = video_io.TextEncoder(name, args.weights, args.device, args.dtype)
-        need = list(dict.fromkeys(p for p, _, _ in todo))
-        conds = enc(need + [""])  # the empty prompt: the teacher's CFG branch
-        del enc
         data.check_fits(cfg, conds, where=f"prompts encoded with {args.weights}")
         cond_of = {p: {k: v[j:j + 1].to(args.device) for k, v in conds.items()} for j, p in enumerate(need)}
         uncond = {k: v[-1:].to(args.device) for k, v in conds.items()}

@@ -8,6 +8,7 @@
     python sample.py --latents samples/latents.safetensors --decode WEIGHTS   # decode an earlier run
     python sample.py --ckpt DCM_HY --cond prompts.safetensors --decode DCM_HY    # the authors' released student
     python sample.py --ckpt out/detail --timesteps 1000,992,982,949,905,810      # a custom schedule
+    python sample.py --ckpt runs/wdet --weights Wan2.1-T2V-1.3B-Diffusers --prompt "a cat surfing" --prompt "..."
 
 --timesteps / --sigmas replace the schedule (flow: t = 1000 sigma, any points; CogVideoX: integer timesteps); the
 output metadata lists the expert of each point. Without --cond: the run's dataset's unconditional conditioning if
@@ -25,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 import data
+import model as models
 import sampling
 import solver
 from sampling import SampleError
@@ -34,15 +36,17 @@ from teacher import uses_cfg
 from tools import checks
 
 
-def decode(x, meta, args):
-    """Videos of latents: pixel-space ones directly (GIF + MP4), else through the VAE (--decode), else say how."""
+def decode(x, meta, args, names=None):
+    """Videos of latents: pixel-space ones directly (GIF + MP4), else through the VAE (--decode), else say how; names:
+    one file name (no extension) per sample, e.g. its prompt's."""
     from storage import video_io
     if meta.get("pixel_space"):
         paths = []
         for i, v in enumerate(tqdm(x, desc="videos", unit="sample", leave=False)):  # [3, F, H, W] in [-1, 1]
             for ext in (".gif", ".mp4"):
                 try:
-                    paths.append(video_io.write_video(v, os.path.join(args.out, f"sample_{i:03d}{ext}"), args.fps))
+                    stem = names[i] if names else f"sample_{i:03d}"
+                    paths.append(video_io.write_video(v, os.path.join(args.out, stem + ext), args.fps))
                 except (ImportError, ValueError) as e:
                     print(f"note: no {ext} written: {e}", file=sys.stderr)
         return paths
@@ -57,8 +61,50 @@ def decode(x, meta, args):
     except ImportError as e:
         print(f"warning: cannot decode: {e}; then decode with: {later}", file=sys.stderr)
         return []
+    if names:  # one VAE, one MP4 per prompt, named after it
+        vae = video_io.load_vae(meta["model"], args.decode, torch.device(args.device), tiling=True,
+                                dtype=torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+        return [p for i, name in enumerate(names) for p in video_io.decode_to_video(
+            x[i:i + 1].to(args.device), meta["model"], vae, os.path.join(args.out, f"{name}.mp4"), args.fps)]
     return video_io.decode_to_video(x, meta["model"], args.decode, os.path.join(args.out, "sample.mp4"), args.fps,
                                     device=args.device)
+
+
+def prompt_list(args):
+    """The prompts of --prompt / --prompts ([] without them), checked with the flags they go with or exclude; sets
+    --weights (default: --ckpt when it is a pipeline folder), --decode (default: --weights) and --num (one each)."""
+    from storage import video_io
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        if not os.path.isfile(args.prompts):
+            raise SampleError(f"--prompts {args.prompts} does not exist")
+        with open(args.prompts) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise SampleError(f"--prompts {args.prompts} holds no prompt")
+    if not prompts:
+        for flag in ("negative_prompt", "weights"):
+            if getattr(args, flag) is not None:
+                raise SampleError(f"--{flag.replace('_', '-')} goes with --prompt / --prompts")
+        return []
+    for flag in ("cond", "uncond", "latents"):
+        if getattr(args, flag):
+            raise SampleError(f"--prompt and --{flag} exclude each other: the prompts are encoded here")
+    if args.num not in (1, len(prompts)):
+        raise SampleError(f"--num {args.num}: with --prompt the videos are one per prompt ({len(prompts)})")
+    if args.negative_prompt is not None and not args.teacher:
+        raise SampleError("--negative-prompt: only --teacher samples with CFG; a student has no unconditional branch")
+    weights = args.weights or (args.ckpt if args.ckpt and os.path.isdir(os.path.join(args.ckpt, "text_encoder")) else None)
+    if weights is None:
+        raise SampleError(f"--prompt needs the text encoder: --weights PIPELINE_FOLDER (text_encoder/, tokenizer/, "
+                          f"vae/; --ckpt {args.ckpt} holds none)")
+    try:
+        video_io.weights_path(weights, "text_encoder"), video_io.weights_path(weights, "tokenizer")
+    except FileNotFoundError as e:
+        raise SampleError(f"--weights: {e}") from None
+    args.weights, args.num = weights, len(prompts)
+    args.decode = args.decode or (weights if os.path.isdir(os.path.join(weights, "vae")) else None)
+    return prompts
 
 
 def parse_args(argv):
@@ -77,6 +123,12 @@ def parse_args(argv):
     a("--num", type=int, default=1, help="number of samples")
     a("--batch-size", type=int, help="default --num")
     a("--cond", help="conditioning file (data.load_cond), batch 1 or --num")
+    a("--prompt", action="append", help="text to sample (repeatable; one video per prompt, named after it): encoded "
+      "with the text encoder of --weights, which is freed before the transformer loads")
+    a("--prompts", help="text file, one prompt per line (as --prompt)")
+    a("--negative-prompt", help="--teacher with CFG and --prompt: the unconditional branch's text (default: '')")
+    a("--weights", help="--prompt: the pipeline folder with text_encoder/, tokenizer/ (and vae/: also the default "
+      "--decode); default: --ckpt itself when it is one (e.g. the authors' DCM_HY/)")
     a("--uncond", help="--teacher with CFG (CogVideoX, Wan, flow models without guidance_embeds): the empty prompt's conditioning (default: the run's dataset's)")
     a("--frames", type=int, help="latent frames (default: the run's data, else the model config)")
     a("--height", type=int, help="latent height")
@@ -115,6 +167,7 @@ def parse_args(argv):
     if (explicit := not isinstance(args.points, str)) and (args.teacher or args.timesteps or args.sigmas or args.steps):
         raise SampleError("--points with grid indices sets the steps: not with --teacher, --timesteps, --sigmas or --steps")
     args.steps = len(args.points) if explicit else args.steps
+    args.prompt_list = prompt_list(args)
     args.out = checks.out_dir(args.out or (os.path.dirname(os.path.abspath(args.latents)) if args.latents else "samples"))
     args.device = str(checks.device(args.device))
     checkpoint.verify_checksums = args.verify != "none"
@@ -137,6 +190,17 @@ def main(argv=None):
         with checks.naming(f"--latents {args.latents}"):
             x, meta = sampling.read_latents(args.latents)
         return {"latents": x, "videos": decode(x, meta, args), "out": args.out}
+    prompts, encoded = args.prompt_list, None
+    if prompts:  # encoded first, the encoder freed, then the transformer: the encoder is a 24 GB card's peak
+        cfg0, run0 = sampling.checkpoint_config(args.ckpt, "--ckpt")
+        g0 = args.guidance if args.guidance is not None else run0.get("guidance", 6.0)
+        cfg_teacher = args.teacher and g0 != 1 and (uses_cfg(models.build_transformer(cfg0, device="meta"))
+                                                    or not getattr(cfg0, "guidance_embeds", False))
+        texts = prompts + ([args.negative_prompt or ""] if cfg_teacher else [])
+        print(f"encoding {len(prompts)} prompt(s){' + the negative prompt' if cfg_teacher else ''} with {args.weights}")
+        with checks.naming(f"--weights {args.weights}"):
+            encoded = sampling.encode_prompts(sampling.model_name(cfg0), args.weights, texts, args.device, args.dtype)
+        data.check_fits(cfg0, encoded, where=f"the prompts encoded with {args.weights}")
     model, info = sampling.load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps,
                                         args.shift, "--ckpt", exact=args.exact)
     if info.get("authors_loop"):
@@ -152,14 +216,19 @@ def main(argv=None):
     if info["mode"] in ("dual", "od") and len(set(names)) == 1:
         print(f"warning: --steps {len(names)} on a dual expert: only the {names[0]} expert runs "
               f"(steps are split between the experts, noisiest phase first)", file=sys.stderr)
-    cond = sampling.get_cond(args.cond, info, args.num)
     cfg_teacher = teacher and guidance != 1 and (uses_cfg(model) or not getattr(cfg, "guidance_embeds", False))  # + flow
-    uncond = sampling.get_cond(args.uncond, info, 1, "uncond") if cfg_teacher else None
+    if encoded is not None:
+        cond = {k: v[:len(prompts)] for k, v in encoded.items()}
+        uncond = {k: v[len(prompts):] for k, v in encoded.items()} if cfg_teacher else None
+    else:
+        cond = sampling.get_cond(args.cond, info, args.num)
+        uncond = sampling.get_cond(args.uncond, info, 1, "uncond") if cfg_teacher else None
     n_steps = len(t) - 1
     meta = {"seed": args.seed, "steps": n_steps, "grid_indices": ks, "t": t.tolist(), "sigmas": sigma.tolist(),
             "schedule": custom or None, "experts": names, "mode": info["mode"], "ckpt": info["folder"],
             "detail": args.detail, "guidance": guidance, "model": sampling.model_name(cfg), "pixel_space": info["pixel_space"],
-            "dtype": str(args.dtype), "device": args.device, "lora_merged": info["mode"] == "dual" and not args.no_merge}
+            "dtype": str(args.dtype), "device": args.device, "lora_merged": info["mode"] == "dual" and not args.no_merge,
+            **({"prompts": prompts, "negative_prompt": args.negative_prompt or ""} if prompts else {})}
     if args.decode and not info["pixel_space"]:
         from storage import video_io
         video_io.vae_config(meta["model"], args.decode)  # a bad weights folder fails now, not after sampling
@@ -183,7 +252,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     data.atomic_save_file({"latents": x}, path, metadata={k: json.dumps(v) for k, v in meta.items()})
     print(f"latents -> {path}")
-    videos = decode(x, meta, args)
+    taken = set()
+    videos = decode(x, meta, args, [sampling.prompt_file_name(p, taken) for p in prompts] if prompts else None)
     print("".join(f"video -> {v}\n" for v in videos), end="")
     return {**meta, "latents": x, "path": path, "videos": videos, "seconds_per_step": secs, "seconds_total": total,
             "out": args.out}

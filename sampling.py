@@ -255,6 +255,38 @@ def model_name(cfg):
     return name or ("hunyuan-video" if "Hunyuan" in family else "wan2.1-t2v-1.3b" if "Wan" in family else "cogvideox-2b")
 
 
+def checkpoint_config(path, what="checkpoint"):
+    """(model config, train.py run config or {}) of any checkpoint path, without loading its weights."""
+    src = checkpoint.resolve(path, what)
+    with checks.naming(src.weights):
+        cfg = released.read_config(src.weights)[0] if src.kind == "authors" else checkpoint.read_config(src.weights)
+    return cfg, src.run or {}
+
+
+def encode_prompts(name, weights, prompts, device="cpu", dtype=torch.float32):
+    """{key: [len(prompts), ...] float32 on the cpu}: the prompts through the text encoder(s) of the pipeline folder
+    `weights` (storage/video_io.TextEncoder, as data.py encode-prompts), which are freed before this returns: on a
+    24 GB card the encoder (umT5-XXL, Llama) is the memory peak, so it runs before the transformer is loaded."""
+    from storage import video_io
+    enc = video_io.TextEncoder(name, weights, device, dtype)
+    cond = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in enc(list(prompts)).items()}
+    del enc
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    return cond
+
+
+def prompt_file_name(prompt, taken):
+    """A file name (no extension) for the video of a prompt: its text, path separators and control characters out,
+    at most 150 characters (as the authors' scripts cut it), made unique against `taken`."""
+    stem = "".join(c if c.isprintable() and c not in '/\\' else "_" for c in prompt).strip().rstrip(".")[:150] or "prompt"
+    name, i = stem, 1
+    while name in taken:
+        name, i = f"{stem}-{i}", i + 1
+    taken.add(name)
+    return name
+
+
 def get_cond(path, info, n, what="cond"):
     """Conditioning for n samples: a data.load_cond file (batch 1 or n), else the dataset's uncond or zeros."""
     cfg, run, pooled = info["cfg"], info["run"], getattr(info["cfg"], "pooled_projection_dim", None)

@@ -13,7 +13,7 @@ import eval as ev
 import model as models
 import sampling
 import train
-from test_data import hy_weights, read_back  # noqa: F401 - the tiny HunyuanVideo hub folder (vae/, text encoders)
+from test_data import cog_weights, hy_weights, read_back  # noqa: F401 - tiny hub folders (vae/, text encoders)
 
 PROMPTS = ["a cat walks on the grass", "waves crash on a rocky shore, at dusk", "a red car"]
 
@@ -109,3 +109,63 @@ def test_validation_during_training_decodes_through_the_vae(student, hy_weights,
     got = read_back(str(folder / "sample_2step_1.mp4")).astype(float)
     other = video_io.to_uint8(video_io.decode_latents(vae, lat[0:1])[0]).astype(float)
     assert got.shape == (5, 16, 16, 3) and abs(got - want).mean() < 0.5 * abs(got - other).mean()  # H.264 is lossy
+
+
+def test_prompt_to_mp4_in_one_command(student, hy_weights, tmp_path, capsys):  # noqa: F811
+    """sample.py --prompt on a student with a tiny pipeline folder: encoded there, one MP4 per prompt named after it,
+    the same latents as the two-command route (data.py encode-prompts, then sample.py --cond)."""
+    import sample
+    argv = ["--ckpt", str(student / "sem"), "--device", "cpu", "--seed", "3", "--steps", "2"]
+    res = sample.main(argv + ["--weights", hy_weights, "--prompt", PROMPTS[0], "--prompt", PROMPTS[2], "--out",
+                              str(tmp_path / "one")])
+    assert sorted(os.listdir(tmp_path / "one")) == sorted([f"{PROMPTS[0]}.mp4", f"{PROMPTS[2]}.mp4", "latents.safetensors"])
+    assert read_back(str(tmp_path / "one" / f"{PROMPTS[2]}.mp4")).shape == (5, 16, 16, 3)
+    assert res["prompts"] == [PROMPTS[0], PROMPTS[2]] and "encoding 2 prompt(s) with" in capsys.readouterr().out
+    (tmp_path / "p.txt").write_text(f"{PROMPTS[0]}\n{PROMPTS[2]}\n")
+    data.main(["encode-prompts", "--model", "hunyuan-video", "--weights", hy_weights, "--prompts", str(tmp_path / "p.txt"),
+               "--out", str(tmp_path / "p.safetensors")])
+    two = sample.main(argv + ["--cond", str(tmp_path / "p.safetensors"), "--num", "2", "--out", str(tmp_path / "two")])
+    assert torch.equal(res["latents"], two["latents"])
+
+
+def test_prompt_cfg_teacher_with_a_negative_prompt(cog_weights, tmp_path, capsys):  # noqa: F811
+    """--teacher of a CFG model (tiny CogVideoX against the tiny T5 + VAE): the negative prompt is the unconditional
+    branch (equal to --uncond with it encoded), and it changes the video."""
+    import sample
+    weights = cog_weights
+    cfg = dataclasses.replace(models.PRESETS["tiny-cogvideox"], text_embed_dim=16, in_channels=4, out_channels=4,
+                              max_text_seq_length=226)
+    torch.manual_seed(0)
+    checkpoint.save_transformer(models.build_transformer(cfg), str(tmp_path / "t"))
+    base = ["--ckpt", str(tmp_path / "t"), "--teacher", "--steps", "3", "--device", "cpu", "--frames", "2", "--height",
+            "4", "--width", "4"]
+    argv = base + ["--weights", weights, "--prompt", "a red car"]
+    a = sample.main(argv + ["--negative-prompt", "blurry", "--out", str(tmp_path / "a")])
+    b = sample.main(argv + ["--out", str(tmp_path / "b")])
+    assert os.path.isfile(tmp_path / "a" / "a red car.mp4") and not torch.equal(a["latents"], b["latents"])
+    (tmp_path / "neg.txt").write_text("blurry\n")
+    data.main(["encode-prompts", "--model", "cogvideox-2b", "--weights", weights, "--prompts", str(tmp_path / "neg.txt"),
+               "--out", str(tmp_path / "neg.safetensors")])
+    (tmp_path / "pos.txt").write_text("a red car\n")
+    data.main(["encode-prompts", "--model", "cogvideox-2b", "--weights", weights, "--prompts", str(tmp_path / "pos.txt"),
+               "--out", str(tmp_path / "pos.safetensors")])
+    c = sample.main(base + ["--cond", str(tmp_path / "pos.safetensors"), "--uncond", str(tmp_path / "neg.safetensors"),
+                            "--out", str(tmp_path / "c")])
+    assert torch.equal(a["latents"], c["latents"])
+    capsys.readouterr()
+
+
+def test_prompt_bad_input(student, tmp_path, monkeypatch, capsys):
+    """--prompt without a text encoder, with --cond, a student with --negative-prompt: one error line each, before
+    any model loads."""
+    import sample
+    (tmp_path / "vae_only" / "vae").mkdir(parents=True)
+    for extra, want in ((["--weights", str(tmp_path / "vae_only")], "text_encoder is missing"),
+                        ([], "--prompt needs the text encoder: --weights PIPELINE_FOLDER"),
+                        (["--weights", str(tmp_path), "--cond", "x"], "--prompt and --cond exclude each other"),
+                        (["--weights", str(tmp_path), "--negative-prompt", "x"], "a student has no unconditional")):
+        monkeypatch.setattr("sys.argv", ["sample.py", "--ckpt", str(student / "sem"), "--prompt", "a cat", *extra])
+        with pytest.raises(SystemExit) as e:
+            sample.cli()
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and want in err and "\n" not in err, err
