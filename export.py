@@ -1,34 +1,132 @@
 """Every way a student leaves the project (one command, one subcommand per format).
 
     python export.py authors --ckpt out/detail --out DCM_MINE/transformer [--dtype bf16]
+    python export.py diffusers --ckpt out/wdet --weights Wan2.1-T2V-1.3B-Diffusers --out DCM_WAN_PIPE
 
 authors: a LoRA detail expert trained here (`--lora-targets authors`, HunyuanVideo or Wan) -> the authors' released
 single-file layout (storage/released.py, DESIGN sec. 7), which their inference scripts and our sample.py load.
+diffusers: a Wan student -> a complete `WanPipeline` folder that stock diffusers loads and runs with no code of ours:
+transformer/ = the semantic expert, transformer_2/ = the detail expert merged, model_index.json's boundary_ratio
+between them, a FlowMatchEulerDiscreteScheduler whose few points come closest to the student's (WanPipeline only
+calls set_timesteps(num_inference_steps): our own points cannot be passed; both point sets are printed), and the
+text encoder, tokenizer and VAE of --weights. HunyuanVideo and CogVideoX have no two-transformer pipeline in diffusers.
 """
 import argparse
+import json
 import os
+import shutil
 import sys
 
 import torch
 
 import experts
+import model as models
+import sampling
 import solver
 from storage import checkpoint, released
 from tools import checks
 
 
-def authors(args):
-    """A train.py detail run / step folder -> the authors' layout."""
+class ExportError(checks.InputError):
+    """A run or flag that cannot be exported as asked; one error line."""
+
+
+def student_parts(args):
+    """(resolved step, the semantic expert as one backbone (a --semantic-lora adapter merged into its base), the
+    DualExpert on it) of a LoRA detail-stage run."""
     src = checkpoint.resolve(args.ckpt, "--ckpt")
-    adapter = args.detail or src.detail
+    adapter = getattr(args, "detail", None) or src.detail
     if src.kind != "step" or not adapter or not os.path.isfile(adapter):
-        raise released.ReleasedError(f"--ckpt {args.ckpt}: not a LoRA detail-stage run or step folder (no detail adapter"
-                                     f"{'' if not adapter else ' ' + adapter})")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "keep": None}[args.dtype]
+        raise ExportError(f"--ckpt {args.ckpt}: not a LoRA detail-stage run or step folder (no detail adapter"
+                          f"{'' if not adapter else ' ' + adapter})")
     semantic = checkpoint.load_transformer(src.weights)
     if src.semantic:  # --semantic-lora: the semantic expert is its base + adapter, merged (fp32 sum)
         semantic = experts.SemanticLoRA.from_file(semantic, src.semantic).merge_into_base()
-    expert = experts.DualExpert.from_detail(semantic, adapter, semantic_merged=bool(src.semantic))
+    return src, semantic, experts.DualExpert.from_detail(semantic, adapter, semantic_merged=bool(src.semantic))
+
+
+def closest_scheduler(sigmas):
+    """(FlowMatchEulerDiscreteScheduler, its sigmas) whose set_timesteps(len(sigmas)) points come closest to `sigmas`
+    (the student's, noisiest first, without the clean end): shift_terminal = the last of them (the scheduler stretches
+    its schedule to end there), and the shift (1..100, to 0.01) with the least largest difference."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    want = np.asarray(sigmas, dtype=np.float64)
+    terminal = float(want[-1]) if len(want) > 1 and want[-1] < 1 else None
+
+    def fit(shift):
+        sch = FlowMatchEulerDiscreteScheduler(shift=float(shift), shift_terminal=terminal)
+        sch.set_timesteps(len(want))
+        return float(np.abs(sch.sigmas[:-1].double().numpy() - want).max()), sch
+    coarse = min(np.arange(1.0, 100.0, 0.5), key=lambda v: fit(v)[0])  # then to 0.01 around it
+    best = min(np.round(np.arange(max(1.0, coarse - 0.5), coarse + 0.5, 0.01), 2), key=lambda v: fit(v)[0])
+    sch = fit(best)[1]
+    return sch, sch.sigmas[:-1].double()
+
+
+def diffusers(args):
+    """A Wan detail-stage run -> a stock diffusers WanPipeline folder (module docstring)."""
+    from storage import video_io
+    for module, package in (("diffusers", None), ("transformers", None)):
+        try:
+            video_io.require(module, package)
+        except ImportError as e:
+            raise ExportError(f"export.py diffusers: {e}") from None
+    cfg, run = sampling.checkpoint_config(args.ckpt, "--ckpt")
+    if not isinstance(cfg, models.WanConfig):
+        raise ExportError(f"--ckpt {args.ckpt} is a {type(cfg).__name__.removesuffix('Config')} student: diffusers has a "
+                          "two-transformer pipeline for Wan only (WanPipeline); export HunyuanVideo with export.py authors")
+    for sub in ("text_encoder", "tokenizer", "vae"):
+        try:
+            video_io.weights_path(args.weights, sub)
+        except FileNotFoundError as e:
+            raise ExportError(f"--weights: {e}") from None
+    if os.path.exists(args.out):
+        raise ExportError(f"--out {args.out} exists: choose a new folder")
+    src, semantic, expert = student_parts(args)
+    grid = sampling.make_grid(cfg, "flow", run)
+    ks = solver.student_schedule(grid, [run["kappa"]], args.steps)
+    _, _, ours = solver.sample_points(grid, ks)
+    sch, theirs = closest_scheduler(ours[:-1].tolist())
+    bt = expert.boundary_t
+    # WanPipeline: transformer (high noise) where t >= boundary_ratio * 1000, else transformer_2; ours: detail where
+    # t <= boundary_t, so the boundary goes just above boundary_t (a grid t of ours at boundary_t stays detail)
+    ratio = (bt + 1e-3) / 1000
+    index = {"_class_name": "WanPipeline", "_diffusers_version": checkpoint.DIFFUSERS_VERSION, "boundary_ratio": ratio,
+             "expand_timesteps": False, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": ["diffusers", "WanTransformer3DModel"]}
+    given = os.path.join(args.weights, "model_index.json")
+    known = json.load(open(given)) if os.path.isfile(given) else {}
+    for sub in ("text_encoder", "tokenizer", "vae"):
+        if sub in known:
+            index[sub] = known[sub]
+        elif sub == "vae":
+            index[sub] = ["diffusers", json.load(open(os.path.join(args.weights, sub, "config.json")))["_class_name"]]
+        else:
+            conf = os.path.join(args.weights, sub, "config.json" if sub == "text_encoder" else "tokenizer_config.json")
+            c = json.load(open(conf))
+            index[sub] = ["transformers", c["architectures"][0] if sub == "text_encoder" else c["tokenizer_class"]]
+    with checkpoint.atomic_dir(args.out) as tmp:
+        checkpoint.save_transformer(semantic, os.path.join(tmp, "transformer"))
+        expert.export_merged(os.path.join(tmp, "transformer_2"))
+        sch.save_pretrained(os.path.join(tmp, "scheduler"))
+        for sub in ("text_encoder", "tokenizer", "vae"):
+            shutil.copytree(video_io.weights_path(args.weights, sub), os.path.join(tmp, sub))
+        with open(os.path.join(tmp, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+    fmt = lambda v: ", ".join(f"{float(x):.4f}" for x in v)  # noqa: E731
+    print(f"{src.folder} -> {args.out}: WanPipeline, transformer = semantic expert, transformer_2 = detail expert "
+          f"(merged), boundary_ratio {ratio:.6f} (t {bt:.3f}); {args.steps}-step sigmas: ours {fmt(ours[:-1])}, the "
+          f"pipeline's (FlowMatchEulerDiscreteScheduler shift {sch.config.shift:g}, shift_terminal "
+          f"{sch.config.shift_terminal}) {fmt(theirs)}; largest difference "
+          f"{float((theirs - ours[:-1]).abs().max()):.4f}")
+    return {"out": args.out, "ours": ours[:-1], "theirs": theirs, "shift": sch.config.shift, "boundary_ratio": ratio}
+
+
+def authors(args):
+    """A train.py detail run / step folder -> the authors' layout."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "keep": None}[args.dtype]
+    src, _, expert = student_parts(args)
     grid = solver.flow_grid(50, 17.0)  # the authors' distillation grid for both released students
     if expert.arch in released.LAYOUTS and (bad := released.routing_disagreements(expert, grid)):
         print(f"warning: their scripts route int(t) <= {released.LAYOUTS[expert.arch]['threshold']} to the detail "
@@ -47,8 +145,13 @@ def main(argv=None):
     e.add_argument("--detail", help="adapter file (default: the step's detail.safetensors)")
     e.add_argument("--out", required=True, help="output transformer/ folder")
     e.add_argument("--dtype", default="keep", choices=("keep", "fp32", "bf16"), help="their release is bf16")
+    d = sub.add_parser("diffusers", help="a Wan student -> a stock diffusers WanPipeline folder")
+    d.add_argument("--ckpt", required=True, help="train.py detail run or step folder (a Wan student)")
+    d.add_argument("--weights", required=True, help="the teacher's pipeline folder: text_encoder/, tokenizer/, vae/")
+    d.add_argument("--out", required=True, help="new pipeline folder")
+    d.add_argument("--steps", type=int, default=4, help="the student's step count the scheduler is fitted to")
     args = p.parse_args(argv)
-    return checks.cli(lambda _: {"authors": authors}[args.cmd](args))  # bad input: one line, exit 2
+    return checks.cli(lambda _: {"authors": authors, "diffusers": diffusers}[args.cmd](args))  # bad input: one line
 
 
 if __name__ == "__main__":

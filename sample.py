@@ -26,7 +26,6 @@ import torch
 from tqdm.auto import tqdm
 
 import data
-import model as models
 import sampling
 import solver
 from sampling import SampleError
@@ -61,50 +60,8 @@ def decode(x, meta, args, names=None):
     except ImportError as e:
         print(f"warning: cannot decode: {e}; then decode with: {later}", file=sys.stderr)
         return []
-    if names:  # one VAE, one MP4 per prompt, named after it
-        vae = video_io.load_vae(meta["model"], args.decode, torch.device(args.device), tiling=True,
-                                dtype=torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-        return [p for i, name in enumerate(names) for p in video_io.decode_to_video(
-            x[i:i + 1].to(args.device), meta["model"], vae, os.path.join(args.out, f"{name}.mp4"), args.fps)]
-    return video_io.decode_to_video(x, meta["model"], args.decode, os.path.join(args.out, "sample.mp4"), args.fps,
-                                    device=args.device)
-
-
-def prompt_list(args):
-    """The prompts of --prompt / --prompts ([] without them), checked with the flags they go with or exclude; sets
-    --weights (default: --ckpt when it is a pipeline folder), --decode (default: --weights) and --num (one each)."""
-    from storage import video_io
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        if not os.path.isfile(args.prompts):
-            raise SampleError(f"--prompts {args.prompts} does not exist")
-        with open(args.prompts) as f:
-            prompts += [line.strip() for line in f if line.strip()]
-        if not prompts:
-            raise SampleError(f"--prompts {args.prompts} holds no prompt")
-    if not prompts:
-        for flag in ("negative_prompt", "weights"):
-            if getattr(args, flag) is not None:
-                raise SampleError(f"--{flag.replace('_', '-')} goes with --prompt / --prompts")
-        return []
-    for flag in ("cond", "uncond", "latents"):
-        if getattr(args, flag):
-            raise SampleError(f"--prompt and --{flag} exclude each other: the prompts are encoded here")
-    if args.num not in (1, len(prompts)):
-        raise SampleError(f"--num {args.num}: with --prompt the videos are one per prompt ({len(prompts)})")
-    if args.negative_prompt is not None and not args.teacher:
-        raise SampleError("--negative-prompt: only --teacher samples with CFG; a student has no unconditional branch")
-    weights = args.weights or (args.ckpt if args.ckpt and os.path.isdir(os.path.join(args.ckpt, "text_encoder")) else None)
-    if weights is None:
-        raise SampleError(f"--prompt needs the text encoder: --weights PIPELINE_FOLDER (text_encoder/, tokenizer/, "
-                          f"vae/; --ckpt {args.ckpt} holds none)")
-    try:
-        video_io.weights_path(weights, "text_encoder"), video_io.weights_path(weights, "tokenizer")
-    except FileNotFoundError as e:
-        raise SampleError(f"--weights: {e}") from None
-    args.weights, args.num = weights, len(prompts)
-    args.decode = args.decode or (weights if os.path.isdir(os.path.join(weights, "vae")) else None)
-    return prompts
+    out = [os.path.join(args.out, f"{n}.mp4") for n in names] if names else os.path.join(args.out, "sample.mp4")
+    return video_io.decode_to_video(x, meta["model"], args.decode, out, args.fps, device=args.device)
 
 
 def parse_args(argv):
@@ -153,21 +110,12 @@ def parse_args(argv):
         raise SampleError("--num, --batch-size, --steps and --fps must be >= 1")
     if args.timesteps and args.sigmas or (args.timesteps or args.sigmas) and (args.teacher or args.steps):
         raise SampleError("give at most one of --timesteps and --sigmas, and neither with --teacher or --steps")
-    for name in ("timesteps", "sigmas"):
-        if (v := getattr(args, name)) is not None:
-            try:
-                setattr(args, name, [float(x) for x in v.split(",")])
-            except ValueError:
-                raise SampleError(f"--{name} {v!r} is not a comma-separated list of numbers") from None
-            try:
-                solver.custom_points(solver.flow_grid(2), **{name: getattr(args, name)})
-            except ValueError as e:
-                raise SampleError(f"--{name}: {e}") from None
+    sampling.parse_schedule(args)  # --timesteps / --sigmas -> lists of numbers, checked
     args.points = solver.parse_points(args.points)
     if (explicit := not isinstance(args.points, str)) and (args.teacher or args.timesteps or args.sigmas or args.steps):
         raise SampleError("--points with grid indices sets the steps: not with --teacher, --timesteps, --sigmas or --steps")
     args.steps = len(args.points) if explicit else args.steps
-    args.prompt_list = prompt_list(args)
+    args.prompt_list = sampling.prompt_args(args)
     args.out = checks.out_dir(args.out or (os.path.dirname(os.path.abspath(args.latents)) if args.latents else "samples"))
     args.device = str(checks.device(args.device))
     checkpoint.verify_checksums = args.verify != "none"
@@ -190,22 +138,10 @@ def main(argv=None):
         with checks.naming(f"--latents {args.latents}"):
             x, meta = sampling.read_latents(args.latents)
         return {"latents": x, "videos": decode(x, meta, args), "out": args.out}
-    prompts, encoded = args.prompt_list, None
-    if prompts:  # encoded first, the encoder freed, then the transformer: the encoder is a 24 GB card's peak
-        cfg0, run0 = sampling.checkpoint_config(args.ckpt, "--ckpt")
-        g0 = args.guidance if args.guidance is not None else run0.get("guidance", 6.0)
-        cfg_teacher = args.teacher and g0 != 1 and (uses_cfg(models.build_transformer(cfg0, device="meta"))
-                                                    or not getattr(cfg0, "guidance_embeds", False))
-        texts = prompts + ([args.negative_prompt or ""] if cfg_teacher else [])
-        print(f"encoding {len(prompts)} prompt(s){' + the negative prompt' if cfg_teacher else ''} with {args.weights}")
-        with checks.naming(f"--weights {args.weights}"):
-            encoded = sampling.encode_prompts(sampling.model_name(cfg0), args.weights, texts, args.device, args.dtype)
-        data.check_fits(cfg0, encoded, where=f"the prompts encoded with {args.weights}")
+    prompts = args.prompt_list  # encoded first, the encoder freed, then the transformer (a 24 GB card's peak)
+    encoded = sampling.encode_for(args, prompts) if prompts else None
     model, info = sampling.load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps,
                                         args.shift, "--ckpt", exact=args.exact)
-    if info.get("authors_loop"):
-        print("the authors' inference rules (their inference_hy.py + DCM pipeline; --exact for ours): embedded "
-              "guidance 6000.0, the timestep and latents in the model's dtype after the first step")
     if info["mode"] == "dual" and not args.no_merge:
         model.merge_lora()  # one GEMM per detail linear instead of three (round-off differences only)
     cfg, grid, run, teacher = info["cfg"], info["grid"], info["run"], info["mode"] == "teacher"
@@ -217,12 +153,7 @@ def main(argv=None):
         print(f"warning: --steps {len(names)} on a dual expert: only the {names[0]} expert runs "
               f"(steps are split between the experts, noisiest phase first)", file=sys.stderr)
     cfg_teacher = teacher and guidance != 1 and (uses_cfg(model) or not getattr(cfg, "guidance_embeds", False))  # + flow
-    if encoded is not None:
-        cond = {k: v[:len(prompts)] for k, v in encoded.items()}
-        uncond = {k: v[len(prompts):] for k, v in encoded.items()} if cfg_teacher else None
-    else:
-        cond = sampling.get_cond(args.cond, info, args.num)
-        uncond = sampling.get_cond(args.uncond, info, 1, "uncond") if cfg_teacher else None
+    cond, uncond = sampling.cond_and_uncond(args, info, encoded, len(prompts), cfg_teacher)
     n_steps = len(t) - 1
     meta = {"seed": args.seed, "steps": n_steps, "grid_indices": ks, "t": t.tolist(), "sigmas": sigma.tolist(),
             "schedule": custom or None, "experts": names, "mode": info["mode"], "ckpt": info["folder"],
@@ -252,8 +183,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     data.atomic_save_file({"latents": x}, path, metadata={k: json.dumps(v) for k, v in meta.items()})
     print(f"latents -> {path}")
-    taken = set()
-    videos = decode(x, meta, args, [sampling.prompt_file_name(p, taken) for p in prompts] if prompts else None)
+    videos = decode(x, meta, args, sampling.prompt_file_names(prompts) if prompts else None)
     print("".join(f"video -> {v}\n" for v in videos), end="")
     return {**meta, "latents": x, "path": path, "videos": videos, "seconds_per_step": secs, "seconds_total": total,
             "out": args.out}

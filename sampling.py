@@ -21,7 +21,7 @@ import experts
 import model as models
 import solver
 from storage import checkpoint, released
-from teacher import Teacher, embedded_guidance
+from teacher import Teacher, embedded_guidance, uses_cfg
 from tools import checks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,6 +66,9 @@ def _released(src, detail, teacher, steps, dtype, device, exact=False):
                           "change it with --timesteps / --sigmas, not --detail / --teacher / --steps")
     m, r = released.load_released(src, dtype, device)
     m.eval().requires_grad_(False)
+    if r["arch"] == "HunyuanVideo" and not exact:
+        print("the authors' inference rules (their inference_hy.py + DCM pipeline; --exact for ours): embedded "
+              "guidance 6000.0, the timestep and latents in the model's dtype after the first step")
     return m, {"mode": "released", "cfg": m.config, "run": {}, "grid": solver.flow_grid(), "boundaries": [],
                "boundary_t": m.boundary_t, "folder": r["folder"], "pixel_space": False, "schedule": r["schedule"],
                "threshold": r["threshold"], "authors_loop": r["arch"] == "HunyuanVideo" and not exact}
@@ -255,6 +258,58 @@ def model_name(cfg):
     return name or ("hunyuan-video" if "Hunyuan" in family else "wan2.1-t2v-1.3b" if "Wan" in family else "cogvideox-2b")
 
 
+def prompt_args(args):
+    """The prompts of --prompt / --prompts ([] without them), checked with the flags they go with or exclude; sets
+    --weights (default: --ckpt when it is a pipeline folder), --decode (default: --weights) and --num (one each)."""
+    from storage import video_io
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        if not os.path.isfile(args.prompts):
+            raise SampleError(f"--prompts {args.prompts} does not exist")
+        with open(args.prompts) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise SampleError(f"--prompts {args.prompts} holds no prompt")
+    if not prompts:
+        for flag in ("negative_prompt", "weights"):
+            if getattr(args, flag) is not None:
+                raise SampleError(f"--{flag.replace('_', '-')} goes with --prompt / --prompts")
+        return []
+    for flag in ("cond", "uncond", "latents"):
+        if getattr(args, flag):
+            raise SampleError(f"--prompt and --{flag} exclude each other: the prompts are encoded here")
+    if args.num not in (1, len(prompts)):
+        raise SampleError(f"--num {args.num}: with --prompt the videos are one per prompt ({len(prompts)})")
+    if args.negative_prompt is not None and not args.teacher:
+        raise SampleError("--negative-prompt: only --teacher samples with CFG; a student has no unconditional branch")
+    weights = args.weights or (args.ckpt if args.ckpt and os.path.isdir(os.path.join(args.ckpt, "text_encoder")) else None)
+    if weights is None:
+        raise SampleError(f"--prompt needs the text encoder: --weights PIPELINE_FOLDER (text_encoder/, tokenizer/, "
+                          f"vae/; --ckpt {args.ckpt} holds none)")
+    try:
+        video_io.weights_path(weights, "text_encoder"), video_io.weights_path(weights, "tokenizer")
+    except FileNotFoundError as e:
+        raise SampleError(f"--weights: {e}") from None
+    args.weights, args.num = weights, len(prompts)
+    args.decode = args.decode or (weights if os.path.isdir(os.path.join(weights, "vae")) else None)
+    return prompts
+
+
+def encode_for(args, prompts):
+    """sample.py's prompts (and a CFG --teacher's negative prompt, after them) encoded with --weights before anything
+    else loads, checked against the checkpoint's model config."""
+    cfg, run = checkpoint_config(args.ckpt, "--ckpt")
+    guidance = args.guidance if args.guidance is not None else run.get("guidance", 6.0)
+    cfg_teacher = args.teacher and guidance != 1 and (uses_cfg(models.build_transformer(cfg, device="meta"))
+                                                      or not getattr(cfg, "guidance_embeds", False))
+    texts = prompts + ([args.negative_prompt or ""] if cfg_teacher else [])
+    print(f"encoding {len(prompts)} prompt(s){' + the negative prompt' if cfg_teacher else ''} with {args.weights}")
+    with checks.naming(f"--weights {args.weights}"):
+        encoded = encode_prompts(model_name(cfg), args.weights, texts, args.device, args.dtype)
+    data.check_fits(cfg, encoded, where=f"the prompts encoded with {args.weights}")
+    return encoded
+
+
 def checkpoint_config(path, what="checkpoint"):
     """(model config, train.py run config or {}) of any checkpoint path, without loading its weights."""
     src = checkpoint.resolve(path, what)
@@ -276,15 +331,41 @@ def encode_prompts(name, weights, prompts, device="cpu", dtype=torch.float32):
     return cond
 
 
-def prompt_file_name(prompt, taken):
-    """A file name (no extension) for the video of a prompt: its text, path separators and control characters out,
-    at most 150 characters (as the authors' scripts cut it), made unique against `taken`."""
-    stem = "".join(c if c.isprintable() and c not in '/\\' else "_" for c in prompt).strip().rstrip(".")[:150] or "prompt"
-    name, i = stem, 1
-    while name in taken:
-        name, i = f"{stem}-{i}", i + 1
-    taken.add(name)
-    return name
+def prompt_file_names(prompts):
+    """A file name (no extension) for each prompt's video: its text, path separators and control characters out, at
+    most 150 characters (as the authors' scripts cut it), made unique with -1, -2, ..."""
+    taken, out = set(), []
+    for prompt in prompts:
+        stem = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in prompt).strip().rstrip(".")[:150]
+        name, i = stem or "prompt", 1
+        while name in taken:
+            name, i = f"{stem or 'prompt'}-{i}", i + 1
+        taken.add(name)
+        out.append(name)
+    return out
+
+
+def cond_and_uncond(args, info, encoded, n_prompts, cfg_teacher):
+    """(cond, uncond or None) of a sample run: the encoded prompts (and negative prompt after them), else --cond /
+    --uncond files (get_cond)."""
+    if encoded is not None:
+        return ({k: v[:n_prompts] for k, v in encoded.items()},
+                {k: v[n_prompts:] for k, v in encoded.items()} if cfg_teacher else None)
+    return get_cond(args.cond, info, args.num), get_cond(args.uncond, info, 1, "uncond") if cfg_teacher else None
+
+
+def parse_schedule(args):
+    """--timesteps / --sigmas "a,b,c" -> lists of floats, checked as solver.custom_points checks a schedule."""
+    for name in ("timesteps", "sigmas"):
+        if (v := getattr(args, name)) is not None:
+            try:
+                setattr(args, name, [float(x) for x in v.split(",")])
+            except ValueError:
+                raise SampleError(f"--{name} {v!r} is not a comma-separated list of numbers") from None
+            try:
+                solver.custom_points(solver.flow_grid(2), **{name: getattr(args, name)})
+            except ValueError as e:
+                raise SampleError(f"--{name}: {e}") from None
 
 
 def get_cond(path, info, n, what="cond"):

@@ -228,8 +228,8 @@ def decode_latents(vae, latents):
 def decode_to_video(latents, model_name, weights, out_path, fps=8, device=None, dtype=None):
     """Decode latents [B, C, F, H, W] with the model's VAE (tiled) and write each clip as an MP4/GIF.
 
-    `weights` is the hub-layout folder or an already loaded VAE; with B > 1 the files are
-    out_path's stem + `_{i}`. Returns the written paths."""
+    `weights` is the hub-layout folder or an already loaded VAE; out_path: one path per clip, or one path (with B > 1
+    the files are its stem + `_{i}`). Returns the written paths."""
     if latents.dim() != 5:
         raise ValueError(f"latents must be [B, C, F, H, W], got {tuple(latents.shape)}")
     if isinstance(weights, torch.nn.Module):
@@ -238,10 +238,10 @@ def decode_to_video(latents, model_name, weights, out_path, fps=8, device=None, 
         device = torch.device(device or latents.device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         vae = load_vae(model_name, weights, device, dtype, tiling=True)
-    stem, ext = os.path.splitext(out_path)
+    stem, ext = os.path.splitext(out_path) if isinstance(out_path, str) else (None, None)
     paths = []
     for i in range(len(latents)):
-        path = out_path if len(latents) == 1 else f"{stem}_{i}{ext}"
+        path = out_path[i] if stem is None else out_path if len(latents) == 1 else f"{stem}_{i}{ext}"
         write_video(decode_latents(vae, latents[i:i + 1])[0], path, fps)
         paths.append(path)
     return paths

@@ -1,0 +1,86 @@
+"""export.py diffusers: a tiny Wan student trained here, exported as a WanPipeline folder, runs in stock diffusers
+with no code of ours; its two transformers are our semantic and merged detail experts; its latents equal sample.py's
+on the pipeline's points. (export.py authors: tests/test_released.py.)"""
+import os
+
+import pytest
+import torch
+
+import data
+import export
+import model as models
+import sample
+import sampling
+import train
+from test_data_wan import wan_weights  # noqa: F401 - tiny Wan hub folder: vae/ (4 channels), text_encoder/, tokenizer/
+
+PROMPT = "a red square slides to the left"
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    """A tiny Wan (text width 16, 4 latent channels: the tiny umT5 and VAE) teacher, semantic and detail expert."""
+    import dataclasses
+    root = tmp_path_factory.mktemp("wan_student")
+    cfg = dataclasses.replace(models.PRESETS["tiny-wan"], text_dim=16, in_channels=4, out_channels=4)
+    torch.manual_seed(0)
+    from storage import checkpoint
+    checkpoint.save_transformer(models.build_transformer(cfg), str(root / "teacher"))
+    g, n, L = torch.Generator().manual_seed(0), 4, 8
+    data.write_shard(str(root / "data"), 0, {"latents": torch.randn(n, 4, 2, 4, 4, generator=g),
+                                             "text": torch.randn(n, L, 16, generator=g)})
+    data.write_manifest(str(root / "data"), model="wan2.1-t2v-1.3b", latent_shape=[4, 2, 4, 4], vae_scaling_factor=1.0,
+                        shards=[{"file": data.shard_name(0), "num": n}], uncond={"text": torch.zeros(1, L, 16)})
+    common = ["--teacher", str(root / "teacher"), "--data", str(root / "data"), "--device", "cpu", "--probe-every", "0",
+              "--max-steps", "2", "--lr", "1e-3", "--batch-size", "2"]
+    train.main(["--stage", "semantic", *common, "--out", str(root / "sem")])
+    train.main(["--stage", "detail", *common, "--init", str(root / "sem"), "--out", str(root / "det"), "--lora-rank", "4",
+                "--disc-hidden", "32"])
+    return root
+
+
+def test_stock_wan_pipeline_runs_the_exported_student(student, wan_weights, tmp_path, capsys):  # noqa: F811
+    from diffusers import WanPipeline
+    out = str(tmp_path / "pipe")
+    export.main(["diffusers", "--ckpt", str(student / "det"), "--weights", wan_weights, "--out", out])
+    printed = capsys.readouterr().out
+    assert "WanPipeline, transformer = semantic expert" in printed and "largest difference" in printed
+    pipe = WanPipeline.from_pretrained(out)  # stock diffusers, nothing of ours imported by it
+    ours, info = sampling.load_student(str(student / "det"))  # the dual expert, LoRA merged below as sample.py does
+    ours.merge_lora()
+    bt = info["boundary_t"]
+    assert pipe.config.boundary_ratio * 1000 > bt
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 4, 2, 4, 4, generator=g), torch.randn(2, 8, 16, generator=g)
+    for t, theirs in ((bt + 30.0, pipe.transformer), (bt, pipe.transformer_2), (bt - 200.0, pipe.transformer_2)):
+        tt = torch.full((2,), t)
+        with torch.no_grad():
+            want, got = ours(x, tt, text=text), theirs(x, tt, encoder_hidden_states=text, return_dict=False)[0]
+        assert float((got - want).abs().max()) <= 1e-5, t
+    # the pipeline's own 4 points (it only calls set_timesteps(4)) -> the same latents as sample.py on those points
+    latents = pipe(PROMPT, num_inference_steps=4, guidance_scale=1.0, height=32, width=32, num_frames=5,  # 8x config
+                   output_type="latent", generator=torch.Generator().manual_seed(3)).frames
+    sig = pipe.scheduler.sigmas[:-1].tolist()
+    argv = ["--ckpt", str(student / "det"), "--weights", wan_weights, "--prompt", PROMPT, "--device", "cpu", "--seed", "3"]
+    same = sample.main(argv + ["--sigmas", ",".join(f"{s!r}" for s in sig), "--out", str(tmp_path / "same")])["latents"]
+    err = float((same - latents).abs().max())
+    own = sample.main(argv + ["--out", str(tmp_path / "own")])["latents"]
+    print(f"\nWanPipeline vs sample.py on its points: {err:.1e}; on our own points: {float((own - latents).abs().max()):.3f}"
+          f" (values up to {float(latents.abs().max()):.2f})")
+    assert latents.shape == (1, 4, 2, 4, 4) and err <= 1e-5
+
+
+def test_export_diffusers_bad_input(student, wan_weights, tmp_path, capsys):  # noqa: F811
+    """A non-Wan run, a weights folder without a text encoder, an existing --out: one error line each."""
+    from storage import checkpoint
+    checkpoint.save_transformer(models.build_transformer("tiny-hunyuan"), str(tmp_path / "hy"))
+    (tmp_path / "novae" / "vae").mkdir(parents=True)
+    for argv, want in (([str(student / "det"), str(tmp_path / "novae")], "text_encoder is missing"),
+                       ([str(tmp_path / "hy"), wan_weights], "diffusers has a two-transformer pipeline for Wan only"),
+                       ([str(student / "det"), wan_weights, str(tmp_path)], "exists: choose a new folder")):
+        out = argv[2] if len(argv) > 2 else str(tmp_path / "o")
+        with pytest.raises(SystemExit) as e:
+            export.main(["diffusers", "--ckpt", argv[0], "--weights", argv[1], "--out", out])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and want in err and "\n" not in err, err
+    assert not os.path.exists(tmp_path / "o")
