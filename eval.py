@@ -201,6 +201,7 @@ def vbench_main(args):
     videos, results = os.path.join(args.out, "videos"), os.path.join(args.out, "vbench_results")
     teacher_path = args.teacher or (run or {}).get("teacher")
     name = sampling.model_name(checkpoint.read_config(weights))
+    args.weights = checkpoint.hub_path(args.weights, "--weights")  # an org/name hub id: its local snapshot
     video_io.vae_config(name, args.weights)  # bad weights fail now, before any model loads
     video_io.weights_path(args.weights, "text_encoder")
     os.makedirs(videos, exist_ok=True)

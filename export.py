@@ -76,6 +76,7 @@ def diffusers(args):
     if not isinstance(cfg, models.WanConfig):
         raise ExportError(f"--ckpt {args.ckpt} is a {type(cfg).__name__.removesuffix('Config')} student: diffusers has a "
                           "two-transformer pipeline for Wan only (WanPipeline); export HunyuanVideo with export.py authors")
+    args.weights = checkpoint.hub_path(args.weights, "--weights")
     for sub in ("text_encoder", "tokenizer", "vae"):
         try:
             video_io.weights_path(args.weights, sub)

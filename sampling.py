@@ -282,7 +282,9 @@ def prompt_args(args):
         raise SampleError(f"--num {args.num}: with --prompt the videos are one per prompt ({len(prompts)})")
     if args.negative_prompt is not None and not args.teacher:
         raise SampleError("--negative-prompt: only --teacher samples with CFG; a student has no unconditional branch")
-    weights = args.weights or (args.ckpt if args.ckpt and os.path.isdir(os.path.join(args.ckpt, "text_encoder")) else None)
+    args.ckpt = args.ckpt and checkpoint.hub_path(args.ckpt, "--ckpt")  # an org/name hub id: its local snapshot
+    weights = args.weights and checkpoint.hub_path(args.weights, "--weights")
+    weights = weights or (args.ckpt if args.ckpt and os.path.isdir(os.path.join(args.ckpt, "text_encoder")) else None)
     if weights is None:
         raise SampleError(f"--prompt needs the text encoder: --weights PIPELINE_FOLDER (text_encoder/, tokenizer/, "
                           f"vae/; --ckpt {args.ckpt} holds none)")

@@ -139,6 +139,8 @@ def parse_args(argv):
         if getattr(args, name) is None:
             setattr(args, name, table.get(args.stage, 0.0))
     args.out = args.out or os.path.join("out", args.stage)
+    for k in ("teacher", "init") if not args.dry_run else ():  # an org/name hub id: its local snapshot, recorded as such
+        setattr(args, k, getattr(args, k) and checkpoint.hub_path(getattr(args, k), f"--{k}"))
     checks.train_args(args, given)  # flags and their combinations, named in one line each
     if args.kappa is not None and not 0 <= args.kappa <= args.grid_steps - 2:
         raise TrainError(f"--kappa {args.kappa} must lie in 0..N-2 = 0..{args.grid_steps - 2}")

@@ -84,6 +84,7 @@ def read_config(path):
     or a folder holding one (transformer_folder)."""
     if not os.path.exists(path) and path in M.PRESETS:
         return M.PRESETS[path]
+    path = hub_path(path, "config")
     if os.path.isdir(path):
         path = os.path.join(transformer_folder(path), "config.json")
     if not os.path.isfile(path):
@@ -374,11 +375,33 @@ def _authors_layout(folder):
     return any(f".lora_A.{AUTHORS_ADAPTER}." in k for k in shapes)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_path(path, what="checkpoint"):
+    """A local path as given, or for a Hugging Face hub id `org/name` that is not a local path, its snapshot folder:
+    downloaded by huggingface_hub (optional; HF_HUB_OFFLINE=1 reads the local cache only). One CheckpointError when
+    the package is absent or the id is unknown / not cached."""
+    path = os.fspath(path)
+    if os.path.exists(path) or not HUB_ID.fullmatch(path) or os.path.isdir(path.split("/")[0]):
+        return path  # (a missing path under an existing folder, e.g. runs/typo, is a local path)
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise CheckpointError(f"{what} {path} does not exist (as a hub id it needs huggingface_hub: pip install "
+                              "huggingface_hub)") from None
+    try:
+        return huggingface_hub.snapshot_download(path)
+    except Exception as e:  # noqa: BLE001 - not found, offline without a cached copy, no network, gated, ...
+        raise CheckpointError(f"{what} {path} does not exist, and the hub has no model {path} here "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def resolve(path, what="checkpoint"):
     """Any checkpoint path -> Source, verified once (integrity.verify unless --verify none): a train.py run folder
     (its newest complete, intact step), a step folder, a diffusers transformer folder or a pipeline folder holding
     transformer/, the authors' released layout (pipeline folder or its transformer/), or an original-format file."""
-    path = os.fspath(path)
+    path = hub_path(path, what)
     if not os.path.exists(path):
         raise CheckpointError(f"{what} {path} does not exist")
     if os.path.isfile(path):

@@ -10,3 +10,6 @@ sys.path.insert(0, ROOT)
 # one thread for the whole session: exact-equality checks (save/load, parity at 0.0) must not depend on
 # how a reduction was split across threads, and CI has 2 cores anyway
 torch.set_num_threads(1)
+
+# hub ids (storage/checkpoint.hub_path) read the local cache only: the tests never reach the network
+os.environ["HF_HUB_OFFLINE"] = "1"

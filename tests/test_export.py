@@ -84,3 +84,33 @@ def test_export_diffusers_bad_input(student, wan_weights, tmp_path, capsys):  # 
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith("error: ") and want in err and "\n" not in err, err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_hub_ids_resolve_from_the_cache_and_fail_in_one_line(student, tmp_path, monkeypatch, capsys):
+    """--ckpt org/name: huggingface_hub's snapshot (offline: the local cache, HF_HUB_OFFLINE=1 as in every test); an
+    id in no cache, or without huggingface_hub, is one error line; a missing path under an existing folder stays a
+    local path (no hub lookup)."""
+    import shutil
+    import sys
+
+    from storage import checkpoint
+    cache = tmp_path / "hub"  # the hub cache layout: models--org--name/{refs/main, snapshots/<commit>/...}
+    snap = cache / "models--dcm-test--tiny-wan" / "snapshots" / ("0" * 40)
+    shutil.copytree(student / "teacher", snap / "transformer")
+    (cache / "models--dcm-test--tiny-wan" / "refs").mkdir()
+    (cache / "models--dcm-test--tiny-wan" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    assert checkpoint.resolve("dcm-test/tiny-wan", "--ckpt").weights == str(snap / "transformer")
+    monkeypatch.chdir(tmp_path)
+    for argv, want in ((["--ckpt", "dcm-test/absent", "--teacher"], "the hub has no model dcm-test/absent here"),
+                       (["--ckpt", "hub/absent", "--teacher"], "--ckpt hub/absent does not exist")):  # hub/: a folder
+        monkeypatch.setattr(sys, "argv", ["sample.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            sample.cli()
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and want in err and "\n" not in err, err
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(checkpoint.CheckpointError, match="as a hub id it needs huggingface_hub"):
+        checkpoint.resolve("dcm-test/tiny-wan")
