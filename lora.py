@@ -75,9 +75,15 @@ class LoRA(nn.Module):
         self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self):
-        """A like nn.Linear's default init, B = 0: a fresh adapter changes nothing."""
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        """A like nn.Linear's default init, B = 0: a fresh adapter changes nothing. A is drawn from the CPU generator
+        whatever its device, so a run on CUDA (DDP), the FSDP start-up (which draws on the CPU) and a CPU run start
+        from the same adapter."""
+        if not self.A.is_meta:
+            a = torch.empty(self.A.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.A.copy_(a)
         nn.init.zeros_(self.B)
 
     def forward(self, x):

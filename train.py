@@ -361,9 +361,8 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
             eps, u, n = data.draws(batch["index"], step, args.seed, x0.shape[1:], gan, device)
             cfg_model = uses_cfg(student) or not getattr(cfg, "guidance_embeds", False)  # + flow w/o guidance input
             drop = (u[:, 2] < args.cond_drop) if args.stage == "teacher" and cfg_model else None
-            last = micro == accum - 1
-            if args.fsdp:
-                student_mod.set_requires_gradient_sync(last)
+            last = micro == accum - 1  # FSDP2 reduce-scatters every micro-step (as torchtitan): skipping the sync would
+            # keep every rank's unsharded fp32 gradients of the whole model between micro-steps (13B: +52 GB per GPU)
             with student_mod.no_sync() if distributed and not args.fsdp and not last else contextlib.nullcontext():
                 with autocast():
                     terms, feats = loss_terms(x0, eps, u, n, *make_cond(batch, drop), out_gn=out_gn)

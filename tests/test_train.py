@@ -326,3 +326,25 @@ def test_dist_timeout_reaches_the_process_group(base, tmp_path, monkeypatch):
     run("--stage", "teacher", "--init", b["teacher"]["checkpoint"], "--data", b["data"], "--out", tmp_path / "r",
         "--max-steps", 1, "--fsdp", "--dist-timeout", 7.5, *SMALL)
     assert seen == [datetime.timedelta(minutes=7.5)]
+
+
+def test_fsdp_grad_accum_holds_only_shards(base, tmp_path):
+    """--fsdp --grad-accum 2 on 2 gloo ranks: between micro-steps each rank holds at most its local shard of the
+    gradients (FSDP2 reduce-scatters every micro-step; without that sync it kept the whole model's, 2x here), and the
+    run equals 1 process on the whole batch (2 ranks x batch 1 x 2 micro-steps = batch 4)."""
+    from test_train_sp import assert_close, assert_losses
+    b = base("tiny-cogvideox")
+    argv = ["--stage", "semantic", "--teacher", b["teacher"]["checkpoint"], "--data", b["data"], "--max-steps", 2,
+            "--lr", 1e-3, *SMALL]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "_fsdp_accum_check.py"), str(tmp_path), *map(str, argv), "--fsdp",
+           "--grad-accum", "2", "--batch-size", "1"]
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for r in (0, 1):
+        with open(tmp_path / f"rank{r}.json") as f:
+            got = json.load(f)
+        assert 0 < got["held"] <= got["shard"], got
+    one = run(*argv, "--batch-size", 4, "--out", tmp_path / "one")
+    assert_losses(tmp_path / "run", one["out"], ["loss", "cd", "tc", "grad_norm"])
+    assert_close(tmp_path / "run" / "step_0000002", one["checkpoint"], "fsdp grad accum")
