@@ -205,6 +205,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
     paths["data_digest"] = ds.digest  # a resume compares the data by content, not by path
     ckpt, state = resume.open_run(out, args.resume, vars(args) | paths | {"boundaries": boundaries},
                                       args.resume_anyway, rank == 0)
+    checkpoint.verify_checksums &= rank == 0  # rank 0 verified what the run reads; no sha256 storm from every rank
 
     # --- models: the same init seed on every rank; --fsdp: meta build, each rank reads its own shards (scale/fsdp.py)
     torch.manual_seed(args.seed)

@@ -68,16 +68,41 @@ def resume_from(out, settings, anyway=False):
 
 def open_run(out, resume, settings, anyway=False, main=True):
     """Start the run in `out` (refusing to mix with one already there) or go on from its newest intact checkpoint
-    (resume_from) -> (step folder, train_state) or (None, None); `main` (rank 0) removes leftovers and reports."""
-    if not resume and step_folders(out):
-        raise ValueError(f"{out} already holds checkpoints: pass --resume or choose another --out")
+    (resume_from) -> (step folder, train_state) or (None, None). Rank 0 (`main`) alone decides — it reads the folder,
+    verifies the checksums, removes leftovers and reports — and every rank follows its decision: a rank that cannot
+    read rank 0's checkpoint fails with all the others (one line each) instead of starting fresh or from another step
+    on its own view of the storage and then hanging at the first collective."""
+    decision = [None, None]  # (the step folder to go on from, or an error message for every rank)
     if main:
-        integrity.clean_tmp(out)
-    ckpt, state = resume_from(out, settings, anyway) if resume else (None, None)
-    if resume and main:
-        print(f"resuming from {ckpt} (step {state['step']})" if ckpt else f"--resume: no checkpoint in {out}, "
-              "starting at step 0")
-    return ckpt, state
+        try:
+            if not resume and step_folders(out):
+                raise ValueError(f"{out} already holds checkpoints: pass --resume or choose another --out")
+            integrity.clean_tmp(out)
+            ckpt, state = resume_from(out, settings, anyway) if resume else (None, None)
+            decision[0] = ckpt
+            if resume:
+                print(f"resuming from {ckpt} (step {state['step']})" if ckpt else f"--resume: no checkpoint in {out}, "
+                      "starting at step 0")
+        except ValueError as e:
+            decision[1] = str(e)
+    if dist.is_initialized():
+        dist.broadcast_object_list(decision, src=0)
+    if decision[1]:
+        raise ValueError(decision[1])
+    ckpt, problem = decision[0], None
+    if ckpt and not main:  # rank 0's choice, read without verifying again (no checksum storm before the first step)
+        try:
+            state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False, mmap=True)
+        except Exception as e:  # noqa: BLE001 - missing, unreadable, half-synced storage: all the same here
+            problem = (f"rank {dist.get_rank()} cannot read {ckpt}, the checkpoint rank 0 resumes from ({type(e).__name__}): "
+                       f"--out must be one folder that every rank sees")
+    if dist.is_initialized() and ckpt:
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise ValueError(problem)
+    return (ckpt, state) if ckpt else (None, None)
 
 
 def rng_state():

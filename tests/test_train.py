@@ -348,3 +348,19 @@ def test_fsdp_grad_accum_holds_only_shards(base, tmp_path):
     one = run(*argv, "--batch-size", 4, "--out", tmp_path / "one")
     assert_losses(tmp_path / "run", one["out"], ["loss", "cd", "tc", "grad_norm"])
     assert_close(tmp_path / "run" / "step_0000002", one["checkpoint"], "fsdp grad accum")
+
+
+def test_rank_0_decides_the_resume(base, tmp_path):
+    """2 gloo ranks: rank 0 alone verifies the checkpoint it resumes from (the others read it without re-hashing),
+    and a rank that cannot read rank 0's choice makes every rank fail with the same one-line error instead of going
+    on from its own view (start fresh, another step) and hanging at the first collective."""
+    b = base("tiny-cogvideox")
+    argv = ["--stage", "semantic", "--teacher", b["teacher"]["checkpoint"], "--data", b["data"], "--lr", 1e-3,
+            "--batch-size", 2, *SMALL]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "_resume_view_check.py"), str(tmp_path), *map(str, argv)]
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
+    assert r0["verified"] >= 1 and r1["verified"] == 0
+    assert r0["error"] == r1["error"] and "rank 1 cannot read" in r0["error"] and "step_0000002" in r0["error"]
