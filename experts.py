@@ -82,7 +82,37 @@ class BaseView:
         return getattr(self.owner.backbone, name)
 
 
-class SemanticLoRA(nn.Module):
+class _OverBackbone(nn.Module):
+    """What SemanticLoRA and DualExpert share: a registered `backbone` and grafted trees over it (`_trees()`, plain
+    attributes whose path copies are not registered, so train() and gradient checkpointing reach them here), and the
+    backbone's interface."""
+
+    def _trees(self):
+        raise NotImplementedError
+
+    config = property(lambda self: self.backbone.config)
+    prediction = property(lambda self: self.backbone.prediction)
+
+    def default_taps(self):
+        return self.backbone.default_taps()
+
+    @property
+    def gradient_checkpointing(self):
+        return self.backbone.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on):
+        for tree in (self.backbone, *self._trees()):
+            tree.gradient_checkpointing = bool(on)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for tree in self._trees():
+            tree.train(mode)
+        return self
+
+
+class SemanticLoRA(_OverBackbone):
     """The semantic expert as LoRA + trainable copies of the timestep layers over the teacher's frozen weights
     (train.py --semantic-lora R). `base_view()` is the teacher: the same tree with the adapter off."""
 
@@ -97,24 +127,8 @@ class SemanticLoRA(nn.Module):
         self.copies.requires_grad_(True)  # copied from the frozen base: trainable again
         self.__dict__["adapted"] = graft(backbone, swaps)  # plain attribute: not a second registration
 
-    config = property(lambda self: self.backbone.config)
-    prediction = property(lambda self: self.backbone.prediction)
-
-    def default_taps(self):
-        return self.backbone.default_taps()
-
-    @property
-    def gradient_checkpointing(self):
-        return self.backbone.gradient_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, on):
-        self.backbone.gradient_checkpointing = self.adapted.gradient_checkpointing = bool(on)
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.adapted.train(mode)
-        return self
+    def _trees(self):
+        return (self.adapted,)
 
     def forward(self, x, t, base=False, **kw):
         """The semantic expert (the adapted tree), or with base=True the teacher (the base tree)."""
@@ -174,7 +188,7 @@ class SemanticLoRA(nn.Module):
         return self.backbone
 
 
-class DualExpert(nn.Module):
+class DualExpert(_OverBackbone):
     """Semantic expert (the backbone) + detail expert (LoRA + copied layers), routed per sample by t.
 
     Built in "detail" mode (backbone frozen, adapter trainable): building one starts stage 2, from the
@@ -209,26 +223,8 @@ class DualExpert(nn.Module):
         """The semantic expert's tree: the backbone, or with a LoRA semantic expert its adapted tree."""
         return self.backbone if self.sem is None else self.sem.adapted
 
-    config = property(lambda self: self.backbone.config)
-    prediction = property(lambda self: self.backbone.prediction)
-
-    def default_taps(self):
-        return self.backbone.default_taps()
-
-    @property
-    def gradient_checkpointing(self):
-        return self.backbone.gradient_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, on):
-        for tree in (self.backbone, self.semantic, self.detail):
-            tree.gradient_checkpointing = bool(on)
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.detail.train(mode)  # the grafted trees' path copies are not registered here
-        self.semantic.train(mode)
-        return self
+    def _trees(self):
+        return (self.semantic, self.detail)
 
     def detail_mask(self, t, B=None):
         """[B] bool, True where t <= boundary_t (detail sub-trajectory), compared in t's own dtype."""
