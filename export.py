@@ -2,9 +2,15 @@
 
     python export.py authors --ckpt out/detail --out DCM_MINE/transformer [--dtype bf16]
     python export.py diffusers --ckpt out/wdet --weights Wan2.1-T2V-1.3B-Diffusers --out DCM_WAN_PIPE
+    python export.py lora --ckpt out/wdet --out dcm_detail.safetensors [--expert semantic]
 
 authors: a LoRA detail expert trained here (`--lora-targets authors`, HunyuanVideo or Wan) -> the authors' released
 single-file layout (storage/released.py, DESIGN sec. 7), which their inference scripts and our sample.py load.
+lora: a student -> one LoRA file in the key layout of diffusers' `pipe.load_lora_weights` (`transformer.<module>.lora_A/B`,
+scale 1): the detail expert over the weights the run starts from (a fully fine-tuned semantic expert's, or with
+--semantic-lora the teacher's, the semantic LoRA stacked in), or `--expert semantic`; each linear of the copied
+timestep layers as an exact full-rank pair (an identity and the weight difference, the bias difference as
+lora_B.bias). Layers that are no linear (CogVideoX's norm_out LayerNorm) cannot go into such a file: refused.
 diffusers: a Wan student -> a complete `WanPipeline` folder that stock diffusers loads and runs with no code of ours:
 transformer/ = the semantic expert, transformer_2/ = the detail expert merged, model_index.json's boundary_ratio
 between them, a FlowMatchEulerDiscreteScheduler whose few points come closest to the student's (WanPipeline only
@@ -19,6 +25,7 @@ import sys
 
 import torch
 
+import data
 import experts
 import model as models
 import sampling
@@ -43,6 +50,62 @@ def student_parts(args):
     if src.semantic:  # --semantic-lora: the semantic expert is its base + adapter, merged (fp32 sum)
         semantic = experts.SemanticLoRA.from_file(semantic, src.semantic).merge_into_base()
     return src, semantic, experts.DualExpert.from_detail(semantic, adapter, semantic_merged=bool(src.semantic))
+
+
+def lora_state(expert, which="detail"):
+    """{diffusers LoRA key: tensor} of an expert of a DualExpert relative to its backbone's weights (module
+    docstring); which: "detail" (with a LoRA semantic expert's pairs stacked under the detail ones) or "semantic"."""
+    import torch.nn as nn
+
+    from lora import module_key
+    sem = expert.sem
+    if which == "semantic" and sem is None:
+        raise ExportError("--expert semantic: this run's semantic expert is fully fine-tuned (its weights are the "
+                          "transformer itself, no LoRA)")
+    layers = ([sem] if sem is not None else []) + ([expert] if which == "detail" else [])
+    copies = expert.copies if which == "detail" else sem.copies
+    out, base = {}, dict(expert.backbone.named_modules())
+    for n in expert.lora_names:  # stacked pairs: B @ A = sum of each layer's scale * B_i @ A_i, scale 1 in the file
+        pairs = [layer.lora[module_key(n)] for layer in layers]
+        out[f"transformer.{n}.lora_A.weight"] = torch.cat([p.A.detach().float() for p in pairs], 0)
+        out[f"transformer.{n}.lora_B.weight"] = torch.cat([p.B.detach().float() * p.scale for p in pairs], 1)
+    for n in expert.copy_names:
+        for k, mod in copies[module_key(n)].named_modules():
+            name, orig = f"{n}.{k}" if k else n, base[f"{n}.{k}" if k else n]
+            params = dict(mod.named_parameters(recurse=False))
+            if params and not isinstance(mod, nn.Linear):
+                bad = [p for p, v in params.items() if not torch.equal(v, getattr(orig, p))]
+                if bad:
+                    raise ExportError(f"the copied layer {name} ({type(mod).__name__}: {', '.join(bad)}) is no linear "
+                                      "layer: it cannot go into a LoRA file (use export.py diffusers / authors)")
+            if not isinstance(mod, nn.Linear):
+                continue
+            delta = (mod.weight.detach().float() - orig.weight.detach().float())
+            eye = torch.eye(min(delta.shape))  # an exact full-rank pair: rank = the smaller side
+            a, b = (eye, delta) if delta.shape[1] <= delta.shape[0] else (delta, eye)
+            out[f"transformer.{name}.lora_A.weight"], out[f"transformer.{name}.lora_B.weight"] = a, b
+            if mod.bias is not None:
+                out[f"transformer.{name}.lora_B.bias"] = mod.bias.detach().float() - orig.bias.detach().float()
+    if any(k.endswith(".lora_B.bias") for k in out):  # PEFT's lora_bias is one switch for every layer
+        for k in [k for k in out if k.endswith(".lora_B.weight")]:
+            out.setdefault(k.replace(".weight", ".bias"), torch.zeros(out[k].shape[0]))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def lora(args):
+    """A LoRA detail-stage run -> one diffusers LoRA file (module docstring)."""
+    src = checkpoint.resolve(args.ckpt, "--ckpt")
+    if src.kind != "step" or not src.detail or not os.path.isfile(src.detail):
+        raise ExportError(f"--ckpt {args.ckpt}: not a LoRA detail-stage run or step folder (no detail adapter)")
+    base = checkpoint.load_transformer(src.weights)
+    sem = experts.SemanticLoRA.from_file(base, src.semantic) if src.semantic else None
+    expert = experts.DualExpert.from_detail(base, src.detail, semantic=sem)
+    sd = lora_state(expert, args.expert)
+    data.atomic_save_file(sd, args.out, metadata={"format": "pt"})
+    on = "the teacher's weights (--teacher of the run)" if sem is not None else "the semantic expert's weights (the step's transformer/)"
+    print(f"{src.folder} -> {args.out}: the {args.expert} expert as LoRA for diffusers' load_lora_weights, on {on}; "
+          f"{sum(k.endswith('lora_A.weight') for k in sd)} layers, {sum(v.numel() for v in sd.values()) / 1e6:.2f} M values")
+    return sd
 
 
 def closest_scheduler(sigmas):
@@ -151,8 +214,14 @@ def main(argv=None):
     d.add_argument("--weights", required=True, help="the teacher's pipeline folder: text_encoder/, tokenizer/, vae/")
     d.add_argument("--out", required=True, help="new pipeline folder")
     d.add_argument("--steps", type=int, default=4, help="the student's step count the scheduler is fitted to")
+    q = sub.add_parser("lora", help="a student -> one LoRA file for diffusers' load_lora_weights")
+    q.add_argument("--ckpt", required=True, help="train.py detail run or step folder")
+    q.add_argument("--out", required=True, help="output .safetensors file")
+    q.add_argument("--expert", default="detail", choices=("detail", "semantic"),
+                   help="semantic: a --semantic-lora run's semantic expert alone")
     args = p.parse_args(argv)
-    return checks.cli(lambda _: {"authors": authors, "diffusers": diffusers}[args.cmd](args))  # bad input: one line
+    cmds = {"authors": authors, "diffusers": diffusers, "lora": lora}
+    return checks.cli(lambda _: cmds[args.cmd](args))  # bad input: one line
 
 
 if __name__ == "__main__":

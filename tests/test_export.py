@@ -114,3 +114,75 @@ def test_hub_ids_resolve_from_the_cache_and_fail_in_one_line(student, tmp_path, 
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(checkpoint.CheckpointError, match="as a hub id it needs huggingface_hub"):
         checkpoint.resolve("dcm-test/tiny-wan")
+
+
+def _step(tmp_path, arch, sem_rank=0):
+    """A detail-stage step folder of a tiny `arch` with every adapter trained-looking (random), as train.py writes it;
+    with sem_rank, a --semantic-lora run over a teacher folder. -> (step, our DualExpert)."""
+    import json
+
+    import experts
+    from storage import checkpoint
+    from test_one_gpu import randomize
+    torch.manual_seed(0)
+    base = models.build_transformer(arch)
+    checkpoint.save_transformer(base, str(tmp_path / "teacher"))
+    sem = experts.SemanticLoRA(base, sem_rank, 2 * sem_rank) if sem_rank else None
+    if sem is not None:
+        randomize(sem.lora, sem.copies, seed=1)
+    expert = experts.DualExpert(base, 900.0, 4, 8, semantic=sem and sem.requires_grad_(False)).eval()
+    randomize(expert.lora, expert.copies, seed=2)
+    step = tmp_path / "run" / "step_0000002"
+    step.mkdir(parents=True)
+    expert.save_parts(str(step), {"kappa": 37})
+    run = {"stage": "detail", "step": 2} | ({"semantic_lora": sem_rank, "teacher": str(tmp_path / "teacher")}
+                                            if sem_rank else {})
+    (step / "config.json").write_text(json.dumps(run))
+    return step, expert
+
+
+PIPELINES = {"tiny-wan": ("WanPipeline", "WanTransformer3DModel"),
+             "tiny-hunyuan": ("HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel")}
+
+
+@pytest.mark.parametrize("arch,sem_rank", [("tiny-wan", 0), ("tiny-hunyuan", 0), ("tiny-wan", 3)])
+def test_lora_file_in_a_stock_pipeline(arch, sem_rank, tmp_path, capsys):
+    """export.py lora -> a stock diffusers pipeline + load_lora_weights(FILE) = our detail path (<= 1e-5, fp32); with
+    a --semantic-lora run, on the teacher's own weights, for the detail and the semantic expert."""
+    import diffusers
+
+    from test_experts import inputs
+    step, expert = _step(tmp_path, arch, sem_rank)
+    x, cond = inputs(expert.backbone, 2)
+    t = torch.tensor([300.0, 100.0])  # detail side
+    for which, ours in (("detail", expert.detail), ("semantic", expert.semantic)) if sem_rank else (("detail", expert.detail),):
+        out = str(tmp_path / f"{which}.safetensors")
+        export.main(["lora", "--ckpt", str(step), "--out", out, "--expert", which])
+        assert "as LoRA for diffusers' load_lora_weights" in capsys.readouterr().out
+        cls, model_cls = (getattr(diffusers, n) for n in PIPELINES[arch])
+        folder = tmp_path / "teacher" if sem_rank else step / "transformer"  # what the file applies to
+        tr = model_cls.from_pretrained(str(folder)).eval()
+        args = cls.__init__.__code__.co_varnames[1:cls.__init__.__code__.co_argcount]  # every other component: None
+        pipe = cls(**{k: None for k in args if k != "transformer"}, transformer=tr)
+        pipe.load_lora_weights(out)
+        with torch.no_grad():
+            want = ours(x, t, **cond)
+            if arch == "tiny-wan":
+                got = tr(x, t, encoder_hidden_states=cond["text"], return_dict=False)[0]
+            else:
+                got = tr(x, t, cond["text"], cond["text_mask"], cond["pooled"], cond["guidance"], return_dict=False)[0]
+        err = float((got - want).abs().max())
+        print(f"{arch} {which}: stock pipeline + LoRA file vs ours {err:.1e}")
+        assert err <= 1e-5, (which, err)
+
+
+def test_lora_file_refuses_what_a_lora_cannot_hold(tmp_path, capsys):
+    """CogVideoX's copied norm_out holds a LayerNorm's weight and bias: no LoRA file can carry them (one error line);
+    --expert semantic on a fully fine-tuned semantic expert: one error line."""
+    step, _ = _step(tmp_path, "tiny-cogvideox")
+    for argv, want in ((["--expert", "detail"], "norm_out.norm (LayerNorm: weight, bias) is no linear layer"),
+                       (["--expert", "semantic"], "semantic expert is fully fine-tuned")):
+        with pytest.raises(SystemExit) as e:
+            export.main(["lora", "--ckpt", str(step), "--out", str(tmp_path / "x.safetensors"), *argv])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and want in err and "\n" not in err, err
