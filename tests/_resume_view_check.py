@@ -41,4 +41,5 @@ except ValueError as e:
 torch.load = load
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
+dist.barrier()  # both ranks past the failed run's last exchange before either tears the group down
 dist.destroy_process_group()
