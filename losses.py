@@ -293,9 +293,10 @@ def feature_matching_loss(model, fake_feats, real_feats, temb, grid, ckpt=False)
 
 
 def adversarial_terms(teacher_model, disc, x_tgt, xhat, n, k_end, k_adv, grid, cond, tok_grid):
-    """Detail-expert GAN terms (eqs. 9-10, DESIGN sec. 1): x_tgt (real) and xhat (fake) re-noised to k_adv with
-    the shared noise n, the frozen teacher's tapped features of both at t_adv (cond: with embedded guidance) ->
-    (generator hinge loss, feature matching loss, (fake features detached, real features) for the D step).
+    """Detail-expert GAN terms (eqs. 9-10, DESIGN sec. 1): x_tgt (real: the paper's target, or what train.py
+    --gan-real puts there) and xhat (fake) re-noised to k_adv with the shared noise n, the frozen teacher's tapped
+    features of both at t_adv (cond: with embedded guidance) -> (generator hinge loss, feature matching loss, (fake
+    features detached, real features) for the D step).
     Gradients reach xhat only; tok_grid = the token grid (F, h, w) of the features. k_end, k_adv on the host."""
     taps = teacher_model.default_taps()
     c = on(xhat.device, t_adv=grid.at(_per_sample(k_adv, len(xhat), "k_adv").cpu())[0],
@@ -328,6 +329,22 @@ def discriminator_stats(disc, feats, tok_grid):
     acc = [torch.stack([(s * lg.detach().float() > 0).float().mean() for lg in side]).mean()
            for s, side in ((1, real), (-1, fake))]
     return d_hinge_loss(real, fake), acc[0], acc[1]
+
+
+@torch.no_grad()
+def teacher_endpoint(teacher, x0, eps, k, cond, grid, top=None):
+    """The teacher's own solution from each sample's x_k (its ODE, one solver step per grid index from k down to the
+    clean end): the 'teacher' real side of train.py --gan-real. One batched teacher call per index from `top` (default
+    max(k); train.py passes the phase's top index, the same on every rank, as FSDP's collectives need) down, each
+    sample stepping only from its own k (k on the host)."""
+    k = _per_sample(k, x0.shape[0], "k").cpu()
+    _, a, s = grid.at(k)
+    c = on(x0.device, a=a, s=s)
+    x = col(c["a"], x0) * x0 + col(c["s"], x0) * eps
+    for j in range(int(k.max()) if top is None else int(top), -1, -1):
+        live = col((k >= j).to(x0.device), x0).bool()  # [B, 1, 1, 1, 1]
+        x = torch.where(live, teacher.step(x, torch.full_like(k, j), cond), x)
+    return x
 
 
 def renoise(x_end, n, k_end, k_adv, grid):

@@ -109,6 +109,8 @@ def parse_args(argv):
     a("--semantic-lora", type=int, default=0, metavar="R", help="semantic expert as rank-R LoRA + copies over the "
       "frozen teacher, which it shares (one GPU); 0 = full fine-tune. Give it to the detail stage on such a run too")
     a("--disc-hidden", type=int, default=disc_hidden, help="discriminator width (multiple of 32)")
+    a("--gan-real", default="target", choices=("target", "data", "teacher"), help="detail: the GAN's real side: the "
+      "target (paper eq. 9), the training latents, or the teacher's own solution from the same x_k (k+1 teacher steps)")
     a("--gan-first", action="store_true", help="detail: the GAN/FM gradient at the student's output first, from a "
       "no-grad student pass, so the teacher's graph and the student's never coexist (+1 student forward; one GPU)")
     a("--cond-drop", type=float, default=cond_drop, help="teacher stage, CFG models: uncond probability")
@@ -287,11 +289,16 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
         step_ = lambda s_mod, x_tgt=None: losses.consistency_step(  # noqa: E731
             s_mod, student if ema is None else ema, teacher, grid, boundaries, x0, eps, kk, cond, scond, args.loss, x_tgt)
         gan_now, feats, g_out = k is None and gan, None, None
+
+        def real(x_tgt):  # the GAN's real side (--gan-real): the paper's target, the data, or the teacher's solution
+            if args.gan_real == "teacher":
+                return losses.teacher_endpoint(teacher, x0, eps, kk, cond, grid, top=k_hi)  # same calls on every rank
+            return x0 if args.gan_real == "data" else x_tgt
         if gan_now and args.gan_first:  # the GAN/FM gradient at the output first: the teacher's graph is gone before
             with torch.no_grad():  # the student's forward with grad (the same xhat, recomputed)
                 _, xhat, x_tgt, k_end = step_(student)
             xhat.requires_grad_(True)
-            gan_g, fm, feats = losses.adversarial_terms(teacher.model, disc, x_tgt, xhat, n, k_end,
+            gan_g, fm, feats = losses.adversarial_terms(teacher.model, disc, real(x_tgt), xhat, n, k_end,
                                                         k_between(u[:, 1], 0, kap), grid, scond, tok_grid)
             losses.output_grad_norms(xhat, {"gan_g": gan_g, "fm": fm}, weights, into=out_gn)
             g_out = torch.autograd.grad(weights["gan_g"] * gan_g + weights["fm"] * fm, xhat)[0]
@@ -303,8 +310,8 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
             terms |= {"gan_g": gan_g.detach(), "fm": fm.detach(), "output": (xhat * g_out).sum() - (xhat * g_out).sum().detach()}
         elif gan_now:
             k_adv = k_between(u[:, 1], 0, kap)  # re-noise into the detail sub-trajectory (host indices)
-            terms["gan_g"], terms["fm"], feats = losses.adversarial_terms(teacher.model, disc, x_tgt, xhat, n, k_end,
-                                                                          k_adv, grid, scond, tok_grid)
+            terms["gan_g"], terms["fm"], feats = losses.adversarial_terms(teacher.model, disc, real(x_tgt), xhat, n,
+                                                                          k_end, k_adv, grid, scond, tok_grid)
         losses.output_grad_norms(xhat, {k: v for k, v in terms.items() if v.requires_grad and k != "output"}, weights,
                                  into=out_gn)  # a dict on probe steps: how hard each term pulls
         return terms, feats

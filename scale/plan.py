@@ -200,6 +200,9 @@ def plan(args, cfg, counts, sp, device="cuda"):
         # forward with grad, which then holds only the real features
         first = getattr(args, "gan_first", False)
         passes["GAN + FM passes (teacher graph)"] = (0 if first else held) + kept + max(work, disc + fm)
+        if getattr(args, "gan_real", "target") == "teacher":  # its no-grad solver steps, after the student's forward
+            passes["teacher solution (--gan-real teacher)"] = (0 if first else held) + working_bytes(
+                cfg, shape, cfg_batch * B, args.dtype, sp) + (2 * te * block if args.fsdp else 0)
         if first:
             t_bwd = (max(t_one, working_bytes(cfg, shape, B, args.dtype, sp)) if ckpt else 0) + W_GRAD * B * D * e * shape.joint
             passes["GAN + FM backward (teacher graph, --gan-first)"] = kept + t_bwd

@@ -263,3 +263,25 @@ def test_discriminator_stats_accuracy_and_loss():
     loss, acc_real, acc_fake = losses.discriminator_stats(disc, ([fake[0]], [real[0]]), None)
     assert acc_real.item() == 0.75 and acc_fake.item() == 0.25
     assert loss.item() == pytest.approx(losses.d_hinge_loss(real, fake).item())
+
+
+@pytest.mark.parametrize("grid", [solver.flow_grid(10, 3.0), solver.cogvideox_grid(10)], ids=["flow", "vpred"])
+def test_teacher_endpoint_is_each_samples_own_teacher_solution(grid):
+    """losses.teacher_endpoint (train.py --gan-real teacher): every sample of the batch ends where the teacher's ODE
+    from its own x_k ends, solved alone one step per index down to the clean end (k + 1 steps)."""
+    log = []
+    tmodel = Linear("teacher", log, grid.kind, 3)
+    teacher = Teacher(tmodel, grid, guidance_scale=1.0)
+    g = torch.Generator().manual_seed(0)
+    x0, eps, cond = torch.randn(3, 2, 3, 2, 2, generator=g), torch.randn(3, 2, 3, 2, 2, generator=g), \
+        {"text": torch.randn(3, 4, 5, generator=g)}
+    k = torch.tensor([6, 0, 3])
+    got = losses.teacher_endpoint(teacher, x0, eps, k, cond, grid)
+    assert len(log) == 7  # one batched call per index from max(k) = 6 down to 0
+    for i in range(3):
+        _, a, s = grid.at(k[i:i + 1])
+        x = float(a) * x0[i:i + 1] + float(s) * eps[i:i + 1]
+        for j in range(int(k[i]), -1, -1):
+            x = teacher.step(x, j, {"text": cond["text"][i:i + 1]})
+        torch.testing.assert_close(got[i:i + 1], x, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got, x0)  # the teacher's solution, not the data

@@ -144,7 +144,7 @@ def runs(tmp_path_factory):
     common = ["--teacher", root / "teacher", "--data", d, "--batch-size", 2, "--lr", 1e-3, "--semantic-lora", 4, *SMALL]
     sem = ["--stage", "semantic", *common]
     run(*sem, "--out", root / "sem", "--max-steps", 2)
-    det = ["--stage", "detail", "--init", root / "sem", *common, *LORA]
+    det = ["--stage", "detail", "--init", root / "sem", *common, *LORA, "--gan-real", "teacher"]  # (+ SP / FSDP below)
     return root, sem, det
 
 

@@ -364,3 +364,27 @@ def test_rank_0_decides_the_resume(base, tmp_path):
     r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
     assert r0["verified"] >= 1 and r1["verified"] == 0
     assert r0["error"] == r1["error"] and "rank 1 cannot read" in r0["error"] and "step_0000002" in r0["error"]
+
+
+@pytest.mark.parametrize("real", ["target", "data", "teacher"])
+def test_gan_real_side(base, tmp_path, monkeypatch, real):
+    """--gan-real: the GAN's real sample is the consistency target (paper eq. 9), the step's training latents, or the
+    teacher's own solution from the same x_k (neither of the other two)."""
+    import losses
+    b, seen = base("tiny-cogvideox"), {}
+    step, adv = losses.consistency_step, losses.adversarial_terms
+
+    def spy_step(*a, **k):
+        out = step(*a, **k)
+        seen.setdefault("x0", a[5]), seen.setdefault("x_tgt", out[2])  # the training step's (probes come after)
+        return out
+
+    def spy_adv(*a, **k):
+        seen["real"] = a[2]
+        return adv(*a, **k)
+    monkeypatch.setattr(losses, "consistency_step", spy_step)
+    monkeypatch.setattr(losses, "adversarial_terms", spy_adv)
+    run("--stage", "detail", "--teacher", b["teacher"]["checkpoint"], "--init", b["semantic"]["checkpoint"], "--data",
+        b["data"], "--out", tmp_path / "o", "--max-steps", 1, "--gan-real", real, *SMALL, *LORA)
+    same = {k: torch.equal(seen["real"], seen[k]) for k in ("x0", "x_tgt")}
+    assert same == {"x0": real == "data", "x_tgt": real == "target"} and seen["real"].isfinite().all()

@@ -169,7 +169,8 @@ def at_least(args, minimum, *names):
 
 
 # train.py flags -> the stages that use them; given to another stage they would be ignored, so they are refused
-STAGE_FLAGS = {**dict.fromkeys(("detail_full", "lora_rank", "disc_hidden", "d_lr", "d_betas", "w_gan", "w_fm", "gan_first"),
+STAGE_FLAGS = {**dict.fromkeys(("detail_full", "lora_rank", "disc_hidden", "d_lr", "d_betas", "w_gan", "w_fm", "gan_first",
+                                 "gan_real"),
                                 ("detail",)),
                **dict.fromkeys(("semantic_lora", "lora_targets", "lora_alpha"), ("semantic", "detail")),
                "kappa": ("semantic", "detail"), "phases": ("pcm",), "cond_drop": ("teacher",),
@@ -198,8 +199,9 @@ def train_args(args, given=()):
     if args.stage == "semantic" and not args.semantic_lora and given & {"lora_targets", "lora_alpha"}:
         raise InputError(f"{flag(min(given & {'lora_targets', 'lora_alpha'}))} means nothing to --stage semantic without "
                          "--semantic-lora (the semantic expert is fully fine-tuned)")
-    if args.gan_first and not (args.w_gan or args.w_fm):
-        raise InputError("--gan-first with --w-gan 0 --w-fm 0: there is no GAN or FM term to compute first")
+    for name in ("gan_first", "gan_real") if not (args.w_gan or args.w_fm) else ():
+        if name in given:
+            raise InputError(f"{flag(name)} with --w-gan 0 --w-fm 0: there is no GAN or FM term")
     if args.semantic_lora and args.detail_full:
         raise InputError("--semantic-lora with --detail-full: the OD ablation trains a full copy of the semantic expert, "
                          "which a LoRA semantic expert does not have")
