@@ -40,11 +40,17 @@ COMPARE = [  # (a, b, steps_a, steps_b, what): rows as (model, schedule)
 ]
 ABLATION = [("VCM", "VCM", "(1)"), ("OD", "OD", "(2)"), ("OD+PE", "OD+PE", "(3)"), ("OD+PE+TC", "OD+PE+TC", "(4)"),
             ("OD+PE+GF", "OD+PE+GF", "(5)"), (DCM, DCM, "(6)"),
-            ("DCM, LoRA semantic expert (train.py --semantic-lora)", "DCM, LoRA semantic expert", "(7)")]
+            ("DCM, LoRA semantic expert (train.py --semantic-lora)", "DCM, LoRA semantic expert", "(7)"),
+            ("DCM, the training videos as the GAN's real (--gan-real data)", "DCM, data as GAN real", "(8)"),
+            ("DCM, the teacher's solution as the GAN's real (--gan-real teacher)", "DCM, teacher as GAN real", "(9)")]
 ABL_COMPARE = [("VCM", "OD", "optimisation decoupling (1)->(2)"), ("OD", "OD+PE", "LoRA detail expert (2)->(3)"),
                ("OD+PE", "OD+PE+TC", "TC loss (3)->(4)"), ("OD+PE+GF", DCM, "TC loss (5)->(6)"),
                ("OD+PE", "OD+PE+GF", "GAN + FM (3)->(5)"), ("OD+PE+TC", DCM, "GAN + FM (4)->(6)"),
-               (DCM, "DCM, LoRA semantic expert", "LoRA semantic expert (6)->(7)")]
+               (DCM, "DCM, LoRA semantic expert", "LoRA semantic expert (6)->(7)"),
+               ("OD+PE+TC", "DCM, data as GAN real", "GAN + FM, data as real (4)->(8)"),
+               ("OD+PE+TC", "DCM, teacher as GAN real", "GAN + FM, teacher as real (4)->(9)"),
+               (DCM, "DCM, data as GAN real", "GAN real: target -> data (6)->(8)"),
+               (DCM, "DCM, teacher as GAN real", "GAN real: target -> teacher (6)->(9)")]
 
 
 def fmt(agg, key, bold=False):
@@ -244,7 +250,9 @@ def write(out, s, models, gif, run_dirs):
             L.append(f"| {n} | " + " | ".join(f"{r[t]:.3g}" if r.get(t) is not None else "–"
                                              for t in ("tc", "gan_g", "fm")) + " |")
     L.append("\n![signals](train_signals.png)\n")
-    for n, rows in logs.items():
+    d_logs = {n: plot.read_jsonl(os.path.join(run_dirs[n], "log.jsonl"))  # every GAN real side, seed 0
+              for n in ("pe_gf_s0", "dcm_s0", "dcm_data_s0", "dcm_teach_s0") if n in run_dirs}
+    for n, rows in d_logs.items():
         d = [r for r in rows if "d" in r]
         if d:
             last = d[-max(1, len(d) // 5):]

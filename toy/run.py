@@ -106,7 +106,7 @@ FULL = Settings()
 QUICK = Settings(n_data=128, clf_steps=30, teacher=((20, 1e-3), (10, 2e-4)), batch=8, guidance_grid=(1.0, 3.0),
                  student_batch=8, single_steps=6, sem_steps=3, det_steps=3, tc_calib_steps=2, probe_every=2, sample_every=3,
                  curve_points=2, d_control_steps=3, train_seeds=2, ablation_seeds=1, val_n=8, eval_seeds=2, eval_n=8,
-                 eval_steps=(2, 4), fig10_n=4, gif_n=3, kappa_sweep=(20,), sweep_seeds=1)
+                 eval_steps=(2, 4), fig10_n=4, gif_n=3, kappa_sweep=(), sweep_seeds=1)  # the sweep: the full study only
 # model name -> (training run that holds it, paper Table 3 flags OD, PE, TC, GF, headline row)
 MODELS = {
     "VCM": ("vcm", (0, 0, 0, 0), True),
@@ -117,6 +117,8 @@ MODELS = {
     "OD+PE+GF": ("pe_gf", (1, 1, 0, 1), False),
     "DCM (OD+PE+TC+GF)": ("dcm", (1, 1, 1, 1), True),
     "DCM, LoRA semantic expert": ("dcm_lsem", (1, 1, 1, 1), False),  # train.py --semantic-lora (one GPU)
+    "DCM, data as GAN real": ("dcm_data", (1, 1, 1, 1), False),  # train.py --gan-real data
+    "DCM, teacher as GAN real": ("dcm_teach", (1, 1, 1, 1), False),  # train.py --gan-real teacher
 }
 TEACHER = "teacher (no distillation)"
 
@@ -376,6 +378,9 @@ def main(argv=None):
         todo[f"lsem_tc_s{s}"] = argv(["--stage", "semantic", "--max-steps", str(S.sem_steps), "--lr",
                                       str(S.lora_x * lr_full)] + lsem + tc + tgt, s)
         todo[f"dcm_lsem_s{s}"] = argv(["--stage", "detail", "--init", f"@lsem_tc_s{s}"] + lsem + lora, s)
+        for real in ("data", "teach"):  # the GAN's real side: the training videos, the teacher's own solution
+            todo[f"dcm_{real}_s{s}"] = argv(["--stage", "detail", "--init", f"@sem_tc_s{s}", "--gan-real",
+                                             "teacher" if real == "teach" else real] + lora, s)
     sweep = sorted({max(3, min(k, grid.N - 5)) for k in S.kappa_sweep} - {kappa})
     for k in sweep:
         for s in range(S.sweep_seeds):
