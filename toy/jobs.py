@@ -111,3 +111,14 @@ def parallel(calls, workers, threads):
         return [fn(**kw) for fn, kw in calls]
     with pool(workers, threads) as ex:
         return [f.result() for f in [ex.submit(fn, **kw) for fn, kw in calls]]
+
+
+def machine():
+    """The machine a toy run ran on, for its report (the load average only recorded, never used to size the run)."""
+    import platform
+
+    import torch
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processor": platform.processor(),
+            "loadavg_at_end": load}

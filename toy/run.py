@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -420,7 +419,7 @@ def main(argv=None):
 
     # 7. report
     with clock("report"):
-        sm |= {"results": results, "param_counts": param_counts(models, tmodel), "machine": machine(),
+        sm |= {"results": results, "param_counts": param_counts(models, tmodel), "machine": jobs.machine(),
                "trained_params": {n: {k: checks.read_json(os.path.join(r["out"], "config.json"), "run config")[k]
                                       for k in ("params", "trainable")} for n, r in runs.items()},
                "train": {n: {"steps": r["step"], "final": r["losses"]} for n, r in runs.items()},
@@ -440,13 +439,6 @@ def param_counts(models, tmodel):
     out = {label: sum(p.numel() for p in members[0][0].parameters()) for label, members in models.items()}
     out[TEACHER] = sum(p.numel() for p in tmodel.parameters())
     return out
-
-
-def machine():
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processor": platform.processor(),
-            "loadavg_at_end": load}
 
 
 if __name__ == "__main__":
