@@ -38,18 +38,21 @@ class ExportError(checks.InputError):
     """A run or flag that cannot be exported as asked; one error line."""
 
 
-def student_parts(args):
-    """(resolved step, the semantic expert as one backbone (a --semantic-lora adapter merged into its base), the
-    DualExpert on it) of a LoRA detail-stage run."""
+def student_parts(args, merged=True):
+    """(resolved step, the semantic expert's backbone, the DualExpert on it) of a LoRA detail-stage run. A
+    --semantic-lora adapter is merged into its base (merged=True: one full semantic expert, fp32 sum) or kept as the
+    DualExpert's stacked semantic adapter over the untouched base (merged=False: the LoRA export)."""
     src = checkpoint.resolve(args.ckpt, "--ckpt")
     adapter = getattr(args, "detail", None) or src.detail
     if src.kind != "step" or not adapter or not os.path.isfile(adapter):
         raise ExportError(f"--ckpt {args.ckpt}: not a LoRA detail-stage run or step folder (no detail adapter"
                           f"{'' if not adapter else ' ' + adapter})")
     semantic = checkpoint.load_transformer(src.weights)
-    if src.semantic:  # --semantic-lora: the semantic expert is its base + adapter, merged (fp32 sum)
-        semantic = experts.SemanticLoRA.from_file(semantic, src.semantic).merge_into_base()
-    return src, semantic, experts.DualExpert.from_detail(semantic, adapter, semantic_merged=bool(src.semantic))
+    sem = experts.SemanticLoRA.from_file(semantic, src.semantic) if src.semantic else None
+    if sem is not None and merged:
+        semantic, sem = sem.merge_into_base(), None
+    expert = experts.DualExpert.from_detail(semantic, adapter, semantic=sem, semantic_merged=bool(src.semantic) and merged)
+    return src, semantic, expert
 
 
 def lora_state(expert, which="detail"):
@@ -94,15 +97,10 @@ def lora_state(expert, which="detail"):
 
 def lora(args):
     """A LoRA detail-stage run -> one diffusers LoRA file (module docstring)."""
-    src = checkpoint.resolve(args.ckpt, "--ckpt")
-    if src.kind != "step" or not src.detail or not os.path.isfile(src.detail):
-        raise ExportError(f"--ckpt {args.ckpt}: not a LoRA detail-stage run or step folder (no detail adapter)")
-    base = checkpoint.load_transformer(src.weights)
-    sem = experts.SemanticLoRA.from_file(base, src.semantic) if src.semantic else None
-    expert = experts.DualExpert.from_detail(base, src.detail, semantic=sem)
+    src, _, expert = student_parts(args, merged=False)
     sd = lora_state(expert, args.expert)
     data.atomic_save_file(sd, args.out, metadata={"format": "pt"})
-    on = "the teacher's weights (--teacher of the run)" if sem is not None else "the semantic expert's weights (the step's transformer/)"
+    on = "the teacher's weights (--teacher of the run)" if expert.sem is not None else "the semantic expert's weights (the step's transformer/)"
     print(f"{src.folder} -> {args.out}: the {args.expert} expert as LoRA for diffusers' load_lora_weights, on {on}; "
           f"{sum(k.endswith('lora_A.weight') for k in sd)} layers, {sum(v.numel() for v in sd.values()) / 1e6:.2f} M values")
     return sd
