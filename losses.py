@@ -309,7 +309,8 @@ def adversarial_terms(teacher_model, disc, x_tgt, xhat, n, k_end, k_adv, grid, c
     disc.requires_grad_(False)  # the generator's loss leaves no gradient in D
     g_loss = g_hinge_loss(disc(fake_f, tok_grid))
     disc.requires_grad_(True)
-    temb = teacher_model.time_embed(t_adv, **cond)
+    grid_kw = {"grid": tuple(xhat.shape[2:])} if cond.get("image_latents") is not None else {}  # TI2V: per-token
+    temb = teacher_model.time_embed(t_adv, **grid_kw, **cond)
     fm_loss = feature_matching_loss(teacher_model, fake_f, real_f, temb, tuple(xhat.shape[2:]), disc.gradient_checkpointing)
     return g_loss, fm_loss, ([f.detach() for f in fake_f], real_f)
 
