@@ -8,6 +8,7 @@ A dataset is a folder:
                                  factor, or for Wan normalised by the VAE's per-channel mean/std, as the
                                  backbone consumes them), "text" [n, L, D_text],
                                  optional "text_mask" [n, L] (1 = real token), "pooled" [n, D_pool],
+                                 image-to-video models: "image_latents" (+ "image_embeds"), storage/image_io.py;
                                  optional extra per-sample tensors (e.g. the toy's "label" [n])
     DIR/uncond.safetensors       the unconditional (empty prompt) conditioning, stored once:
                                  "text" [1, L, D_text] (+ "text_mask", "pooled" where the model has them)
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load, load_file, save_file
 
-from storage import integrity
+from storage import image_io, integrity
 from tools import checks
 
 FORMAT = "dcm-latents-v1"
@@ -220,13 +221,14 @@ def text_width(cfg):
 
 
 def check_fits(cfg, cond=None, latent_shape=None, uncond=None, where="data"):
-    """Conditioning tensors (batch first; keys outside COND_KEYS ignored), latents [C, F, H, W] and uncond keys
-    against a model config: one DataError naming every mismatch. -> the sorted conditioning keys."""
+    """Conditioning tensors (batch first; keys outside COND_KEYS ignored but the image keys, checked against the
+    latents), latents [C, F, H, W] and uncond keys against a model config: one DataError naming every mismatch; a
+    dataset (cond and latent_shape) for an image-to-video model must hold its image keys. -> the sorted COND_KEYS."""
     pooled, bad = getattr(cfg, "pooled_projection_dim", None), []
     if latent_shape is not None:
         (C, n_f, H, W), (pt, ph, pw) = latent_shape, patch_of(cfg)
-        if C != cfg.in_channels:
-            bad.append(f"latents have {C} channels, the model takes {cfg.in_channels}")
+        if C != image_io.latent_channels(cfg):
+            bad.append(f"latents have {C} channels, the model takes {image_io.latent_channels(cfg)}")
         if min(n_f, H, W) < 1 or n_f % pt or H % ph or W % pw:
             bad.append(f"latent F, H, W = {n_f}, {H}, {W} must be positive and divisible by the patch ({pt}, {ph}, {pw})")
     keys = sorted(set(cond or ()) & set(COND_KEYS))
@@ -241,8 +243,10 @@ def check_fits(cfg, cond=None, latent_shape=None, uncond=None, where="data"):
             bad.append(f"pooled is {list(pool.shape)}, the model takes [B, {pooled}]")
         if text is not None and mask is not None and mask.shape != text.shape[:2]:
             bad.append(f"text_mask is {list(mask.shape)}, text {list(text.shape)}: the mask must be [B, L]")
-        if len({cond[k].shape[0] for k in keys}) > 1:
-            bad.append("batch sizes differ: " + ", ".join(f"{k} {list(cond[k].shape)}" for k in keys))
+        bad += image_io.problems(cfg, cond, latent_shape, need=latent_shape is not None)
+        sized = keys + [k for k in image_io.KEYS if k in cond]
+        if len({cond[k].shape[0] for k in sized}) > 1:
+            bad.append("batch sizes differ: " + ", ".join(f"{k} {list(cond[k].shape)}" for k in sized))
     if uncond is not None and sorted(uncond) != keys:
         bad.append(f"uncond keys {sorted(uncond)} differ from the samples' {keys}")
     if bad:
@@ -336,12 +340,16 @@ def _device_dtype(device, dtype):
 
 def encode_dataset(videos, captions, model, weights, out, frames=None, height=None, width=None, shard_size=32,
                    stride=1, fps=None, posterior="sample", seed=0, device=None, dtype=None,
-                   save_dtype="float32", tiling=False, progress=True, overwrite=False):
+                   save_dtype="float32", tiling=False, progress=True, overwrite=False, image_cond=False):
     """Encode a folder of videos + captions into a dataset folder (format above); resumable (same settings); a
-    folder holding another dataset is refused unless `overwrite` (which removes its files first); -> manifest."""
+    folder holding another dataset is refused unless `overwrite` (which removes its files first); image-to-video
+    models (TI2V with `image_cond`) also get the image keys of each clip's first frame (storage/image_io.py); -> manifest."""
     from tqdm import tqdm
 
+    import model as models
     from storage import video_io
+    video_io.model_family(model)  # an unknown --model fails here
+    image_mode = image_io.mode(model, models.PRESETS[model], image_cond)
     if not os.path.isdir(videos):
         raise DataError(f"videos folder {videos} does not exist")
     names = sorted(n for n in os.listdir(videos) if n.lower().endswith(VIDEO_EXTS))
@@ -352,10 +360,13 @@ def encode_dataset(videos, captions, model, weights, out, frames=None, height=No
         raise DataError(f"shard_size ({shard_size}) and stride ({stride}) must be >= 1, posterior "
                         f"({posterior!r}) 'sample' or 'mode'")
     cfg = video_io.vae_config(model, weights)
+    if image_mode:  # the VAE and the image encoder fit the model, before anything loads
+        image_io.check(model, models.PRESETS[model], weights, cfg, image_mode)
     frames, height, width = video_io.clip_size(model, cfg, frames, height, width)
     shape = video_io.latent_shape(cfg, frames, height, width)
     settings = dict(model=model, frames=frames, height=height, width=width, stride=stride, fps=fps,
-                    posterior=posterior, seed=seed, shard_size=shard_size, save_dtype=save_dtype, videos=names)
+                    posterior=posterior, seed=seed, shard_size=shard_size, save_dtype=save_dtype, videos=names,
+                    **({"image_cond": image_mode} if image_mode else {}))
     settings_path = os.path.join(out, "encode.json")
     if os.path.isfile(settings_path) and not overwrite:  # resuming: finished shards are only valid for the same inputs
         old = checks.read_json(settings_path, "encode settings")
@@ -381,11 +392,13 @@ def encode_dataset(videos, captions, model, weights, out, frames=None, height=No
     else:
         uncond = load_file(uncond_path)
     vae = video_io.load_vae(model, weights, device, dtype, tiling) if todo else None
+    images = todo and image_mode and image_io.ImageEncoder(model, models.PRESETS[model], weights, vae, image_mode,
+                                                           frames, height, width, device, dtype)
 
     bar = tqdm(total=sum(min(shard_size, len(names) - s * shard_size) for s in todo), unit="video",
                disable=not progress, desc=f"encoding {len(todo)}/{n_shards} shards")
     for s in todo:
-        latents, kept, skipped = [], [], []
+        latents, kept, skipped, conds = [], [], [], []
         for i in range(s * shard_size, min((s + 1) * shard_size, len(names))):
             bar.update()
             try:
@@ -400,10 +413,14 @@ def encode_dataset(videos, captions, model, weights, out, frames=None, height=No
                 raise DataError(f"{names[i]}: VAE gave latents {list(z.shape)}, expected {shape}")
             latents.append(z)
             kept.append(i)
+            if images:  # the clip's own first frame, after its resize and crop
+                conds.append(images(clip[None, :, 0]))
         if kept:
             tensors = {"latents": torch.stack(latents), **text_encoder([caps[i] for i in kept])}
+            tensors |= {k: torch.cat([c[k] for c in conds]) for k in (conds[0] if conds else ())}
         else:  # every video failed: an empty shard still records that they were tried
             tensors = {"latents": torch.zeros(0, *shape), **{k: v[:0] for k, v in uncond.items()}}
+            tensors |= {k: torch.zeros(0, *s) for k, s in (images.shapes.items() if images else ())}
         meta = {"videos": json.dumps([names[i] for i in kept]), "skipped": json.dumps(skipped)}
         write_shard(out, s, {k: v.cpu() for k, v in cast(tensors).items()}, metadata=meta)
     bar.close()
@@ -415,7 +432,8 @@ def encode_dataset(videos, captions, model, weights, out, frames=None, height=No
         skipped += json.loads(meta.get("skipped", "[]"))
     scale = video_io.latent_scale(cfg)  # Wan: per-channel mean/std recorded next to the factor 1
     manifest = write_manifest(out, model=model, latent_shape=shape, vae_scaling_factor=scale.pop("vae_scaling_factor"),
-                              shards=shards, uncond=uncond, extra={**scale, "skipped": skipped, "encode": settings})
+                              shards=shards, uncond=uncond, extra={**scale, "skipped": skipped, "encode": settings,
+                                                                   **({"image_cond": image_mode} if image_mode else {})})
     print(f"{out}: {manifest['num_samples']} videos in {n_shards} shards, {len(skipped)} skipped"
           + "".join(f"\n  skipped {x['reason']}" for x in skipped))
     return manifest
@@ -434,9 +452,11 @@ def encode_prompts(prompts, model, weights, out, device=None, dtype=None):
     return cond
 
 
-def synthetic_dataset(model, out, num=8, frames=2, height=4, width=4, text_len=8, seed=0, overwrite=False):
+def synthetic_dataset(model, out, num=8, frames=2, height=4, width=4, text_len=8, seed=0, overwrite=False,
+                      image_cond=False):
     """A dataset of random latents and conditioning for `model` (a preset): no VAE or text encoder needed, for
-    trying the commands on the tiny presets. HunyuanVideo-style models get pooled vectors and a text mask.
+    trying the commands on the tiny presets. HunyuanVideo-style models get pooled vectors and a text mask,
+    image-to-video models (TI2V with `image_cond`) image keys (image_io.synthetic).
     A folder already holding a dataset is refused unless `overwrite` (its files are removed first)."""
     import model as models
     if model not in models.PRESETS:
@@ -444,10 +464,11 @@ def synthetic_dataset(model, out, num=8, frames=2, height=4, width=4, text_len=8
     cfg, g = models.PRESETS[model], torch.Generator().manual_seed(seed)
     if min(num, frames, height, width, text_len) < 1:
         raise DataError("--num, --frames, --height, --width and --text-len must be >= 1")
-    shape = [cfg.in_channels, frames, height, width]
+    shape, image_mode = [image_io.latent_channels(cfg), frames, height, width], image_io.mode(model, cfg, image_cond)
     check_fits(cfg, latent_shape=shape, where=f"--frames {frames} --height {height} --width {width}")
     checks.memory(4 * num * (np.prod(shape) + text_len * text_width(cfg)), f"{num} synthetic samples (--num)")
     t = {"latents": torch.randn(num, *shape, generator=g), "text": torch.randn(num, text_len, text_width(cfg), generator=g)}
+    t |= image_io.synthetic(cfg, t["latents"], image_mode, g)
     un = {"text": torch.zeros(1, text_len, text_width(cfg))}
     if pooled := getattr(cfg, "pooled_projection_dim", None):
         real = (torch.arange(text_len) < max(1, text_len // 2)).long()  # right-padded prompts
@@ -456,8 +477,10 @@ def synthetic_dataset(model, out, num=8, frames=2, height=4, width=4, text_len=8
     clear_for_new(out, overwrite)
     write_shard(out, 0, t)
     manifest = write_manifest(out, model=model, latent_shape=shape, vae_scaling_factor=1.0,
-                              shards=[{"file": shard_name(0), "num": num}], uncond=un, extra={"synthetic": True})
-    print(f"{out}: {num} synthetic samples for {model}, latents {shape}, text [{text_len}, {text_width(cfg)}]")
+                              shards=[{"file": shard_name(0), "num": num}], uncond=un,
+                              extra={"synthetic": True, **({"image_cond": image_mode} if image_mode else {})})
+    print(f"{out}: {num} synthetic samples for {model}, latents {shape}, text [{text_len}, {text_width(cfg)}]"
+          + "".join(f", {k} {list(t[k].shape[1:])}" for k in image_io.KEYS if k in t))
     return manifest
 
 
@@ -469,12 +492,13 @@ def main(argv=None):
     e.add_argument("--videos", required=True, help="folder of video files (sorted by name)")
     e.add_argument("--captions", required=True, help=".txt one caption per line (sorted video order) or .json")
     e.add_argument("--out", required=True, help="dataset folder (an unfinished one, same settings: resumes)")
-    e.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default: 49 CogVideoX, 33 HunyuanVideo, 81 Wan)")
-    e.add_argument("--height", type=int, help="default: 480 CogVideoX, 544 HunyuanVideo, 480 Wan")
-    e.add_argument("--width", type=int, help="default: 720 CogVideoX, 960 HunyuanVideo, 832 Wan")
+    e.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default: the model's, storage/video_io.py)")
+    e.add_argument("--height", type=int, help="default: 480 CogVideoX / Wan, 544 HunyuanVideo, 720 Wan 720p")
+    e.add_argument("--width", type=int, help="default: 720 CogVideoX, 960 HunyuanVideo, 832 Wan, 1280 Wan 720p")
     e.add_argument("--shard-size", type=int, default=32)
     e.add_argument("--stride", type=int, default=1, help="take every stride-th frame")
-    e.add_argument("--fps", type=float, help="resample videos to this frame rate first (CogVideoX: 8, Wan: 16)")
+    e.add_argument("--fps", type=float, help="resample videos to this frame rate first (the releases': CogVideoX 8, "
+                   "Wan 16, Wan2.2-TI2V-5B 24)")
     e.add_argument("--posterior", choices=["sample", "mode"], default="sample",
                    help="latent_dist.sample() (seeded per video) or its mean")
     e.add_argument("--seed", type=int, default=0)
@@ -493,8 +517,12 @@ def main(argv=None):
         y.add_argument(f"--{k}", type=int, default=v, help=f"default {v}" + (" (latent size)" * (k in "frames height width")))
     y.add_argument("--overwrite", action="store_true",
                    help="replace a dataset already in --out (its files are removed first; default: refuse)")
+    for a in (e, y):
+        a.add_argument("--image-cond", action="store_true", help="TI2V-5B: store the first frame's image condition "
+                       "(image-to-video models always store theirs)")
     for a in (e, q):
-        a.add_argument("--model", required=True, help="cogvideox-2b | cogvideox-5b | hunyuan-video | wan2.1-t2v-1.3b | wan2.1-t2v-14b")
+        a.add_argument("--model", required=True, help="a preset: cogvideox-2b, hunyuan-video, wan2.1-t2v-1.3b, "
+                       "wan2.1-i2v-14b-480p, wan2.2-ti2v-5b, ... (storage/video_io.py: MODELS)")
         a.add_argument("--weights", required=True, help="local hub-layout folder: vae/, text_encoder/, tokenizer/...")
         a.add_argument("--device", help="default: cuda if available")
         a.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 on cuda, else fp32)")
@@ -503,12 +531,12 @@ def main(argv=None):
     def run(_):
         if args.cmd == "synthetic":
             return synthetic_dataset(args.model, args.out, args.num, args.frames, args.height, args.width,
-                                     args.text_len, args.seed, args.overwrite)
+                                     args.text_len, args.seed, args.overwrite, args.image_cond)
         if args.cmd == "encode":
             return encode_dataset(args.videos, args.captions, args.model, args.weights, args.out, args.frames,
                                   args.height, args.width, args.shard_size, args.stride, args.fps, args.posterior,
                                   args.seed, args.device, args.dtype, args.save_dtype, args.tiling,
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, image_cond=args.image_cond)
         return encode_prompts(args.prompts, args.model, args.weights, args.out, args.device, args.dtype)
     return checks.cli(run)  # bad input: one line, exit 2
 

@@ -196,11 +196,13 @@ class DualExpert(_OverBackbone):
     """
 
     def __init__(self, backbone, boundary_t, rank=128, alpha=256, copy_adaln=False, targets=None, lora_targets="authors",
-                 semantic=None, dtype=None):
+                 semantic=None, dtype=None, on_teacher=False):
         """semantic: a SemanticLoRA over `backbone` (its adapter frozen under ours) or None (the backbone is the
-        semantic expert); dtype: of the new adapter (default: the backbone's; train.py: fp32 masters)."""
+        semantic expert); dtype: of the new adapter (default: the backbone's; train.py: fp32 masters); on_teacher: the
+        backbone is the teacher's own low-noise expert (a two-expert teacher, DESIGN.md section 12): frozen, the
+        teacher (`base_view`), and not the semantic expert (sampling routes t > boundary_t to the run's --init)."""
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.on_teacher = backbone, bool(on_teacher)
         self.boundary_t = float(boundary_t)
         self.rank, self.alpha, self.copy_adaln = int(rank), float(alpha), bool(copy_adaln)
         self.arch, self.lora_targets, self.targets, self.lora_names, self.copy_names = resolve_targets(
@@ -276,7 +278,7 @@ class DualExpert(_OverBackbone):
 
     def base_view(self):
         """The teacher of a LoRA semantic expert: the base tree, every adapter off (BaseView)."""
-        if self.sem is None:
+        if self.sem is None and not self.on_teacher:
             raise ValueError("a DualExpert over a fully fine-tuned semantic expert holds no teacher")
         return BaseView(self)
 
@@ -293,8 +295,8 @@ class DualExpert(_OverBackbone):
     def set_mode(self, mode):
         """semantic: the semantic expert trainable (backbone, or its LoRA), detail adapter frozen; detail: only the
         detail LoRA + copies trainable."""
-        if mode not in ("semantic", "detail"):
-            raise ValueError(f"mode must be 'semantic' or 'detail', got {mode!r}")
+        if mode not in ("semantic", "detail") or (mode == "semantic" and self.on_teacher):
+            raise ValueError(f"mode must be 'semantic' or 'detail' ('detail' over the teacher), got {mode!r}")
         self.backbone.requires_grad_(mode == "semantic" and self.sem is None)
         if self.sem is not None:
             self.semantic_lora.requires_grad_(mode == "semantic")
@@ -328,7 +330,9 @@ class DualExpert(_OverBackbone):
     def save_parts(self, folder, meta=None):
         """A step folder's weights: FOLDER/transformer (the semantic backbone) or, for a LoRA semantic expert,
         FOLDER/semantic.safetensors (its adapter; the base is the run's teacher); FOLDER/detail.safetensors."""
-        if self.sem is None:
+        if self.on_teacher:  # the base is the run's teacher's low-noise expert (run config: detail_base)
+            pass
+        elif self.sem is None:
             self.save_semantic(os.path.join(folder, "transformer"))
         else:
             self.sem.save(os.path.join(folder, "semantic.safetensors"), meta)

@@ -2,7 +2,7 @@
 
     python export.py authors --ckpt out/detail --out DCM_MINE/transformer [--dtype bf16]
     python export.py diffusers --ckpt out/wdet --weights Wan2.1-T2V-1.3B-Diffusers --out DCM_WAN_PIPE
-    python export.py lora --ckpt out/wdet --out dcm_detail.safetensors [--expert semantic]
+    python export.py lora --ckpt out/wdet --out dcm_detail.safetensors [--expert semantic] [--layout comfyui]
 
 authors: a LoRA detail expert trained here (`--lora-targets authors`, HunyuanVideo or Wan) -> the authors' released
 single-file layout (storage/released.py, DESIGN sec. 7), which their inference scripts and our sample.py load.
@@ -11,6 +11,9 @@ scale 1): the detail expert over the weights the run starts from (a fully fine-t
 --semantic-lora the teacher's, the semantic LoRA stacked in), or `--expert semantic`; each linear of the copied
 timestep layers as an exact full-rank pair (an identity and the weight difference, the bias difference as
 lora_B.bias). Layers that are no linear (CogVideoX's norm_out LayerNorm) cannot go into such a file: refused.
+--layout comfyui (Wan): the same pairs under the original Wan module names ComfyUI's LoRA loader reads
+(`diffusion_model.blocks.0.self_attn.q.lora_A.weight`, bias deltas as `.diff_b`; WAN_ORIGINAL); diffusers'
+load_lora_weights converts that layout back on its own.
 diffusers: a Wan student -> a complete `WanPipeline` folder that stock diffusers loads and runs with no code of ours:
 transformer/ = the semantic expert, transformer_2/ = the detail expert merged, model_index.json's boundary_ratio
 between them, a FlowMatchEulerDiscreteScheduler whose few points come closest to the student's (WanPipeline only
@@ -20,6 +23,7 @@ text encoder, tokenizer and VAE of --weights. HunyuanVideo and CogVideoX have no
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -55,9 +59,41 @@ def student_parts(args, merged=True):
     return src, semantic, expert
 
 
-def lora_state(expert, which="detail"):
-    """{diffusers LoRA key: tensor} of an expert of a DualExpert relative to its backbone's weights (module
-    docstring); which: "detail" (with a LoRA semantic expert's pairs stacked under the detail ones) or "semantic"."""
+# ComfyUI reads Wan LoRAs only under the original Wan2.1 repository's module names (wan/modules/model.py, which
+# ComfyUI's comfy/ldm/wan/model.py keeps): comfy/lora.py model_lora_keys_unet maps `diffusion_model.<name>` and
+# `lora_unet_<name with _>` of its own state dict and has no rule for diffusers' Wan names (docs/sampling.md). The
+# table: diffusers' module name -> the original one, for every linear a LoRA file of ours can hold (diffusers'
+# scripts/convert_wan_to_diffusers.py renames the other way); inside blocks.N. first, then the top-level layers.
+WAN_ORIGINAL_BLOCK = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+                      "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+                      "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o",
+                      "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",  # I2V
+                      "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+WAN_ORIGINAL = {"condition_embedder.time_embedder.linear_1": "time_embedding.0",
+                "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+                "condition_embedder.time_proj": "time_projection.1",
+                "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+                "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+                "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",  # I2V
+                "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3", "proj_out": "head.head"}
+LAYOUTS = ("diffusers", "comfyui")
+
+
+def wan_original(name):
+    """A Wan linear's diffusers module name -> its original (ComfyUI) name; one that has none is refused."""
+    block = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if block and block[2] in WAN_ORIGINAL_BLOCK:
+        return f"blocks.{block[1]}.{WAN_ORIGINAL_BLOCK[block[2]]}"
+    if name in WAN_ORIGINAL:
+        return WAN_ORIGINAL[name]
+    raise ExportError(f"--layout comfyui: the layer {name} has no name in the original Wan layout ComfyUI reads "
+                      "(use --layout diffusers)")
+
+
+def lora_state(expert, which="detail", layout="diffusers"):
+    """{LoRA key: tensor} of an expert of a DualExpert relative to its backbone's weights (module docstring); which:
+    "detail" (with a LoRA semantic expert's pairs stacked under the detail ones) or "semantic"; layout: "diffusers"
+    (`transformer.<module>.lora_A.weight`) or "comfyui" (Wan: `diffusion_model.<original module>...`, WAN_ORIGINAL)."""
     import torch.nn as nn
 
     from lora import module_key
@@ -92,16 +128,29 @@ def lora_state(expert, which="detail"):
     if any(k.endswith(".lora_B.bias") for k in out):  # PEFT's lora_bias is one switch for every layer
         for k in [k for k in out if k.endswith(".lora_B.weight")]:
             out.setdefault(k.replace(".weight", ".bias"), torch.zeros(out[k].shape[0]))
+    if layout == "comfyui":  # a bias delta is ComfyUI's `.diff_b` (it reads no lora_B.bias); the zero ones stay, as
+        # diffusers' converter makes every diff_b a lora_B.bias and a layer left without one stays on the meta device
+        tail = {".lora_A.weight": ".lora_A.weight", ".lora_B.weight": ".lora_B.weight", ".lora_B.bias": ".diff_b"}
+        split = [(k[len("transformer."):].rsplit(".lora_", 1)[0], k[k.rindex(".lora_"):], v) for k, v in out.items()]
+        return {f"diffusion_model.{wan_original(n)}{tail[t]}": v.contiguous() for n, t, v in split}
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def lora(args):
-    """A LoRA detail-stage run -> one diffusers LoRA file (module docstring)."""
+    """A LoRA detail-stage run -> one LoRA file for diffusers or ComfyUI (module docstring)."""
+    if args.layout == "comfyui":  # before any weight is loaded
+        cfg, _ = sampling.checkpoint_config(args.ckpt, "--ckpt")
+        if not isinstance(cfg, models.WanConfig):
+            raise ExportError(f"--layout comfyui: ComfyUI's key names are written for Wan students only; --ckpt "
+                              f"{args.ckpt} is a {type(cfg).__name__.removesuffix('Config')} student (use --layout "
+                              "diffusers)")
     src, _, expert = student_parts(args, merged=False)
-    sd = lora_state(expert, args.expert)
+    sd = lora_state(expert, args.expert, args.layout)
     data.atomic_save_file(sd, args.out, metadata={"format": "pt"})
     on = "the teacher's weights (--teacher of the run)" if expert.sem is not None else "the semantic expert's weights (the step's transformer/)"
-    print(f"{src.folder} -> {args.out}: the {args.expert} expert as LoRA for diffusers' load_lora_weights, on {on}; "
+    reader = ("ComfyUI's LoRA loaders (original Wan keys; diffusers' load_lora_weights reads them too)"
+              if args.layout == "comfyui" else "diffusers' load_lora_weights")
+    print(f"{src.folder} -> {args.out}: the {args.expert} expert as LoRA for {reader}, on {on}; "
           f"{sum(k.endswith('lora_A.weight') for k in sd)} layers, {sum(v.numel() for v in sd.values()) / 1e6:.2f} M values")
     return sd
 
@@ -212,11 +261,13 @@ def main(argv=None):
     d.add_argument("--weights", required=True, help="the teacher's pipeline folder: text_encoder/, tokenizer/, vae/")
     d.add_argument("--out", required=True, help="new pipeline folder")
     d.add_argument("--steps", type=int, default=4, help="the student's step count the scheduler is fitted to")
-    q = sub.add_parser("lora", help="a student -> one LoRA file for diffusers' load_lora_weights")
+    q = sub.add_parser("lora", help="a student -> one LoRA file for diffusers' load_lora_weights or ComfyUI")
     q.add_argument("--ckpt", required=True, help="train.py detail run or step folder")
     q.add_argument("--out", required=True, help="output .safetensors file")
     q.add_argument("--expert", default="detail", choices=("detail", "semantic"),
                    help="semantic: a --semantic-lora run's semantic expert alone")
+    q.add_argument("--layout", default="diffusers", choices=LAYOUTS,
+                   help="key names: diffusers' (transformer.*) or ComfyUI's (Wan: the original diffusion_model.*)")
     args = p.parse_args(argv)
     cmds = {"authors": authors, "diffusers": diffusers, "lora": lora}
     return checks.cli(lambda _: cmds[args.cmd](args))  # bad input: one line

@@ -118,7 +118,15 @@ def consistency_step(student, target, teacher, grid, boundaries, x0, eps, k, con
             x_prev = ode_step(x_k, teacher.guided(x_k, c["t"].float(), cond), c["a"], c["s"], c["a_p"], c["s_p"], grid.kind)
             x_tgt = _target(x_prev, target(x_prev, t_p.float(), **scond).float(), c, grid.kind)
     xhat = ode_step(x_k, student(x_k, t.float(), **scond).float(), c["a"], c["s"], c["a_e"], c["s_e"], grid.kind)
-    return consistency_loss(xhat, x_tgt, kind), xhat, x_tgt, k_end
+    return consistency_loss(*generated(cond, xhat, x_tgt), kind), xhat, x_tgt, k_end
+
+
+def generated(cond, *xs):
+    """The generated frames of each x [B, C, F, H, W]: all but the first under a first-frame image condition (TI2V:
+    `image_latents` [B, C, 1, H, W], the given first frame), else all."""
+    img = cond.get("image_latents")
+    first = img is not None and img.shape[2] == 1 and img.shape[1] == xs[0].shape[1]
+    return tuple(x[:, :, 1:] if first else x for x in xs)
 
 
 class SwappedEMA:

@@ -166,9 +166,9 @@ def main(argv=None):
     routing = f", boundary_t {info['boundary_t']:.3f} (kappa {info['boundaries']})" if info["boundary_t"] else ""
     routing = f", detail expert where int(t) <= {info['threshold']} (the authors' rule)" if "threshold" in info else routing
     print(f"{info['folder']}: {info['mode']}{routing}; {grid.kind} grid N={grid.N}; {n_steps} steps; "
-          f"latents {args.num} x [{cfg.in_channels}, {f}, {h}, {w}] {args.dtype} on {args.device}")
+          f"latents {args.num} x [{(C := cfg.out_channels or cfg.in_channels)}, {f}, {h}, {w}] {args.dtype} on {args.device}")
 
-    noise = torch.randn((args.num, cfg.in_channels, f, h, w), generator=torch.Generator().manual_seed(args.seed))
+    noise = torch.randn((args.num, C, f, h, w), generator=torch.Generator().manual_seed(args.seed))
     x, secs = sampling.generate(model, info, noise, cond, (t, alpha, sigma), guidance, uncond, args.batch_size,
                                 args.device, progress=parallel.lead())
     for i, (k, name) in enumerate(zip(ks or ["-"] * n_steps, names)):

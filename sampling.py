@@ -20,8 +20,9 @@ import data
 import experts
 import model as models
 import solver
+from backbones import wan
 from storage import checkpoint, released
-from teacher import Teacher, embedded_guidance, uses_cfg
+from teacher import Teacher, with_image_frame, embedded_guidance, uses_cfg
 from tools import checks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,7 +46,8 @@ def make_grid(cfg, kind, run, n=None, shift=None):
 
 
 class Routed(torch.nn.Module):
-    """Two separately trained experts (ablation OD): t <= boundary_t -> detail, else semantic; one expert per batch."""
+    """Two separately held experts (ablation OD; a detail adapter on a two-expert teacher's low-noise expert):
+    t <= boundary_t -> detail, else semantic; one expert per batch."""
 
     def __init__(self, semantic, detail, boundary_t):
         super().__init__()
@@ -56,6 +58,12 @@ class Routed(torch.nn.Module):
         if bool(m.any()) != bool(m.all()):
             raise ValueError("Routed experts need all t of a batch on one side of boundary_t")
         return (self.detail if bool(m[0]) else self.semantic)(x, t, **cond)
+
+    def merge_lora(self, merged=True):
+        """A dual detail expert's LoRA merged (experts.DualExpert.merge_lora); a plain one as it is."""
+        if hasattr(self.detail, "merge_lora"):
+            self.detail.merge_lora(merged)
+        return self
 
 
 def _released(src, detail, teacher, steps, dtype, device, exact=False):
@@ -83,7 +91,10 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
     src = checkpoint.resolve(path, what)  # the one resolver: what the path is, verified once
     if src.kind == "authors":
         return _released(src, detail, teacher, steps, dtype, device, exact)
-    run = src.run or {}
+    moe = checkpoint.two_experts(src.folder) if src.kind == "transformer" else None  # a Wan2.2-A14B folder
+    release = wan.PIPELINES.get(wan.release_of(checkpoint.read_config(src.weights), moe and moe.boundary_ratio),
+                                {}) if src.kind == "transformer" else {}
+    run = src.run or {k.replace("steps", "grid_steps"): v for k, v in release.items() if k != "boundary_ratio"}
     stage = run.get("stage")
     if teacher or stage == "teacher":
         mode = "teacher"
@@ -93,16 +104,12 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         mode = stage
     else:
         raise SampleError(f"{path} is a plain backbone: pass --teacher (N-step sampling with guidance) or --detail ADAPTER")
-    with checks.naming(src.weights):
-        m = checks.finite_model(checkpoint.load_transformer(src.weights, dtype=dtype, device=device), src.weights)
     ema_sd = torch.load(os.path.join(src.folder, "train_state.pt"), map_location="cpu", weights_only=False)["ema"] \
         if ema else None
-    if src.semantic and mode != "teacher":  # --semantic-lora: the base (the teacher) + the adapter, merged once
-        with checks.naming(f"semantic adapter {src.semantic}"):
-            sem = experts.SemanticLoRA.from_file(m, src.semantic)
-            if ema_sd is not None and stage == "semantic":
-                sem.load_state_dict(sem.state_dict() | ema_sd)  # the EMA of the trained adapter (losses.SwappedEMA)
-            m = checks.finite_model(sem.merge_into_base(), src.semantic)
+    m = _backbone(src, dtype, device, merge=mode != "teacher", ema_sd=ema_sd if stage == "semantic" else None)
+    if moe is not None and mode == "teacher":  # both experts, switched at the boundary
+        info_moe = {"model_2": _backbone(checkpoint.resolve(moe.low, what), dtype, device),
+                    "boundary_t_teacher": 1000 * moe.boundary_ratio}
     teaching = mode == "teacher"  # students keep the grid they were distilled on: --steps/--shift are the teacher's
     grid = make_grid(m.config, m.prediction, run, steps if teaching else None, shift if teaching else None)
     boundaries, bt = [] if mode == "teacher" else run.get("boundaries"), None
@@ -113,6 +120,11 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         with checks.naming(f"detail adapter {file}"):
             m = checks.finite_model(experts.DualExpert.from_detail(m, file, semantic_merged=bool(src.semantic)), file)
         bt, kappa = m.boundary_t, experts.DualExpert.read_detail_meta(file).get("kappa")
+        if run.get("detail_base"):  # over a two-expert teacher's low-noise expert: the semantic expert is the --init
+            if not run.get("init") or not os.path.exists(run["init"]):
+                raise SampleError(f"{src.folder}: a detail adapter on the teacher's low-noise expert; its semantic "
+                                  f"expert (--init {run.get('init')!r}) is missing")
+            m = Routed(_backbone(checkpoint.resolve(run["init"], "the run's semantic expert"), dtype, device), m, bt)
         t32, bt32 = grid.t.float(), torch.tensor(bt).float()
         if kappa is None:  # an adapter saved without kappa: its boundary_t must be a grid point
             kappa = int(hits[0]) - 1 if len(hits := (t32 == bt32).nonzero()) else -1
@@ -137,7 +149,21 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
     pixel = bool(run.get("pixel_space")) or (run.get("data_manifest") or {}).get("model") == "toy" \
         or (m.config.out_channels or m.config.in_channels) == 3
     return m, {"mode": mode, "cfg": m.config, "run": run, "grid": grid, "boundaries": boundaries, "boundary_t": bt,
-               "folder": src.folder, "pixel_space": pixel}
+               "folder": src.folder, "pixel_space": pixel, **(info_moe if moe is not None and mode == "teacher" else {})}
+
+
+def _backbone(src, dtype, device, merge=True, ema_sd=None):
+    """A resolved checkpoint's transformer; a --semantic-lora step's base + its adapter merged once (merge), with the
+    adapter's EMA (ema_sd, losses.SwappedEMA) when given."""
+    with checks.naming(src.weights):
+        m = checks.finite_model(checkpoint.load_transformer(src.weights, dtype=dtype, device=device), src.weights)
+    if src.semantic and merge:
+        with checks.naming(f"semantic adapter {src.semantic}"):
+            sem = experts.SemanticLoRA.from_file(m, src.semantic)
+            if ema_sd is not None:
+                sem.load_state_dict(sem.state_dict() | ema_sd)
+            m = checks.finite_model(sem.merge_into_base(), src.semantic)
+    return m
 
 
 def points(info, steps=None, sched_points="even", sigmas=None, timesteps=None):
@@ -215,13 +241,17 @@ def student_sample(model, x, cond, grid, boundaries, steps, guidance=6.0, callba
 
 
 @torch.no_grad()
-def teacher_sample(model, x, cond, grid, guidance=6.0, uncond=None, callback=None):
-    """The teacher's N-step sample with its guidance (Teacher.sample); float32 latents."""
-    return Teacher(model, grid, guidance, uncond).sample(x.float(), cond, progress=False, callback=callback)
+def teacher_sample(model, x, cond, grid, guidance=6.0, uncond=None, callback=None, model_2=None, boundary_t=None,
+                   guidance_2=None):
+    """The teacher's N-step sample with its guidance (Teacher.sample; model_2: a two-expert teacher's low-noise
+    expert below boundary_t, guided by guidance_2); float32 latents."""
+    return Teacher(model, grid, guidance, uncond, model_2=model_2, boundary_t=boundary_t, guidance_scale_2=guidance_2
+                   ).sample(x.float(), cond, progress=False, callback=callback)
 
 
 @torch.no_grad()
-def generate(model, info, noise, cond, pts, guidance=6.0, uncond=None, batch_size=None, device="cpu", progress=True):
+def generate(model, info, noise, cond, pts, guidance=6.0, uncond=None, batch_size=None, device="cpu", progress=True,
+             guidance_2=None):
     """(latents [n, C, F, H, W] float32 on the cpu, seconds of each step summed over the batches) from noise: the
     student's jumps on pts = (t, alpha, sigma) (points()), or the teacher's N-step guided solve; batch_size at a time."""
     import time
@@ -241,12 +271,14 @@ def generate(model, info, noise, cond, pts, guidance=6.0, uncond=None, batch_siz
         x, c = noise[b0:b0 + bs].to(device), {k: v[b0:b0 + bs].to(device) for k, v in cond.items()}
         clock.append(time.perf_counter())
         if info["mode"] == "teacher":
-            outs.append(teacher_sample(model, x, c, info["grid"], guidance, uncond, timer).cpu())
+            g2 = info["run"].get("guidance_2", guidance) if guidance_2 is None else guidance_2  # (a release's)
+            outs.append(teacher_sample(model, x, c, info["grid"], guidance, uncond, timer, info.get("model_2"),
+                                       info.get("boundary_t_teacher"), g2).cpu())
         elif info.get("authors_loop"):
             outs.append(authors_sample(model, x, c, t, sigma, callback=timer).cpu())
         else:
-            outs.append(solver.sample(model_fn(model, c, guidance), x.float(), t, alpha, sigma, info["grid"].kind, timer,
-                                      progress=False).cpu())
+            outs.append(with_image_frame(solver.sample(model_fn(model, c, guidance), x.float(), t, alpha, sigma,
+                                                       info["grid"].kind, timer, progress=False), c).cpu())
     bar.close()
     return torch.cat(outs), secs
 
@@ -415,9 +447,9 @@ def latent_size(info, frames=None, height=None, width=None):
     """(F, H, W) of the latents (latent_choice), checked against the patch; prints the size and where it came from."""
     cfg = info["cfg"]
     (f, h, w), source = latent_choice(info, frames, height, width)
-    data.check_fits(cfg, latent_shape=(cfg.in_channels, f, h, w),
+    data.check_fits(cfg, latent_shape=(cfg.out_channels or cfg.in_channels, f, h, w),
                     where=f"latent size --frames {f} --height {h} --width {w}")
-    print(f"latent [{cfg.in_channels}, {f}, {h}, {w}] from {source}")
+    print(f"latent [{cfg.out_channels or cfg.in_channels}, {f}, {h}, {w}] from {source}")
     return f, h, w
 
 

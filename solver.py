@@ -157,6 +157,15 @@ def default_kappa(model_config, n=50):
     return (first * n) // 50 - 1
 
 
+def kappa_below(grid, t):
+    """The last grid index whose t lies below t (a two-expert teacher's boundary: indices 0..kappa all call its
+    low-noise expert, kappa+1..N-1 its high-noise one)."""
+    below = (grid.t[1:grid.N - 1].float() < t).nonzero()  # t at indices 0..N-2, as the model receives it
+    if not len(below):
+        raise ValueError(f"no grid point below t = {t:g} (t at index 0: {float(grid.t[1]):g})")
+    return int(below[-1])
+
+
 def boundary_t(grid, kappa):
     """Model-native t at grid index kappa; the dual expert routes t <= boundary_t to the detail expert."""
     if not 0 <= kappa <= grid.N - 2:

@@ -45,9 +45,10 @@ import losses
 import model as models
 import solver
 from scale import fsdp, parallel, plan
-from student import build_student, load, model_config
+from student import (build_student, detail_on_teacher, load, model_config, settle_defaults, shares_teacher,
+                     stage_teacher, teacher_path)
 from storage import checkpoint, preempt, resume
-from teacher import Teacher, embedded_guidance, uses_cfg
+from teacher import embedded_guidance, uses_cfg
 from tools import checks, monitor
 
 # --- run settings: defaults of the command-line flags (dicts where the stages differ)
@@ -59,9 +60,9 @@ w_gan, w_fm = {"detail": 0.5}, {"detail": 0.1}  # DESIGN: L_cd + 0.1 * (5 L_G + 
 batch_size, grad_accum = 1, 1           # per process; global batch = batch x accum x world
 weight_decay, grad_clip = 1e-3, 1.0     # AdamW (0.9, 0.999)
 d_lr, d_betas, d_weight_decay = 1e-5, (0.0, 0.999), 1e-3
-grid_steps, shift, phases = 50, 17.0, 4
-kappa = None                            # authors at N = 50: 37 (34 for Wan); solver.default_kappa
-guidance = 6.0                          # CFG scale (CogVideoX) / embedded guidance -> 6016 (HunyuanVideo)
+grid_steps, shift, phases = 50, None, 4  # shift None: the authors' 17 (Wan2.2 releases: theirs; student.settle_defaults)
+kappa = None                            # authors at N = 50: 37 (34 for Wan); two-expert teachers: at their boundary
+guidance = None                         # 6: CFG scale (CogVideoX) / embedded guidance -> 6016 (HunyuanVideo); Wan2.2: theirs
 cond_drop, target_ema, loss = 0.1, 0.0, "huber"
 lora_rank, disc_hidden = 128, 1024
 seed, probe_every, save_every = 0, 50, 500
@@ -114,9 +115,10 @@ def parse_args(argv):
     a("--gan-first", action="store_true", help="detail: the GAN/FM gradient at the student's output first, from a "
       "no-grad student pass, so the teacher's graph and the student's never coexist (+1 student forward; one GPU)")
     a("--cond-drop", type=float, default=cond_drop, help="teacher stage, CFG models: uncond probability")
-    a("--guidance", type=float, default=guidance, help="teacher guidance scale")
+    a("--guidance", type=float, default=guidance, help="teacher guidance scale (default 6; Wan2.2: the release's)")
+    a("--guidance-2", type=float, help="a two-expert teacher's low-noise expert's CFG scale (default: the release's)")
     a("--grid-steps", type=int, default=grid_steps, help="N, the teacher's grid")
-    a("--shift", type=float, default=shift, help="flow grid shift")
+    a("--shift", type=float, default=shift, help="flow grid shift (default 17; Wan2.2: the release's)")
     a("--probe-every", type=int, default=probe_every, help="high/low-noise probe interval (0 = off)")
     a("--save-every", type=int, default=save_every)
     a("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast with fp32 master weights")
@@ -159,10 +161,9 @@ def main(argv=None):
     args = parse_args(argv)
     checkpoint.verify_checksums = args.verify != "none"
     cfg = model_config(args)
-    args.kappa = solver.default_kappa(cfg, args.grid_steps) if args.kappa is None else args.kappa
-    resume.check_sources(args, cfg)
     kind = models.build_transformer(cfg, device="meta").prediction
-    grid = solver.flow_grid(args.grid_steps, args.shift) if kind == "flow" else solver.grid_for(cfg, args.grid_steps)
+    grid = settle_defaults(args, cfg, kind)  # --shift, --guidance(-2), --kappa left open: per model
+    resume.check_sources(args, cfg)
     if args.dry_run:
         return plan.dry_run(args, cfg, lambda: build_student(args, cfg, grid, device="meta"))
     # torchrun sets RANK/WORLD_SIZE; --fsdp in a plain process runs a 1-process group
@@ -205,6 +206,8 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
     # --- a new run, or going on from the newest intact checkpoint of the same run (resume.same_run)
     paths = {k: os.path.abspath(getattr(args, k)) for k in ("data", "teacher", "init") if getattr(args, k)}
     paths["data_digest"] = ds.digest  # a resume compares the data by content, not by path
+    if detail_on_teacher(args):  # the adapter's base: a two-expert teacher's low-noise expert
+        paths["detail_base"] = os.path.abspath(teacher_path(args))
     ckpt, state = resume.open_run(out, args.resume, vars(args) | paths | {"boundaries": boundaries},
                                       args.resume_anyway, rank == 0)
     checkpoint.verify_checksums &= rank == 0  # rank 0 verified what the run reads; no sha256 storm from every rank
@@ -219,18 +222,17 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
                                              lambda c, d: build_student(args, cfg, grid, c, d), load)
     else:
         student = build_student(args, cfg, grid, ckpt, device).to(device)
-        ema = None if not args.target_ema or args.stage == "teacher" else losses.SwappedEMA(student) if args.semantic_lora \
-            else deepcopy(student).requires_grad_(False)  # SwappedEMA: a copy of the adapters only, the base is shared
-        tmodel = (None if args.stage == "teacher" else student.base_view() if args.semantic_lora
-                  else load(args.teacher, tdtype, device))
+        ema = None if not args.target_ema or args.stage == "teacher" else losses.SwappedEMA(student) if shares_teacher(
+            args) else deepcopy(student).requires_grad_(False)  # SwappedEMA: a copy of the adapters, the base is shared
+        tmodel = (None if args.stage == "teacher" else student.base_view() if shares_teacher(args)
+                  else load(teacher_path(args), tdtype, device))
         if ema is not None and state:
             ema.load_state_dict(state["ema"])
     print(f"rank {rank}: peak host memory at start-up {fsdp.host_peak_gib():.2f} GiB (ru_maxrss)", flush=True)
     student.train()
     teacher, disc = None, losses.Discriminator.for_model(student, args.disc_hidden).to(device) if gan else None
-    if tmodel is not None:
-        teacher = Teacher(tmodel, grid, args.guidance, uncond)  # CFG: uses_cfg models, flow without guidance input
-    frozen_teacher = [teacher.model] if isinstance(tmodel, torch.nn.Module) else []  # a BaseView: the student's
+    teacher = stage_teacher(args, grid, tmodel, uncond, device, tdtype)  # CFG: uses_cfg models, flow without guidance
+    frozen_teacher = [m for m in teacher.experts() if isinstance(m, torch.nn.Module)] if teacher else []  # not BaseView
     for m in [student] + frozen_teacher + ([disc] if disc is not None else []) if args.grad_ckpt else []:
         m.gradient_checkpointing = True
     if args.compile:
@@ -305,7 +307,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
         l_cd, xhat, x_tgt, k_end = step_(student_mod, None if g_out is None else x_tgt)
         terms = {"cd": l_cd}
         if k is None and args.w_tc:
-            terms["tc"] = losses.temporal_coherence_loss(xhat, x_tgt)
+            terms["tc"] = losses.temporal_coherence_loss(*losses.generated(cond, xhat, x_tgt))  # (TI2V: not frame 0)
         if g_out is not None:  # logged as computed; their gradient enters through `output` (value 0, gradient g_out)
             terms |= {"gan_g": gan_g.detach(), "fm": fm.detach(), "output": (xhat * g_out).sum() - (xhat * g_out).sum().detach()}
         elif gan_now:

@@ -330,3 +330,13 @@ PIPELINES = {
     "wan2.2-i2v-a14b": dict(steps=40, shift=5.0, guidance=3.5, guidance_2=3.5, boundary_ratio=0.9),
     "wan2.2-ti2v-5b": dict(steps=50, shift=5.0, guidance=5.0, expand_timesteps=True),
 }
+
+
+def release_of(cfg, boundary_ratio=None):
+    """The PIPELINES key of a Wan2.2 release (a two-expert teacher's boundary_ratio, or TI2V-5B's 48 channels);
+    None for Wan2.1 and other models, which keep the authors' settings."""
+    if not isinstance(cfg, WanConfig):
+        return None
+    if boundary_ratio is not None:
+        return "wan2.2-i2v-a14b" if cfg.in_channels > (cfg.out_channels or cfg.in_channels) else "wan2.2-t2v-a14b"
+    return "wan2.2-ti2v-5b" if cfg.in_channels == 48 and cfg.out_channels in (None, 48) else None

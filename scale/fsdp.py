@@ -25,6 +25,7 @@ import experts
 import lora
 import model as models
 from storage import checkpoint
+from student import detail_on_teacher, shares_teacher, teacher_path
 
 
 def shard(m, mesh):
@@ -179,14 +180,14 @@ def start_up(args, ckpt, state, mesh, device, tdtype, build, load):
     build(ckpt, device): student.build_student; load(path, dtype, device): student.load (the full-copy reference path and
     a fresh, randomly initialised student, which has no file to read from: built in full, then sharded)."""
     want_ema = args.target_ema > 0 and args.stage != "teacher"
-    shared = args.semantic_lora > 0  # the teacher is the student's own base (experts.BaseView)
-    src = args.teacher if shared else ckpt or args.init or args.teacher
+    shared, tpath = shares_teacher(args), teacher_path(args)  # shared: the teacher is the student's own base (BaseView)
+    src = tpath if detail_on_teacher(args) else args.teacher if shared else ckpt or args.init or args.teacher
     if os.environ.get("DCM_FSDP_FULL_COPY") or not src:
         student = build(ckpt, torch.device("cpu"))
         ema = deepcopy(student).requires_grad_(False) if want_ema else None
         if ema is not None and state:
             ema.load_state_dict(state["ema"])
-        tmodel = None if args.stage == "teacher" or shared else load(args.teacher, tdtype, torch.device("cpu"))
+        tmodel = None if args.stage == "teacher" or shared else load(tpath, tdtype, torch.device("cpu"))
         for m in [student, ema, tmodel]:
             if m is not None:
                 shard(m, mesh)
@@ -209,8 +210,8 @@ def start_up(args, ckpt, state, mesh, device, tdtype, build, load):
                                      sem.state())
         if args.stage != "teacher" and not shared:
             tmodel = models.build_transformer(student.config, device="meta", dtype=tdtype)
-            teach = base if args.teacher == src else _source(args.teacher)
-            checkpoint.check_keys(tmodel, teach.shapes, args.teacher)
+            teach = base if tpath == src else _source(tpath)
+            checkpoint.check_keys(tmodel, teach.shapes, tpath)
         for m in [student, ema, tmodel]:
             if m is not None:
                 shard(m, mesh)

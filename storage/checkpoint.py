@@ -11,6 +11,8 @@ layout; the dual expert's frozen semantic backbone), `detail.safetensors` (the L
 `semantic.safetensors` in place of `transformer/` in a --semantic-lora run (the semantic adapter; its base: the run's
 --teacher, recorded in config.json),
 `train_state.pt` (optimizers, RNG, data position) and `config.json` (the run config: stage, model config, grid, ...).
+A detail-stage step on a two-expert teacher (Wan2.2-A14B) holds `detail.safetensors` only: its base is the teacher's
+low-noise expert (the run config's `detail_base`), its semantic expert the run's --init (DESIGN.md section 12).
 """
 
 import json
@@ -67,6 +69,33 @@ def transformer_folder(path):
     if src.kind == "original":
         raise CheckpointError(f"{path}: an original-format file, not a diffusers transformer folder")
     return src.weights
+
+
+@dataclass
+class TwoExperts:
+    """A two-expert pipeline folder (Wan2.2-A14B): `high` (transformer/, t >= boundary_ratio * 1000) and `low`
+    (transformer_2/) transformer folders."""
+    high: str
+    low: str
+    boundary_ratio: float
+
+
+def two_experts(path):
+    """TwoExperts of a diffusers pipeline folder whose model_index.json names a transformer_2 and a boundary_ratio
+    (hub ids resolved), else None."""
+    path = hub_path(path) if path else path
+    index = os.path.join(path or "", "model_index.json")
+    if not path or not os.path.isfile(index):
+        return None
+    d = checks.read_json(index, "pipeline index")
+    second = d.get("transformer_2")
+    if not (isinstance(second, list) and second and second[0]) or d.get("boundary_ratio") is None:
+        return None
+    high, low = (os.path.join(path, n) for n in ("transformer", "transformer_2"))
+    for folder in (high, low):
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise CheckpointError(f"{path}: model_index.json names two experts but {folder} has no config.json")
+    return TwoExperts(high, low, float(d["boundary_ratio"]))
 
 
 def is_run_config(folder):
@@ -315,7 +344,9 @@ def step_missing(folder, need=("config.json",)):
     except (OSError, ValueError):
         run = {}
     lora, sem_lora = run.get("stage") == "detail" and not run.get("detail_full"), bool(run.get("semantic_lora"))
-    need = [*need] + (["semantic.safetensors"] if sem_lora else ["transformer/config.json"]) + ["detail.safetensors"] * lora
+    sem_lora |= bool(run.get("detail_base"))  # (no transformer/: an adapter over the teacher's low-noise expert)
+    need = [*need] + (["semantic.safetensors"] * (not run.get("detail_base")) if sem_lora else
+                      ["transformer/config.json"]) + ["detail.safetensors"] * lora
     missing = [f for f in need if not os.path.isfile(os.path.join(folder, f))]
     try:
         files = [] if sem_lora else [os.path.join("transformer", s) for s in _shard_files(os.path.join(folder, "transformer"))]
@@ -425,6 +456,11 @@ def resolve(path, what="checkpoint"):
         run = checks.read_json(os.path.join(path, "config.json"), "run config")
         lora = run.get("stage") == "detail" and not run.get("detail_full")
         detail = os.path.join(path, "detail.safetensors") if lora else None
+        if run.get("detail_base"):  # a detail adapter over a two-expert teacher's low-noise expert
+            if not os.path.exists(run["detail_base"]):
+                raise CheckpointError(f"{what} {path}: its base, the teacher's low-noise expert {run['detail_base']}, "
+                                      "does not exist (the adapter needs the weights it was trained on)")
+            return Source(path, "step", path, resolve(run["detail_base"], f"{what} {path}'s base").weights, run, detail)
         if not run.get("semantic_lora"):
             return Source(path, "step", path, os.path.join(path, "transformer"), run, detail)
         if not run.get("teacher") or not os.path.exists(run["teacher"]):

@@ -15,14 +15,25 @@ import torch.nn.functional as F
 
 INSTALL = "pip install -r requirements-video.txt"
 
-# model name (model.py preset names) -> backbone family; the family fixes VAE class and text encoders
+# model name (model.py preset names) -> backbone family; the family fixes VAE class and text encoders (every Wan
+# model: AutoencoderKLWan, whose config tells the Wan2.1 VAE from Wan2.2's, and umT5; Wan2.1-I2V also reads the CLIP
+# vision model WEIGHTS/image_encoder + WEIGHTS/image_processor: storage/image_io.py)
 MODELS = {"cogvideox-2b": "cogvideox", "cogvideox-5b": "cogvideox", "hunyuan-video": "hunyuan",
-          "wan2.1-t2v-1.3b": "wan", "wan2.1-t2v-14b": "wan",
-          "tiny-cogvideox": "cogvideox", "tiny-cogvideox-rope": "cogvideox", "tiny-hunyuan": "hunyuan", "tiny-wan": "wan"}
+          "wan2.1-t2v-1.3b": "wan", "wan2.1-t2v-14b": "wan", "wan2.1-i2v-14b-480p": "wan", "wan2.1-i2v-14b-720p": "wan",
+          "wan2.2-t2v-a14b": "wan", "wan2.2-i2v-a14b": "wan", "wan2.2-ti2v-5b": "wan",
+          "tiny-cogvideox": "cogvideox", "tiny-cogvideox-rope": "cogvideox", "tiny-hunyuan": "hunyuan", "tiny-wan": "wan",
+          "tiny-wan-i2v": "wan", "tiny-wan2.2-i2v": "wan", "tiny-wan2.2-ti2v": "wan"}
 # default clip size per family: CogVideoX is trained on 49 frames 480x720 (13 latent frames);
 # HunyuanVideo on many sizes, 33 frames 544x960 is the one the benchmarks in DESIGN.md use;
 # Wan2.1: 81 frames 480x832 (21 x 60 x 104 latents), the authors' Wan distillation size
 DEFAULT_SIZE = {"cogvideox": (49, 480, 720), "hunyuan": (33, 544, 960), "wan": (81, 480, 832)}
+# ... and per model where the release differs (the Wan-AI model cards): 720p models 81 x 720 x 1280 (21 x 90 x 160);
+# TI2V-5B 121 x 704 x 1280 (its 4x16x16 VAE: 31 x 44 x 80 latents)
+MODEL_SIZE = {"wan2.1-i2v-14b-720p": (81, 720, 1280), "wan2.2-t2v-a14b": (81, 720, 1280),
+              "wan2.2-i2v-a14b": (81, 720, 1280), "wan2.2-ti2v-5b": (121, 704, 1280)}
+# the frame rate a release was trained at (pass it as --fps to resample; the clips are read at their own rate
+# otherwise): CogVideoX 8, Wan 16, Wan2.2-TI2V-5B 24
+FPS = {"cogvideox": 8, "wan": 16, "wan2.2-ti2v-5b": 24}
 VAE_CLASS = {"cogvideox": "AutoencoderKLCogVideoX", "hunyuan": "AutoencoderKLHunyuanVideo", "wan": "AutoencoderKLWan"}
 PATCH = 2  # the transformers patchify latents 2x2, so pixel sizes must be multiples of 2 * VAE ratio
 
@@ -63,6 +74,11 @@ def model_family(model):
     return MODELS[model]
 
 
+def native_fps(model):
+    """The frame rate the model was trained at (FPS), None where not recorded."""
+    return FPS.get(model) or FPS.get(model_family(model))
+
+
 def weights_path(weights, sub):
     """WEIGHTS/sub of a local hub-layout model folder, with a clear error when it is not there."""
     if not os.path.isdir(weights):
@@ -71,7 +87,8 @@ def weights_path(weights, sub):
     path = os.path.join(weights, sub)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is missing: {weights} must have the hub layout (vae/, text_encoder/, "
-                                f"tokenizer/, and for HunyuanVideo text_encoder_2/, tokenizer_2/)")
+                                f"tokenizer/, for HunyuanVideo text_encoder_2/, tokenizer_2/, for Wan2.1-I2V "
+                                f"image_encoder/, image_processor/)")
     return path
 
 
@@ -92,9 +109,11 @@ def vae_config(model, weights):
 
 def vae_ratios(cfg):
     """(temporal, spatial) compression of a VAE config (CogVideoX's spatial ratio is implied by its depth;
-    Wan's by its depth and its temporal down-sampling flags: 4x / 8x for the release)."""
+    Wan's by its depth, its temporal down-sampling flags and its pixel patch: 4x / 8x for Wan2.1's, 4x / 16x for
+    Wan2.2's, whose `patch_size` 2 folds 2x2 pixels into channels first)."""
     if "temperal_downsample" in cfg:  # AutoencoderKLWan (diffusers' spelling)
-        return 2 ** sum(map(bool, cfg["temperal_downsample"])), 2 ** (len(cfg["dim_mult"]) - 1)
+        spatial = 2 ** (len(cfg["dim_mult"]) - 1) * (cfg.get("patch_size") or 1)
+        return 2 ** sum(map(bool, cfg["temperal_downsample"])), spatial
     spatial = cfg.get("spatial_compression_ratio") or 2 ** (len(cfg["block_out_channels"]) - 1)
     return int(cfg.get("temporal_compression_ratio", 4)), int(spatial)
 
@@ -118,8 +137,9 @@ def _mean_inv_std(vae):
 
 
 def clip_size(model, cfg, frames=None, height=None, width=None):
-    """Pixel clip size (defaults per family) checked against the VAE: frames 4k+1, sides multiples of 16."""
-    d_frames, d_height, d_width = DEFAULT_SIZE[model_family(model)]
+    """Pixel clip size (defaults per model or family) checked against the VAE: frames 4k+1, sides multiples of twice
+    the VAE's spatial ratio (the transformer's 2x2 patches)."""
+    d_frames, d_height, d_width = MODEL_SIZE.get(model) or DEFAULT_SIZE[model_family(model)]
     frames, height, width = frames or d_frames, height or d_height, width or d_width
     rt, rs = vae_ratios(cfg)
     if frames < 1 or (frames - 1) % rt:
@@ -215,7 +235,8 @@ def encode_latents(vae, video, posterior="sample", generator=None):
 
 @torch.no_grad()
 def decode_latents(vae, latents):
-    """Backbone latents [B, C, F, H, W] -> pixels float [B, 3, 4(F-1)+1, 8H, 8W] in [-1, 1], a clip at a time."""
+    """Backbone latents [B, C, F, H, W] -> pixels float [B, 3, 4(F-1)+1, rH, rW] in [-1, 1] (r: the VAE's spatial
+    ratio), a clip at a time."""
     norm = _mean_inv_std(vae)
     if norm is None:
         unscale = lambda z: z / vae.config.scaling_factor  # noqa: E731

@@ -1,7 +1,12 @@
 """export.py diffusers: a tiny Wan student trained here, exported as a WanPipeline folder, runs in stock diffusers
 with no code of ours; its two transformers are our semantic and merged detail experts; its latents equal sample.py's
-on the pipeline's points. (export.py authors: tests/test_released.py.)"""
+on the pipeline's points, and the README's "use a student in diffusers" block runs on it. export.py lora: a stock
+pipeline + load_lora_weights(FILE) equals our experts, in diffusers' key layout and in ComfyUI's (original Wan names).
+(export.py authors: tests/test_released.py.)"""
+import contextlib
+import io
 import os
+import re
 
 import pytest
 import torch
@@ -39,11 +44,18 @@ def student(tmp_path_factory):
     return root
 
 
-def test_stock_wan_pipeline_runs_the_exported_student(student, wan_weights, tmp_path, capsys):  # noqa: F811
+@pytest.fixture(scope="module")
+def pipe_folder(student, wan_weights, tmp_path_factory):  # noqa: F811
+    """(the student exported by `export.py diffusers`, what it printed): one export for the tests below."""
+    out, printed = str(tmp_path_factory.mktemp("wan_pipe") / "pipe"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        export.main(["diffusers", "--ckpt", str(student / "det"), "--weights", wan_weights, "--out", out])
+    return out, printed.getvalue()
+
+
+def test_stock_wan_pipeline_runs_the_exported_student(student, wan_weights, pipe_folder, tmp_path):  # noqa: F811
     from diffusers import WanPipeline
-    out = str(tmp_path / "pipe")
-    export.main(["diffusers", "--ckpt", str(student / "det"), "--weights", wan_weights, "--out", out])
-    printed = capsys.readouterr().out
+    out, printed = pipe_folder
     assert "WanPipeline, transformer = semantic expert" in printed and "largest difference" in printed
     pipe = WanPipeline.from_pretrained(out)  # stock diffusers, nothing of ours imported by it
     ours, info = sampling.load_student(str(student / "det"))  # the dual expert, LoRA merged below as sample.py does
@@ -68,6 +80,51 @@ def test_stock_wan_pipeline_runs_the_exported_student(student, wan_weights, tmp_
     print(f"\nWanPipeline vs sample.py on its points: {err:.1e}; on our own points: {float((own - latents).abs().max()):.3f}"
           f" (values up to {float(latents.abs().max()):.2f})")
     assert latents.shape == (1, 4, 2, 4, 4) and err <= 1e-5
+
+
+README_BLOCK = "Use a student in diffusers"  # the README heading whose ```python block is run below
+# (what the README writes, what runs here): each is found exactly once, so a README of another shape fails this test
+README_SUBS = (('"DCM_WAN_PIPE"', None),  # -> the tiny student's exported folder
+               ("torch.bfloat16", "torch.float32"),  # a CPU; fp32 so the frames can equal ours to round-off
+               ('.to("cuda")', ""),  # a CPU
+               ("guidance_scale=1.0)",  # the tiny model's size, and a seed our sampler draws the same noise from
+                "guidance_scale=1.0, height=32, width=32, num_frames=5, generator=torch.Generator().manual_seed(3))"))
+
+
+def test_readme_block_runs_the_student(student, wan_weights, pipe_folder, tmp_path, monkeypatch):  # noqa: F811
+    """The README's "use a student in diffusers" block, nothing of ours imported by it, on the exported tiny student:
+    its frames equal sample.py's latents on the pipeline's points through the VAE, and its MP4 holds them."""
+    import types
+
+    import imageio.v3 as iio
+    import numpy as np
+
+    from storage import video_io
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    found = re.search(rf"^#+ {README_BLOCK}\n.*?```python\n(.*?)```", readme, re.S | re.M)
+    assert found, f"README.md: no ```python block under a heading '{README_BLOCK}'"
+    code = found[1]
+    for old, new in README_SUBS:
+        assert code.count(old) == 1, f"README.md's {README_BLOCK!r} block: {old!r} is not there exactly once"
+        code = code.replace(old, repr(pipe_folder[0]) if new is None else new)
+    monkeypatch.chdir(tmp_path)  # the block writes its MP4 into the working folder
+    ns = {"__name__": "readme_block"}
+    exec(compile(code, f"README.md ({README_BLOCK})", "exec"), ns)
+    outside = {k: getattr(v, "__module__", None) or v.__name__ for k, v in ns.items()
+               if not k.startswith("__") and isinstance(v, (types.ModuleType, type, types.FunctionType))}
+    assert outside and all(m.split(".")[0] in ("torch", "diffusers") for m in outside.values()), outside
+    pipe, video = ns["pipe"], ns["video"]  # video: [frames, H, W, 3] in [0, 1]
+    prompt = re.search(r'pipe\("([^"]+)"', code)[1]
+    sig = ",".join(f"{s!r}" for s in pipe.scheduler.sigmas[:-1].tolist())  # the points the block's pipeline ran
+    same = sample.main(["--ckpt", str(student / "det"), "--weights", wan_weights, "--prompt", prompt, "--device", "cpu",
+                        "--seed", "3", "--sigmas", sig, "--out", str(tmp_path / "same")])["latents"]
+    want = video_io.decode_latents(video_io.load_vae("wan2.1-t2v-1.3b", wan_weights), same)[0]  # [3, F, H, W]
+    want = ((want + 1) / 2).permute(1, 2, 3, 0).numpy()
+    mp4 = [m[1] for m in re.finditer(r'export_to_video\(video, "([^"]+)"', code)]
+    assert video.shape == want.shape and video.shape[0] == 5, (video.shape, want.shape)
+    err = float(np.abs(video - want).max())
+    print(f"\nREADME block vs sample.py + VAE on the pipeline's points: {err:.1e} (frames {video.shape})")
+    assert err <= 1e-5 and len(mp4) == 1 and iio.imread(mp4[0]).shape[:3] == video.shape[:3]
 
 
 def test_export_diffusers_bad_input(student, wan_weights, tmp_path, capsys):  # noqa: F811
@@ -145,10 +202,28 @@ PIPELINES = {"tiny-wan": ("WanPipeline", "WanTransformer3DModel"),
              "tiny-hunyuan": ("HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel")}
 
 
-@pytest.mark.parametrize("arch,sem_rank", [("tiny-wan", 0), ("tiny-hunyuan", 0), ("tiny-wan", 3)])
-def test_lora_file_in_a_stock_pipeline(arch, sem_rank, tmp_path, capsys):
+def _assert_original_wan_names(path, ref):
+    """Every key of the --layout comfyui file `path` names a module in the original Wan layout: diffusers' own
+    original -> diffusers converter (single_file_utils, the table of its scripts/convert_wan_to_diffusers.py) takes
+    each to the key of the diffusers-layout file `ref` holding the very same tensor (`.diff_b` = PEFT's lora_B.bias)."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from safetensors.torch import load_file
+    sd, ref = load_file(path), load_file(ref)
+    key = r"diffusion_model\.[\w.]+\.(lora_A\.weight|lora_B\.weight|diff_b)"  # what ComfyUI's load_lora reads
+    assert all(re.fullmatch(key, k) for k in sd), sorted(sd)
+    as_diffusers = {"transformer." + k.removeprefix("diffusion_model.").replace(".diff_b", ".lora_B.bias"): v
+                    for k, v in sd.items()}
+    theirs = convert_wan_transformer_to_diffusers(as_diffusers)
+    assert theirs.keys() == ref.keys() and all(torch.equal(theirs[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("arch,sem_rank,layout", [("tiny-wan", 0, "diffusers"), ("tiny-hunyuan", 0, "diffusers"),
+                                                  ("tiny-wan", 3, "diffusers"), ("tiny-wan", 0, "comfyui"),
+                                                  ("tiny-wan", 3, "comfyui")])
+def test_lora_file_in_a_stock_pipeline(arch, sem_rank, layout, tmp_path, capsys):
     """export.py lora -> a stock diffusers pipeline + load_lora_weights(FILE) = our detail path (<= 1e-5, fp32); with
-    a --semantic-lora run, on the teacher's own weights, for the detail and the semantic expert."""
+    a --semantic-lora run, on the teacher's own weights, for the detail and the semantic expert. --layout comfyui: the
+    keys are the original Wan names ComfyUI reads, and stock diffusers converts them back to the same result."""
     import diffusers
 
     from test_experts import inputs
@@ -157,8 +232,12 @@ def test_lora_file_in_a_stock_pipeline(arch, sem_rank, tmp_path, capsys):
     t = torch.tensor([300.0, 100.0])  # detail side
     for which, ours in (("detail", expert.detail), ("semantic", expert.semantic)) if sem_rank else (("detail", expert.detail),):
         out = str(tmp_path / f"{which}.safetensors")
-        export.main(["lora", "--ckpt", str(step), "--out", out, "--expert", which])
-        assert "as LoRA for diffusers' load_lora_weights" in capsys.readouterr().out
+        export.main(["lora", "--ckpt", str(step), "--out", out, "--expert", which, "--layout", layout])
+        assert ("for ComfyUI's LoRA loaders" if layout == "comfyui" else "as LoRA for diffusers' load_lora_weights") \
+            in capsys.readouterr().out
+        if layout == "comfyui":
+            export.main(["lora", "--ckpt", str(step), "--out", str(tmp_path / "ref.safetensors"), "--expert", which])
+            _assert_original_wan_names(out, str(tmp_path / "ref.safetensors"))
         cls, model_cls = (getattr(diffusers, n) for n in PIPELINES[arch])
         folder = tmp_path / "teacher" if sem_rank else step / "transformer"  # what the file applies to
         tr = model_cls.from_pretrained(str(folder)).eval()
@@ -172,16 +251,19 @@ def test_lora_file_in_a_stock_pipeline(arch, sem_rank, tmp_path, capsys):
             else:
                 got = tr(x, t, cond["text"], cond["text_mask"], cond["pooled"], cond["guidance"], return_dict=False)[0]
         err = float((got - want).abs().max())
-        print(f"{arch} {which}: stock pipeline + LoRA file vs ours {err:.1e}")
+        print(f"{arch} {which} ({layout} layout): stock pipeline + LoRA file vs ours {err:.1e}")
         assert err <= 1e-5, (which, err)
 
 
 def test_lora_file_refuses_what_a_lora_cannot_hold(tmp_path, capsys):
     """CogVideoX's copied norm_out holds a LayerNorm's weight and bias: no LoRA file can carry them (one error line);
-    --expert semantic on a fully fine-tuned semantic expert: one error line."""
+    --expert semantic on a fully fine-tuned semantic expert: one error line; --layout comfyui on a run that is no Wan
+    student: one error line, before its weights load."""
     step, _ = _step(tmp_path, "tiny-cogvideox")
     for argv, want in ((["--expert", "detail"], "norm_out.norm (LayerNorm: weight, bias) is no linear layer"),
-                       (["--expert", "semantic"], "semantic expert is fully fine-tuned")):
+                       (["--expert", "semantic"], "semantic expert is fully fine-tuned"),
+                       (["--layout", "comfyui"], "--layout comfyui: ComfyUI's key names are written for Wan students "
+                                                 "only; --ckpt " + str(step) + " is a CogVideoX student")):
         with pytest.raises(SystemExit) as e:
             export.main(["lora", "--ckpt", str(step), "--out", str(tmp_path / "x.safetensors"), *argv])
         err = capsys.readouterr().err.strip()

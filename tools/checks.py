@@ -234,9 +234,9 @@ def train_args(args, given=()):
         v = getattr(args, name)
         if not lo <= v < hi + (name == "cond_drop"):
             raise InputError(f"--{name.replace('_', '-')} {v} must lie in [{lo}, {hi}{']' if name == 'cond_drop' else ')'}")
-    for name in ("lr", "weight_decay", "w_tc", "w_gan", "w_fm", "shift"):
-        v = getattr(args, name)
-        if not (v >= 0 and v < float("inf")):
+    for name in ("lr", "weight_decay", "w_tc", "w_gan", "w_fm", "shift", "guidance", "guidance_2"):
+        v = getattr(args, name, None)
+        if v is not None and not (v >= 0 and v < float("inf")):  # (None: a per-model default, student.settle_defaults)
             raise InputError(f"--{name.replace('_', '-')} {v} must be a finite number >= 0")
 
 

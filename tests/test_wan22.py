@@ -1,0 +1,124 @@
+"""DCM on a two-expert teacher (Wan2.2-A14B-style tiny twin, DESIGN.md section 12): kappa at the teacher's boundary,
+the semantic stage distils the high-noise expert alone and the detail stage puts its adapter on the low-noise expert,
+which is its teacher too (no second copy); resume is exact; sample.py routes the two students' experts; sample.py
+--teacher switches the teacher's experts with the release's settings."""
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import experts
+import model
+import sample
+import sampling
+import solver
+from storage import checkpoint
+from test_one_gpu import randomize
+from test_train import LORA, SMALL, make_dataset, run, tensors
+
+N = 8  # grid: with shift 12, t = 1000, 988, 973, 952, 923, 878 | 800, 0.6 -> kappa 1 below the boundary 875
+
+
+def two_expert_folder(root, preset="tiny-wan", boundary=0.875):
+    """A diffusers pipeline folder with two random experts (transformer/ high-noise, transformer_2/ low-noise)."""
+    for i, sub in enumerate(("transformer", "transformer_2")):
+        torch.manual_seed(10 + i)
+        m = model.build_transformer(preset)
+        randomize(m, seed=10 + i)
+        checkpoint.save_transformer(m, root / sub)
+    with open(root / "model_index.json", "w") as f:
+        json.dump({"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+                   "transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": boundary}, f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wan22")
+    teacher = two_expert_folder(root / "A14B")
+    d = make_dataset(root / "data", "tiny-wan", shape=(2, 4, 4))
+    common = ["--teacher", teacher, "--data", d, "--batch-size", 2, "--lr", 1e-3, "--grid-steps", N, *SMALL]
+    sem = run("--stage", "semantic", *common, "--out", root / "sem", "--max-steps", 2)
+    det = ["--stage", "detail", "--init", root / "sem", *common, *LORA]
+    return root, teacher, d, common, sem, det
+
+
+def test_kappa_at_the_boundary_and_the_semantic_stage_distils_the_high_noise_expert(moe, tmp_path):
+    """Defaults from the release (shift 12, CFG 4 / 3), kappa = the last grid point below t = 875; the semantic run
+    equals the same run on the high-noise expert alone as a one-expert teacher, bit for bit."""
+    root, teacher, d, common, sem, _ = moe
+    cfg = json.load(open(root / "sem" / "config.json"))
+    grid = solver.flow_grid(N, 12.0)
+    assert (cfg["shift"], cfg["guidance"], cfg["guidance_2"], cfg["kappa"]) == (12.0, 4.0, 3.0, 1)
+    assert grid.t[cfg["kappa"] + 1] < 875 <= grid.t[cfg["kappa"] + 2]
+    one = run("--stage", "semantic", "--teacher", teacher / "transformer", "--data", d, "--batch-size", 2, "--lr", 1e-3,
+              "--grid-steps", N, "--shift", 12, "--guidance", 4, "--kappa", 1, *SMALL, "--out", tmp_path / "one",
+              "--max-steps", 2)
+    a, b = tensors(sem["checkpoint"]), tensors(one["checkpoint"])
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_the_detail_stage_is_an_adapter_on_the_low_noise_expert_which_is_its_teacher(moe, tmp_path):
+    """The detail run equals the existing detail stage given the low-noise expert both as its base (--init) and as
+    a separate teacher copy, with the release's low-noise CFG: the adapter trained on it and against it. Its step
+    folders hold the adapter only; resume is exact."""
+    root, teacher, d, common, _, det = moe
+    full = run(*det, "--out", tmp_path / "det", "--max-steps", 2)
+    assert sorted(os.listdir(full["checkpoint"])) == ["checksums.json", "config.json", "detail.safetensors",
+                                                      "train_state.pt"]
+    low = teacher / "transformer_2"
+    ref = run("--stage", "detail", "--init", low, "--teacher", low, "--data", d, "--batch-size", 2, "--lr", 1e-3,
+              "--grid-steps", N, "--shift", 12, "--guidance", 3, "--kappa", 1, *SMALL, *LORA, "--out", tmp_path / "ref",
+              "--max-steps", 2)
+    a, b = tensors(full["checkpoint"]), tensors(ref["checkpoint"])
+    a = {k: v for k, v in a.items() if k.startswith(("detail.safetensors", "train_state.pt"))}
+    assert len(a) > 20 and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert full["losses"]["gan_g"] > 0 and full["losses"]["fm"] > 0
+    run(*det, "--out", tmp_path / "res", "--max-steps", 1)
+    run(*det, "--out", tmp_path / "res", "--max-steps", 2, "--resume")
+    c = tensors(tmp_path / "res" / "step_0000002")
+    assert [k for k in a if not torch.equal(a[k], c[k])] == []
+
+
+@pytest.mark.parametrize("semantic_lora", [0, 4], ids=["full-semantic", "lora-semantic"])
+def test_sample_routes_the_semantic_expert_and_the_adapted_low_noise_expert(moe, semantic_lora, tmp_path):
+    """sample.py on a detail step: t > boundary_t -> the semantic run's expert, t <= boundary_t -> the low-noise
+    expert + the detail adapter, on 4 points (2 each side) = the same loop over the experts built by hand."""
+    root, teacher, d, common, _, det = moe
+    argv = ["--semantic-lora", semantic_lora] if semantic_lora else []
+    sem_out = root / "sem" if not semantic_lora else tmp_path / "sem"
+    if semantic_lora:
+        run("--stage", "semantic", *common, *argv, "--out", sem_out, "--max-steps", 2)
+    out = run(*[sem_out if a == root / "sem" else a for a in det], *argv, "--out", tmp_path / "det",
+              "--max-steps", 2)["checkpoint"]
+    if semantic_lora:  # each stage holds its expert's adapter only: the bases are the teacher's two experts
+        assert "semantic.safetensors" in os.listdir(sem_out / "step_0000002")
+    m, info = sampling.load_student(out)
+    assert info["mode"] == "dual" and isinstance(m, sampling.Routed) and info["boundaries"] == [1]
+    src = checkpoint.resolve(sem_out)
+    semantic = sampling._backbone(src, torch.float32, "cpu")
+    low = experts.DualExpert.from_detail(checkpoint.load_transformer(teacher / "transformer_2"),
+                                         os.path.join(out, "detail.safetensors"))
+    got = sample.main([str(a) for a in ["--ckpt", out, "--steps", 4, "--num", 2, "--frames", 2, "--height", 4, "--width", 4,
+                                         "--cond", os.path.join(d, "uncond.safetensors"), "--out", tmp_path / "s"]])["latents"]
+    grid = info["grid"]
+    t, alpha, sigma = solver.sample_points(grid, solver.student_schedule(grid, [1], 4))
+    assert (t[:-1] > info["boundary_t"]).sum() == 2  # two semantic, two detail steps
+    noise = torch.randn((2, 16, 2, 4, 4), generator=torch.Generator().manual_seed(0))
+    cond = {"text": data.load_cond(os.path.join(d, "uncond.safetensors"))["text"].expand(2, -1, -1)}
+    fn = lambda x, tt: (low if tt[0] <= info["boundary_t"] else semantic)(x, tt, **cond)  # noqa: E731
+    with torch.no_grad():
+        want = solver.sample(fn, noise, t, alpha, sigma, "flow", progress=False)
+    assert float((got - want).abs().max()) < 1e-5
+
+
+def test_sample_teacher_switches_the_experts_with_the_release_settings(moe, tmp_path, capsys):
+    """sample.py --teacher on the two-expert folder: the release's N = 40, shift 12, CFG 4.0 / 3.0 and boundary."""
+    _, teacher, *_ = moe
+    m, info = sampling.load_student(teacher, teacher=True)
+    assert info["grid"].N == 40 and info["boundary_t_teacher"] == 875.0 and info["run"]["guidance_2"] == 3.0
+    assert torch.equal(info["grid"].t, solver.flow_grid(40, 12.0).t)
+    low = checkpoint.load_transformer(teacher / "transformer_2")
+    assert all(torch.equal(a, b) for a, b in zip(info["model_2"].state_dict().values(), low.state_dict().values()))
