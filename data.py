@@ -223,7 +223,8 @@ def text_width(cfg):
 def check_fits(cfg, cond=None, latent_shape=None, uncond=None, where="data"):
     """Conditioning tensors (batch first; keys outside COND_KEYS ignored but the image keys, checked against the
     latents), latents [C, F, H, W] and uncond keys against a model config: one DataError naming every mismatch; a
-    dataset (cond and latent_shape) for an image-to-video model must hold its image keys. -> the sorted COND_KEYS."""
+    dataset (cond and latent_shape) for an image-to-video model must hold its image keys. -> the sorted COND_KEYS
+    present, then the image keys present (the model's conditioning)."""
     pooled, bad = getattr(cfg, "pooled_projection_dim", None), []
     if latent_shape is not None:
         (C, n_f, H, W), (pt, ph, pw) = latent_shape, patch_of(cfg)
@@ -251,7 +252,7 @@ def check_fits(cfg, cond=None, latent_shape=None, uncond=None, where="data"):
         bad.append(f"uncond keys {sorted(uncond)} differ from the samples' {keys}")
     if bad:
         raise DataError(f"{where} does not fit model {type(cfg).__name__}: " + "; ".join(bad))
-    return keys
+    return keys + [k for k in image_io.KEYS if k in (cond or ())]
 
 
 def batches(ds, sampler, batch, epoch=0, pos=0):

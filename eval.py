@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 import data
+import conditioning
 import sampling
 from storage import checkpoint
 from teacher import Teacher
@@ -214,7 +215,7 @@ def vbench_main(args):
     latency = json.load(open(lat_path)) if os.path.isfile(lat_path) else {"per_video": {}}
     if todo:
         need = list(dict.fromkeys(p for p, _, _ in todo))  # encoded first, the encoder freed (the peak on one GPU)
-        conds = sampling.encode_prompts(name, args.weights, need + [""], args.device, args.dtype)  # "": the CFG branch
+        conds = conditioning.encode_prompts(name, args.weights, need + [""], args.device, args.dtype)  # "": the CFG branch
         model, info = sampling.load_student(args.ckpt, args.device, args.dtype, args.detail)
         if info["mode"] == "teacher":
             raise EvalError(f"{args.ckpt} is a teacher checkpoint: eval.py vbench evaluates a distilled student")

@@ -25,6 +25,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
+import conditioning
 import data
 import sampling
 import solver
@@ -86,6 +87,7 @@ def parse_args(argv):
     a("--negative-prompt", help="--teacher with CFG and --prompt: the unconditional branch's text (default: '')")
     a("--weights", help="--prompt: the pipeline folder with text_encoder/, tokenizer/ (and vae/: also the default "
       "--decode); default: --ckpt itself when it is one (e.g. the authors' DCM_HY/)")
+    a("--image", help="image-to-video models: the first frame (PNG/JPG at the video's size; VAE from --weights)")
     a("--uncond", help="--teacher with CFG (CogVideoX, Wan, flow models without guidance_embeds): the empty prompt's conditioning (default: the run's dataset's)")
     a("--frames", type=int, help="latent frames (default: the run's data, else the model config)")
     a("--height", type=int, help="latent height")
@@ -115,7 +117,7 @@ def parse_args(argv):
     if (explicit := not isinstance(args.points, str)) and (args.teacher or args.timesteps or args.sigmas or args.steps):
         raise SampleError("--points with grid indices sets the steps: not with --teacher, --timesteps, --sigmas or --steps")
     args.steps = len(args.points) if explicit else args.steps
-    args.prompt_list = sampling.prompt_args(args)
+    args.prompt_list = conditioning.prompt_args(args)
     args.out = checks.out_dir(args.out or (os.path.dirname(os.path.abspath(args.latents)) if args.latents else "samples"))
     args.device = str(checks.device(args.device))
     checkpoint.verify_checksums = args.verify != "none"
@@ -139,7 +141,7 @@ def main(argv=None):
             x, meta = sampling.read_latents(args.latents)
         return {"latents": x, "videos": decode(x, meta, args), "out": args.out}
     prompts = args.prompt_list  # encoded first, the encoder freed, then the transformer (a 24 GB card's peak)
-    encoded = sampling.encode_for(args, prompts) if prompts else None
+    encoded = conditioning.encode_for(args, prompts) if prompts else None
     model, info = sampling.load_student(args.ckpt, args.device, args.dtype, args.detail, args.teacher, args.steps,
                                         args.shift, "--ckpt", exact=args.exact)
     if info["mode"] == "dual" and not args.no_merge:
@@ -153,7 +155,7 @@ def main(argv=None):
         print(f"warning: --steps {len(names)} on a dual expert: only the {names[0]} expert runs "
               f"(steps are split between the experts, noisiest phase first)", file=sys.stderr)
     cfg_teacher = teacher and guidance != 1 and (uses_cfg(model) or not getattr(cfg, "guidance_embeds", False))  # + flow
-    cond, uncond = sampling.cond_and_uncond(args, info, encoded, len(prompts), cfg_teacher)
+    cond, uncond = conditioning.cond_and_uncond(args, info, encoded, len(prompts), cfg_teacher)
     n_steps = len(t) - 1
     meta = {"seed": args.seed, "steps": n_steps, "grid_indices": ks, "t": t.tolist(), "sigmas": sigma.tolist(),
             "schedule": custom or None, "experts": names, "mode": info["mode"], "ckpt": info["folder"],
@@ -183,7 +185,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     data.atomic_save_file({"latents": x}, path, metadata={k: json.dumps(v) for k, v in meta.items()})
     print(f"latents -> {path}")
-    videos = decode(x, meta, args, sampling.prompt_file_names(prompts) if prompts else None)
+    videos = decode(x, meta, args, conditioning.prompt_file_names(prompts) if prompts else None)
     print("".join(f"video -> {v}\n" for v in videos), end="")
     return {**meta, "latents": x, "path": path, "videos": videos, "seconds_per_step": secs, "seconds_total": total,
             "out": args.out}

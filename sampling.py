@@ -22,13 +22,15 @@ import model as models
 import solver
 from backbones import wan
 from storage import checkpoint, released
-from teacher import Teacher, with_image_frame, embedded_guidance, uses_cfg
+from teacher import Teacher, with_image_frame, embedded_guidance
 from tools import checks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-RELEASED = ("cogvideox-2b", "cogvideox-5b", "hunyuan-video", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
+RELEASED = ("cogvideox-2b", "cogvideox-5b", "hunyuan-video", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-480p",
+            "wan2.1-i2v-14b-720p", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b")  # (wan2.2-t2v-a14b: wan2.1-t2v-14b's config)
 HUNYUAN_LATENT = (9, 68, 120)  # HunyuanVideo's 33 x 544 x 960 clips through its 4x8x8 VAE (its config has no size)
 WAN_LATENT = (21, 60, 104)  # Wan2.1's 81 x 480 x 832 clips through its 4x8x8 VAE (the authors' distillation size)
+TI2V_LATENT = (31, 44, 80)  # Wan2.2-TI2V-5B's 121 x 704 x 1280 clips through its 4x16x16 VAE
 
 
 class SampleError(checks.InputError):
@@ -290,102 +292,12 @@ def model_name(cfg):
     return name or ("hunyuan-video" if "Hunyuan" in family else "wan2.1-t2v-1.3b" if "Wan" in family else "cogvideox-2b")
 
 
-def prompt_args(args):
-    """The prompts of --prompt / --prompts ([] without them), checked with the flags they go with or exclude; sets
-    --weights (default: --ckpt when it is a pipeline folder), --decode (default: --weights) and --num (one each)."""
-    from storage import video_io
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        if not os.path.isfile(args.prompts):
-            raise SampleError(f"--prompts {args.prompts} does not exist")
-        with open(args.prompts) as f:
-            prompts += [line.strip() for line in f if line.strip()]
-        if not prompts:
-            raise SampleError(f"--prompts {args.prompts} holds no prompt")
-    if not prompts:
-        for flag in ("negative_prompt", "weights"):
-            if getattr(args, flag) is not None:
-                raise SampleError(f"--{flag.replace('_', '-')} goes with --prompt / --prompts")
-        return []
-    for flag in ("cond", "uncond", "latents"):
-        if getattr(args, flag):
-            raise SampleError(f"--prompt and --{flag} exclude each other: the prompts are encoded here")
-    if args.num not in (1, len(prompts)):
-        raise SampleError(f"--num {args.num}: with --prompt the videos are one per prompt ({len(prompts)})")
-    if args.negative_prompt is not None and not args.teacher:
-        raise SampleError("--negative-prompt: only --teacher samples with CFG; a student has no unconditional branch")
-    args.ckpt = args.ckpt and checkpoint.hub_path(args.ckpt, "--ckpt")  # an org/name hub id: its local snapshot
-    weights = args.weights and checkpoint.hub_path(args.weights, "--weights")
-    weights = weights or (args.ckpt if args.ckpt and os.path.isdir(os.path.join(args.ckpt, "text_encoder")) else None)
-    if weights is None:
-        raise SampleError(f"--prompt needs the text encoder: --weights PIPELINE_FOLDER (text_encoder/, tokenizer/, "
-                          f"vae/; --ckpt {args.ckpt} holds none)")
-    try:
-        video_io.weights_path(weights, "text_encoder"), video_io.weights_path(weights, "tokenizer")
-    except FileNotFoundError as e:
-        raise SampleError(f"--weights: {e}") from None
-    args.weights, args.num = weights, len(prompts)
-    args.decode = args.decode or (weights if os.path.isdir(os.path.join(weights, "vae")) else None)
-    return prompts
-
-
-def encode_for(args, prompts):
-    """sample.py's prompts (and a CFG --teacher's negative prompt, after them) encoded with --weights before anything
-    else loads, checked against the checkpoint's model config."""
-    cfg, run = checkpoint_config(args.ckpt, "--ckpt")
-    guidance = args.guidance if args.guidance is not None else run.get("guidance", 6.0)
-    cfg_teacher = args.teacher and guidance != 1 and (uses_cfg(models.build_transformer(cfg, device="meta"))
-                                                      or not getattr(cfg, "guidance_embeds", False))
-    texts = prompts + ([args.negative_prompt or ""] if cfg_teacher else [])
-    print(f"encoding {len(prompts)} prompt(s){' + the negative prompt' if cfg_teacher else ''} with {args.weights}")
-    with checks.naming(f"--weights {args.weights}"):
-        encoded = encode_prompts(model_name(cfg), args.weights, texts, args.device, args.dtype)
-    data.check_fits(cfg, encoded, where=f"the prompts encoded with {args.weights}")
-    return encoded
-
-
 def checkpoint_config(path, what="checkpoint"):
     """(model config, train.py run config or {}) of any checkpoint path, without loading its weights."""
     src = checkpoint.resolve(path, what)
     with checks.naming(src.weights):
         cfg = released.read_config(src.weights)[0] if src.kind == "authors" else checkpoint.read_config(src.weights)
     return cfg, src.run or {}
-
-
-def encode_prompts(name, weights, prompts, device="cpu", dtype=torch.float32):
-    """{key: [len(prompts), ...] float32 on the cpu}: the prompts through the text encoder(s) of the pipeline folder
-    `weights` (storage/video_io.TextEncoder, as data.py encode-prompts), which are freed before this returns: on a
-    24 GB card the encoder (umT5-XXL, Llama) is the memory peak, so it runs before the transformer is loaded."""
-    from storage import video_io
-    enc = video_io.TextEncoder(name, weights, device, dtype)
-    cond = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in enc(list(prompts)).items()}
-    del enc
-    if str(device).startswith("cuda"):
-        torch.cuda.empty_cache()
-    return cond
-
-
-def prompt_file_names(prompts):
-    """A file name (no extension) for each prompt's video: its text, path separators and control characters out, at
-    most 150 characters (as the authors' scripts cut it), made unique with -1, -2, ..."""
-    taken, out = set(), []
-    for prompt in prompts:
-        stem = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in prompt).strip().rstrip(".")[:150]
-        name, i = stem or "prompt", 1
-        while name in taken:
-            name, i = f"{stem or 'prompt'}-{i}", i + 1
-        taken.add(name)
-        out.append(name)
-    return out
-
-
-def cond_and_uncond(args, info, encoded, n_prompts, cfg_teacher):
-    """(cond, uncond or None) of a sample run: the encoded prompts (and negative prompt after them), else --cond /
-    --uncond files (get_cond)."""
-    if encoded is not None:
-        return ({k: v[:n_prompts] for k, v in encoded.items()},
-                {k: v[n_prompts:] for k, v in encoded.items()} if cfg_teacher else None)
-    return get_cond(args.cond, info, args.num), get_cond(args.uncond, info, 1, "uncond") if cfg_teacher else None
 
 
 def parse_schedule(args):
@@ -402,30 +314,6 @@ def parse_schedule(args):
                 raise SampleError(f"--{name}: {e}") from None
 
 
-def get_cond(path, info, n, what="cond"):
-    """Conditioning for n samples: a data.load_cond file (batch 1 or n), else the dataset's uncond or zeros."""
-    cfg, run, pooled = info["cfg"], info["run"], getattr(info["cfg"], "pooled_projection_dim", None)
-    if not path and run.get("data") and os.path.isfile(os.path.join(run["data"], "uncond.safetensors")):
-        path = os.path.join(run["data"], "uncond.safetensors")
-        print(f"warning: no --{what}: using the unconditional conditioning of the run's dataset ({path})", file=sys.stderr)
-    elif not path and any(models.PRESETS.get(r) == cfg for r in RELEASED):
-        raise SampleError(f"--{what} FILE is required for {model_name(cfg)} (make one: python data.py encode-prompts "
-                          "--model NAME --weights WEIGHTS --prompts prompts.txt --out FILE)")
-    elif not path:
-        print(f"warning: no --{what}: sampling with all-zero conditioning", file=sys.stderr)
-    if path:
-        cond = data.load_cond(path)
-    else:  # text tokens: CogVideoX's fixed T5 length, HunyuanVideo's 256 Llama tokens, Wan's 512 umT5 tokens
-        n_text = getattr(cfg, "max_text_seq_length", 512 if isinstance(cfg, models.WanConfig) else 256)
-        cond = {"text": torch.zeros(1, n_text, data.text_width(cfg))}
-        cond.update({"pooled": torch.zeros(1, pooled)} if pooled else {})
-    data.check_fits(cfg, cond, where=path or "all-zero conditioning")
-    checks.finite(cond, f"--{what} {path}")
-    if (b := cond["text"].shape[0]) not in (1, n):
-        raise SampleError(f"{path}: conditioning batch {b} must be 1 or --num {n}")
-    return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
-
-
 def latent_choice(info, frames=None, height=None, width=None):
     """((F, H, W), where it came from): the arguments, else the run's dataset manifest, else the model's full size."""
     cfg, run = info["cfg"], info["run"]
@@ -435,7 +323,8 @@ def latent_choice(info, frames=None, height=None, width=None):
         if hasattr(cfg, "sample_frames"):
             default = ((cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1, cfg.sample_height, cfg.sample_width)
         else:
-            default = WAN_LATENT if isinstance(cfg, models.WanConfig) else HUNYUAN_LATENT
+            default = (TI2V_LATENT if cfg.in_channels == 48 else WAN_LATENT) if isinstance(cfg, models.WanConfig) \
+                else HUNYUAN_LATENT
         source = "the model's full-size default (no dataset recorded; pass --frames/--height/--width)"
     given = [f"--{n}" for n, a in zip(("frames", "height", "width"), (frames, height, width)) if a is not None]
     if given:

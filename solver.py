@@ -157,6 +157,11 @@ def default_kappa(model_config, n=50):
     return (first * n) // 50 - 1
 
 
+def k_between(u, lo, hi):
+    """Uniform grid index in lo..hi from u in [0, 1)."""
+    return (lo + (u * (hi - lo + 1)).long()).clamp(max=hi)
+
+
 def kappa_below(grid, t):
     """The last grid index whose t lies below t (a two-expert teacher's boundary: indices 0..kappa all call its
     low-noise expert, kappa+1..N-1 its high-noise one)."""

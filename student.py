@@ -27,8 +27,12 @@ SHIFT, GUIDANCE = 17.0, 6.0  # the authors' distillation settings (Wan2.1, Hunyu
 
 
 def two_experts(args):
-    """checkpoint.TwoExperts of the run's --teacher (a Wan2.2-A14B pipeline folder), else None."""
-    return checkpoint.two_experts(args.teacher) if args.teacher and os.path.isdir(args.teacher) else None
+    """checkpoint.TwoExperts of the run's --teacher (a Wan2.2-A14B pipeline folder), else None; a dry run on the
+    --config of an A14B release plans its two experts (no folder: TwoExperts without paths)."""
+    if args.teacher and os.path.isdir(args.teacher):
+        return checkpoint.two_experts(args.teacher)
+    ratio = wan.PIPELINES.get(getattr(args, "config", None) or "", {}).get("boundary_ratio")
+    return checkpoint.TwoExperts(None, None, ratio) if ratio and getattr(args, "dry_run", False) else None
 
 
 def detail_on_teacher(args):

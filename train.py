@@ -151,11 +151,6 @@ def parse_args(argv):
     return args
 
 
-def k_between(u, lo, hi):
-    """Uniform grid index in lo..hi from u in [0, 1)."""
-    return (lo + (u * (hi - lo + 1)).long()).clamp(max=hi)
-
-
 def main(argv=None):
     """One run; returns {"step", "losses", "out", "checkpoint"} (dry run: the sizes)."""
     args = parse_args(argv)
@@ -230,10 +225,10 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
             ema.load_state_dict(state["ema"])
     print(f"rank {rank}: peak host memory at start-up {fsdp.host_peak_gib():.2f} GiB (ru_maxrss)", flush=True)
     student.train()
-    teacher, disc = None, losses.Discriminator.for_model(student, args.disc_hidden).to(device) if gan else None
+    disc = losses.Discriminator.for_model(student, args.disc_hidden).to(device) if gan else None
     teacher = stage_teacher(args, grid, tmodel, uncond, device, tdtype)  # CFG: uses_cfg models, flow without guidance
-    frozen_teacher = [m for m in teacher.experts() if isinstance(m, torch.nn.Module)] if teacher else []  # not BaseView
-    for m in [student] + frozen_teacher + ([disc] if disc is not None else []) if args.grad_ckpt else []:
+    frozen = [m for m in teacher.experts() if isinstance(m, torch.nn.Module)] if teacher else []  # (not a BaseView)
+    for m in [student] + frozen + ([disc] if disc is not None else []) if args.grad_ckpt else []:
         m.gradient_checkpointing = True
     if args.compile:
         student.compile()
@@ -275,7 +270,8 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
     def make_cond(batch, drop=None):
         cond = {k: batch[k].to(device) for k in cond_keys}
         if drop is not None:  # teacher stage, CFG models: the unconditional branch learns too
-            cond = {k: torch.where(losses.col(drop, v).bool(), uncond[k].to(v.dtype), v) for k, v in cond.items()}
+            cond = {k: torch.where(losses.col(drop, v).bool(), uncond[k].to(v.dtype), v) if k in uncond else v
+                    for k, v in cond.items()}  # (the image condition stays: CFG drops the text only)
         scond = dict(cond)
         if getattr(cfg, "guidance_embeds", False):  # embedded guidance is an input of every call
             scond["guidance"] = torch.full((len(batch["text"]),), embedded_guidance(args.guidance), device=device)
@@ -287,7 +283,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
         if args.stage == "teacher":
             t, a, s = grid.at(k) if k is not None else losses.diffusion_time(u[:, 0], kind, vgrid)
             return {"diffusion": losses.diffusion_loss(student_mod, x0, eps, t, a, s, kind, scond)}, None
-        kk = k_between(u[:, 0], k_lo, k_hi) if k is None else k  # host indices (u is on the CPU): no sync in the step
+        kk = solver.k_between(u[:, 0], k_lo, k_hi) if k is None else k  # host indices (u on the CPU): no sync in the step
         step_ = lambda s_mod, x_tgt=None: losses.consistency_step(  # noqa: E731
             s_mod, student if ema is None else ema, teacher, grid, boundaries, x0, eps, kk, cond, scond, args.loss, x_tgt)
         gan_now, feats, g_out = k is None and gan, None, None
@@ -301,7 +297,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
                 _, xhat, x_tgt, k_end = step_(student)
             xhat.requires_grad_(True)
             gan_g, fm, feats = losses.adversarial_terms(teacher.model, disc, real(x_tgt), xhat, n, k_end,
-                                                        k_between(u[:, 1], 0, kap), grid, scond, tok_grid)
+                                                        solver.k_between(u[:, 1], 0, kap), grid, scond, tok_grid)
             losses.output_grad_norms(xhat, {"gan_g": gan_g, "fm": fm}, weights, into=out_gn)
             g_out = torch.autograd.grad(weights["gan_g"] * gan_g + weights["fm"] * fm, xhat)[0]
         l_cd, xhat, x_tgt, k_end = step_(student_mod, None if g_out is None else x_tgt)
@@ -311,7 +307,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
         if g_out is not None:  # logged as computed; their gradient enters through `output` (value 0, gradient g_out)
             terms |= {"gan_g": gan_g.detach(), "fm": fm.detach(), "output": (xhat * g_out).sum() - (xhat * g_out).sum().detach()}
         elif gan_now:
-            k_adv = k_between(u[:, 1], 0, kap)  # re-noise into the detail sub-trajectory (host indices)
+            k_adv = solver.k_between(u[:, 1], 0, kap)  # re-noise into the detail sub-trajectory (host indices)
             terms["gan_g"], terms["fm"], feats = losses.adversarial_terms(teacher.model, disc, real(x_tgt), xhat, n,
                                                                           k_end, k_adv, grid, scond, tok_grid)
         losses.output_grad_norms(xhat, {k: v for k, v in terms.items() if v.requires_grad and k != "output"}, weights,

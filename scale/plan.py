@@ -18,6 +18,8 @@ from safetensors import safe_open
 import data
 import losses
 import model as models
+from storage import image_io
+from student import shares_teacher
 from teacher import uses_cfg
 
 GIB = 2**30
@@ -42,7 +44,7 @@ def _ratio(cfg):
     return cfg.ffn_dim / D if hasattr(cfg, "ffn_dim") else getattr(cfg, "mlp_ratio", 4.0)
 
 
-def block_units(cfg, dtype, device="cuda", grads="full"):
+def block_units(cfg, dtype, device="cuda", grads="full", per_token=False):
     """{block kind: (count, token stream, bytes per token per unit of D)} of the tensors one block saves for backward.
 
     Autograd saves a tensor only where a gradient needs it, so the count depends on what trains (`grads`): "full"
@@ -66,14 +68,15 @@ def block_units(cfg, dtype, device="cuda", grads="full"):
     MLP input, the second MLP linear input r, the three q/k RMSNorms' normalised products for their weights); AdaLN: the two fp32 normed tensors and the fp32 MLP output (4 bytes
     each) and the gated self-attention output; LoRA: the four attention-linear inputs. CUDA autocast runs layer_norm
     in fp32: its saved inputs are fp32 copies (device "cuda"), which a CPU measurement cannot show (CPU autocast
-    keeps them in bf16)."""
+    keeps them in bf16). per_token (TI2V's first-frame condition: a modulation per token, wan.py): the fp32
+    scale / shift / gate tensors per token (8 of them, 32 bytes), measured."""
     e, bf16 = (2 if dtype == "bf16" else 4), dtype == "bf16"
     w, t, lora = grads == "full", grads in ("full", "lora"), grads == "lora"
     ln = 4 if device == "cuda" else e  # bytes of a saved layer_norm input
     rms = 2 * ((8 if bf16 else 4) + 4 * w)  # q and k: fp32 input(s), + the fp32 product when the weight trains
     r = _ratio(cfg)
     if "Wan" in type(cfg).__name__:
-        always, weights = (6 + r) * e + 24, (8 + r) * e  # 3 LayerNorm + 3 RMSNorm inputs in fp32 (autocast)
+        always, weights = (6 + r) * e + 24 + 32 * per_token, (8 + r) * e  # 3 LN + 3 RMSNorm inputs fp32 (autocast)
         return {"block": (cfg.num_layers, "video", always + w * weights + t * (12 + e) + (lora and not w) * 4 * e)}
 
     def units(always, n_ln, weights, adaln, lora_in):
@@ -90,11 +93,11 @@ def _tokens(units, shape, kind):
     return {"joint": shape.joint, "text": shape.text, "video": shape.video}[kind]
 
 
-def saved_bytes(cfg, shape, B, dtype, ckpt, device="cuda", grads="full"):
+def saved_bytes(cfg, shape, B, dtype, ckpt, device="cuda", grads="full", per_token=False):
     """(bytes saved by all blocks of one forward with grad, bytes of one block's full saved set) at batch B."""
     D = cfg.num_attention_heads * cfg.attention_head_dim
     e = 2 if dtype == "bf16" else 4
-    units = block_units(cfg, dtype, device, grads)
+    units = block_units(cfg, dtype, device, grads, per_token)
     per_block = {k: B * D * _tokens(units, shape, s) * u for k, (n, s, u) in units.items()}
     if ckpt:  # a checkpointed block keeps its inputs only: the residual stream(s), e bytes per D per token
         inputs = sum(n * B * D * e * _tokens(units, shape, s) for n, s, _ in units.values())
@@ -137,6 +140,11 @@ def shape_of(args, cfg, sp):
     return Shape(math.ceil(f // pt * (h // p) * (w // p) / sp), text), (f, h, w)
 
 
+def first_frame(args):
+    """A dataset (--data) whose image condition is TI2V's clean first frame: per-token timesteps in the model."""
+    return bool(getattr(args, "data", None)) and data.read_manifest(args.data).get("image_cond") == "first_frame"
+
+
 def plan(args, cfg, counts, sp, device="cuda"):
     """{term: bytes per GPU} of one training step, and its peak, for SP degree sp (see the module docstring)."""
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
@@ -150,7 +158,7 @@ def plan(args, cfg, counts, sp, device="cuda"):
     gan = stage == "detail" and bool(args.w_gan or args.w_fm)
     cfg_batch = 2 if stage != "teacher" and counts["cfg"] else 1  # CFG teachers run cond + uncond in one batch
     fe = 2 if bf16 and T < P else 4  # frozen student weights (the base, a frozen semantic expert): compute dtype
-    shared = getattr(args, "semantic_lora", 0) > 0  # the EMA copies the adapters only (losses.SwappedEMA)
+    shared = shares_teacher(args)  # the EMA copies the adapters only (losses.SwappedEMA)
     static = {"student weights, trained (fp32)": 4 * T / sh, f"student weights, frozen ({'bf16' if fe == 2 else 'fp32'})":
               fe * (P - T) / sh, "AdamW states (fp32)": 8 * T / sh,
               "EMA target (a copy of the student)": (4 * T + fe * (P - T) * (not shared)) / sh * ema,
@@ -169,10 +177,13 @@ def plan(args, cfg, counts, sp, device="cuda"):
         return out
     D = cfg.num_attention_heads * cfg.attention_head_dim
     full = shape.video * sp  # SP gathers the video tokens before the head and for the GAN taps
-    latents = 6 * 4 * B * full * cfg.in_channels * (math.prod(cfg.patch_size) if isinstance(cfg.patch_size, tuple)
-                                                     else cfg.patch_size ** 2)  # x0, eps, x_k, x_tgt, xhat, v (fp32)
+    C, patch = image_io.latent_channels(cfg), (math.prod(cfg.patch_size) if isinstance(cfg.patch_size, tuple)
+                                                   else cfg.patch_size ** 2)
+    # x0, eps, x_k, x_tgt, xhat, v (fp32); an I2V model's image condition and its concatenated input
+    latents = 4 * B * full * patch * (6 * C + 2 * (cfg.in_channels - C))
     rope = 8 * cfg.attention_head_dim * shape.joint * (getattr(cfg, "use_rotary_positional_embeddings", True))
-    io = B * D * e * (shape.video + 3 * full) + rope  # patch embedding output, the head's tensors, RoPE cos/sin
+    per_token = first_frame(args)  # TI2V's per-token modulation [B, L, 6, D] and temb [B, L, D], fp32, once
+    io = B * D * e * (shape.video + 3 * full) + rope + 28 * B * D * full * per_token  # + patch emb out, head, RoPE
     # passes before the student's: the teacher (no grad, CFG doubles the batch), the target (no grad)
     passes = {}
     if stage != "teacher":
@@ -180,14 +191,14 @@ def plan(args, cfg, counts, sp, device="cuda"):
             2 * te * block if args.fsdp else 0)
         passes["target forward (no grad)"] = working_bytes(cfg, shape, B, args.dtype, sp) + gather + cache
     trains = "lora" if T < P else "full"  # the detail expert, a --semantic-lora semantic expert
-    s_all, s_one = saved_bytes(cfg, shape, B, args.dtype, ckpt, device, trains)
+    s_all, s_one = saved_bytes(cfg, shape, B, args.dtype, ckpt, device, trains, per_token)
     work = working_bytes(cfg, shape, B, args.dtype, sp) if ckpt else 0  # a checkpointed block in progress
     held = s_all + io + cache + gather  # the student's graph, held from its forward to the backward
     passes["student forward"] = held + work
     kept = 0
     if gan:  # the frozen teacher's forward on the fake endpoint keeps its graph: GAN + FM backprop into the student
         n_taps = len(counts["taps"])
-        t_all, t_one = saved_bytes(cfg, shape, B, args.dtype, ckpt, device, "none")
+        t_all, t_one = saved_bytes(cfg, shape, B, args.dtype, ckpt, device, "none", per_token)
         h = args.disc_hidden
         feats = n_taps * B * full * D * e  # the real features (no grad), kept for FM and the D step
         # per tap: permuted copy, 6 hidden-wide (conv, GN, act); feature matching: the head on each fake tap (LN, mod,
@@ -232,7 +243,7 @@ def counts_of(args, cfg, build):
     """Parameter counts (student, trainable, teacher, discriminator, largest block) on the meta device."""
     count = lambda m, train=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not train)  # noqa: E731
     student = build()
-    shared = getattr(args, "semantic_lora", 0) > 0  # the teacher is the student's own frozen base: no second copy
+    shared = shares_teacher(args)  # the teacher is the student's own frozen base: no second copy
     teach = 0 if args.stage == "teacher" or shared else count(models.build_transformer(cfg, device="meta"))
     gan = args.stage == "detail" and (args.w_gan or args.w_fm)
     with torch.device("meta"):

@@ -68,7 +68,8 @@ def encode(videos, weights, model, out, *extra):
     data.main(["encode", "--videos", videos, "--captions", os.path.join(videos, "captions.txt"), "--model", model,
                "--weights", weights, "--out", out, *SIZE, *extra])
     ds = data.LatentDataset(out)
-    assert data.check_fits(models.PRESETS[model], ds.tensors, ds.manifest["latent_shape"], ds.uncond, where=out) == ["text"]
+    keys = data.check_fits(models.PRESETS[model], ds.tensors, ds.manifest["latent_shape"], ds.uncond, where=out)
+    assert keys == ["text"] + [k for k in ("image_latents", "image_embeds") if k in ds.tensors]  # the model's conditioning
     names = [n for s in ds.manifest["shards"] for n in json.loads(data.shard_info(out, int(s["file"][6:11]))[1]["videos"])]
     return ds, [video_io.read_clip(os.path.join(videos, n), 5, 32, 32)[:, 0] for n in names]  # each clip's frame 0
 
@@ -235,3 +236,43 @@ def test_bad_inputs_have_one_error_line(folders, videos, tmp_path, capsys, monke
     with pytest.raises(data.DataError, match=r"image_latents \[2, 48, 1, 4, 4\]: the model takes no image condition"):
         data.check_fits(models.PRESETS["tiny-cogvideox"], {"text": torch.zeros(2, 8, 32), **{
             k: ds.tensors[k] for k in ("image_latents",)}}, where=ti2v)
+
+
+def test_sample_image_to_video_in_one_command(folders, tmp_path, capsys):
+    """sample.py --prompt --image on a tiny Wan2.1-I2V pipeline folder (a random transformer/ + the tiny parts): the
+    image keys are the encoder's for that image (the same as data.py's), the video is written; bad input: an image of
+    another size, --image for a text-to-video model, one line each."""
+    import conditioning
+    import sample
+    import sampling
+    from PIL import Image
+    from storage import checkpoint
+    from teacher import Teacher
+    pipe = tmp_path / "pipe"
+    os.makedirs(pipe)
+    for p in os.listdir(folders["wan21"]):
+        os.symlink(os.path.join(folders["wan21"], p), pipe / p)
+    torch.manual_seed(0)
+    checkpoint.save_transformer(models.build_transformer("tiny-wan-i2v"), pipe / "transformer")
+    img = tmp_path / "first.png"
+    Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(2)) * 255).byte().numpy()).save(img)
+    argv = ["--ckpt", str(pipe), "--teacher", "--steps", "2", "--prompt", "a red car", "--frames", "2", "--height", "8",
+            "--width", "8", "--guidance", "1", "--out", str(tmp_path / "s")]
+    got = sample.main([*argv, "--image", str(img)])
+    assert len(got["videos"]) == 1 and os.path.isfile(got["videos"][0])
+    m, info = sampling.load_student(str(pipe), teacher=True, steps=2)
+    vae = video_io.load_vae("tiny-wan-i2v", str(pipe))
+    enc = image_io.ImageEncoder("tiny-wan-i2v", m.config, str(pipe), vae, "concat", 5, 32, 32)
+    keys = enc(image_io.read_image(str(img), 32, 32)[None])
+    text = conditioning.encode_prompts("tiny-wan-i2v", str(pipe), ["a red car"])
+    noise = torch.randn((1, 16, 2, 8, 8), generator=torch.Generator().manual_seed(0))
+    want = Teacher(m, info["grid"], 1.0).sample(noise, {**text, **keys}, progress=False)
+    assert torch.equal(got["latents"], want)
+    Image.fromarray(torch.zeros(24, 32, 3).byte().numpy()).save(tmp_path / "small.png")
+    capsys.readouterr()
+    err = one_error(capsys, sample.cli, [*argv, "--image", str(tmp_path / "small.png")])
+    assert "is 32x24 (width x height), the video 32x32" in err
+    t2v = tmp_path / "t2v"
+    checkpoint.save_transformer(models.build_transformer("tiny-wan"), t2v / "transformer")
+    err = one_error(capsys, sample.cli, [*argv[:1], str(t2v), *argv[2:], "--image", str(img), "--weights", str(pipe)])
+    assert "--image:" in err and "is a text-to-video model" in err

@@ -120,12 +120,16 @@ def test_block_units_equal_saved_tensors(dtype, grads):
     blocks = {("cogvideox", "block"): (cog.transformer_blocks[0], (x, c, torch.randn(B, 64))),
               ("hunyuan", "double"): (hun.transformer_blocks[0], (x, c, torch.randn(B, D), None, cos, sin)),
               ("hunyuan", "single"): (hun.single_transformer_blocks[0], (h, torch.randn(B, D), None, cos, sin)),
-              ("wan", "block"): (wan.blocks[0], (x, c, torch.randn(B, 6, D), (cos[:Lv], sin[:Lv])))}
+              ("wan", "block"): (wan.blocks[0], (x, c, torch.randn(B, 6, D), (cos[:Lv], sin[:Lv]))),
+              # TI2V's first-frame condition: a modulation per token
+              ("wan", "per-token"): (wan.blocks[0], (x, c, torch.randn(B, Lv, 6, D, requires_grad=grads == "full"),
+                                                     (cos[:Lv], sin[:Lv])))}
     for (arch, kind), (block, args) in blocks.items():
         got = block_saved(block, args, dtype)
         cfg = WAN if arch == "wan" else CONFIGS[arch]
         tokens = Lv if arch == "wan" else Lv + Lt  # Wan's text enters by cross-attention only
-        want = plan.block_units(cfg, dtype, "cpu", grads)[kind][2] * D * B * tokens
+        units = plan.block_units(cfg, dtype, "cpu", grads, per_token=kind == "per-token")
+        want = units["block" if kind == "per-token" else kind][2] * D * B * tokens
         print(f"{arch} {kind} {dtype} {grads}: saved {got} formula {want:.0f} error {want / got - 1:+.1%}")
         assert abs(got / want - 1) < 0.08, (arch, kind, dtype, grads, got, want)
 
@@ -224,3 +228,32 @@ def test_one_gpu_plans(capsys):
     plain, first = train.main(hy), train.main(hy + ["--gan-first"])
     assert not plain["fits"] and first["fits"] and first["total"] < plain["total"] - 16 * 2**30
     capsys.readouterr()
+
+
+# (preset, student backbone, its teacher in each stage): a two-expert teacher's stages each hold one expert, the
+# detail stage none beside its own base (its adapter sits on the low-noise expert, which is its teacher)
+NEW = [("wan2.2-t2v-a14b", 14_288_491_584, {"semantic": 14_288_491_584, "detail": 0}),
+       ("wan2.2-i2v-a14b", 14_288_901_184, {"semantic": 14_288_901_184, "detail": 0}),
+       ("wan2.2-ti2v-5b", 4_999_787_712, {"semantic": 4_999_787_712, "detail": 4_999_787_712}),
+       ("wan2.1-i2v-14b-720p", 16_394_878_784, {"semantic": 16_394_878_784, "detail": 16_394_878_784})]
+
+
+@pytest.mark.parametrize("preset,params,teacher", NEW, ids=[n for n, *_ in NEW])
+def test_new_presets_plan(preset, params, teacher, capsys):
+    for stage in ("semantic", "detail"):
+        argv = ["--stage", stage, "--config", preset, "--dry-run", "--frames", "21", "--height", "44", "--width", "80",
+                "--world-size", "8", "--fsdp", "--grad-ckpt", "--dtype", "bf16"] + ["--init", "x"] * (stage == "detail")
+        p = train.main(argv)
+        assert p["teacher"] == teacher[stage] and p["params"] - p["trainable"] * (stage == "detail") == params
+        assert p["plan"]["total"] > 0 and capsys.readouterr().out.count("GiB per GPU") >= 5
+
+
+def test_per_token_timesteps_are_planned(tmp_path):
+    """A TI2V dataset with the first-frame condition plans the per-token modulation on top of the same run without it."""
+    for name, cond in (("t2v", False), ("i2v", True)):
+        data.synthetic_dataset("tiny-wan2.2-ti2v", tmp_path / name, num=2, frames=3, height=8, width=8, image_cond=cond)
+    base = ["--stage", "semantic", "--config", "tiny-wan2.2-ti2v", "--dry-run"]
+    t2v, i2v = (train.main(base + ["--data", str(tmp_path / n)]) for n in ("t2v", "i2v"))
+    D, L = 32, 3 * 4 * 4
+    grown = i2v["plan"]["passes"]["student forward"] - t2v["plan"]["passes"]["student forward"]
+    assert grown == 28 * D * L + 2 * 32 * D * L  # the fp32 modulation and temb once, 32 bytes per block (2 blocks)

@@ -133,11 +133,11 @@ def cd_step(preset, stage, device, dtype=torch.float32, B=2):
     u = torch.tensor([[0.1, 0.7], [0.9, 0.2]], dtype=torch.float64)[:B]  # data.draws' host uniforms
 
     def step(update=True):
-        k = train.k_between(u[:, 0], lo, hi)
+        k = solver.k_between(u[:, 0], lo, hi)
         loss, xhat, x_tgt, k_end = losses.consistency_step(student, student, teacher, grid, [kappa], x0, eps, k,
                                                            cond, scond)
         if stage == "detail":
-            g, fm, feats = losses.adversarial_terms(tmodel, disc, x_tgt, xhat, n, k_end, train.k_between(u[:, 1], 0, kappa),
+            g, fm, feats = losses.adversarial_terms(tmodel, disc, x_tgt, xhat, n, k_end, solver.k_between(u[:, 1], 0, kappa),
                                                     grid, scond, tok)
             loss = loss + 0.5 * g + 0.1 * fm
             losses.discriminator_loss(disc, feats, tok).backward()

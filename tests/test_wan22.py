@@ -122,3 +122,89 @@ def test_sample_teacher_switches_the_experts_with_the_release_settings(moe, tmp_
     assert torch.equal(info["grid"].t, solver.flow_grid(40, 12.0).t)
     low = checkpoint.load_transformer(teacher / "transformer_2")
     assert all(torch.equal(a, b) for a, b in zip(info["model_2"].state_dict().values(), low.state_dict().values()))
+
+
+# --- image-to-video tiny twins: Wan2.1-I2V (image embeds), Wan2.2-I2V-A14B (two experts), TI2V-5B (first frame)
+I2V = [("tiny-wan-i2v", None), ("tiny-wan2.2-i2v", 0.9), ("tiny-wan2.2-ti2v", None)]
+
+
+def i2v_setup(root, preset, boundary):
+    d = root / "data"
+    data.synthetic_dataset(preset, d, num=4, frames=3, height=4, width=4, image_cond=preset.endswith("ti2v"))
+    if boundary:
+        teacher = two_expert_folder(root / "teacher", preset, boundary)
+    else:
+        torch.manual_seed(10)
+        m = model.build_transformer(preset)
+        randomize(m, seed=10)
+        checkpoint.save_transformer(m, root / "teacher")
+        teacher = root / "teacher"
+    return d, ["--teacher", teacher, "--data", d, "--batch-size", 2, "--lr", 1e-3, "--grid-steps", N, *SMALL]
+
+
+@pytest.mark.parametrize("preset,boundary", I2V, ids=[p for p, _ in I2V])
+def test_image_to_video_dcm_semantic_detail_resume_sample(preset, boundary, tmp_path):
+    """Both stages train on the image condition, resume exactly; the student samples with it (TI2V: the given
+    frame is the first latent frame), and another image gives another video."""
+    d, common = i2v_setup(tmp_path, preset, boundary)
+    run("--stage", "semantic", *common, "--out", tmp_path / "sem", "--max-steps", 2)
+    det = ["--stage", "detail", "--init", tmp_path / "sem", *common, *LORA]
+    full = run(*det, "--out", tmp_path / "det", "--max-steps", 2)
+    run(*det, "--out", tmp_path / "res", "--max-steps", 1)
+    run(*det, "--out", tmp_path / "res", "--max-steps", 2, "--resume")
+    a, b = tensors(full["checkpoint"]), tensors(tmp_path / "res" / "step_0000002")
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    m, info = sampling.load_student(full["checkpoint"])
+    ds = data.LatentDataset(d)
+    cond = {k: ds.tensors[k][:2] for k in data.check_fits(info["cfg"], ds.tensors)}
+    assert "image_latents" in cond
+    pts = sampling.points(info, 4)[:3]
+    noise = torch.randn(2, *ds.manifest["latent_shape"], generator=torch.Generator().manual_seed(0))
+    x, _ = sampling.generate(m, info, noise, cond, pts, progress=False)
+    other = dict(cond, image_latents=cond["image_latents"].flip(0))
+    y, _ = sampling.generate(m, info, noise, other, pts, progress=False)
+    assert not torch.allclose(x, y)
+    if preset.endswith("ti2v"):
+        assert torch.equal(x[:, :, :1], cond["image_latents"])
+
+
+def test_ti2v_losses_act_on_the_generated_frames_only():
+    """Under a first-frame condition the CD loss (and the TC loss on losses.generated) ignore the student's output
+    at the clean frame; they see every other frame."""
+    import losses
+    from teacher import Teacher
+    cfg = model.PRESETS["tiny-wan2.2-ti2v"]
+    torch.manual_seed(0)
+    net = model.build_transformer(cfg)
+    grid = solver.flow_grid(N, 5.0)
+    x0, eps = torch.randn(2, 48, 3, 4, 4), torch.randn(2, 48, 3, 4, 4)
+    cond = {"text": torch.randn(2, 6, 32), "image_latents": torch.randn(2, 48, 1, 4, 4)}
+    teacher = Teacher(net, grid, 1.0)
+
+    def moved(frame):
+        def student(x, t, **c):
+            v = net(x, t, **c)
+            return v + 10.0 * (torch.arange(v.shape[2]) == frame).view(1, 1, -1, 1, 1)
+        return student
+    k = torch.tensor([5, 3])
+    base, xhat, x_tgt, _ = losses.consistency_step(net, net, teacher, grid, [1], x0, eps, k, cond, cond)
+    for frame, same in ((0, True), (1, False)):
+        l, xh, xt, _ = losses.consistency_step(moved(frame), net, teacher, grid, [1], x0, eps, k, cond, cond)
+        assert torch.equal(l, base) == same
+        tc = losses.temporal_coherence_loss(*losses.generated(cond, xh, xt), d=1)
+        assert torch.equal(tc, losses.temporal_coherence_loss(*losses.generated(cond, xhat, x_tgt), d=1)) == same
+
+
+def test_sp2_equals_one_process_for_an_image_to_video_preset(tmp_path):
+    """--sp 2 (2 gloo ranks) on the Wan2.1-I2V twin (concatenated condition + image embeds), both stages."""
+    from test_train_sp import assert_close, assert_losses, torchrun
+    d, common = i2v_setup(tmp_path, "tiny-wan-i2v", None)
+    sem = ["--stage", "semantic", *common, "--w-tc", 1.0]
+    run(*sem, "--out", tmp_path / "sem", "--max-steps", 2)
+    det = ["--stage", "detail", "--init", tmp_path / "sem", *common, *LORA]
+    run(*det, "--out", tmp_path / "det", "--max-steps", 2)
+    torchrun(2, [["train", *sem, "--sp", 2, "--out", tmp_path / "sem2", "--max-steps", 2],
+                 ["train", *det, "--sp", 2, "--out", tmp_path / "det2", "--max-steps", 2]], tmp_path)
+    for name, keys in (("sem", ["loss", "cd", "tc", "grad_norm"]), ("det", ["loss", "cd", "gan_g", "fm", "grad_norm"])):
+        assert_losses(tmp_path / f"{name}2", tmp_path / name, keys)
+        assert_close(tmp_path / f"{name}2" / "step_0000002", tmp_path / name / "step_0000002", name)
