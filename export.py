@@ -51,6 +51,14 @@ def student_parts(args, merged=True):
     if src.kind != "step" or not adapter or not os.path.isfile(adapter):
         raise ExportError(f"--ckpt {args.ckpt}: not a LoRA detail-stage run or step folder (no detail adapter"
                           f"{'' if not adapter else ' ' + adapter})")
+    if src.run.get("detail_base"):  # a two-expert teacher's run: the adapter on its low-noise expert, the semantic
+        if not src.run.get("init") or not os.path.exists(src.run["init"]):  # expert is the run's --init
+            raise ExportError(f"--ckpt {args.ckpt}: its semantic expert (--init {src.run.get('init')!r}) is missing")
+        semantic = sampling.load_backbone(checkpoint.resolve(src.run["init"], "the run's semantic expert"),
+                                          torch.float32, "cpu")
+        expert = experts.DualExpert.from_detail(checkpoint.load_transformer(src.weights), adapter)
+        expert.on_teacher = True  # (its backbone is the low-noise expert, not the semantic one)
+        return src, semantic, expert
     semantic = checkpoint.load_transformer(src.weights)
     sem = experts.SemanticLoRA.from_file(semantic, src.semantic) if src.semantic else None
     if sem is not None and merged:
@@ -145,9 +153,13 @@ def lora(args):
                               f"{args.ckpt} is a {type(cfg).__name__.removesuffix('Config')} student (use --layout "
                               "diffusers)")
     src, _, expert = student_parts(args, merged=False)
+    if expert.on_teacher and args.expert == "semantic":
+        raise ExportError(f"--expert semantic: {args.ckpt} is a two-expert teacher's run, whose semantic expert is its "
+                          f"--init {src.run.get('init')} (full weights or an adapter over the high-noise expert)")
     sd = lora_state(expert, args.expert, args.layout)
     data.atomic_save_file(sd, args.out, metadata={"format": "pt"})
-    on = "the teacher's weights (--teacher of the run)" if expert.sem is not None else "the semantic expert's weights (the step's transformer/)"
+    on = ("the teacher's low-noise expert (its transformer_2/)" if expert.on_teacher else "the teacher's weights "
+          "(--teacher of the run)" if expert.sem is not None else "the semantic expert's weights (the step's transformer/)")
     reader = ("ComfyUI's LoRA loaders (original Wan keys; diffusers' load_lora_weights reads them too)"
               if args.layout == "comfyui" else "diffusers' load_lora_weights")
     print(f"{src.folder} -> {args.out}: the {args.expert} expert as LoRA for {reader}, on {on}; "
@@ -238,6 +250,9 @@ def authors(args):
     """A train.py detail run / step folder -> the authors' layout."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "keep": None}[args.dtype]
     src, _, expert = student_parts(args)
+    if expert.on_teacher:
+        raise ExportError(f"--ckpt {args.ckpt}: the authors' layout holds one set of weights under both experts; this "
+                          "student has two (a two-expert teacher's run): export.py diffusers writes both")
     grid = solver.flow_grid(50, 17.0)  # the authors' distillation grid for both released students
     if expert.arch in released.LAYOUTS and (bad := released.routing_disagreements(expert, grid)):
         print(f"warning: their scripts route int(t) <= {released.LAYOUTS[expert.arch]['threshold']} to the detail "

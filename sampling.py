@@ -108,9 +108,9 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         raise SampleError(f"{path} is a plain backbone: pass --teacher (N-step sampling with guidance) or --detail ADAPTER")
     ema_sd = torch.load(os.path.join(src.folder, "train_state.pt"), map_location="cpu", weights_only=False)["ema"] \
         if ema else None
-    m = _backbone(src, dtype, device, merge=mode != "teacher", ema_sd=ema_sd if stage == "semantic" else None)
+    m = load_backbone(src, dtype, device, merge=mode != "teacher", ema_sd=ema_sd if stage == "semantic" else None)
     if moe is not None and mode == "teacher":  # both experts, switched at the boundary
-        info_moe = {"model_2": _backbone(checkpoint.resolve(moe.low, what), dtype, device),
+        info_moe = {"model_2": load_backbone(checkpoint.resolve(moe.low, what), dtype, device),
                     "boundary_t_teacher": 1000 * moe.boundary_ratio}
     teaching = mode == "teacher"  # students keep the grid they were distilled on: --steps/--shift are the teacher's
     grid = make_grid(m.config, m.prediction, run, steps if teaching else None, shift if teaching else None)
@@ -126,7 +126,7 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
             if not run.get("init") or not os.path.exists(run["init"]):
                 raise SampleError(f"{src.folder}: a detail adapter on the teacher's low-noise expert; its semantic "
                                   f"expert (--init {run.get('init')!r}) is missing")
-            m = Routed(_backbone(checkpoint.resolve(run["init"], "the run's semantic expert"), dtype, device), m, bt)
+            m = Routed(load_backbone(checkpoint.resolve(run["init"], "the run's semantic expert"), dtype, device), m, bt)
         t32, bt32 = grid.t.float(), torch.tensor(bt).float()
         if kappa is None:  # an adapter saved without kappa: its boundary_t must be a grid point
             kappa = int(hits[0]) - 1 if len(hits := (t32 == bt32).nonzero()) else -1
@@ -154,7 +154,7 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
                "folder": src.folder, "pixel_space": pixel, **(info_moe if moe is not None and mode == "teacher" else {})}
 
 
-def _backbone(src, dtype, device, merge=True, ema_sd=None):
+def load_backbone(src, dtype, device, merge=True, ema_sd=None):
     """A resolved checkpoint's transformer; a --semantic-lora step's base + its adapter merged once (merge), with the
     adapter's EMA (ema_sd, losses.SwappedEMA) when given."""
     with checks.naming(src.weights):

@@ -95,12 +95,17 @@ def test_bad_inputs_and_configs():
 
 
 # the Wan-AI config.json files (diffusers layout) of the new releases, written from their repositories
-# (Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, Wan2.2-I2V-A14B-Diffusers, Wan2.2-TI2V-5B-Diffusers: transformer/config.json)
+# (Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, Wan2.2-T2V-A14B-Diffusers, Wan2.2-I2V-A14B-Diffusers, Wan2.2-TI2V-5B-Diffusers:
+# transformer/config.json; the A14B repositories' transformer_2/config.json is the same)
 RELEASE_CONFIGS = {
     "wan2.1-i2v-14b-480p": dict(added_kv_proj_dim=5120, attention_head_dim=128, cross_attn_norm=True, eps=1e-06,
                                 ffn_dim=13824, freq_dim=256, image_dim=1280, in_channels=36, num_attention_heads=40,
                                 num_layers=40, out_channels=16, patch_size=[1, 2, 2], qk_norm="rms_norm_across_heads",
                                 rope_max_seq_len=1024, text_dim=4096),
+    "wan2.2-t2v-a14b": dict(added_kv_proj_dim=None, attention_head_dim=128, cross_attn_norm=True, eps=1e-06,
+                            ffn_dim=13824, freq_dim=256, image_dim=None, in_channels=16, num_attention_heads=40,
+                            num_layers=40, out_channels=16, patch_size=[1, 2, 2], qk_norm="rms_norm_across_heads",
+                            rope_max_seq_len=1024, text_dim=4096),
     "wan2.2-i2v-a14b": dict(added_kv_proj_dim=None, attention_head_dim=128, cross_attn_norm=True, eps=1e-06,
                             ffn_dim=13824, freq_dim=256, image_dim=None, in_channels=36, num_attention_heads=40,
                             num_layers=40, out_channels=16, patch_size=[1, 2, 2], qk_norm="rms_norm_across_heads",

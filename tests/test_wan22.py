@@ -98,7 +98,7 @@ def test_sample_routes_the_semantic_expert_and_the_adapted_low_noise_expert(moe,
     m, info = sampling.load_student(out)
     assert info["mode"] == "dual" and isinstance(m, sampling.Routed) and info["boundaries"] == [1]
     src = checkpoint.resolve(sem_out)
-    semantic = sampling._backbone(src, torch.float32, "cpu")
+    semantic = sampling.load_backbone(src, torch.float32, "cpu")
     low = experts.DualExpert.from_detail(checkpoint.load_transformer(teacher / "transformer_2"),
                                          os.path.join(out, "detail.safetensors"))
     got = sample.main([str(a) for a in ["--ckpt", out, "--steps", 4, "--num", 2, "--frames", 2, "--height", 4, "--width", 4,
@@ -208,3 +208,46 @@ def test_sp2_equals_one_process_for_an_image_to_video_preset(tmp_path):
     for name, keys in (("sem", ["loss", "cd", "tc", "grad_norm"]), ("det", ["loss", "cd", "gan_g", "fm", "grad_norm"])):
         assert_losses(tmp_path / f"{name}2", tmp_path / name, keys)
         assert_close(tmp_path / f"{name}2" / "step_0000002", tmp_path / name / "step_0000002", name)
+
+
+def test_export_of_a_two_expert_run(moe, tmp_path, capsys):
+    """export.py diffusers: transformer/ = the run's semantic expert (its --init), transformer_2/ = the low-noise expert
+    with the detail adapter merged (= the student's detail path); the authors' one-backbone layout is refused."""
+    import export
+    from diffusers import WanTransformer3DModel
+    root, teacher, d, common, _, det = moe
+    out = run(*det, "--out", tmp_path / "det", "--max-steps", 1)["checkpoint"]
+    w = tmp_path / "weights"  # the folders export.py copies (their contents are not read here)
+    for sub, conf in (("text_encoder", {"architectures": ["UMT5EncoderModel"]}),
+                      ("tokenizer", {"tokenizer_class": "T5TokenizerFast"}), ("vae", {"_class_name": "AutoencoderKLWan"})):
+        os.makedirs(w / sub)
+        json.dump(conf, open(w / sub / ("tokenizer_config.json" if sub == "tokenizer" else "config.json"), "w"))
+    export.main(["diffusers", "--ckpt", str(out), "--out", str(tmp_path / "pipe"), "--weights", str(w)])
+    m, info = sampling.load_student(out)
+    x = torch.randn(2, 16, 2, 4, 4)
+    cond = {"text": torch.randn(2, 6, 32)}
+    for sub, t in (("transformer", 950.0), ("transformer_2", 500.0)):
+        ref = WanTransformer3DModel.from_pretrained(tmp_path / "pipe" / sub).eval()
+        tt = torch.full((2,), t)
+        with torch.no_grad():
+            want, got = ref(x, tt, cond["text"], return_dict=False)[0], m(x, tt, **cond)
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5, sub
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        export.main(["authors", "--ckpt", str(out), "--out", str(tmp_path / "authors")])
+    assert "this student has two" in capsys.readouterr().err
+
+
+def test_fsdp_equals_one_process_on_a_two_expert_teacher(moe, tmp_path):
+    """--fsdp on 2 gloo ranks (batch 1 each) = one process on the batch of 2, both stages: each shards the one
+    expert it holds (the detail stage its adapter's base, which is also its teacher)."""
+    from test_train_sp import assert_close, assert_losses, torchrun
+    root, teacher, d, common, _, det = moe
+    run(*det, "--out", tmp_path / "det", "--max-steps", 2)
+    torchrun(2, [["train", "--stage", "semantic", *common, "--fsdp", "--batch-size", 1, "--out", tmp_path / "sem2",
+                  "--max-steps", 2],
+                 ["train", *det, "--fsdp", "--batch-size", 1, "--out", tmp_path / "det2", "--max-steps", 2]], tmp_path)
+    for got, ref, keys in ((tmp_path / "sem2", root / "sem", ["loss", "cd", "grad_norm"]),
+                           (tmp_path / "det2", tmp_path / "det", ["loss", "cd", "gan_g", "fm", "grad_norm"])):
+        assert_losses(got, ref, keys)
+        assert_close(got / "step_0000002", ref / "step_0000002", got.name)
