@@ -195,10 +195,12 @@ def test_ti2v_losses_act_on_the_generated_frames_only():
         assert torch.equal(tc, losses.temporal_coherence_loss(*losses.generated(cond, xhat, x_tgt), d=1)) == same
 
 
-def test_sp2_equals_one_process_for_an_image_to_video_preset(tmp_path):
-    """--sp 2 (2 gloo ranks) on the Wan2.1-I2V twin (concatenated condition + image embeds), both stages."""
+@pytest.mark.parametrize("preset", ["tiny-wan-i2v", "tiny-wan2.2-ti2v"])
+def test_sp2_equals_one_process_for_an_image_to_video_preset(preset, tmp_path):
+    """--sp 2 (2 gloo ranks), both stages, on the Wan2.1-I2V twin (concatenated condition + image embeds) and the
+    TI2V twin (first frame: per-token modulation sharded with the tokens)."""
     from test_train_sp import assert_close, assert_losses, torchrun
-    d, common = i2v_setup(tmp_path, "tiny-wan-i2v", None)
+    d, common = i2v_setup(tmp_path, preset, None)
     sem = ["--stage", "semantic", *common, "--w-tc", 1.0]
     run(*sem, "--out", tmp_path / "sem", "--max-steps", 2)
     det = ["--stage", "detail", "--init", tmp_path / "sem", *common, *LORA]
