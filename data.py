@@ -34,6 +34,7 @@ import os
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load, load_file, save_file
 
 from storage import image_io, integrity
@@ -151,43 +152,104 @@ def read_manifest(dir):
     return manifest
 
 
+class Rows:
+    """One key of a dataset over all its shards, read from the memory-mapped files when indexed (only the rows asked
+    for are copied out): rows[i], rows[a:b], rows[index tensor or list], rows[rows, ...] as a tensor's first dim;
+    rows[:] is the whole column. `shape`, `dtype`, `dim()`, `len()` as a tensor's. Every process of a node reads the
+    same page cache: no copy of the dataset per process (the shards are never concatenated)."""
+
+    def __init__(self, handles, key):
+        self.slices = [f.get_slice(key) for f in handles]
+        lens = [s.get_shape()[0] for s in self.slices]
+        self.starts = np.cumsum([0] + lens)
+        self.shape = torch.Size([int(self.starts[-1]), *self.slices[0].get_shape()[1:]])
+        self.dtype = SAFETENSORS_DTYPES[self.slices[0].get_dtype()]
+
+    def __len__(self):
+        return self.shape[0]
+
+    def dim(self):
+        return len(self.shape)
+
+    def __getitem__(self, idx):
+        idx, rest = (idx[0], idx[1:]) if isinstance(idx, tuple) else (idx, ())
+        rows = torch.arange(len(self))[idx]  # any index a tensor's first dim takes -> global row numbers
+        flat = rows.reshape(-1).tolist()
+        parts, i = [], 0
+        while i < len(flat):  # runs of consecutive rows inside one shard: one read each
+            s = int(np.searchsorted(self.starts, flat[i], side="right")) - 1
+            j = i + 1
+            while j < len(flat) and flat[j] == flat[j - 1] + 1 and flat[j] < self.starts[s + 1]:
+                j += 1
+            lo = flat[i] - int(self.starts[s])
+            parts.append(self.slices[s][lo:lo + j - i])
+            i = j
+        out = torch.cat(parts) if parts else torch.empty((0, *self.shape[1:]), dtype=self.dtype)
+        out = out.reshape(tuple(rows.shape) + tuple(self.shape[1:]))  # an int index drops the row dim, as a tensor's
+        return out[(slice(None),) * rows.dim() + rest] if rest else out
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
 class LatentDataset(torch.utils.data.Dataset):
-    """All shards of a dataset folder, loaded into memory once and checked against the manifest's digests;
-    item i -> dict of per-sample tensors; `digest`: the dataset's content (not its path) as one hex string."""
+    """All shards of a dataset folder, memory-mapped (`tensors`: key -> Rows) and checked against the manifest's
+    digests (read once, streamed); item i -> dict of per-sample tensors; `digest`: the dataset's content (not its
+    path) as one hex string."""
 
     def __init__(self, dir):
         self.dir = dir
         self.manifest = read_manifest(dir)
-        sizes = [os.path.getsize(os.path.join(dir, s["file"])) for s in self.manifest["shards"]]
-        checks.memory(2 * sum(sizes) + max(sizes, default=0),
-                      f"dataset {dir} (held in memory: its shards, then their concatenation)")
-        parts, shas = [], []
+        handles, shas = [], []
         for s in self.manifest["shards"]:
-            tensors, sha = _load_checked(dir, s["file"], s.get("sha256"), "dataset shard")
-            parts.append(tensors)
+            handle, sha = _open_checked(dir, s["file"], s.get("sha256"), "dataset shard")
+            handles.append(handle)
             shas.append(sha)
-        keys = set(parts[0]) if parts else set()
-        if parts and not {"latents", "text"} <= keys:
+        keys = set(handles[0].keys()) if handles else set()
+        if handles and not {"latents", "text"} <= keys:
             raise DataError(f"{dir}/{self.manifest['shards'][0]['file']}: needs 'latents' and 'text', has {sorted(keys)}")
-        for s, p in zip(self.manifest["shards"], parts):
-            if set(p) != keys:
-                raise DataError(f"{dir}/{s['file']}: keys {sorted(p)} differ from the first shard's {sorted(keys)}")
-        self.tensors = {k: torch.cat([p[k] for p in parts]) for k in keys}
+        for s, h in zip(self.manifest["shards"], handles):
+            if set(h.keys()) != keys:
+                raise DataError(f"{dir}/{s['file']}: keys {sorted(h.keys())} differ from the first shard's {sorted(keys)}")
+        self.tensors = {k: Rows(handles, k) for k in keys}
         self.uncond, uncond_sha = _load_checked(dir, self.manifest["uncond"], self.manifest.get("uncond_sha256"),
                                                 "dataset uncond file")
-        n = len(self.tensors["latents"]) if parts else 0
+        n = len(self.tensors["latents"]) if handles else 0
         if n != self.manifest["num_samples"]:
             raise DataError(f"{dir}: manifest says {self.manifest['num_samples']} samples, shards hold {n}")
-        if parts and list(self.tensors["latents"].shape[1:]) != self.manifest["latent_shape"]:
+        if handles and list(self.tensors["latents"].shape[1:]) != self.manifest["latent_shape"]:
             raise DataError(f"{dir}: latents are {list(self.tensors['latents'].shape[1:])}, "
                             f"manifest says {self.manifest['latent_shape']}")
         self.digest = hashlib.sha256(json.dumps([self.manifest["latent_shape"], shas, uncond_sha]).encode()).hexdigest()
 
     def __len__(self):
-        return len(self.tensors["latents"])
+        return len(self.tensors["latents"]) if self.tensors else 0
 
     def __getitem__(self, i):
         return {k: v[i] for k, v in self.tensors.items()}
+
+
+def _open_checked(dir, name, recorded, what):
+    """(safe_open handle, sha256) of a dataset shard: its bytes hashed in 16 MiB reads (never held whole), then the
+    file memory-mapped; bytes other than the `recorded` sha256 -> DataError naming the file."""
+    path = os.path.join(dir, name)
+    if not os.path.isfile(path):
+        raise DataError(f"{what} {path} named in manifest.json does not exist")
+    try:
+        handle = safe_open(path, framework="pt")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for every kind of damage
+        raise DataError(f"{what} {path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    sha = h.hexdigest()
+    if recorded is not None and sha != recorded:
+        raise DataError(f"{path} changed since its manifest was written (sha256 {sha[:12]}... != recorded "
+                        f"{recorded[:12]}...); write the dataset again or restore the file")
+    return handle, sha
 
 
 def _load_checked(dir, name, recorded, what):

@@ -209,7 +209,7 @@ def test_encode_cogvideox_dataset(cog_weights, videos, tmp_path):
         ref = vae.encode(clip[None]).latent_dist.mode()[0] * 0.7
     torch.testing.assert_close(ds[1]["latents"], ref, rtol=1e-4, atol=1e-5)
     enc = video_io.TextEncoder("cogvideox-2b", cog_weights)
-    torch.testing.assert_close(ds.tensors["text"], enc(CAPTIONS[:3])["text"])
+    torch.testing.assert_close(ds.tensors["text"][:], enc(CAPTIONS[:3])["text"])
     torch.testing.assert_close(ds.uncond["text"], enc([""])["text"])
 
 
@@ -239,7 +239,7 @@ def test_resume_skips_finished_shards(cog_weights, videos, tmp_path, monkeypatch
     args = (videos, os.path.join(videos, "captions.txt"), "tiny-cogvideox", cog_weights, out)
     kw = dict(frames=9, height=32, width=32, shard_size=1, progress=False)
     data.encode_dataset(*args, **kw)
-    first = data.LatentDataset(out).tensors["latents"].clone()
+    first = data.LatentDataset(out).tensors["latents"][:]
     shard = lambda i: os.path.join(out, data.shard_name(i))  # noqa: E731
     mtimes = {i: os.stat(shard(i)).st_mtime_ns for i in range(5)}
     os.remove(shard(1))  # as if the run died while encoding video 1
@@ -250,7 +250,7 @@ def test_resume_skips_finished_shards(cog_weights, videos, tmp_path, monkeypatch
     m = data.encode_dataset(*args, **kw)
     assert len(calls) == 1 and m["num_samples"] == 3 and len(m["skipped"]) == 2
     assert all(os.stat(shard(i)).st_mtime_ns == mtimes[i] for i in (0, 2, 3, 4))
-    torch.testing.assert_close(data.LatentDataset(out).tensors["latents"], first)  # same seeded noise
+    torch.testing.assert_close(data.LatentDataset(out).tensors["latents"][:], first)  # same seeded noise
     # nothing left to do: no model is loaded at all
     monkeypatch.setattr(video_io, "load_vae", lambda *a, **k: pytest.fail("VAE loaded"))
     monkeypatch.setattr(video_io, "TextEncoder", lambda *a, **k: pytest.fail("text encoder loaded"))
@@ -268,7 +268,7 @@ def test_resume_skips_finished_shards(cog_weights, videos, tmp_path, monkeypatch
     m = data.encode_dataset(*args, **{**kw, "shard_size": 5}, overwrite=True)
     assert [s["num"] for s in m["shards"]] == [3] and len(m["skipped"]) == 2
     assert sorted(os.listdir(out)) == ["encode.json", "manifest.json", data.shard_name(0), "uncond.safetensors"]
-    torch.testing.assert_close(data.LatentDataset(out).tensors["latents"], first)
+    torch.testing.assert_close(data.LatentDataset(out).tensors["latents"][:], first)
 
 
 def test_bad_inputs_have_clear_errors(cog_weights, hy_weights, videos, tmp_path, capsys):
@@ -338,7 +338,7 @@ def test_digest_is_the_content_not_the_folder_and_old_manifests_still_load(tmp_p
     with open(path, "w") as f:
         json.dump(m, f)
     old = data.LatentDataset(moved)
-    assert old.digest == digest and torch.equal(old.tensors["latents"], data.LatentDataset(a).tensors["latents"])
+    assert old.digest == digest and torch.equal(old.tensors["latents"][:], data.LatentDataset(a).tensors["latents"][:])
 
 
 def test_synthetic_refuses_an_existing_dataset_unless_overwrite(tmp_path):
@@ -475,3 +475,30 @@ def test_batches_resume_exactly_mid_epoch():
     resumed = data.batches(Numbers(), sampler(), 2, epoch, pos)
     for (b, e, p), (b2, e2, p2) in zip(straight[2:], resumed):
         assert torch.equal(b["index"], b2["index"]) and (e, p) == (e2, p2)
+
+
+def test_dataset_is_memory_mapped_and_indexes_like_a_tensor(tmp_path):
+    """LatentDataset keeps no copy of the shards (issue 28: 8 processes a node each held the whole dataset): opening a
+    64 MiB dataset grows the process by far less than it; its columns index like the concatenated tensor would, across
+    shard boundaries, in any index form."""
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(64, 4, 8, 64, 128, generator=g)  # 64 samples x 1 MiB, in 3 shards of unequal size
+    text = torch.randn(64, 3, 16, generator=g)
+    for i, (a, b) in enumerate(((0, 20), (20, 21), (21, 64))):
+        data.write_shard(tmp_path, i, {"latents": lat[a:b], "text": text[a:b]})
+    data.write_manifest(tmp_path, model="custom", latent_shape=list(lat.shape[1:]), vae_scaling_factor=1.0,
+                        shards=[{"file": data.shard_name(i), "num": n} for i, n in enumerate((20, 1, 43))],
+                        uncond={"text": text[:1]})
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    before = rss()
+    ds = data.LatentDataset(str(tmp_path))
+    grown = rss() - before
+    assert grown < lat.numel() * 4 / 8, grown  # < 1/8 of the dataset (a concatenated copy would be all of it)
+    col = ds.tensors["latents"]
+    assert col.shape == lat.shape and col.dtype == torch.float32 and len(col) == 64 and col.dim() == 5
+    for idx in (5, -1, slice(18, 23), slice(None), torch.tensor([63, 0, 20, 21, 19]), [2, 2, 40], (slice(1, 3), 0)):
+        assert torch.equal(col[idx], lat[idx]), idx
+    assert torch.equal(ds[20]["text"], text[20]) and len(ds) == 64

@@ -60,7 +60,7 @@ def test_write_dataset_reads_back(tmp_path):
     assert torch.equal(ds.uncond["text"], torch.zeros(1, 4, 32))
     again = toy_data.write_dataset(str(tmp_path / "again"), n=10, seed=1, shard_size=4)
     assert again == manifest
-    assert torch.equal(data.LatentDataset(str(tmp_path / "again")).tensors["latents"], ds.tensors["latents"])
+    assert torch.equal(data.LatentDataset(str(tmp_path / "again")).tensors["latents"][:], ds.tensors["latents"][:])
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,30 @@ def clf():
 @pytest.fixture(scope="module")
 def real():
     return toy_data.make_batch(256, seed=11), toy_data.make_batch(256, seed=12)
+
+
+def test_the_evaluator_is_the_same_at_any_thread_count():
+    """The bench classifier (FD features and class accuracy) trained under 1 and under 2 caller threads: bit-identical
+    weights and metrics (issue 27: trained multi-threaded, FD moved 56 -> 66 between two machines), the caller's
+    thread count restored and its global RNG untouched. At 6 steps of batch 16 the old multi-threaded training already
+    differed (weights by ~7e-6)."""
+    spec = toy_data.ToySpec()
+    real = toy_data.make_batch(96, seed=5, spec=spec)
+    noise = torch.randn(real["latents"].shape, generator=torch.Generator().manual_seed(1))
+    fake = (real["latents"].roll(1, 0) + 0.3 * noise).clamp(-1, 1)  # other videos, noisier: a nonzero FD
+    runs, before = [], torch.get_num_threads()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        torch.manual_seed(123)
+        clf = tm.train_classifier(spec, steps=6, batch=16, seed=3)
+        assert torch.get_num_threads() == threads and torch.equal(torch.rand(3), expected)  # as if it drew nothing
+        runs.append((clf.state_dict(), tm.evaluate(fake, real["label"], real["velocity"], real["latents"], clf)))
+    torch.set_num_threads(before)
+    (w1, m1), (w2, m2) = runs
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert m1 == m2
 
 
 def test_classifier_recognises_real_videos(clf, real):
@@ -271,3 +295,46 @@ def test_per_seed_evaluations_merge_into_the_all_seeds_result():
     assert row["per_train_seed"] == joined and row["ks"] == (49, 1) and row["over"] == "training seeds"
     assert row["agg"] == bench.combine([bench.seed_mean(p) for p in joined])
     assert merged["teacher"]["50 steps"][50] == bench.agg_over(single[0] + single[1]) and gif == {"gif": 0}
+
+
+def test_figures_label_every_panel_and_leave_none_empty(tmp_path, monkeypatch):
+    """The report's train_signals.png (toy/figures.py) as a quick run (no probe step) and a full run log it, and
+    tools/plot.py's figures of one and of two runs: every panel drawn has curves and a y label, its step axis integer
+    ticks, and no two curves of a panel share colour, line style and marker (issue 27: the quick run's grad-norm
+    panel was empty, and of two discriminators at hinge 2.000 one curve hid the other)."""
+    import json
+    import matplotlib.pyplot as plt
+    from tools import plot
+    from toy import figures
+    figs = []
+    monkeypatch.setattr(figures, "savefig", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plot, "_save", lambda fig, path, dpi=90: figs.append(fig) or path)
+    steps = (1, 2, 3)
+    d = lambda s: {"step": s, "d": 2.0, "d_acc_real": 0.07, "d_acc_fake": 0.93, "cd": 0.01}  # noqa: E731
+    quick = {"sem_tc_s0": [{"step": s, "cd": 0.01, "tc": 0.001} for s in steps], "pe_gf_s0": [d(s) for s in steps],
+             "dcm_s0": [d(s) for s in steps]}
+    gn = {"gn_cd": 1.0, "gn_gan_g": 0.7, "gn_fm": 0.03}
+    full = {"sem_tc_s0": [{"step": s, "gn_cd": 1.0, "gn_tc": 0.8} for s in steps]} | {
+        n: [d(s) | gn for s in steps] for n in ("pe_gf_s0", "dcm_s0", "dcm_data_s0")}
+    figures.fig_train("quick.png", quick)
+    figures.fig_train("full.png", full)
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "log.jsonl", "w") as f:
+            f.writelines(json.dumps({"step": s, "loss": 1 / s, "cd": 0.5 / s, "lr": 1e-4, "grad_norm": 0.3,
+                                     "time": 0.1}) + "\n" for s in steps)
+        with open(tmp_path / name / "probes.jsonl", "w") as f:
+            f.writelines(json.dumps({"step": s, "high_loss": 0.02, "low_loss": 0.004, "high_grad_norm": 0.6,
+                                     "low_grad_norm": 0.4}) + "\n" for s in steps)
+    plot.plot_runs([str(tmp_path / "a")], str(tmp_path / "one"))
+    plot.plot_runs([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "two"))
+    assert [sum(ax.axison for ax in f.axes) for f in figs] == [3, 4, 2, 2, 3, 2, 2, 3]
+    for fig in figs:
+        fig.canvas.draw()  # places the ticks
+        for ax in (ax for ax in fig.axes if ax.axison):
+            curves = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]  # the faint raw lines: "_"
+            assert curves and ax.get_ylabel() and ax.get_xlabel() == "training step"
+            styles = [(ln.get_color(), ln.get_linestyle(), ln.get_marker()) for ln in curves]
+            assert len(set(styles)) == len(styles), styles
+            assert all(float(t).is_integer() for t in ax.get_xticks())
+        plt.close(fig)
