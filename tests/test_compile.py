@@ -60,3 +60,27 @@ def test_backbones_do_not_import_model():
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert "model" not in names, mod.__name__
+
+
+def test_compile_runs_through_train_and_equals_eager(tmp_path, monkeypatch):
+    """train.py --compile (issue 28: it had never run through the training loop): the semantic stage and the detail
+    stage (DualExpert routing, GAN + FM) run compiled and give the eager run's weights. The backend is aot_eager
+    (dynamo's capture and AOT autograd, as inductor gets them; no C++ compiler needed on a CPU)."""
+    import train
+    from storage import checkpoint
+    from test_train import LORA, SMALL, make_dataset, run, tensors
+    torch.manual_seed(0)
+    checkpoint.save_transformer(model.build_transformer("tiny-wan"), tmp_path / "t")
+    d = make_dataset(tmp_path / "d", "tiny-wan", shape=(4, 4, 4))
+    common = ["--teacher", tmp_path / "t", "--data", d, "--batch-size", 2, "--lr", 1e-3, "--max-steps", 2, *SMALL]
+    plain = torch.nn.Module.compile
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **k: compiled.append(type(self).__name__) or plain(
+        self, backend="aot_eager"))
+    for stage, extra in (("semantic", []), ("detail", ["--init", tmp_path / "semantic_eager", *LORA])):
+        run("--stage", stage, *common, *extra, "--out", tmp_path / f"{stage}_eager")
+        run("--stage", stage, *common, *extra, "--out", tmp_path / f"{stage}_compiled", "--compile")
+        a, b = tensors(tmp_path / f"{stage}_eager" / "step_0000002"), tensors(tmp_path / f"{stage}_compiled" / "step_0000002")
+        worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point())
+        assert a.keys() == b.keys() and worst < 1e-5, (stage, worst)
+    assert compiled == ["WanTransformer", "DualExpert"] and train  # the student itself was compiled, each stage
