@@ -20,9 +20,12 @@ if __name__ == "__main__":  # `python tools/plot.py` puts tools/ on sys.path, no
 from tools import checks  # noqa: E402
 
 LOSSES = ("loss", "cd", "tc", "gan_g", "fm", "d", "diffusion")  # train.py's terms, in this order
-OPTIM = (("lr", "learning rate"), ("grad_norm", "grad norm (student, before clipping)"),
-         ("d_grad_norm", "grad norm (discriminator)"), ("time", "seconds per step"), ("peak_gib", "peak GiB"))
+# (key, panel title, y-axis label)
+OPTIM = (("lr", "learning rate", "lr"), ("grad_norm", "grad norm (student, before clipping)", "L2 norm"),
+         ("d_grad_norm", "grad norm (discriminator)", "L2 norm"), ("time", "seconds per step", "s"),
+         ("peak_gib", "peak GPU memory", "GiB"))
 NOT_LOSSES = {"step", "epoch", "lr", "time", "peak_gib", "grad_norm", "d_grad_norm"}
+STYLES = ("-", "--", "-.", ":")
 SIGNALS = ("gn_", "d_acc_")  # train.py's per-term gradient norms and D accuracies: not losses
 
 
@@ -81,6 +84,20 @@ def _plt():
     return plt
 
 
+def _steps(ax):
+    """The x axis of training steps: labelled, integer ticks (a 3-step run has no step 1.5)."""
+    from matplotlib.ticker import MaxNLocator
+    ax.set_xlabel("training step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(fig, path, dpi=90):
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return path
+
+
 def _curve(ax, rows, key, smooth, color, label, ls="-"):
     pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
     if not pts:
@@ -94,30 +111,29 @@ def _curve(ax, rows, key, smooth, color, label, ls="-"):
 
 
 def _panels(plt, path, runs, names, keys, smooth, title, log_keys=()):
-    """One panel per key present in any run, one colour per run; -> the path or None when nothing to draw."""
-    keys = [(k, t) for k, t in keys if any(isinstance(r.get(k), (int, float)) for run in runs for r in run["log"])]
+    """One panel per (key, title, y label) present in any run, one colour per run; -> the path or None when nothing
+    to draw. One run: its name in the figure's title (there is no legend)."""
+    keys = [kt for kt in keys if any(isinstance(r.get(kt[0]), (int, float)) for run in runs for r in run["log"])]
     if not keys:
         return None
     cols = min(3, len(keys))
     rows = -(-len(keys) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, (k, t) in zip(axes.flat, keys):
-        for i, (run, name) in enumerate(zip(runs, names)):
-            _curve(ax, run["log"], k, smooth, f"C{i}", name)
+    for ax, (k, t, ylabel) in zip(axes.flat, keys):
+        for i, (run, name) in enumerate(zip(runs, names)):  # a line style per run too: equal curves stay visible
+            _curve(ax, run["log"], k, smooth, f"C{i}", name, STYLES[i % len(STYLES)])
         positive = all(r[k] > 0 for run in runs for r in run["log"] if isinstance(r.get(k), (int, float)))
         if k in log_keys and positive:
             ax.set_yscale("log")
         ax.set_title(t, fontsize=10)
-        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        _steps(ax)
         if len(runs) > 1:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    fig.suptitle(title if len(runs) > 1 else f"{title}: {names[0]}", fontsize=11)
+    return _save(fig, path)
 
 
 def loss_curves(path, runs, names, smooth=0.6):
@@ -125,8 +141,8 @@ def loss_curves(path, runs, names, smooth=0.6):
     plt = _plt()
     seen = {k for run in runs for r in run["log"] for k in r if k not in NOT_LOSSES and not k.startswith(SIGNALS)}
     keys = [k for k in LOSSES if k in seen] + sorted(seen - set(LOSSES))
-    return _panels(plt, path, runs, names, [(k, f"{k} loss" if k != "loss" else "total loss") for k in keys], smooth,
-                   "training losses", log_keys=keys)
+    return _panels(plt, path, runs, names, [(k, f"{k} loss" if k != "loss" else "total loss", "loss") for k in keys],
+                   smooth, "training losses", log_keys=keys)
 
 
 def optim_curves(path, runs, names, smooth=0.6):
@@ -140,21 +156,19 @@ def probe_curves(path, runs, names, smooth=0.0):
     if not any(run["probes"] for run in runs):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    styles = ["-", "--", ":", "-."]
-    for ax, key, title in zip(axes, ("loss", "grad_norm"), ("consistency loss", "gradient norm")):
+    for ax, key, title, ylabel in zip(axes, ("loss", "grad_norm"), ("consistency loss", "gradient norm"),
+                                      ("loss (log scale)", "L2 norm (log scale)")):
         for i, (run, name) in enumerate(zip(runs, names)):
             for side, color in (("high", "C3"), ("low", "C0")):
                 label = f"{side} noise" + (f" ({name})" if len(runs) > 1 else "")
-                _curve(ax, run["probes"], f"{side}_{key}", smooth, color, label, styles[i % len(styles)])
+                _curve(ax, run["probes"], f"{side}_{key}", smooth, color, label, STYLES[i % len(STYLES)])
         ax.set_yscale("log")
-        ax.set_xlabel("training step")
+        _steps(ax)
         ax.set_title(title)
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
     fig.suptitle("fixed probe batches: high- vs low-noise part of the trajectory (paper Fig. 2)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_runs(folders, out, smooth=0.6):

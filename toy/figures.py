@@ -4,7 +4,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+
+from tools.plot import ema  # noqa: E402
 
 
 def savefig(fig, path):
@@ -41,6 +44,7 @@ def fig5(path, groups, tensors):
     axes[0].barh(names, [groups[g]["rel_diff"] for g in names], color=[f"C{i}" for i in range(len(names))])
     axes[0].invert_yaxis()
     axes[0].set_xlabel("||dtheta|| / ||theta|| per group")
+    axes[0].set_ylabel("layer group")
     weights = [t for t in tensors if t["name"].endswith("weight")]
     for i, g in enumerate(names):
         xs = [j for j, t in enumerate(weights) if t["group"] == g]
@@ -63,34 +67,66 @@ def fig_curves(path, curves, dcm_curve, titles):
             ax.plot([r["step"] for r in dcm_curve], [r[key] for r in dcm_curve], "s--", ms=3,
                     label="DCM detail stage (step of its own run)")
         ax.set_title(titles[key])
-        ax.set_xlabel("training step")
+        ax.set_ylabel(titles[key])
+        steps_axis(ax)
     axes[0].legend(fontsize=7)
     fig.suptitle("validation split, 4 sampling steps, along the runs")
     savefig(fig, path)
 
 
+STYLES = ("-", "--", "-.", ":")  # one per run: curves that coincide (every D at hinge 2.000) stay visible as a pattern
+MARKERS = ("o", "s", "^", "v", "D", "P")
+
+
+def steps_axis(ax, label="training step"):
+    """An x axis of training steps: its label and integer ticks (a quick run has 3 steps, not 1.25 or 2.5)."""
+    ax.set_xlabel(label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _line(ax, xs, ys, i, label, term=0, smooth=0.0, under=0):
+    """Run i's curve: its colour, line style and markers; `under` = how many curves of the panel come after it: each
+    is drawn wider, with larger markers, than those on top, so a curve that coincides with a later one still shows
+    around it. With many points (smooth > 0) the raw values are faint under an EMA."""
+    every = max(1, len(xs) // 6)  # markers of different runs at different steps where there are enough steps
+    style = dict(color=f"C{i}", ls=STYLES[(i + term) % len(STYLES)], marker=MARKERS[i % len(MARKERS)],
+                 markevery=(i % every, every), ms=4 + 1.5 * min(under, 3), lw=1.2 + 0.8 * min(under, 3), alpha=0.8)
+    if smooth and len(xs) > 20:
+        ax.plot(xs, ys, color=f"C{i}", lw=0.6, alpha=0.2)
+        ys = ema(ys, smooth)
+    ax.plot(xs, ys, label=label, **style)
+
+
 def fig_train(path, logs):
-    """D loss / accuracy and each term's gradient norm at the student's output over CD's, per run."""
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for name, rows in logs.items():
-        d = [r for r in rows if "d" in r]
-        if d:
-            axes[0].plot([r["step"] for r in d], [r["d"] for r in d], label=name)
-            axes[1].plot([r["step"] for r in d], [r["d_acc_real"] for r in d], label=f"{name}: real")
-            axes[1].plot([r["step"] for r in d], [r["d_acc_fake"] for r in d], "--", label=f"{name}: fake")
-        g = [r for r in rows if r.get("gn_cd")]
-        for term in ("tc", "gan_g", "fm"):
-            pts = [(r["step"], r[f"gn_{term}"] / r["gn_cd"]) for r in g if f"gn_{term}" in r]
-            if pts:
-                axes[2].plot(*zip(*pts), "o-", ms=2, label=f"{name}: {term}/cd")
-    axes[0].set_title("discriminator hinge loss (2 = chance)")
-    axes[1].set_title("discriminator accuracy")
-    axes[2].set_title("grad norm at the output / CD's")
-    axes[2].set_yscale("log")
-    for ax in axes:
-        ax.set_xlabel("training step")
-        if ax.get_legend_handles_labels()[0]:  # a quick run may log no probe step
-            ax.legend(fontsize=6)
+    """Per run: the discriminator's hinge loss and accuracy on real and on fake tokens (EMA over steps, raw faint),
+    and each generator term's gradient norm at the student's output over CD's (probe steps). A panel no run has data
+    for is left out (a quick run logs no probe step), so every panel drawn shows its curves."""
+    panels = [("discriminator hinge loss (2 = constant output)", "hinge loss", "d", None),
+              ("discriminator accuracy, real side", "fraction of tokens called real", "d_acc_real", None),
+              ("discriminator accuracy, fake side", "fraction of tokens called fake", "d_acc_fake", None),
+              ("grad norm at the student's output / CD's", "ratio (log)", None, ("tc", "gan_g", "fm"))]
+    curves = []  # per panel: [(xs, ys, run index, label, term index, smooth)]
+    for title, ylabel, key, terms in panels:
+        got = []
+        for i, (name, rows) in enumerate(logs.items()):
+            if key:
+                pts = [(r["step"], r[key]) for r in rows if key in r]
+                got += [(*zip(*pts), i, name, 0, 0.8)] if pts else []
+            for j, term in enumerate(terms or ()):
+                pts = [(r["step"], r[f"gn_{term}"] / r["gn_cd"]) for r in rows if r.get("gn_cd") and f"gn_{term}" in r]
+                got += [(*zip(*pts), i, f"{name}: {term}/cd", j, 0.0)] if pts else []
+        curves.append(got)
+    drawn = [(p, c) for p, c in zip(panels, curves) if c]
+    fig, axes = plt.subplots(1, len(drawn), figsize=(3.9 * len(drawn), 3.4), squeeze=False)
+    for ax, ((title, ylabel, key, _), got) in zip(axes[0], drawn):
+        for j, (xs, ys, i, label, term, smooth) in enumerate(got):
+            _line(ax, xs, ys, i, label, term, smooth, under=len(got) - 1 - j)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(ylabel)
+        steps_axis(ax)
+        if key is None:
+            ax.set_yscale("log")
+        ax.legend(fontsize=6, ncol=2 if len(got) > 5 else 1)
     savefig(fig, path)
 
 

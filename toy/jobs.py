@@ -47,6 +47,32 @@ def pool(workers, threads):
     return cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init, initargs=(threads,))
 
 
+class Workers:
+    """The worker processes of a whole study, `n` of one torch thread each, started once for all its phases (a spawn
+    imports torch and the project anew: 2-4 s a phase when each started its own); n <= 1: none, every job runs here.
+
+    Every job runs on one thread, here as in a worker: a backward pass sums in another order on another thread count
+    (the toy's gradients differ in the last bits between 1 and 2 threads), so training on `--threads` here would make
+    the tables depend on the worker layout. Forward passes gave the same bits on 1 and 2 threads."""
+
+    def __init__(self, n):
+        self.n, self.ex = n, pool(n, 1) if n > 1 else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.ex is not None:  # after an error, the jobs not yet started are dropped rather than run
+            self.ex.shutdown(cancel_futures=True)
+
+
+def here(fn, *args, **kw):
+    """fn(*args, **kw) in this process on one torch thread, as a worker would run it."""
+    from toy.metrics import torch_threads
+    with torch_threads(1):
+        return fn(*args, **kw)
+
+
 def _job(out, name, argv):
     t0 = time.time()
     return train_run(out, name, argv, console=False), time.time() - t0
@@ -57,11 +83,11 @@ def deps(argv):
 
 
 class Runs:
-    """add(name, argv) training runs, then wait() -> {name: summary}: `workers` processes of `threads` torch threads
-    each (workers 1: here, in order, the progress bars on the console); seconds per run in .seconds."""
+    """add(name, argv) training runs, then wait() -> {name: summary}: in the study's `workers` (jobs.Workers; none:
+    here, in order, one thread, the progress bars on the console); seconds per run in .seconds."""
 
-    def __init__(self, out, workers, threads, done=None):
-        self.out, self.workers, self.threads = out, workers, threads
+    def __init__(self, out, workers, done=None):
+        self.out, self.workers = out, workers
         self.pending, self.done, self.seconds = {}, dict(done or {}), {}
 
     def add(self, name, argv):
@@ -74,29 +100,28 @@ class Runs:
         unknown = {d for a in self.pending.values() for d in deps(a)} - set(self.pending) - set(self.done)
         if unknown:
             raise ValueError(f"runs name unknown runs: {sorted(unknown)}")
-        if self.workers <= 1:
+        if self.workers.ex is None:
             while self.pending:
                 name = next(n for n, a in self.pending.items() if all(d in self.done for d in deps(a)))
                 t0 = time.time()
-                self.done[name] = train_run(self.out, name, self.resolve(self.pending.pop(name)))
+                self.done[name] = here(train_run, self.out, name, self.resolve(self.pending.pop(name)))
                 self.report(name, time.time() - t0)
             return self.done
-        with pool(self.workers, self.threads) as ex:
-            running = {}
-            while self.pending or running:
-                # a free worker takes the first ready run in the order added (a chain's second stage before later runs)
-                for name in [n for n, a in self.pending.items() if all(d in self.done for d in deps(a))]:
-                    if len(running) == self.workers:
-                        break
-                    print(f"[toy] distil {name} ...", flush=True)
-                    running[ex.submit(_job, self.out, name, self.resolve(self.pending.pop(name)))] = name
-                if not running:
-                    raise ValueError(f"runs wait for each other: {sorted(self.pending)}")
-                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for f in finished:
-                    name = running.pop(f)
-                    self.done[name], secs = f.result()
-                    self.report(name, secs)
+        running = {}
+        while self.pending or running:
+            # a free worker takes the first ready run in the order added (a chain's second stage before later runs)
+            for name in [n for n, a in self.pending.items() if all(d in self.done for d in deps(a))]:
+                if len(running) == self.workers.n:
+                    break
+                print(f"[toy] distil {name} ...", flush=True)
+                running[self.workers.ex.submit(_job, self.out, name, self.resolve(self.pending.pop(name)))] = name
+            if not running:
+                raise ValueError(f"runs wait for each other: {sorted(self.pending)}")
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for f in finished:
+                name = running.pop(f)
+                self.done[name], secs = f.result()
+                self.report(name, secs)
         return self.done
 
     def report(self, name, secs):
@@ -104,13 +129,12 @@ class Runs:
         print(f"[toy] distil {name}: {secs:.1f} s", flush=True)
 
 
-def parallel(calls, workers, threads):
-    """[fn(**kwargs) for fn, kwargs in calls], in `workers` processes of `threads` torch threads (1: here, in order);
-    fn must be importable (a module-level function)."""
-    if workers <= 1 or len(calls) <= 1:
-        return [fn(**kw) for fn, kw in calls]
-    with pool(workers, threads) as ex:
-        return [f.result() for f in [ex.submit(fn, **kw) for fn, kw in calls]]
+def parallel(calls, workers):
+    """[fn(**kwargs) for fn, kwargs in calls], in the study's `workers` (jobs.Workers; none: here, in order, one
+    thread each); fn must be importable (a module-level function)."""
+    if workers.ex is None:
+        return [here(fn, **kw) for fn, kw in calls]
+    return [f.result() for f in [workers.ex.submit(fn, **kw) for fn, kw in calls]]
 
 
 def machine():

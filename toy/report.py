@@ -152,6 +152,13 @@ def teacher_source(s):
             f"{pv['final_loss']:.4f}.")
 
 
+def not_run(s):
+    """What of the complete study (`--all-rows`) this run left out (the full run's budget; docs/toy.md), a sentence."""
+    cut = s.get("not_run")
+    return f" Not in this run (docs/toy.md gives what they showed; `--all-rows` runs them): {'; '.join(cut)}." if cut \
+        else ""
+
+
 def write(out, s, models, gif, run_dirs):
     """All figures and report.md into out/; run_dirs: {run name: train.py run folder}."""
     S, N = s["settings"], len(s["grid_sigma"]) - 1
@@ -165,8 +172,8 @@ def write(out, s, models, gif, run_dirs):
     fig5(os.path.join(out, "fig5_expert_difference.png"), s["fig5_groups"], s["fig5_tensors"])
     fig_curves(os.path.join(out, "curves_validation.png"), s["target_curves"], s["dcm_curve"],
                {k: t for k, (t, _) in METRICS.items()})
-    logs = {n: plot.read_jsonl(os.path.join(run_dirs[n], "log.jsonl")) for n in ("sem_tc_s0", "dcm_s0", "pe_gf_s0")
-            if n in run_dirs}
+    logs = {n: plot.read_jsonl(os.path.join(run_dirs[n], "log.jsonl"))  # the TC run, then every GAN real side
+            for n in ("sem_tc_s0", "pe_gf_s0", "dcm_s0", "dcm_data_s0", "dcm_teach_s0") if n in run_dirs}
     fig_train(os.path.join(out, "train_signals.png"), logs)
     sample_gif(os.path.join(out, "samples.gif"), gif)
     steps_list = S["eval_steps"]
@@ -196,7 +203,7 @@ def write(out, s, models, gif, run_dirs):
              f"the test split has {S['eval_seeds']} sampling seeds x {S['eval_n']} videos (other noise; the same 24 "
              f"classes, there are no others). Headline rows (VCM, PCM, DCM): {S['train_seeds']} training seeds; other "
              f"Table 3 rows: {S['ablation_seeds']}; each cut of the kappa sweep: {S.get('sweep_seeds', 1)}; the "
-             "undistilled teacher: 1 run.\n"
+             f"undistilled teacher: 1 run.{not_run(s)}\n"
              "- Cells: mean ± std over training seeds (each seed's value is the mean over the sampling seeds); rows "
              "with one run give the std over sampling seeds ('spread over' column). A '*' in the comparison tables "
              "marks a difference larger than the sum of the two rows' spreads (`toy/bench.py: exceeds`).\n")
@@ -230,7 +237,9 @@ def write(out, s, models, gif, run_dirs):
     L.append("![curves](curves_validation.png)\n")
     tc = s["target_curves"]
     L.append("Target candidates (VCM, checkpoints along the run, 4 sampling steps, validation split; rule: lowest "
-             "trajectory MSE at the end of the run):\n")
+             "trajectory MSE at the end of the run):\n" if len(tc) > 1 else "The students' target (VCM, checkpoints "
+             "along the run, 4 sampling steps, validation split): the one the complete study (`--all-rows`) chose on "
+             "this split, not searched again here (docs/toy.md):\n")
     L.append("| candidate | " + " | ".join(f"step {r['step']}" for r in next(iter(tc.values()))) + " |")
     L.append("|---|" + "---|" * len(next(iter(tc.values()))))
     for name, rows in tc.items():
