@@ -65,7 +65,18 @@ def settle_defaults(args, cfg, kind):
     if args.kappa is None:
         args.kappa = solver.kappa_below(grid, 1000 * moe.boundary_ratio) if moe else solver.default_kappa(
             cfg, args.grid_steps)
+    if moe and args.fsdp and all(experts_used(args, grid, moe)):  # (checked before anything loads)
+        raise checks.InputError(f"--kappa {args.kappa}: the {args.stage} stage's grid indices cross the teacher's "
+                                f"expert boundary (t = {1000 * moe.boundary_ratio:g}); with --fsdp keep the default "
+                                "kappa (one expert per stage)")
     return grid
+
+
+def experts_used(args, grid, moe):
+    """(high, low): whether the stage's grid indices reach the two-expert teacher's high- / low-noise expert."""
+    lo, hi = {"semantic": (args.kappa + 1, grid.N - 1), "detail": (0, args.kappa)}.get(args.stage, (0, grid.N - 1))
+    t = grid.t[1:].float()[lo:hi + 1]  # t at those grid indices, as the model receives it
+    return bool((t >= 1000 * moe.boundary_ratio).any()), bool((t < 1000 * moe.boundary_ratio).any())
 
 
 def stage_teacher(args, grid, tmodel, uncond, device, dtype):
@@ -74,15 +85,9 @@ def stage_teacher(args, grid, tmodel, uncond, device, dtype):
     moe = two_experts(args)
     if tmodel is None or moe is None:
         return tmodel and Teacher(tmodel, grid, args.guidance, uncond)
-    bt, (lo, hi) = 1000 * moe.boundary_ratio, {"semantic": (args.kappa + 1, grid.N - 1),
-                                                "detail": (0, args.kappa)}.get(args.stage, (0, grid.N - 1))
-    t = grid.t[1:].float()  # t at grid indices 0..N-1, as the model receives it
-    high, low = bool((t[lo:hi + 1] >= bt).any()), bool((t[lo:hi + 1] < bt).any())
+    bt, (high, low) = 1000 * moe.boundary_ratio, experts_used(args, grid, moe)
     if not (high and low):
         return Teacher(tmodel, grid, args.guidance if high else args.guidance_2, uncond)
-    if args.fsdp:
-        raise checks.InputError(f"--kappa {args.kappa}: grid indices {lo}..{hi} cross the teacher's expert boundary "
-                                f"(t = {bt:g}); with --fsdp keep the default kappa (one expert per stage)")
     other = load(moe.high if args.stage == "detail" else moe.low, dtype, device)
     hi_m, lo_m = (other, tmodel) if args.stage == "detail" else (tmodel, other)
     return Teacher(hi_m, grid, args.guidance, uncond, model_2=lo_m, boundary_t=bt, guidance_scale_2=args.guidance_2)

@@ -245,7 +245,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
     d_opt = torch.optim.AdamW(disc.parameters(), lr=args.d_lr, betas=tuple(args.d_betas), weight_decay=d_weight_decay,
                               fused=fused) if disc else None
     if state:
-        resume.load_optimizer(student, opt, state["opt"])
+        resume.load_optimizer(student, opt, state["opt"], broadcast=args.fsdp)  # FSDP: rank 0 reads, then sends
         for m, key in ((disc, "disc"), (d_opt, "d_opt")) if disc else ():
             m.load_state_dict(state[key])
     n_total, n_train = sum(p.numel() for p in student.parameters()), sum(p.numel() for p in params)

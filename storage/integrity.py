@@ -40,10 +40,21 @@ def _files(folder):
     return sorted(p for p in out if p != CHECKSUMS)
 
 
+def digests(paths):
+    """{path: sha256} of several files, hashed side by side (hashlib releases the GIL on large updates): a 13B
+    checkpoint's shards take about one file's time per core instead of their sum on rank 0."""
+    from concurrent.futures import ThreadPoolExecutor
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(max(1, min(8, cores, len(paths)))) as pool:
+        return dict(zip(paths, pool.map(digest, paths)))
+
+
 def write_checksums(folder):
     """Record size and digest of every file of `folder` in folder/CHECKSUMS (call before the folder goes live)."""
-    files = {p: {"size": os.path.getsize(os.path.join(folder, p)), ALGORITHM: digest(os.path.join(folder, p))}
-             for p in _files(folder)}
+    rel = _files(folder)
+    sha = digests([os.path.join(folder, p) for p in rel])
+    files = {p: {"size": os.path.getsize(os.path.join(folder, p)), ALGORITHM: sha[os.path.join(folder, p)]}
+             for p in rel}
     with open(os.path.join(folder, CHECKSUMS), "w") as f:
         json.dump({"algorithm": ALGORITHM, "files": files}, f, indent=1)
     return files
@@ -64,7 +75,7 @@ def verify(folder, skip=()):
             files = json.load(f)["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return [f"{CHECKSUMS} (unreadable)"]
-    bad = []
+    bad, hash_ = [], []
     for rel, want in files.items():
         if rel in skip:
             continue
@@ -73,8 +84,11 @@ def verify(folder, skip=()):
             bad.append(f"{rel} (missing)")
         elif os.path.getsize(p) != want["size"]:
             bad.append(f"{rel} (size {os.path.getsize(p)} != recorded {want['size']})")
-        elif digest(p) != want[ALGORITHM]:
-            bad.append(f"{rel} ({ALGORITHM} mismatch: corrupted)")
+        else:
+            hash_.append(rel)
+    sha = digests([os.path.join(folder, rel) for rel in hash_])
+    bad += [f"{rel} ({ALGORITHM} mismatch: corrupted)" for rel in hash_
+            if sha[os.path.join(folder, rel)] != files[rel][ALGORITHM]]
     if not bad:
         _verified.add(key)
     return bad

@@ -151,10 +151,16 @@ def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False,
         dist.barrier()
 
 
-def load_optimizer(model, opt, osd):
-    """The optimizer state saved by save_step (full, FQN-keyed) into `opt`, for DDP, FSDP2 or one process."""
+def load_optimizer(model, opt, osd, broadcast=False):
+    """The optimizer state saved by save_step (full, FQN-keyed) into `opt`, for DDP, FSDP2 or one process.
+    broadcast (FSDP2 on several ranks): rank 0 alone reads the state (train_state.pt is memory-mapped, so the other
+    ranks never touch its optimizer bytes) and sends each rank its shards, tensor by tensor: no full copy of a 13B
+    model's AdamW states read by every rank of every node."""
+    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
+    broadcast = broadcast and dist.is_initialized() and dist.get_world_size() > 1
+    set_optimizer_state_dict(model, opt, osd if not broadcast or dist.get_rank() == 0 else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast))
 
 
 def trim_logs(out, step):

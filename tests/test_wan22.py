@@ -242,14 +242,31 @@ def test_export_of_a_two_expert_run(moe, tmp_path, capsys):
 
 def test_fsdp_equals_one_process_on_a_two_expert_teacher(moe, tmp_path):
     """--fsdp on 2 gloo ranks (batch 1 each) = one process on the batch of 2, both stages: each shards the one
-    expert it holds (the detail stage its adapter's base, which is also its teacher)."""
+    expert it holds (the detail stage its adapter's base, which is also its teacher); a resumed FSDP run (the
+    optimizer state read by rank 0 and sent) = the uninterrupted one, bit for bit."""
     from test_train_sp import assert_close, assert_losses, torchrun
     root, teacher, d, common, _, det = moe
     run(*det, "--out", tmp_path / "det", "--max-steps", 2)
     torchrun(2, [["train", "--stage", "semantic", *common, "--fsdp", "--batch-size", 1, "--out", tmp_path / "sem2",
                   "--max-steps", 2],
-                 ["train", *det, "--fsdp", "--batch-size", 1, "--out", tmp_path / "det2", "--max-steps", 2]], tmp_path)
+                 ["train", *det, "--fsdp", "--batch-size", 1, "--out", tmp_path / "det2", "--max-steps", 2],
+                 ["train", *det, "--fsdp", "--batch-size", 1, "--out", tmp_path / "det_res", "--max-steps", 1],
+                 ["train", *det, "--fsdp", "--batch-size", 1, "--out", tmp_path / "det_res", "--max-steps", 2,
+                  "--resume"]], tmp_path)
+    a, b = tensors(tmp_path / "det2" / "step_0000002"), tensors(tmp_path / "det_res" / "step_0000002")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # resumed under FSDP (optimizer sent from rank 0)
     for got, ref, keys in ((tmp_path / "sem2", root / "sem", ["loss", "cd", "grad_norm"]),
                            (tmp_path / "det2", tmp_path / "det", ["loss", "cd", "gan_g", "fm", "grad_norm"])):
         assert_losses(got, ref, keys)
         assert_close(got / "step_0000002", ref / "step_0000002", got.name)
+
+
+def test_bad_input_on_a_two_expert_teacher(moe, tmp_path, monkeypatch, capsys):
+    """One line each, before any model loads: validation samples of the detail stage (its semantic expert is not
+    loaded), a --kappa that makes an FSDP stage need both experts."""
+    from test_robust import train_err
+    root, teacher, d, common, _, det = moe
+    err = train_err(monkeypatch, capsys, [str(a) for a in [*det, "--sample-every", 1, "--out", tmp_path / "a"]])
+    assert "--sample-every on a two-expert teacher's detail stage" in err
+    err = train_err(monkeypatch, capsys, [str(a) for a in [*det, "--kappa", 3, "--fsdp", "--out", tmp_path / "b"]])
+    assert "cross the teacher's expert boundary" in err

@@ -32,6 +32,7 @@ import data
 import sampling
 import solver
 from storage import checkpoint
+from student import detail_on_teacher
 
 STEPS, NUM = (2, 4, 8), 4  # the authors' and FastVideo's validation step counts; prompts per validation
 
@@ -115,6 +116,10 @@ class Monitor:
         self.teacher = args.stage == "teacher"
         if self.every < 0 or (args.sample_num is not None and args.sample_num < 1):
             raise ValueError(f"--sample-every {self.every} must be >= 0 and --sample-num {args.sample_num} >= 1")
+        if self.every and detail_on_teacher(args):  # its semantic expert (the --init) is not loaded while training
+            raise ValueError("--sample-every on a two-expert teacher's detail stage: the model training is the "
+                             "low-noise expert + adapter alone, so its samples would run the high-noise steps on the "
+                             "low-noise expert; sample the saved steps with sample.py (both experts) instead")
         if self.every:
             self._setup_sampling(ds)
         if args.tensorboard and rank == 0:
