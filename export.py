@@ -11,9 +11,12 @@ scale 1): the detail expert over the weights the run starts from (a fully fine-t
 --semantic-lora the teacher's, the semantic LoRA stacked in), or `--expert semantic`; each linear of the copied
 timestep layers as an exact full-rank pair (an identity and the weight difference, the bias difference as
 lora_B.bias). Layers that are no linear (CogVideoX's norm_out LayerNorm) cannot go into such a file: refused.
---layout comfyui (Wan): the same pairs under the original Wan module names ComfyUI's LoRA loader reads
-(`diffusion_model.blocks.0.self_attn.q.lora_A.weight`, bias deltas as `.diff_b`; WAN_ORIGINAL); diffusers'
-load_lora_weights converts that layout back on its own.
+--layout comfyui: the same pairs under the module names ComfyUI's LoRA loader reads, bias deltas as `.diff_b`. Wan:
+the original Wan names (`diffusion_model.blocks.0.self_attn.q.lora_A.weight`; WAN_ORIGINAL), which diffusers'
+load_lora_weights converts back on its own. HunyuanVideo: Tencent's original names as ComfyUI keeps them
+(HUNYUAN_BLOCKS, HUNYUAN_TOP), the pairs of a fused linear as one exact pair (A stacked, B block-diagonal, zero rows
+where a part has none); diffusers refuses that file (its `.diff_b` keys): for diffusers use the default layout.
+CogVideoX (no ComfyUI model): refused.
 diffusers: a Wan student -> a complete `WanPipeline` folder that stock diffusers loads and runs with no code of ours:
 transformer/ = the semantic expert, transformer_2/ = the detail expert merged, model_index.json's boundary_ratio
 between them, a FlowMatchEulerDiscreteScheduler whose few points come closest to the student's (WanPipeline only
@@ -84,6 +87,30 @@ WAN_ORIGINAL = {"condition_embedder.time_embedder.linear_1": "time_embedding.0",
                 "condition_embedder.text_embedder.linear_2": "text_embedding.2",
                 "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",  # I2V
                 "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3", "proj_out": "head.head"}
+# ComfyUI's HunyuanVideo (comfy/ldm/hunyuan_video/model.py, on Flux's layers) renames Tencent's original modules
+# (supported_models.py HunyuanVideo.process_unet_state_dict: `img_mod.lin`, `img_attn.qkv`, `mlp.0`, MLPEmbedders'
+# `in_layer`/`out_layer`), and its LoRA keys (comfy/lora.py model_lora_keys_unet, the HunyuanVideo branch) are
+# `diffusion_model.<its name>` with Tencent's `_mod.linear`, `_attn_qkv`, `_attn_proj`, `mlp.fc1/fc2`,
+# `modulation.linear` put back, so Tencent's names but in_layer/out_layer (docs/sampling.md). The table (the reverse of
+# backbones/hunyuan_video.py's converter): ours -> the original block list, {original linear: our linears, its rows in
+# that order (several = one fused linear)}; then the top-level linears, original: ours.
+HUNYUAN_BLOCKS = {
+    "transformer_blocks": ("double_blocks", {
+        "img_attn_qkv": "attn.to_q attn.to_k attn.to_v", "txt_attn_qkv": "attn.add_q_proj attn.add_k_proj attn.add_v_proj",
+        "img_attn_proj": "attn.to_out.0", "txt_attn_proj": "attn.to_add_out", "img_mod.linear": "norm1.linear",
+        "txt_mod.linear": "norm1_context.linear", "img_mlp.fc1": "ff.net.0.proj", "img_mlp.fc2": "ff.net.2",
+        "txt_mlp.fc1": "ff_context.net.0.proj", "txt_mlp.fc2": "ff_context.net.2"}),
+    "single_transformer_blocks": ("single_blocks", {
+        "linear1": "attn.to_q attn.to_k attn.to_v proj_mlp", "linear2": "proj_out", "modulation.linear": "norm.linear"}),
+    "context_embedder.token_refiner.refiner_blocks": ("txt_in.individual_token_refiner.blocks", {
+        "self_attn_qkv": "attn.to_q attn.to_k attn.to_v", "self_attn_proj": "attn.to_out.0", "mlp.fc1": "ff.net.0.proj",
+        "mlp.fc2": "ff.net.2", "adaLN_modulation.1": "norm_out.linear"})}
+HUNYUAN_TOP = {f"{theirs}.{a}": f"{ours}.linear_{i}" for theirs, ours in (
+    ("time_in", "time_text_embed.timestep_embedder"), ("guidance_in", "time_text_embed.guidance_embedder"),
+    ("vector_in", "time_text_embed.text_embedder"), ("txt_in.t_embedder", "context_embedder.time_text_embed.timestep_embedder"),
+    ("txt_in.c_embedder", "context_embedder.time_text_embed.text_embedder")) for i, a in ((1, "in_layer"), (2, "out_layer"))}
+HUNYUAN_TOP |= {"txt_in.input_embedder": "context_embedder.proj_in", "final_layer.linear": "proj_out",
+                "final_layer.adaLN_modulation.1": "norm_out.linear"}  # the last: rows (shift, scale), ours (scale, shift)
 LAYOUTS = ("diffusers", "comfyui")
 
 
@@ -98,13 +125,56 @@ def wan_original(name):
                       "(use --layout diffusers)")
 
 
+def hunyuan_original(name):
+    """A HunyuanVideo linear's module name -> (the original (ComfyUI) linear holding it, our linears that are its rows,
+    in order); one that has none is refused."""
+    block = re.fullmatch(rf"({'|'.join(map(re.escape, HUNYUAN_BLOCKS))})\.(\d+)\.(.+)", name)
+    for theirs, ours in HUNYUAN_BLOCKS[block[1]][1].items() if block else ():
+        if block[3] in ours.split():
+            return f"{HUNYUAN_BLOCKS[block[1]][0]}.{block[2]}.{theirs}", [f"{block[1]}.{block[2]}.{o}" for o in ours.split()]
+    for theirs, ours in HUNYUAN_TOP.items():
+        if name == ours:
+            return theirs, [ours]
+    raise ExportError(f"--layout comfyui: the layer {name} has no name in the original HunyuanVideo layout ComfyUI "
+                      "reads (use --layout diffusers)")
+
+
+def hunyuan_comfyui(pairs, modules):
+    """{our linear: [A, B, bias delta or None]} -> ComfyUI's HunyuanVideo LoRA keys: the pairs of one fused original
+    linear as one exact pair (A = the parts' A stacked, B block-diagonal, rank = the sum; zero rows for a part with no
+    pair), the bias delta as `.diff_b` (zeros for a part without one)."""
+    out, done = {}, set()
+    for n in pairs:
+        theirs, parts = hunyuan_original(n)
+        if theirs in done:
+            continue
+        done.add(theirs)
+        have = [p for p in parts if p in pairs]
+        rows = [modules[p].weight.shape[0] for p in parts]
+        a = torch.cat([pairs[p][0] for p in have], 0)
+        b, bias, r, o = torch.zeros(sum(rows), a.shape[0]), torch.zeros(sum(rows)), 0, 0
+        for p, m in zip(parts, rows):
+            if p in pairs:
+                k = pairs[p][0].shape[0]
+                b[o:o + m, r:r + k], r = pairs[p][1], r + k
+                bias[o:o + m] = pairs[p][2] if pairs[p][2] is not None else 0
+            o += m
+        if theirs == "final_layer.adaLN_modulation.1":  # ours (scale, shift) -> (shift, scale)
+            b, bias = (torch.cat(x.chunk(2)[::-1]) for x in (b, bias))
+        out |= {f"diffusion_model.{theirs}.lora_A.weight": a, f"diffusion_model.{theirs}.lora_B.weight": b}
+        if any(pairs[p][2] is not None for p in have):
+            out[f"diffusion_model.{theirs}.diff_b"] = bias
+    return out
+
+
 def lora_state(expert, which="detail", layout="diffusers"):
     """{LoRA key: tensor} of an expert of a DualExpert relative to its backbone's weights (module docstring); which:
     "detail" (with a LoRA semantic expert's pairs stacked under the detail ones) or "semantic"; layout: "diffusers"
-    (`transformer.<module>.lora_A.weight`) or "comfyui" (Wan: `diffusion_model.<original module>...`, WAN_ORIGINAL)."""
+    (`transformer.<module>.lora_A.weight`) or "comfyui" (`diffusion_model.<original module>...`: Wan, WAN_ORIGINAL;
+    HunyuanVideo, hunyuan_comfyui)."""
     import torch.nn as nn
 
-    from lora import module_key
+    from lora import arch_of, module_key
     sem = expert.sem
     if which == "semantic" and sem is None:
         raise ExportError("--expert semantic: this run's semantic expert is fully fine-tuned (its weights are the "
@@ -133,6 +203,12 @@ def lora_state(expert, which="detail", layout="diffusers"):
             out[f"transformer.{name}.lora_A.weight"], out[f"transformer.{name}.lora_B.weight"] = a, b
             if mod.bias is not None:
                 out[f"transformer.{name}.lora_B.bias"] = mod.bias.detach().float() - orig.bias.detach().float()
+    if layout == "comfyui" and arch_of(expert.backbone) == "HunyuanVideo":
+        pairs = {}  # {our linear: [A, B, bias delta or None]}
+        for k, v in out.items():
+            n, tail = k[len("transformer."):].rsplit(".lora_", 1)
+            pairs.setdefault(n, [None, None, None])[("A.weight", "B.weight", "B.bias").index(tail)] = v
+        return {k: v.contiguous() for k, v in hunyuan_comfyui(pairs, base).items()}
     if any(k.endswith(".lora_B.bias") for k in out):  # PEFT's lora_bias is one switch for every layer
         for k in [k for k in out if k.endswith(".lora_B.weight")]:
             out.setdefault(k.replace(".weight", ".bias"), torch.zeros(out[k].shape[0]))
@@ -146,12 +222,13 @@ def lora_state(expert, which="detail", layout="diffusers"):
 
 def lora(args):
     """A LoRA detail-stage run -> one LoRA file for diffusers or ComfyUI (module docstring)."""
+    from lora import arch_of
     if args.layout == "comfyui":  # before any weight is loaded
         cfg, _ = sampling.checkpoint_config(args.ckpt, "--ckpt")
-        if not isinstance(cfg, models.WanConfig):
-            raise ExportError(f"--layout comfyui: ComfyUI's key names are written for Wan students only; --ckpt "
-                              f"{args.ckpt} is a {type(cfg).__name__.removesuffix('Config')} student (use --layout "
-                              "diffusers)")
+        if not isinstance(cfg, (models.WanConfig, models.HunyuanVideoConfig)):
+            raise ExportError(f"--layout comfyui: ComfyUI's key names are written for Wan and HunyuanVideo students "
+                              f"only; --ckpt {args.ckpt} is a {type(cfg).__name__.removesuffix('Config')} student (use "
+                              "--layout diffusers)")
     src, _, expert = student_parts(args, merged=False)
     if expert.on_teacher and args.expert == "semantic":
         raise ExportError(f"--expert semantic: {args.ckpt} is a two-expert teacher's run, whose semantic expert is its "
@@ -160,8 +237,9 @@ def lora(args):
     data.atomic_save_file(sd, args.out, metadata={"format": "pt"})
     on = ("the teacher's low-noise expert (its transformer_2/)" if expert.on_teacher else "the teacher's weights "
           "(--teacher of the run)" if expert.sem is not None else "the semantic expert's weights (the step's transformer/)")
-    reader = ("ComfyUI's LoRA loaders (original Wan keys; diffusers' load_lora_weights reads them too)"
-              if args.layout == "comfyui" else "diffusers' load_lora_weights")
+    reader = ("diffusers' load_lora_weights" if args.layout == "diffusers" else "ComfyUI's LoRA loaders (original "
+              "Wan keys; diffusers' load_lora_weights reads them too)" if arch_of(expert.backbone) == "Wan" else "ComfyUI's "
+              "LoRA loaders (original HunyuanVideo keys; diffusers reads --layout diffusers)")
     print(f"{src.folder} -> {args.out}: the {args.expert} expert as LoRA for {reader}, on {on}; "
           f"{sum(k.endswith('lora_A.weight') for k in sd)} layers, {sum(v.numel() for v in sd.values()) / 1e6:.2f} M values")
     return sd

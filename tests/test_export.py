@@ -1,8 +1,9 @@
 """export.py diffusers: a tiny Wan student trained here, exported as a WanPipeline folder, runs in stock diffusers
 with no code of ours; its two transformers are our semantic and merged detail experts; its latents equal sample.py's
 on the pipeline's points, and the README's "use a student in diffusers" block runs on it. export.py lora: a stock
-pipeline + load_lora_weights(FILE) equals our experts, in diffusers' key layout and in ComfyUI's (original Wan names).
-(export.py authors: tests/test_released.py.)"""
+pipeline + load_lora_weights(FILE) equals our experts, in diffusers' key layout and in ComfyUI's (original Wan names);
+HunyuanVideo in ComfyUI's layout: ComfyUI's way of applying it equals our experts, and stock diffusers reads only part
+of it (named here). (export.py authors: tests/test_released.py.)"""
 import contextlib
 import io
 import os
@@ -173,7 +174,7 @@ def test_hub_ids_resolve_from_the_cache_and_fail_in_one_line(student, tmp_path, 
         checkpoint.resolve("dcm-test/tiny-wan")
 
 
-def _step(tmp_path, arch, sem_rank=0):
+def _step(tmp_path, arch, sem_rank=0, lora_targets="authors", copy_adaln=False):
     """A detail-stage step folder of a tiny `arch` with every adapter trained-looking (random), as train.py writes it;
     with sem_rank, a --semantic-lora run over a teacher folder. -> (step, our DualExpert)."""
     import json
@@ -184,10 +185,11 @@ def _step(tmp_path, arch, sem_rank=0):
     torch.manual_seed(0)
     base = models.build_transformer(arch)
     checkpoint.save_transformer(base, str(tmp_path / "teacher"))
-    sem = experts.SemanticLoRA(base, sem_rank, 2 * sem_rank) if sem_rank else None
+    sem = experts.SemanticLoRA(base, sem_rank, 2 * sem_rank, lora_targets, copy_adaln) if sem_rank else None
     if sem is not None:
         randomize(sem.lora, sem.copies, seed=1)
-    expert = experts.DualExpert(base, 900.0, 4, 8, semantic=sem and sem.requires_grad_(False)).eval()
+    expert = experts.DualExpert(base, 900.0, 4, 8, copy_adaln, lora_targets=lora_targets,
+                                semantic=sem and sem.requires_grad_(False)).eval()
     randomize(expert.lora, expert.copies, seed=2)
     step = tmp_path / "run" / "step_0000002"
     step.mkdir(parents=True)
@@ -255,16 +257,167 @@ def test_lora_file_in_a_stock_pipeline(arch, sem_rank, layout, tmp_path, capsys)
         assert err <= 1e-5, (which, err)
 
 
+# ComfyUI's HunyuanVideo, as read (docs/sampling.md): its module names from Tencent's checkpoint names
+# (comfy/supported_models.py HunyuanVideo.process_unet_state_dict, these replaces in this order), and the LoRA key of
+# each of its weights (comfy/lora.py model_lora_keys_unet: the HunyuanVideo branch's replaces, and the generic name)
+COMFY_NAMES = (("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer."), ("txt_in.t_embedder.mlp.2.", "txt_in.t_embedder.out_layer."),
+               ("txt_in.c_embedder.linear_1.", "txt_in.c_embedder.in_layer."), ("txt_in.c_embedder.linear_2.", "txt_in.c_embedder.out_layer."),
+               ("_mod.linear.", "_mod.lin."), ("_attn_qkv.", "_attn.qkv."), ("mlp.fc1.", "mlp.0."), ("mlp.fc2.", "mlp.2."),
+               ("_attn_q_norm.weight", "_attn.norm.query_norm.scale"), ("_attn_k_norm.weight", "_attn.norm.key_norm.scale"),
+               (".q_norm.weight", ".norm.query_norm.scale"), (".k_norm.weight", ".norm.key_norm.scale"),
+               ("_attn_proj.", "_attn.proj."), (".modulation.linear.", ".modulation.lin."),
+               ("_in.mlp.2.", "_in.out_layer."), ("_in.mlp.0.", "_in.in_layer."))
+COMFY_LORA_NAMES = (("_mod.lin.", "_mod.linear."), ("_attn.qkv.", "_attn_qkv."), ("_attn.proj.", "_attn_proj."),
+                    ("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2."), (".modulation.lin.", ".modulation.linear."))
+
+
+def _comfyui_applies(path, base):
+    """What ComfyUI does with the LoRA file `path` on a HunyuanVideo whose weights are our state dict `base`, replayed
+    here (ComfyUI is not run): its model's weights = Tencent's names (tests/test_model_hunyuan.to_tencent) renamed as
+    ComfyUI does (COMFY_NAMES); its key map (COMFY_LORA_NAMES + `diffusion_model.<name>`); each pair added as B @ A
+    (no `.alpha`: scale 1, comfy/weight_adapter/lora.py), each `.diff_b` to the bias. Every key of the file must be one
+    ComfyUI reads (else it warns "lora key not loaded"). -> our state dict of the patched weights
+    (backbones/hunyuan_video.convert_tencent_hunyuan back)."""
+    from safetensors.torch import load_file
+    from backbones.hunyuan_video import convert_tencent_hunyuan
+    from test_model_hunyuan import to_tencent
+    tencent, sd, key_map = to_tencent(base), load_file(path), {}
+    for t in tencent:
+        c = "diffusion_model." + t
+        for a, b in COMFY_NAMES:
+            c = c.replace(a, b)
+        if c.endswith(".weight"):
+            lora_key = c
+            for a, b in COMFY_LORA_NAMES:
+                lora_key = lora_key.replace(a, b)
+            lora_key = lora_key[len("diffusion_model."):-len(".weight")]
+            key_map |= {c[:-len(".weight")]: t, f"transformer.{lora_key}": t, f"diffusion_model.{lora_key}": t}
+    read = set()
+    for x, t in key_map.items():
+        if f"{x}.lora_B.weight" in sd:
+            tencent[t] = tencent[t] + sd[f"{x}.lora_B.weight"] @ sd[f"{x}.lora_A.weight"]
+            read |= {f"{x}.lora_B.weight", f"{x}.lora_A.weight"}
+        if f"{x}.diff_b" in sd:
+            bias = t.removesuffix(".weight") + ".bias"
+            tencent[bias] = tencent[bias] + sd[f"{x}.diff_b"]
+            read.add(f"{x}.diff_b")
+    assert read == set(sd), f"keys ComfyUI does not read: {sorted(set(sd) - read)}"
+    return convert_tencent_hunyuan(tencent, config=models.PRESETS["tiny-hunyuan"])[1]
+
+
+@pytest.mark.parametrize("targets,adaln,sem_rank", [("authors", False, 0), ("all", True, 0), ("all", True, 3)])
+def test_hunyuan_lora_file_for_comfyui(targets, adaln, sem_rank, tmp_path, capsys):
+    """--layout comfyui on a HunyuanVideo run: every key is one ComfyUI reads (Tencent's names as ComfyUI keeps them,
+    `diffusion_model.` prefix), and the file applied the way ComfyUI applies it gives our detail path (and a
+    --semantic-lora run's semantic one) within 1e-5 (fp32): the fused qkv / linear1 pairs, the final layer's (shift,
+    scale) rows, the copied timestep layers and their `.diff_b` bias deltas."""
+    from test_experts import inputs
+    step, expert = _step(tmp_path, "tiny-hunyuan", sem_rank, targets, adaln)
+    x, cond = inputs(expert.backbone, 2)
+    t = torch.tensor([300.0, 100.0])
+    base = expert.backbone.state_dict()  # the weights the file applies to (the teacher's, with a semantic LoRA)
+    for which, ours in (("detail", expert.detail), ("semantic", expert.semantic))[:2 if sem_rank else 1]:
+        out = str(tmp_path / f"{which}.safetensors")
+        export.main(["lora", "--ckpt", str(step), "--out", out, "--expert", which, "--layout", "comfyui"])
+        assert "for ComfyUI's LoRA loaders (original HunyuanVideo keys" in capsys.readouterr().out
+        theirs = models.build_transformer("tiny-hunyuan")
+        theirs.load_state_dict(_comfyui_applies(out, base))
+        with torch.no_grad():
+            err = float((theirs(x, t, **cond) - ours(x, t, **cond)).abs().max())
+        print(f"HunyuanVideo {which} ({targets}, adaln {adaln}): ComfyUI's way of applying the file vs ours {err:.1e}")
+        assert err <= 1e-5, (which, err)
+
+
+# what stock diffusers' HunyuanVideo converter (lora_conversion_utils._convert_hunyuan_video_lora_to_diffusers) cannot
+# take from a --layout comfyui file: bias deltas (`.diff_b`: no "lora" in the name, the whole file is refused), the
+# single blocks' linear1 (split at a hard-coded width 3072), the token refiner's self_attn_qkv (its lora_A is cut in
+# three), ComfyUI's in_layer / out_layer names of time_in, guidance_in, txt_in.t_embedder / c_embedder (not converted:
+# skipped), final_layer.adaLN_modulation.1 (its lora_A's rank halves are swapped with B's rows: a wrong product)
+DIFFUSERS_SKIPS = (r"\.diff_b$|single_blocks\.\d+\.linear1\.|self_attn_qkv\.|(time_in|guidance_in|txt_in\.[tc]_embedder)\."
+                   r"|final_layer\.adaLN_modulation\.1\.")
+OURS_SKIPPED = (r"single_transformer_blocks\.\d+\.attn\.to_[qkv]|context_embedder\.token_refiner\.refiner_blocks\.\d+\."
+                r"attn\.to_[qkv]|time_text_embed\.(timestep|guidance)_embedder\..*|context_embedder\.time_text_embed\..*"
+                r"|norm_out\.linear")  # the same layers, ours
+
+
+def test_hunyuan_comfyui_lora_file_in_stock_diffusers(tmp_path):
+    """Stock diffusers refuses a HunyuanVideo --layout comfyui file (use --layout diffusers there); what it can read of
+    one (all but DIFFUSERS_SKIPS: the double blocks' fused qkv pairs, split by it into q, k, v, and the rest) loaded by
+    HunyuanVideoPipeline.load_lora_weights equals our detail path without those layers (OURS_SKIPPED: LoRA off, copies
+    back to the base weights) and without any bias delta, within 1e-5 (fp32); at the release's width 3072 its converter
+    splits a linear1 pair of ours back into the q, k, v pairs (a zero one on the MLP input)."""
+    import copy
+
+    import diffusers
+    from diffusers.loaders.lora_conversion_utils import _convert_hunyuan_video_lora_to_diffusers
+    from safetensors.torch import load_file
+
+    from lora import module_key
+    from test_experts import inputs
+    step, expert = _step(tmp_path, "tiny-hunyuan", 0, "all", True)
+    out = str(tmp_path / "comfy.safetensors")
+    export.main(["lora", "--ckpt", str(step), "--out", out, "--layout", "comfyui"])
+
+    def stock():
+        tr = diffusers.HunyuanVideoTransformer3DModel.from_pretrained(str(step / "transformer")).eval()
+        init = diffusers.HunyuanVideoPipeline.__init__.__code__  # every other component: None
+        return tr, diffusers.HunyuanVideoPipeline(**{k: None for k in init.co_varnames[1:init.co_argcount]
+                                                     if k != "transformer"}, transformer=tr)
+    sd = load_file(out)
+    with pytest.raises(RuntimeError, match=r"split_sizes=\[3072, 3072, 3072, "):  # linear1 at any other width
+        stock()[1].load_lora_weights(out)
+    with pytest.raises(ValueError, match="all LoRA param names contain `'lora'`"):  # the .diff_b keys
+        stock()[1].load_lora_weights({k: v for k, v in sd.items() if "single_blocks" not in k})
+    read = {k: v for k, v in sd.items() if not re.search(DIFFUSERS_SKIPS, k)}
+    assert any(".img_attn_qkv." in k for k in read) and any(".txt_attn_qkv." in k for k in read)
+    tr, pipe = stock()
+    pipe.load_lora_weights(read)
+    ref = copy.deepcopy(expert)  # ours without what diffusers skips
+    base = dict(ref.backbone.named_modules())
+    with torch.no_grad():
+        for n in ref.lora_names:
+            if re.fullmatch(OURS_SKIPPED, n):
+                ref.lora[module_key(n)].B.zero_()
+        for n in ref.copy_names:
+            for k, mod in ref.copies[module_key(n)].named_modules():
+                if isinstance(mod, torch.nn.Linear):
+                    orig = base[f"{n}.{k}" if k else n]
+                    mod.bias.copy_(orig.bias)
+                    if re.fullmatch(OURS_SKIPPED, f"{n}.{k}" if k else n):
+                        mod.weight.copy_(orig.weight)
+        x, cond = inputs(expert.backbone, 2)
+        t = torch.tensor([300.0, 100.0])
+        want = ref.detail(x, t, **cond)
+        got = tr(x, t, cond["text"], cond["text_mask"], cond["pooled"], cond["guidance"], return_dict=False)[0]
+        err, skipped = float((got - want).abs().max()), float((want - expert.detail(x, t, **cond)).abs().max())
+    print(f"HunyuanVideo comfyui file in stock diffusers (the part it reads) vs ours without the rest: {err:.1e} "
+          f"(the rest moves ours by {skipped:.2f})")
+    assert err <= 1e-5 and skipped > 1e-3
+    # linear1 at width 3072 (skinny stand-ins: 2 inputs, MLP 5 rows): to_q, to_k, to_v pairs back, proj_mlp's zero
+    g, D = torch.Generator().manual_seed(0), 3072
+    ours = {f"single_transformer_blocks.0.attn.to_{c}": [torch.randn(2, 2, generator=g), torch.randn(D, 2, generator=g),
+                                                        None] for c in "qkv"}
+    rows = {f"single_transformer_blocks.0.{n}": torch.nn.Linear(2, m) for n, m in (("attn.to_q", D), ("attn.to_k", D),
+                                                                                   ("attn.to_v", D), ("proj_mlp", 5))}
+    conv = _convert_hunyuan_video_lora_to_diffusers(export.hunyuan_comfyui(ours, rows))
+    delta = {n: conv[f"transformer.{n}.lora_B.weight"] @ conv[f"transformer.{n}.lora_A.weight"] for n in rows}
+    assert all(torch.equal(delta[n], b @ a) for n, (a, b, _) in ours.items()), "q, k, v pairs"
+    assert not delta["single_transformer_blocks.0.proj_mlp"].any()
+
+
 def test_lora_file_refuses_what_a_lora_cannot_hold(tmp_path, capsys):
     """CogVideoX's copied norm_out holds a LayerNorm's weight and bias: no LoRA file can carry them (one error line);
     --expert semantic on a fully fine-tuned semantic expert: one error line; --layout comfyui on a run that is no Wan
-    student: one error line, before its weights load."""
+    or HunyuanVideo student: one error line, before its weights load."""
     step, _ = _step(tmp_path, "tiny-cogvideox")
     for argv, want in ((["--expert", "detail"], "norm_out.norm (LayerNorm: weight, bias) is no linear layer"),
                        (["--expert", "semantic"], "semantic expert is fully fine-tuned"),
-                       (["--layout", "comfyui"], "--layout comfyui: ComfyUI's key names are written for Wan students "
-                                                 "only; --ckpt " + str(step) + " is a CogVideoX student")):
+                       (["--layout", "comfyui"], "--layout comfyui: ComfyUI's key names are written for Wan and "
+                                                 "HunyuanVideo students only; --ckpt " + str(step) + " is a CogVideoX "
+                                                 "student")):
         with pytest.raises(SystemExit) as e:
             export.main(["lora", "--ckpt", str(step), "--out", str(tmp_path / "x.safetensors"), *argv])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and want in err and "\n" not in err, err
+    with pytest.raises(export.ExportError, match="x_embedder.proj has no name in the original HunyuanVideo layout"):
+        export.hunyuan_original("x_embedder.proj")  # a conv: no LoRA layer of ours, no row in the table
