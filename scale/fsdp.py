@@ -28,14 +28,19 @@ from storage import checkpoint
 from student import detail_on_teacher, shares_teacher, teacher_path
 
 
-def shard(m, mesh):
-    """FSDP2: every transformer block its own unit, the rest in the root's."""
-    from torch.distributed.fsdp import fully_shard
+def shard(m, mesh, bf16=False):
+    """FSDP2: every transformer block its own unit, the rest in the root's. bf16 (--dtype bf16): a mixed-precision
+    policy, so fp32 masters are all-gathered in bf16 (half the traffic; autocast would cast them for the matmuls
+    anyway) and gradients reduce-scattered in fp32; forward inputs keep their dtype (t in fp32: a bf16 t would move
+    981.8 to 980 and change the routing and the time embedding)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if bf16 else MixedPrecisionPolicy()
     for mod in list(m.modules()):
         for name in ("transformer_blocks", "single_transformer_blocks", "blocks"):  # blocks: Wan
             for block in getattr(mod, name, None) or ():
-                fully_shard(block, mesh=mesh)
-    fully_shard(m, mesh=mesh)
+                fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(m, mesh=mesh, mp_policy=mp)
 
 
 def host_peak_gib():
@@ -190,7 +195,7 @@ def start_up(args, ckpt, state, mesh, device, tdtype, build, load):
         tmodel = None if args.stage == "teacher" or shared else load(tpath, tdtype, torch.device("cpu"))
         for m in [student, ema, tmodel]:
             if m is not None:
-                shard(m, mesh)
+                shard(m, mesh, args.dtype == "bf16")
         return student, ema, student.base_view() if shared else tmodel
     try:
         student = build(ckpt, "meta")
@@ -214,7 +219,7 @@ def start_up(args, ckpt, state, mesh, device, tdtype, build, load):
             checkpoint.check_keys(tmodel, teach.shapes, tpath)
         for m in [student, ema, tmodel]:
             if m is not None:
-                shard(m, mesh)
+                shard(m, mesh, args.dtype == "bf16")
                 m.to_empty(device=device)  # DTensor params swapped in place: the DualExpert's grafted tree sees them
         if adapted:  # drawn even on resume (then overwritten): the generator ends where the full-copy start-up leaves it
             _fresh_lora([student] + ([ema] if ema is not None and not state else []))

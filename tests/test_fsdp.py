@@ -57,3 +57,29 @@ def test_meta_start_up_errors_name_the_checkpoint(tmp_path):
         assert "cannot load the transformer in" in str(e) and "broken" in str(e)
     else:
         raise AssertionError("a truncated checkpoint loaded")
+
+
+def test_bf16_fsdp_gathers_weights_in_bf16_and_keeps_t_in_fp32(tmp_path, monkeypatch):
+    """--fsdp --dtype bf16 (issue 28 item 6): a mixed-precision policy, so each block's fp32 masters arrive
+    all-gathered in bf16 (half the bytes of fp32) while the sharded masters stay fp32, and the timestep reaches the
+    model in fp32 (FSDP's default input cast would round 981.8 to 980); fp32 runs keep fp32. One process."""
+    from scale import fsdp
+    d = make_dataset(tmp_path / "data", "tiny-wan")
+    torch.manual_seed(0)
+    checkpoint.save_transformer(model.build_transformer("tiny-wan"), tmp_path / "t")
+    shard = fsdp.shard
+    for dtype, want in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        seen = {"gathered": set(), "master": set(), "t": set()}
+
+        def spy(m, mesh, bf16=False):
+            shard(m, mesh, bf16)
+            if seen["master"]:
+                return  # the student is sharded first; then the frozen teacher (held in its compute dtype)
+            block = m.blocks[0]
+            block.register_forward_pre_hook(lambda mod, a: seen["gathered"].add(next(mod.parameters()).dtype))
+            m.register_forward_pre_hook(lambda mod, a: seen["t"].add(a[1].dtype))
+            seen["master"] |= {p.to_local().dtype for p in m.parameters()}
+        monkeypatch.setattr(fsdp, "shard", spy)
+        run("--stage", "semantic", "--teacher", tmp_path / "t", "--data", d, "--out", tmp_path / dtype, "--fsdp",
+            "--dtype", dtype, "--device", "cpu", "--max-steps", 1, "--probe-every", 0)
+        assert seen == {"gathered": {want}, "master": {torch.float32}, "t": {torch.float32}}, (dtype, seen)
