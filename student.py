@@ -83,8 +83,10 @@ def stage_teacher(args, grid, tmodel, uncond, device, dtype):
     """The stage's Teacher around tmodel (its own expert, teacher_path); a two-expert teacher whose boundary the
     stage's grid indices cross (a --kappa off the boundary, vcm / pcm) gets its other expert loaded too."""
     moe = two_experts(args)
-    if tmodel is None or moe is None:
-        return tmodel and Teacher(tmodel, grid, args.guidance, uncond)
+    if tmodel is None:
+        return None
+    if moe is None:
+        return Teacher(tmodel, grid, args.guidance, uncond)
     bt, (high, low) = 1000 * moe.boundary_ratio, experts_used(args, grid, moe)
     if not (high and low):
         return Teacher(tmodel, grid, args.guidance if high else args.guidance_2, uncond)
