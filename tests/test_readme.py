@@ -190,6 +190,7 @@ def test_every_cpu_command_runs(walkthrough, monkeypatch, capsys):
     run, ran = runners(monkeypatch), []
     for c in [c for c in all_commands() if c.marker == "run" and not c.tiny]:
         assert (sa := script_and_args(c.words)) and sa[0] in run, f"{c}: not a script this test runs; mark it"
+        assert sa[0] != "toy/run.py" or "--quick" in sa[1], f"{c}: the full toy study (minutes) in the suite; mark it"
         status = call(run[sa[0]], sa[1])
         assert status == 0, f"{c}: exit status {status}\n{capsys.readouterr().err[-2000:]}"
         ran.append(sa[0])
