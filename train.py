@@ -123,6 +123,7 @@ def parse_args(argv):
     a("--save-every", type=int, default=save_every)
     a("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast with fp32 master weights")
     a("--fsdp", action="store_true", help="FSDP2: shard student and teacher per block")
+    a("--hsdp", type=int, default=1, metavar="R", help="--fsdp as HSDP: R replicas, each sharded over world/R ranks")
     a("--sp", type=int, default=1, help="sequence parallel degree N (torchrun; world = DP x N; N divides the heads)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing per block")
     a("--compile", action="store_true", help="torch.compile the student")
@@ -146,6 +147,7 @@ def parse_args(argv):
     for k in ("teacher", "init") if not args.dry_run else ():  # an org/name hub id: its local snapshot, recorded as such
         setattr(args, k, getattr(args, k) and checkpoint.hub_path(getattr(args, k), f"--{k}"))
     checks.train_args(args, given)  # flags and their combinations, named in one line each
+    fsdp.check_hsdp(args, args.world_size or int(os.environ.get("WORLD_SIZE", 1)))
     if args.kappa is not None and not 0 <= args.kappa <= args.grid_steps - 2:
         raise TrainError(f"--kappa {args.kappa} must lie in 0..N-2 = 0..{args.grid_steps - 2}")
     return args
@@ -211,8 +213,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
     torch.manual_seed(args.seed)
     tdtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.fsdp:  # FSDP2 per block + root, the EMA and the frozen teacher sharded too
-        from torch.distributed.device_mesh import init_device_mesh  # ~1 s to import with DTensor: only FSDP needs it
-        mesh = init_device_mesh(device.type, (world,))
+        mesh = fsdp.device_mesh(args, world, device)  # --hsdp R: R replicas of a world/R-rank FSDP group
         student, ema, tmodel = fsdp.start_up(args, ckpt, state, mesh, device, tdtype,
                                              lambda c, d: build_student(args, cfg, grid, c, d), load)
     else:

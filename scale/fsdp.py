@@ -43,6 +43,22 @@ def shard(m, mesh, bf16=False):
     fully_shard(m, mesh=mesh, mp_policy=mp)
 
 
+def device_mesh(args, world, device):
+    """The FSDP mesh: 1-D over the world, or with --hsdp R (HSDP) 2-D, R replicas x world/R shards, so each block's
+    all-gather and reduce-scatter stay inside a group of world/R consecutive ranks (torchrun numbers a node's ranks
+    consecutively: a node when world/R is its GPU count) and only the gradient all-reduce crosses groups."""
+    from torch.distributed.device_mesh import init_device_mesh  # ~1 s to import with DTensor: only FSDP needs it
+    if args.hsdp == 1:
+        return init_device_mesh(device.type, (world,))
+    return init_device_mesh(device.type, (args.hsdp, world // args.hsdp), mesh_dim_names=("replicate", "shard"))
+
+
+def check_hsdp(args, world):
+    """--hsdp R: with --fsdp, R >= 1 dividing the world size; ValueError (one line) before any work."""
+    if args.hsdp < 1 or world % args.hsdp or (args.hsdp > 1 and not args.fsdp):
+        raise ValueError(f"--hsdp {args.hsdp} must be >= 1, divide the world size {world} and go with --fsdp")
+
+
 def host_peak_gib():
     """This process's peak resident host memory so far (ru_maxrss, KiB on Linux) in GiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

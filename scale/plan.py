@@ -152,7 +152,7 @@ def plan(args, cfg, counts, sp, device="cuda"):
     B, bf16, stage = args.batch_size, args.dtype == "bf16", args.stage
     e, te = (2, 2) if bf16 else (4, 4)
     P, T, Pt, Pd, block = counts["params"], counts["trainable"], counts["teacher"], counts["disc"], counts["block"]
-    sh = world if args.fsdp else 1
+    sh = world // (getattr(args, "hsdp", 1) or 1) if args.fsdp else 1  # HSDP: sharded over a group, not the world
     ckpt = args.grad_ckpt
     ema = args.target_ema > 0 and stage != "teacher"
     gan = stage == "detail" and bool(args.w_gan or args.w_fm)

@@ -83,3 +83,29 @@ def test_bf16_fsdp_gathers_weights_in_bf16_and_keeps_t_in_fp32(tmp_path, monkeyp
         run("--stage", "semantic", "--teacher", tmp_path / "t", "--data", d, "--out", tmp_path / dtype, "--fsdp",
             "--dtype", dtype, "--device", "cpu", "--max-steps", 1, "--probe-every", 0)
         assert seen == {"gathered": {want}, "master": {torch.float32}, "t": {torch.float32}}, (dtype, seen)
+
+
+def test_hsdp_equals_one_process(tmp_path, capsys, monkeypatch):
+    """--fsdp --hsdp 2 on 4 gloo ranks (issue 28 item 6: 2 replicas x 2 shards, all-gathers inside each pair) = one
+    process on the whole batch of 4, detail stage (LoRA, GAN, FM), weights and losses; --hsdp that does not divide
+    the world, or without --fsdp: one line."""
+    from test_robust import train_err
+    from test_train import LORA, SMALL
+    from test_train_sp import assert_losses, torchrun
+    torch.manual_seed(0)
+    checkpoint.save_transformer(model.build_transformer("tiny-wan"), tmp_path / "t")
+    d = make_dataset(tmp_path / "data", "tiny-wan")
+    common = ["--teacher", tmp_path / "t", "--init", tmp_path / "t", "--data", d, "--lr", 1e-3, "--max-steps", 2,
+              "--stage", "detail", *SMALL, *LORA]
+    torchrun(4, [["train", *common, "--fsdp", "--hsdp", 2, "--batch-size", 1, "--out", tmp_path / "hsdp"]], tmp_path)
+    run(*common, "--batch-size", 4, "--out", tmp_path / "one")
+    assert_losses(tmp_path / "hsdp", tmp_path / "one", ["loss", "cd", "gan_g", "fm", "d", "grad_norm"])
+    got, ref = tensors(tmp_path / "hsdp" / "step_0000002"), tensors(tmp_path / "one" / "step_0000002")
+    weights = [k for k in ref if k.startswith(("detail", "train_state.pt/disc"))]
+    assert len(weights) > 20
+    for k in weights:  # two AdamW steps move a weight by <= 2 lr; a sync error would flip whole signs (test_train)
+        assert torch.allclose(got[k], ref[k], atol=2e-4, rtol=0), (k, (got[k] - ref[k]).abs().max())
+    capsys.readouterr()
+    for bad in (["--hsdp", 3, "--fsdp"], ["--hsdp", 1, "--hsdp", 0]):
+        err = train_err(monkeypatch, capsys, [*common, "--batch-size", 1, "--out", tmp_path / "x", *bad])
+        assert "--hsdp" in err and "divide the world size 1" in err
