@@ -241,7 +241,13 @@ def sp_attention(q, k, v, mask, sp, sdpa):
     qkv = torch.stack([q, k, v])  # [3, B, H, L_local, d]
     vid = _AllToAll.apply(qkv[:, :, :, a:b], sp.group, 2, 3)  # [3, B, H/N, n_pad, d]: all tokens, own heads
     qkv = torch.cat([qkv[:, :, heads, :a], vid, qkv[:, :, heads, b:]], dim=3)  # [3, B, H/N, L_full, d]
-    o = sdpa(qkv[0], qkv[1], qkv[2], _key_mask(mask, sp, q.shape[2], q.device))  # [B, H/N, L_full, d]
+    pad = sp.n_pad - sp.n
+    if mask is None and pad:  # padding rows left out, not masked: SDPA keeps its fused (flash) kernel without a mask
+        kept = torch.cat([qkv[:, :, :, :a + sp.n], qkv[:, :, :, a + sp.n_pad:]], dim=3)  # [3, B, H/N, L_full - pad, d]
+        o = sdpa(kept[0], kept[1], kept[2], None)
+        o = torch.cat([o[:, :, :a + sp.n], o.new_zeros(*o.shape[:2], pad, o.shape[3]), o[:, :, a + sp.n:]], dim=2)
+    else:  # a backbone's own key mask (HunyuanVideo's text padding): the video padding joins it
+        o = sdpa(qkv[0], qkv[1], qkv[2], _key_mask(mask, sp, q.shape[2], q.device))  # [B, H/N, L_full, d]
     o_vid = _AllToAll.apply(o[:, :, a:a + sp.n_pad], sp.group, 2, 1)  # [B, H, n_local, d]: own tokens, all heads
     o_txt = _AllGather.apply(torch.cat([o[:, :, :a], o[:, :, a + sp.n_pad:]], dim=2), sp.group, 1)  # [B, H, Lt, d]
     return torch.cat([o_txt[:, :, :a], o_vid, o_txt[:, :, a:]], dim=2)  # [B, H, L_local, d]
