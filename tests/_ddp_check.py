@@ -31,4 +31,5 @@ train.main(argv + ["--out", os.path.join(out, "ddp")])
 state = {k: v.detach().clone() for k, v in students[0].state_dict().items()}
 torch.save(state, os.path.join(out, "ddp", f"rank{dist.get_rank()}.pt"))
 train.main(argv + ["--out", os.path.join(out, "fsdp"), "--fsdp"])
+dist.barrier()  # both ranks past the last exchange before either tears the group down (a gloo abort seen once in CI)
 dist.destroy_process_group()
