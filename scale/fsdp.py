@@ -21,6 +21,7 @@ from copy import deepcopy
 import torch
 from safetensors import safe_open
 
+from data import SAFETENSORS_DTYPES
 import experts
 import lora
 import model as models
@@ -68,8 +69,7 @@ class _Folder:
     """A diffusers transformer folder (or a step folder holding one), read a row range at a time with plain reads of
     the safetensors files: no mmap, whose touched pages would count in this process's resident memory."""
 
-    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32}
+    DTYPES = SAFETENSORS_DTYPES  # the safetensors header's dtype names (data.py, which reads them too)
 
     def __init__(self, path):
         folder = checkpoint.transformer_folder(path)
