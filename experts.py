@@ -234,8 +234,17 @@ class DualExpert(_OverBackbone):
             raise ValueError(f"t must be a 1-D tensor [B{'' if B is None else f'={B}'}], got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         # rounding the boundary like t was rounded keeps a float32 grid timestep on its own side; a host t (the
-        # training step's) routes without reading the device, a device t costs a host sync in _route
+        # training step's) routes without reading the device (under FSDP2 too: __call__ decides before its hook moves
+        # t), a device t costs a host sync in _route
         return t <= torch.full((), self.boundary_t, dtype=t.dtype, device=t.device)
+
+    def __call__(self, x, t, *args, **kw):
+        """The routing decided from t where the caller holds it (train.py: on the host), before any forward pre-hook:
+        FSDP2's root hook moves tensor inputs to the GPU, where reading the mask would sync the host every call; a
+        tuple of Python bools (`route`) is left alone by the hook (issue 28, item 8)."""
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not kw.get("base") and "route" not in kw:
+            kw["route"] = tuple(self.detail_mask(t, x.shape[0]).tolist())
+        return super().__call__(x, t, *args, **kw)
 
     def _route(self, mask, call, base=False):
         """call(tree, idx) on each path's sub-batch (idx None = whole batch), results scattered back; base=True:
@@ -251,9 +260,9 @@ class DualExpert(_OverBackbone):
         out_d, out_s = call(self.detail, idx_d), call(semantic, idx_s)
         return _join(out_d, out_s, torch.argsort(torch.cat([idx_d, idx_s])))
 
-    def forward(self, x, t, taps=None, base=False, **cond):
+    def forward(self, x, t, taps=None, base=False, route=None, **cond):
         """Backbone call signature; per-sample routing (returns v, or (v, feats) with taps); base=True: the teacher
-        of a LoRA semantic expert (the base tree, no adapter)."""
+        of a LoRA semantic expert (the base tree, no adapter); route: the detail mask as Python bools (__call__)."""
         B = x.shape[0]
         extra = {} if taps is None else {"taps": taps}
 
@@ -261,7 +270,8 @@ class DualExpert(_OverBackbone):
             if idx is None:
                 return tree(x, t, **extra, **cond)
             return tree(_at(x, idx), _at(t, idx), **extra, **_take(cond, idx, B))
-        return self._route(None if base else self.detail_mask(t, B), call, base)
+        mask = None if base else self.detail_mask(t, B) if route is None else torch.tensor(route)  # [B] bool, host
+        return self._route(mask, call, base)
 
     def time_embed(self, t, base=False, **cond):
         B = t.shape[0]

@@ -282,3 +282,43 @@ def test_load_detail_is_strict(tmp_path):
         e.load_detail(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="boundary_t"):
         DualExpert(m, 123.0, rank=4, alpha=8).load_detail(path)
+
+
+class _OnDevice(torch.Tensor):
+    """A t that FSDP2's root hook has moved to a GPU, stood in for on a CPU: reading its values on the host (what
+    would sync a CUDA stream) raises."""
+    READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.nonzero, torch.nonzero,
+             torch.Tensor.is_nonzero, torch.Tensor.__index__}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls.READS:
+            raise RuntimeError(f"host sync: {func.__name__} read a device t")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_routing_reads_no_device_t(arch):
+    """Issue 28 item 8: under FSDP2 on CUDA the root's pre-forward hook moves t to the GPU, and deciding the route
+    from it synced the host every call. The decision is taken from the caller's host t before any hook (a hook
+    registered first, as FSDP2's is, stands a t whose host reads raise in for the device one): every split of the
+    batch gives the plain call's output and no read of the moved t happens (the old routing raised here)."""
+    m, e = build(arch, random_adapter=True)
+    x, cond = inputs(m, 4)
+    moved = []
+
+    def move(mod, args, kwargs):  # what FSDP2's root pre-forward does to a tensor input
+        moved.append(args[1].as_subclass(_OnDevice))
+        return (args[0], moved[-1], *args[2:]), kwargs
+    for ks in ([KAPPA + 1, 3, 49, KAPPA], [3, 0, KAPPA, 7], [KAPPA + 1, 40, 49, 45]):  # mixed, detail, semantic
+        t, _ = timesteps(m, ks)
+        with torch.no_grad():
+            want = e(x, t, **cond)
+            handle = e.register_forward_pre_hook(move, prepend=True, with_kwargs=True)
+            try:
+                got = e(x, t, **cond)
+            finally:
+                handle.remove()
+        assert isinstance(moved[-1], _OnDevice) and torch.equal(torch.Tensor(got), want), ks
+    with pytest.raises(RuntimeError, match="host sync"):  # the stand-in does catch a host read of t
+        bool(moved[-1].max() > 0)
