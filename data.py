@@ -35,9 +35,9 @@ import os
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load, load_file, save_file
+from safetensors.torch import load, load_file
 
-from storage import image_io, integrity
+from storage import image_io, integrity, safetensors_io
 from tools import checks
 
 FORMAT = "dcm-latents-v1"
@@ -53,11 +53,8 @@ def shard_name(i):
 
 
 def atomic_save_file(tensors, path, metadata=None):
-    """safetensors save via a temp file + rename, so a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    integrity.as_umask(tmp)  # safetensors writes 0600
-    os.replace(tmp, path)
+    """safetensors save via a temp file + rename, so a crash never leaves a half-written file (hashed as written)."""
+    safetensors_io.save(tensors, path, metadata)
 
 
 def atomic_write_json(obj, path):
@@ -189,9 +186,7 @@ class Rows:
         return out[(slice(None),) * rows.dim() + rest] if rest else out
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
+SAFETENSORS_DTYPES = safetensors_io.DTYPES
 
 
 class LatentDataset(torch.utils.data.Dataset):

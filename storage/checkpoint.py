@@ -27,10 +27,9 @@ from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import model as M
-from storage import integrity
+from storage import integrity, safetensors_io
 from tools import checks
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -269,14 +268,12 @@ def save_transformer(model, folder, max_shard_size="5GB"):
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
-            integrity.as_umask(os.path.join(tmp, WEIGHTS))
+            safetensors_io.save(shards[0], os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
             return
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-            integrity.as_umask(os.path.join(tmp, name))
+            safetensors_io.save(shard, os.path.join(tmp, name), metadata={"format": "pt"})
             weight_map.update({k: name for k in shard})
         total = sum(v.numel() * v.element_size() for v in sd.values())
         with open(os.path.join(tmp, INDEX), "w") as f:

@@ -142,8 +142,8 @@ def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False,
                 model.save_parts(tmp, meta)
             else:
                 save_transformer(model, os.path.join(tmp, "transformer"))
-            torch.save({**state, "step": step, "opt": osd, "ema": ema_sd, "rng": rngs},
-                       os.path.join(tmp, "train_state.pt"))
+            with integrity.hashed(os.path.join(tmp, "train_state.pt")) as f:  # its checksum taken as it is written
+                torch.save({**state, "step": step, "opt": osd, "ema": ema_sd, "rng": rngs}, f)
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump({**run_config, "step": step}, f, indent=2)
             integrity.write_checksums(tmp)  # before the folder goes live: every live step folder has them

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from storage import checkpoint, resume
@@ -268,3 +269,46 @@ def test_digests_side_by_side_equal_each_file_read_alone(tmp_path):
     for p, b in blobs.items():
         p.write_bytes(b)
     assert integrity.digests([str(p) for p in blobs]) == {str(p): hashlib.sha256(b).hexdigest() for p, b in blobs.items()}
+
+
+def test_safetensors_writer_writes_the_reference_bytes(tmp_path):
+    """storage/safetensors_io.save (every file a save writes, hashed on its way out) writes the bytes of
+    safetensors.torch.save_file: every dtype, non-contiguous, 0-dim and empty tensors, metadata."""
+    from storage import integrity, safetensors_io
+    g = torch.Generator().manual_seed(0)
+    ts = {"a": torch.randn(3, 4, dtype=torch.float64, generator=g), "b": torch.arange(5), "e": torch.tensor(3, dtype=torch.int32),
+          "c": torch.randn(2, 3, generator=g).bfloat16(), "d": torch.randn(7, generator=g).half(), "z": torch.ones(2, 1),
+          "f": torch.randn(2, 2, generator=g).t(), "g": torch.zeros(0, 3, dtype=torch.uint8), "h": torch.tensor([True, False]),
+          "i": torch.ones(1, dtype=torch.int8), "j": torch.ones(1, dtype=torch.int16)}
+    save_file({k: v.contiguous() for k, v in ts.items()}, tmp_path / "ref", metadata={"format": "pt"})
+    safetensors_io.save(ts, str(tmp_path / "ours"), metadata={"format": "pt"})
+    assert (tmp_path / "ours").read_bytes() == (tmp_path / "ref").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["ours", "ref"]  # the temp file renamed, nothing left beside it
+    safetensors_io.save(ts, str(tmp_path / "meta"), metadata={"z": "1", "a": "2"})  # the reference orders these at random
+    with safe_open(tmp_path / "meta", framework="pt") as f:
+        assert f.metadata() == {"z": "1", "a": "2"} and all(torch.equal(f.get_tensor(k), v) for k, v in ts.items())
+    os.remove(tmp_path / "meta")
+    assert integrity.write_checksums(str(tmp_path))["ours"]["sha256"] == integrity.digest(str(tmp_path / "ref"))
+
+
+def test_a_save_reads_none_of_its_files_back(tmp_path, monkeypatch):
+    """Issue 28 item 4: a step folder's checksums are taken as its files are written (rank 0 re-read a 13B save
+    for them while every other rank waited): only the small JSON files are hashed from disk, and the recorded
+    digests are those of the bytes on disk (verify hashes them again)."""
+    from storage import integrity
+    m = tiny("tiny-cogvideox")
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randn(1, 4, 2, 8, 8), torch.tensor([500.0]), text=torch.randn(1, 8, 32)).sum().backward()
+    opt.step()
+    read, digest = [], integrity.digest
+    monkeypatch.setattr(integrity, "digest", lambda p: read.append(os.path.basename(p)) or digest(p))
+    resume.save_step(tmp_path, 3, m, opt, {"epoch": 0, "pos": 3}, {"stage": "semantic"})
+    assert sorted(read) == ["config.json", "config.json"]  # the run's and transformer/'s
+    monkeypatch.setattr(integrity, "digest", digest)
+    assert integrity.verify(checkpoint.step_dir(tmp_path, 3)) == []
+    with open(os.path.join(checkpoint.step_dir(tmp_path, 3), "train_state.pt"), "r+b") as f:  # a flipped byte is seen
+        f.seek(200)
+        b = f.read(1)
+        f.seek(200)
+        f.write(bytes([b[0] ^ 1]))
+    assert integrity.verify(checkpoint.step_dir(tmp_path, 3)) == ["train_state.pt (sha256 mismatch: corrupted)"]

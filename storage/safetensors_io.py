@@ -1,0 +1,55 @@
+"""safetensors files written by this project: the same bytes as `safetensors.torch.save_file`, hashed on their way to
+the disk (storage/integrity.py `hashed`), so a checkpoint's checksums never read its files back (issue 28, item 4).
+
+The format: an 8-byte little-endian header length, a JSON header {name: {"dtype", "shape", "data_offsets"}} (and
+"__metadata__": str -> str) padded with spaces to a multiple of 8, then the tensors' raw bytes, ordered by dtype (8-byte
+ones first) and by name within a dtype, as the reference writer orders them (tests/test_checkpoint.py compares the bytes).
+"""
+import json
+import os
+import struct
+
+import torch
+
+from storage import integrity
+
+DTYPES = {"I64": torch.int64, "F64": torch.float64, "F32": torch.float32, "I32": torch.int32, "BF16": torch.bfloat16,
+          "F16": torch.float16, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+NAMES = {v: k for k, v in DTYPES.items()}  # the header's dtype names, in the reference writer's file order
+_ORDER = {v: i for i, v in enumerate(DTYPES.values())}
+
+
+def header(tensors, metadata=None):
+    """(header bytes with its length prefix, the tensors in file order) of a safetensors file holding `tensors`."""
+    order = sorted(tensors.items(), key=lambda kv: (_ORDER.get(kv[1].dtype, -1), kv[0]))
+    head, off = ({"__metadata__": dict(sorted(metadata.items()))} if metadata else {}), 0  # sorted: the reference
+    # writes its metadata in hash-map order (random per process), so only one entry compares byte for byte
+    for k, v in order:
+        if v.dtype not in NAMES:
+            raise ValueError(f"{k}: dtype {v.dtype} has no safetensors name")
+        n = v.numel() * v.element_size()
+        head[k] = {"dtype": NAMES[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + n]}
+        off += n
+    js = json.dumps(head, separators=(",", ":")).encode()
+    js += b" " * (-len(js) % 8)
+    return struct.pack("<Q", len(js)) + js, order
+
+
+def save(tensors, path, metadata=None):
+    """Write `tensors` (name -> tensor, any device) to `path` atomically (a temp file, then a rename: a crash never
+    leaves half a file), hashed as it is written; the file gets the user's umask like any other."""
+    head, order = header(tensors, metadata)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with integrity.hashed(tmp) as f:
+            f.write(head)
+            for _, v in order:
+                b = v.detach().to("cpu").contiguous().reshape(-1)  # [numel]: its bytes in C order
+                if b.numel():
+                    f.write(memoryview(b.view(torch.uint8).numpy()))
+        integrity.as_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
