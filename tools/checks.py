@@ -136,12 +136,15 @@ def finite(tensors, where):
 
 
 def load_safetensors(path, what="file"):
-    """safetensors.torch.load_file with a missing, truncated or foreign file named in one InputError."""
+    """safetensors.torch.load_file with a missing, truncated or foreign file named in one InputError; each tensor
+    a fresh copy: load_file's tensors can start at any 8-byte offset, and a vectorized CPU kernel orders its sums
+    by the data's alignment (conditioning read from a file then differed in the last bit from the same tensors
+    encoded in the process)."""
     from safetensors.torch import load_file
     if not os.path.isfile(path):
         raise InputError(f"{what} {path} does not exist")
     try:
-        return load_file(path)
+        return {k: v.clone() for k, v in load_file(path).items()}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for every kind of damage
         raise InputError(f"{what} {path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
 

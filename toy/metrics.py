@@ -125,12 +125,13 @@ def frechet_distance(feat_a, feat_b):
     a, b = feat_a.double(), feat_b.double()
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
         raise ValueError(f"frechet_distance needs two [n>=2, d] feature sets, got {tuple(a.shape)}, {tuple(b.shape)}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    w, v = torch.linalg.eigh(cov_a)
-    sqrt_a = (v * w.clamp(min=0).sqrt()) @ v.T
-    inner = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0)
-    fd = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * inner.sqrt().sum()
+    with torch_threads(1):  # the same FD at any thread count (a multi-threaded BLAS orders its sums by threads)
+        mu_a, mu_b = a.mean(0), b.mean(0)
+        cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+        w, v = torch.linalg.eigh(cov_a)
+        sqrt_a = (v * w.clamp(min=0).sqrt()) @ v.T
+        inner = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0)
+        fd = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * inner.sqrt().sum()
     return max(fd.item(), 0.0)
 
 
