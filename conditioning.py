@@ -1,16 +1,15 @@
 """The conditioning of a sample run (sample.py, eval.py): prompts encoded with a pipeline folder's text encoder(s)
 before the transformer loads, an image-to-video model's image condition from `--image` (storage/image_io.py, as
-WanImageToVideoPipeline builds it), or the `--cond` / `--uncond` files of data.py's format.
+WanImageToVideoPipeline builds it), or the `--cond` / `--uncond` files of storage/latents.py's format.
 """
 import os
 import sys
 
 import torch
 
-import data
 import model as models
 import sampling
-from storage import checkpoint, image_io
+from storage import checkpoint, image_io, latents
 from teacher import uses_cfg
 from tools import checks
 
@@ -116,7 +115,7 @@ def encode_for(args, prompts):
     print(f"encoding {len(prompts)} prompt(s){' + the negative prompt' if cfg_teacher else ''} with {args.weights}")
     with checks.naming(f"--weights {args.weights}"):
         encoded = encode_prompts(sampling.model_name(cfg), args.weights, texts, args.device, args.dtype)
-    data.check_fits(cfg, encoded, where=f"the prompts encoded with {args.weights}")
+    latents.check_fits(cfg, encoded, where=f"the prompts encoded with {args.weights}")
     return encoded
 
 
@@ -161,7 +160,7 @@ def cond_and_uncond(args, info, encoded, n_prompts, cfg_teacher):
 
 
 def get_cond(path, info, n, what="cond"):
-    """Conditioning for n samples: a data.load_cond file (batch 1 or n), else the dataset's uncond or zeros."""
+    """Conditioning for n samples: a latents.load_cond file (batch 1 or n), else the dataset's uncond or zeros."""
     cfg, run, pooled = info["cfg"], info["run"], getattr(info["cfg"], "pooled_projection_dim", None)
     if not path and run.get("data") and os.path.isfile(os.path.join(run["data"], "uncond.safetensors")):
         path = os.path.join(run["data"], "uncond.safetensors")
@@ -172,12 +171,12 @@ def get_cond(path, info, n, what="cond"):
     elif not path:
         print(f"warning: no --{what}: sampling with all-zero conditioning", file=sys.stderr)
     if path:
-        cond = data.load_cond(path)
+        cond = latents.load_cond(path)
     else:  # text tokens: CogVideoX's fixed T5 length, HunyuanVideo's 256 Llama tokens, Wan's 512 umT5 tokens
         n_text = getattr(cfg, "max_text_seq_length", 512 if isinstance(cfg, models.WanConfig) else 256)
-        cond = {"text": torch.zeros(1, n_text, data.text_width(cfg))}
+        cond = {"text": torch.zeros(1, n_text, latents.text_width(cfg))}
         cond.update({"pooled": torch.zeros(1, pooled)} if pooled else {})
-    data.check_fits(cfg, cond, where=path or "all-zero conditioning")
+    latents.check_fits(cfg, cond, where=path or "all-zero conditioning")
     checks.finite(cond, f"--{what} {path}")
     if (b := cond["text"].shape[0]) not in (1, n):
         raise sampling.SampleError(f"{path}: conditioning batch {b} must be 1 or --num {n}")

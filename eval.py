@@ -30,10 +30,9 @@ import zlib
 import torch
 from tqdm.auto import tqdm
 
-import data
 import conditioning
 import sampling
-from storage import checkpoint
+from storage import checkpoint, latents
 from teacher import Teacher
 from tools import checks
 
@@ -141,7 +140,7 @@ def report(out, raw, latency, method="student"):
         md += f"\n\nspeed-up over the teacher: {latency['speedup']:.1f}x"
     if sc["missing"]:
         md += f"\n\nnot evaluated (the scores average the dimensions present): {', '.join(sc['missing'])}"
-    data.atomic_write_json(sc, os.path.join(out, "vbench_scores.json"))
+    latents.atomic_write_json(sc, os.path.join(out, "vbench_scores.json"))
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(md + "\n")
     return md
@@ -222,7 +221,7 @@ def vbench_main(args):
         cfg = info["cfg"]
         args.guidance = args.guidance if args.guidance is not None else info["run"].get("guidance", 6.0)
         size = sampling.latent_size(info, args.frames, args.height, args.width)
-        data.check_fits(cfg, conds, where=f"prompts encoded with {args.weights}")
+        latents.check_fits(cfg, conds, where=f"prompts encoded with {args.weights}")
         cond_of = {p: {k: v[j:j + 1].to(args.device) for k, v in conds.items()} for j, p in enumerate(need)}
         uncond = {k: v[-1:].to(args.device) for k, v in conds.items()}
         vae = video_io.load_vae(name, args.weights, args.device, args.dtype, tiling=True)
@@ -250,7 +249,7 @@ def vbench_main(args):
         latency["seconds_per_video"] = statistics.median(latency["per_video"].values())
         if latency.get("teacher_seconds"):
             latency["speedup"] = latency["teacher_seconds"] / latency["seconds_per_video"]
-        data.atomic_write_json(latency, lat_path)
+        latents.atomic_write_json(latency, lat_path)
         t_note = (f", teacher {latency['teacher_steps']} steps ~{latency['teacher_seconds']:.3f} s: speed-up "
                   f"{latency['speedup']:.1f}x" if latency.get("speedup") else " (no teacher to time: --teacher CKPT)")
         print(f"latency: {latency['seconds_per_video']:.3f} s per video (median, sampling only){t_note}")

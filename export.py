@@ -32,12 +32,11 @@ import sys
 
 import torch
 
-import data
 import experts
 import model as models
 import sampling
 import solver
-from storage import checkpoint, released
+from storage import checkpoint, latents, released
 from tools import checks
 
 
@@ -234,7 +233,7 @@ def lora(args):
         raise ExportError(f"--expert semantic: {args.ckpt} is a two-expert teacher's run, whose semantic expert is its "
                           f"--init {src.run.get('init')} (full weights or an adapter over the high-noise expert)")
     sd = lora_state(expert, args.expert, args.layout)
-    data.atomic_save_file(sd, args.out, metadata={"format": "pt"})
+    latents.atomic_save_file(sd, args.out, metadata={"format": "pt"})
     on = ("the teacher's low-noise expert (its transformer_2/)" if expert.on_teacher else "the teacher's weights "
           "(--teacher of the run)" if expert.sem is not None else "the semantic expert's weights (the step's transformer/)")
     reader = ("diffusers' load_lora_weights" if args.layout == "diffusers" else "ComfyUI's LoRA loaders (original "

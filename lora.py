@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from data import atomic_save_file
+from storage.latents import atomic_save_file
 
 QKVO = ("to_q", "to_k", "to_v", "to_out.0")
 # where the detail expert differs from the semantic one, per architecture (`--lora-targets all`); `*` = one

@@ -26,12 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 import conditioning
-import data
 import sampling
 import solver
 from sampling import SampleError
 from scale import parallel
-from storage import checkpoint
+from storage import checkpoint, latents
 from teacher import uses_cfg
 from tools import checks
 
@@ -80,7 +79,7 @@ def parse_args(argv):
     a("--seed", type=int, default=0)
     a("--num", type=int, default=1, help="number of samples")
     a("--batch-size", type=int, help="default --num")
-    a("--cond", help="conditioning file (data.load_cond), batch 1 or --num")
+    a("--cond", help="conditioning file (latents.load_cond), batch 1 or --num")
     a("--prompt", action="append", help="text to sample (repeatable; one video per prompt, named after it): encoded "
       "with the text encoder of --weights, which is freed before the transformer loads")
     a("--prompts", help="text file, one prompt per line (as --prompt)")
@@ -183,7 +182,7 @@ def main(argv=None):
     path = os.path.join(args.out, "latents.safetensors")
     checks.finite({"latents": x}, "the sampled latents (not written)")
     os.makedirs(args.out, exist_ok=True)
-    data.atomic_save_file({"latents": x}, path, metadata={k: json.dumps(v) for k, v in meta.items()})
+    latents.atomic_save_file({"latents": x}, path, metadata={k: json.dumps(v) for k, v in meta.items()})
     print(f"latents -> {path}")
     videos = decode(x, meta, args, conditioning.prompt_file_names(prompts) if prompts else None)
     print("".join(f"video -> {v}\n" for v in videos), end="")

@@ -16,12 +16,11 @@ import sys
 
 import torch
 
-import data
 import experts
 import model as models
 import solver
 from backbones import wan
-from storage import checkpoint, released
+from storage import checkpoint, latents, released
 from teacher import Teacher, with_image_frame, embedded_guidance
 from tools import checks
 
@@ -336,8 +335,8 @@ def latent_size(info, frames=None, height=None, width=None):
     """(F, H, W) of the latents (latent_choice), checked against the patch; prints the size and where it came from."""
     cfg = info["cfg"]
     (f, h, w), source = latent_choice(info, frames, height, width)
-    data.check_fits(cfg, latent_shape=(cfg.out_channels or cfg.in_channels, f, h, w),
-                    where=f"latent size --frames {f} --height {h} --width {w}")
+    latents.check_fits(cfg, latent_shape=(cfg.out_channels or cfg.in_channels, f, h, w),
+                       where=f"latent size --frames {f} --height {h} --width {w}")
     print(f"latent [{cfg.out_channels or cfg.in_channels}, {f}, {h}, {w}] from {source}")
     return f, h, w
 

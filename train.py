@@ -18,7 +18,7 @@ Stages (k = index on the teacher's N-step grid, kappa = the DCM cut):
 One GPU (--semantic-lora R, both DCM stages): the semantic expert is LoRA + copied layers over the teacher's frozen
 weights, and the teacher is that same tree with the adapters off (experts.SemanticLoRA): no second copy. Frozen
 weights are held in the compute dtype (--dtype bf16: bf16), fp32 masters only for what trains.
-Per-sample noise, k and drops (data.draws): a global batch trains the same however it is split over ranks.
+Per-sample noise, k and drops (latents.draws): a global batch trains the same however it is split over ranks.
 """
 import signal
 
@@ -39,7 +39,6 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-import data
 import lora
 import losses
 import model as models
@@ -47,7 +46,7 @@ import solver
 from scale import fsdp, parallel, plan
 from student import (build_student, detail_on_teacher, load, model_config, settle_defaults, shares_teacher,
                      stage_teacher, teacher_path)
-from storage import checkpoint, preempt, resume
+from storage import checkpoint, latents, preempt, resume
 from teacher import embedded_guidance, uses_cfg
 from tools import checks, monitor
 
@@ -79,7 +78,7 @@ def parse_args(argv):
     a("--config", help=f"model preset ({', '.join(models.PRESETS)}) or config.json (diffusers or a run's); "
                        "default: the teacher's")
     a("--stage", required=True, choices=STAGES, help="what to train (no default: a wrong guess trains the wrong model)")
-    a("--data", help="dataset folder (format: data.py)")
+    a("--data", help="dataset folder (format: storage/latents.py)")
     a("--out", help="run folder (default out/<stage>)")
     a("--teacher", help="the model to distil: a transformer or step folder (not for --stage teacher)")
     a("--init", help="weights to start from: detail needs the semantic expert; others default to the teacher, "
@@ -189,13 +188,13 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
     lora, gan = args.stage == "detail" and not args.detail_full, args.stage == "detail" and bool(args.w_gan or args.w_fm)
 
     # --- data: the DistributedSampler's seeded order, resumable at a micro-batch position
-    ds = data.LatentDataset(args.data)
-    cond_keys = data.check_fits(cfg, ds.tensors, ds.manifest["latent_shape"], ds.uncond, where=ds.dir)
+    ds = latents.LatentDataset(args.data)
+    cond_keys = latents.check_fits(cfg, ds.tensors, ds.manifest["latent_shape"], ds.uncond, where=ds.dir)
     if args.w_tc and rank == 0 and (n_f := ds.manifest["latent_shape"][1]) <= losses.TC_STRIDE:
         print(f"warning: TC loss is 0: {n_f} latent frames, its frame stride is {losses.TC_STRIDE} (--w-tc {args.w_tc} "
               f"does nothing on {ds.dir})", file=sys.stderr)
     if len(ds) // dp < B:
-        raise data.DataError(f"{ds.dir}: {len(ds)} samples are fewer than batch {B} x data parallel {dp}")
+        raise latents.DataError(f"{ds.dir}: {len(ds)} samples are fewer than batch {B} x data parallel {dp}")
     sampler = torch.utils.data.DistributedSampler(ds, dp, dp_rank, shuffle=True, seed=args.seed, drop_last=True)
     uncond = {k: v.to(device) for k, v in ds.uncond.items()}
     mon = monitor.Monitor(args, cfg, grid, boundaries, ds, rank, device)  # checks its flags before models load
@@ -260,13 +259,13 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
     log0(checks.run_summary(run_config | {"device": str(device)}, os.path.join(out, "config.json")))
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-        data.atomic_write_json(run_config, os.path.join(out, "config.json"))
+        latents.atomic_write_json(run_config, os.path.join(out, "config.json"))
 
     # --- one micro-batch's loss terms
     vgrid = solver.grid_for(cfg, solver.T_TRAIN) if kind == "vpred" else None  # every DDIM training timestep
     weights = {"diffusion": 1.0, "cd": 1.0, "tc": args.w_tc, "gan_g": args.w_gan, "fm": args.w_fm, "output": 1.0}
     C, n_f, H, W = ds.manifest["latent_shape"]
-    tok_grid = tuple(n // p for n, p in zip((n_f, H, W), data.patch_of(cfg)))
+    tok_grid = tuple(n // p for n, p in zip((n_f, H, W), latents.patch_of(cfg)))
 
     def make_cond(batch, drop=None):
         cond = {k: batch[k].to(device) for k in cond_keys}
@@ -351,7 +350,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
     row = resume.trim_logs(out, step) if rank == 0 else {}  # logs cut back to the checkpoint's step
 
     # --- training loop
-    stream = data.batches(ds, sampler, B, epoch, pos)
+    stream = latents.batches(ds, sampler, B, epoch, pos)
     nan_at = int(os.environ.get("DCM_TRAIN_NAN_AT_STEP", -1))  # test hook: poison the loss of this step
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc=args.stage, mininterval=2)
     pre = pre or preempt.Preemption([])
@@ -365,7 +364,7 @@ def train(args, cfg, kind, grid, world, rank, device, dp=1, dp_rank=0, pre=None)
         for micro in range(accum):
             batch, epoch, pos = next(stream)
             x0 = batch["latents"].float().to(device)
-            eps, u, n = data.draws(batch["index"], step, args.seed, x0.shape[1:], gan, device)
+            eps, u, n = latents.draws(batch["index"], step, args.seed, x0.shape[1:], gan, device)
             cfg_model = uses_cfg(student) or not getattr(cfg, "guidance_embeds", False)  # + flow w/o guidance input
             drop = (u[:, 2] < args.cond_drop) if args.stage == "teacher" and cfg_model else None
             last = micro == accum - 1  # FSDP2 reduce-scatters every micro-step (as torchtitan): skipping the sync would

@@ -21,11 +21,11 @@ from copy import deepcopy
 import torch
 from safetensors import safe_open
 
-from data import SAFETENSORS_DTYPES
 import experts
 import lora
 import model as models
 from storage import checkpoint
+from storage import safetensors_io
 from student import detail_on_teacher, shares_teacher, teacher_path
 
 
@@ -37,11 +37,17 @@ def shard(m, mesh, bf16=False):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
         if bf16 else MixedPrecisionPolicy()
-    for mod in list(m.modules()):
-        for name in ("transformer_blocks", "single_transformer_blocks", "blocks"):  # blocks: Wan
-            for block in getattr(mod, name, None) or ():
-                fully_shard(block, mesh=mesh, mp_policy=mp)
+    for block in blocks(m):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(m, mesh=mesh, mp_policy=mp)
+
+
+def blocks(m):
+    """The transformer blocks of m in the order they run (each its own FSDP unit; every other parameter is in the
+    root's group): HunyuanVideo's text refiner blocks, then its double and single blocks; Wan's `blocks`."""
+    names = ("transformer_blocks", "single_transformer_blocks", "blocks", "refiner_blocks")
+    listed = {id(b) for mod in m.modules() for name in names for b in (getattr(mod, name, None) or ())}
+    return [b for b in m.modules() if id(b) in listed]  # modules() is registration order: the forward's here
 
 
 def device_mesh(args, world, device):
@@ -69,7 +75,7 @@ class _Folder:
     """A diffusers transformer folder (or a step folder holding one), read a row range at a time with plain reads of
     the safetensors files: no mmap, whose touched pages would count in this process's resident memory."""
 
-    DTYPES = SAFETENSORS_DTYPES  # the safetensors header's dtype names (data.py, which reads them too)
+    DTYPES = safetensors_io.DTYPES  # the safetensors header's dtype names
 
     def __init__(self, path):
         folder = checkpoint.transformer_folder(path)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-import data
 import losses
 import model as models
-from storage import image_io
+from scale import fsdp
+from storage import image_io, latents
 from student import shares_teacher
 from teacher import uses_cfg
 
@@ -105,6 +105,25 @@ def saved_bytes(cfg, shape, B, dtype, ckpt, device="cuda", grads="full", per_tok
     return sum(n * per_block[k] for k, (n, _, _) in units.items()), max(per_block.values())
 
 
+def fsdp_backward(kinds, per_block, inputs, ckpt, work, step, g, sh):
+    """Peak bytes of the student's backward under FSDP2, walking its blocks in reverse (kinds: [(kind, params,
+    trainable)] in forward order; per_block / inputs: a kind's saved tensors / checkpointed inputs; work: a block's
+    recompute working set; step: the gradients in flight at a block, W_GRAD units). At block i the blocks before it
+    still hold their saved tensors (or inputs), the blocks after it have left their grads reduce-scattered (fp32,
+    sharded over sh), and i itself holds its saved tensors (recomputed) with its gathered weights, the previous
+    block's (FSDP2's backward prefetch) and its unsharded grads; once done, its activations and weights are freed
+    and its grads reduce-scattered from an fp32 buffer. Exact for any mix of block sizes: a bound by the largest
+    block and the whole model's grads over-counts a model of few, unequal blocks (tiny presets) by ~30%."""
+    peak = 0
+    for i, (kind, params, trainable) in enumerate(kinds):
+        held = sum(inputs[k] if ckpt else per_block[k] for k, _, _ in kinds[:i])
+        done = 4 * sum(t for _, _, t in kinds[i + 1:]) / sh
+        prev = g * kinds[i - 1][1] if i else 0
+        mine = (max(per_block[kind], work) if ckpt else per_block[kind]) + step
+        peak = max(peak, done + held + max(mine + g * params + prev + g * trainable, prev + (g + 4) * trainable))
+    return peak
+
+
 def working_bytes(cfg, shape, B, dtype, sp=1):
     """One block's no-grad working set: residual, normed, q, k, v, attention output, 2 MLP-sized tensors (4 + 2r
     units), plus the Ulysses all-to-all buffers under SP (q, k, v, output exist before and after the exchange)."""
@@ -123,7 +142,7 @@ def shape_of(args, cfg, sp):
         if any(v is None for v in size):
             raise ValueError("--frames, --height and --width (latent units) go together")
     elif getattr(args, "data", None):
-        manifest = data.read_manifest(args.data)
+        manifest = latents.read_manifest(args.data)
         size = manifest["latent_shape"][1:]
         with safe_open(os.path.join(args.data, manifest["shards"][0]["file"]), framework="pt") as f:
             text = f.get_slice("text").get_shape()[1]  # the dataset's text length (padded)
@@ -142,7 +161,7 @@ def shape_of(args, cfg, sp):
 
 def first_frame(args):
     """A dataset (--data) whose image condition is TI2V's clean first frame: per-token timesteps in the model."""
-    return bool(getattr(args, "data", None)) and data.read_manifest(args.data).get("image_cond") == "first_frame"
+    return bool(getattr(args, "data", None)) and latents.read_manifest(args.data).get("image_cond") == "first_frame"
 
 
 def plan(args, cfg, counts, sp, device="cuda"):
@@ -152,6 +171,7 @@ def plan(args, cfg, counts, sp, device="cuda"):
     B, bf16, stage = args.batch_size, args.dtype == "bf16", args.stage
     e, te = (2, 2) if bf16 else (4, 4)
     P, T, Pt, Pd, block = counts["params"], counts["trainable"], counts["teacher"], counts["disc"], counts["block"]
+    fsdp = bool(args.fsdp)
     sh = world // (getattr(args, "hsdp", 1) or 1) if args.fsdp else 1  # HSDP: sharded over a group, not the world
     ckpt = args.grad_ckpt
     ema = args.target_ema > 0 and stage != "teacher"
@@ -163,14 +183,28 @@ def plan(args, cfg, counts, sp, device="cuda"):
               fe * (P - T) / sh, "AdamW states (fp32)": 8 * T / sh,
               "EMA target (a copy of the student)": (4 * T + fe * (P - T) * (not shared)) / sh * ema,
               f"teacher ({args.dtype})": te * Pt / sh,
+              # FSDP2 never reshards a root after its forward (its backward would gather it again); a frozen teacher
+              # has no backward of its own, so its root group stays gathered from its first forward on
+              "teacher's root group, left gathered (FSDP)": te * counts["teacher_root"] * fsdp,
               "discriminator + grads + AdamW": 16 * Pd}
-    grads = 4 * T / sh + (4 * T if world > 1 and not args.fsdp else 0)  # DDP: its gradient buckets are a 2nd copy
-    gather = fe * block if args.fsdp else 0  # FSDP2: the block in use, all-gathered (fp32, or frozen in bf16)
-    # and in the backward its unsharded fp32 grads plus the flat buffer they are reduce-scattered from
-    scatter = 2 * 4 * block * T / P if args.fsdp else 0
+    grads = 4 * T / sh + (4 * T if world > 1 and not fsdp else 0)  # DDP: its gradient buckets are a 2nd copy
+    # FSDP2 (scale/fsdp.py): a gathered weight has g bytes (bf16: the mixed-precision policy's param dtype, or a
+    # frozen bf16 weight; fp32 runs: 4). Blocks in flight: in the forward the block computing and, on a GPU, the
+    # next one gathered ahead on FSDP's all-gather stream (a CPU gathers one at a time); in the backward the block
+    # computing and the one before it, prefetched explicitly on any device (fsdp_backward)
+    kinds = counts["kinds"]
+    pair = max([a[1] + b[1] for a, b in zip(kinds, kinds[1:])] or [block])  # two neighbouring blocks, the largest
+    g, ahead = (2 if bf16 else 4), (block if device == "cpu" else pair)
+    gather = g * ahead * fsdp
+    # the student's root group (embeddings, head; a DualExpert's LoRA and copies too), and the EMA's, gathered from
+    # their first forward of the step to the end of the backward (the EMA's: to ema_update, which reshards it)
+    roots = g * (counts["root"] + counts["root"] * (ema and not shared)) * fsdp
+    # the root's unsharded grads (param dtype) accumulate through the whole backward, reduce-scattered at its end
+    # (a block's: fsdp_backward)
+    root_grads = g * counts["root_trainable"] * fsdp
     # autocast caches a bf16 cast of every trainable fp32 weight until it exits (before backward); train.py turns the
     # cache off under FSDP, where it would keep a copy of every unsharded weight
-    cache = 2 * T * bf16 * (not args.fsdp)
+    cache = 2 * T * bf16 * (not fsdp)
     out = {"static": static, "grads": grads, "passes": {}, "latents": 0, "peak_pass": None, "shape": shape,
            "world": world, "sp": sp, "total": sum(static.values()) + grads}
     if shape is None:  # no latent size known: weights, grads and optimizer states only
@@ -188,12 +222,12 @@ def plan(args, cfg, counts, sp, device="cuda"):
     passes = {}
     if stage != "teacher":
         passes["teacher forward (no grad)"] = working_bytes(cfg, shape, cfg_batch * B, args.dtype, sp) + (
-            2 * te * block if args.fsdp else 0)
-        passes["target forward (no grad)"] = working_bytes(cfg, shape, B, args.dtype, sp) + gather + cache
+            te * ahead if fsdp else 0)
+        passes["target forward (no grad)"] = working_bytes(cfg, shape, B, args.dtype, sp) + gather + cache + roots
     trains = "lora" if T < P else "full"  # the detail expert, a --semantic-lora semantic expert
     s_all, s_one = saved_bytes(cfg, shape, B, args.dtype, ckpt, device, trains, per_token)
     work = working_bytes(cfg, shape, B, args.dtype, sp) if ckpt else 0  # a checkpointed block in progress
-    held = s_all + io + cache + gather  # the student's graph, held from its forward to the backward
+    held = s_all + io + cache + gather + roots  # the student's graph, held from its forward to the backward
     passes["student forward"] = held + work
     kept = 0
     if gan:  # the frozen teacher's forward on the fake endpoint keeps its graph: GAN + FM backprop into the student
@@ -213,10 +247,10 @@ def plan(args, cfg, counts, sp, device="cuda"):
         passes["GAN + FM passes (teacher graph)"] = (0 if first else held) + kept + max(work, disc + fm)
         if getattr(args, "gan_real", "target") == "teacher":  # its no-grad solver steps, after the student's forward
             passes["teacher solution (--gan-real teacher)"] = (0 if first else held) + working_bytes(
-                cfg, shape, cfg_batch * B, args.dtype, sp) + (2 * te * block if args.fsdp else 0)
+                cfg, shape, cfg_batch * B, args.dtype, sp) + (te * ahead if fsdp else 0)
         if first:
             t_bwd = (max(t_one, working_bytes(cfg, shape, B, args.dtype, sp)) if ckpt else 0) + W_GRAD * B * D * e * shape.joint
-            passes["GAN + FM backward (teacher graph, --gan-first)"] = kept + t_bwd
+            passes["GAN + FM backward (teacher graph, --gan-first)"] = kept + t_bwd + roots
             passes["student forward"] += feats
             kept = feats
         else:
@@ -230,8 +264,18 @@ def plan(args, cfg, counts, sp, device="cuda"):
     # backward: the blocks' saved tensors are freed as their weight gradients appear, so the blocks' part peaks at
     # max(saved, grads) plus the block being recomputed; under bf16 autocast the CPU measurement shows the weight
     # gradients held in bf16 while the blocks run (2 bytes per trainable parameter), the fp32 .grad after them
-    passes["backward (grads + one block)"] = max(s_all + kept, 2 * T if bf16 else grads) + bwd_block + gather + scatter
-    passes["end of backward (fp32 grads)"] = grads
+    # (under FSDP each block's grads are reduce-scattered as it finishes: only the sharded fp32 grads accumulate)
+    if fsdp:  # the teacher's graph first (GAN + FM: frozen blocks, gathered too), then the student's blocks
+        units = block_units(cfg, args.dtype, device, trains, per_token)
+        per = {k: B * D * _tokens(units, shape, st) * u for k, (_, st, u) in units.items()}
+        ins = {k: B * D * e * _tokens(units, shape, st) for k, (_, st, _) in units.items()}
+        teacher_part = s_all + kept + bwd_block + te * pair if gan and not getattr(args, "gan_first", False) else 0
+        passes["backward (grads + one block)"] = max(teacher_part, fsdp_backward(
+            counts["kinds"], per, ins, ckpt, working_bytes(cfg, shape, B, args.dtype, sp), W_GRAD * unit, g, sh)) + (
+            roots + root_grads)
+    else:
+        passes["backward (grads + one block)"] = max(s_all + kept, 2 * T if bf16 else grads) + bwd_block
+    passes["end of backward (fp32 grads)"] = grads + roots + root_grads * (g + 4) // g
     if gan:
         passes["discriminator step"] = extra_d
     # grads exist only from the backward on (zero_grad sets them to None): they are in the backward's row
@@ -244,14 +288,22 @@ def counts_of(args, cfg, build):
     count = lambda m, train=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not train)  # noqa: E731
     student = build()
     shared = shares_teacher(args)  # the teacher is the student's own frozen base: no second copy
-    teach = 0 if args.stage == "teacher" or shared else count(models.build_transformer(cfg, device="meta"))
+    tmodel = None if args.stage == "teacher" or shared else models.build_transformer(cfg, device="meta")
     gan = args.stage == "detail" and (args.w_gan or args.w_fm)
     with torch.device("meta"):
         disc = count(losses.Discriminator.for_model(student, args.disc_hidden)) if gan else 0
-    blocks = [b for m in student.modules() for n in ("transformer_blocks", "single_transformer_blocks", "blocks")
-              for b in (getattr(m, n, None) or ())]
-    return {"params": count(student), "trainable": count(student, True), "teacher": teach, "disc": disc,
-            "block": max(count(b) for b in blocks), "taps": student.default_taps(), "cfg": uses_cfg(getattr(student, "backbone", student))}
+    blocks = fsdp.blocks(student)
+    base = getattr(student, "backbone", student)
+    kind = {id(b): ("double" if n == "transformer_blocks" and hasattr(base, "single_transformer_blocks") else
+                    {"single_transformer_blocks": "single", "refiner_blocks": "refiner"}.get(n, "block"))
+            for mod in base.modules() for n in ("transformer_blocks", "single_transformer_blocks", "blocks", "refiner_blocks")
+            for b in (getattr(mod, n, None) or ())}
+    root = lambda m, train=False: count(m, train) - sum(count(b, train) for b in fsdp.blocks(m))  # noqa: E731
+    return {"params": count(student), "trainable": count(student, True), "teacher": count(tmodel) if tmodel else 0, "disc": disc,
+            "block": max(count(b) for b in blocks), "kinds": [(kind[id(b)], count(b), count(b, True)) for b in blocks],
+            "root": root(student), "root_trainable": root(student, True),  # scale/fsdp.py: what is not in a block
+            "teacher_root": root(tmodel) if tmodel else 0,
+            "taps": student.default_taps(), "cfg": uses_cfg(getattr(student, "backbone", student))}
 
 
 def sp_degrees(cfg, world):
@@ -310,4 +362,4 @@ def dry_run(args, cfg, build):
     mem = {**p["static"], "grads (fp32)": p["grads"]}
     return {"params": counts["params"], "trainable": counts["trainable"], "teacher": counts["teacher"],
             "disc": counts["disc"], "memory": mem, "world": world, "plan": p, "total": p["total"], "fits": ok,
-            "min_sp": min_sp}
+            "min_sp": min_sp, "counts": counts}

@@ -1,1 +1,1 @@
-"""Files in and out: checkpoints and step folders, their checksums, the authors' layout, video and VAEs."""
+"""Files in and out: checkpoints and step folders, their checksums, the authors' layout, datasets, video and VAEs."""

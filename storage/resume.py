@@ -17,7 +17,7 @@ from tools import checks
 
 # run settings a resumed run must share with its checkpoint: the state's shape (never overridable) and
 # what the run trains on and towards (--resume-anyway goes on with the new values); the data by its content
-# (data.LatentDataset.digest): a moved or copied dataset resumes, one rewritten in place does not
+# (latents.LatentDataset.digest): a moved or copied dataset resumes, one rewritten in place does not
 RESUME_SHAPE = ("stage", "detail_full", "grid_steps", "shift", "lora_rank", "lora_targets", "lora_alpha", "semantic_lora",
                 "disc_hidden", "boundaries")
 RESUME_RUN = ("teacher", "init", "data_digest", "batch_size", "grad_accum", "seed", "w_tc", "w_gan", "w_fm", "loss",

@@ -12,12 +12,12 @@ import sys
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+from storage import latents  # noqa: E402
 import train  # noqa: E402
 
 out, argv = sys.argv[1], sys.argv[2:]
 dist.init_process_group("gloo")
-students, build, draws, seen = [], train.build_student, data.draws, {"held": 0}
+students, build, draws, seen = [], train.build_student, latents.draws, {"held": 0}
 
 
 def spy_build(*a, **k):
@@ -45,7 +45,7 @@ def spy_draws(*a, **k):  # called at the start of every micro-step: the previous
     return draws(*a, **k)
 
 
-train.build_student, data.draws = spy_build, spy_draws
+train.build_student, latents.draws = spy_build, spy_draws
 train.main(argv + ["--out", os.path.join(out, "run")])
 shard = sum(p.to_local().numel() for p in students[0].parameters() if p.requires_grad)
 with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:

@@ -59,8 +59,7 @@ def main():
     if args.worker:
         return worker(args.worker[0], args.worker[1:])
     import torch
-    from storage import checkpoint
-    import data
+    from storage import checkpoint, latents
     import model
     from dataclasses import replace
     tmp = args.out or tempfile.mkdtemp(prefix="fsdp_mem_")
@@ -73,10 +72,10 @@ def main():
     n, L = 4, 8
     t = {"latents": torch.randn(n, 16, 2, 4, 4), "text": torch.randn(n, L, cfg.text_embed_dim)}
     d = os.path.join(tmp, "data")
-    data.write_shard(d, 0, t)
-    data.write_manifest(d, model="custom", latent_shape=[16, 2, 4, 4], vae_scaling_factor=1.0,
-                        shards=[{"file": data.shard_name(0), "num": n}],
-                        uncond={"text": torch.zeros(1, L, cfg.text_embed_dim)})
+    latents.write_shard(d, 0, t)
+    latents.write_manifest(d, model="custom", latent_shape=[16, 2, 4, 4], vae_scaling_factor=1.0,
+                           shards=[{"file": latents.shard_name(0), "num": n}],
+                           uncond={"text": torch.zeros(1, L, cfg.text_embed_dim)})
     full = 4 * n_params
     cases = {
         "teacher stage (student only)": ["--stage", "teacher", "--init", "model"],

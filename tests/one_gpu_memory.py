@@ -17,10 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
-import data  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
-from storage import checkpoint  # noqa: E402
+from storage import checkpoint, latents  # noqa: E402
 from test_plan import LiveBytes  # noqa: E402
 
 CFG = dataclasses.replace(model.PRESETS["wan2.1-t2v-1.3b"], num_attention_heads=8, attention_head_dim=128, ffn_dim=4096,
@@ -33,29 +32,30 @@ def make_run(root, cfg=CFG, size=SIZE):
     torch.manual_seed(0)
     checkpoint.save_transformer(model.build_transformer(cfg), os.path.join(root, "t"))
     C, L, g = cfg.in_channels, 8, torch.Generator().manual_seed(0)
-    t = {"latents": torch.randn(2, C, *size, generator=g), "text": torch.randn(2, L, data.text_width(cfg), generator=g)}
+    t = {"latents": torch.randn(2, C, *size, generator=g),
+         "text": torch.randn(2, L, latents.text_width(cfg), generator=g)}
     d = os.path.join(root, "d")
-    data.write_shard(d, 0, t)
-    data.write_manifest(d, model="custom", latent_shape=[C, *size], vae_scaling_factor=1.0,
-                        shards=[{"file": data.shard_name(0), "num": 2}], uncond={"text": torch.zeros(1, L, t["text"].shape[2])})
+    latents.write_shard(d, 0, t)
+    latents.write_manifest(d, model="custom", latent_shape=[C, *size], vae_scaling_factor=1.0,
+                           shards=[{"file": latents.shard_name(0), "num": 2}], uncond={"text": torch.zeros(1, L, t["text"].shape[2])})
     return ["--teacher", os.path.join(root, "t"), "--data", d, "--batch-size", "1", "--probe-every", "0",
             "--save-every", "0", "--device", "cpu", "--dtype", "bf16", "--grad-ckpt"]
 
 
 def step_peak(argv):
     """Peak live bytes during the 2nd step of a 2-step run (everything alive then, the step's own tensors too)."""
-    tracker, draws = LiveBytes(), data.draws
+    tracker, draws = LiveBytes(), latents.draws
 
     def spy(index, step, *a, **k):
         if step == 1:
             tracker.peak = tracker.live
         return draws(index, step, *a, **k)
-    data.draws = spy
+    latents.draws = spy
     try:
         with tracker:
             train.main(argv + ["--max-steps", "2"])
     finally:
-        data.draws = draws
+        latents.draws = draws
     return tracker.peak
 
 

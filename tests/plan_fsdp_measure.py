@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=2 tests/plan_fsdp_measure.py OUT_DIR
 
-Per case: rank 0's peak live tensor bytes during train.py's 2nd step (test_plan.measured) against the dry run's
+Per case: rank 0's peak allocated bytes during train.py's 2nd step (test_plan.measured) against the dry run's
 activations + grads + latents for --fsdp --world-size 2 (docs/training.md, "Does it fit?").
 """
 import contextlib
@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+from storage import latents, resume  # noqa: E402
 import train  # noqa: E402
 from test_plan import CONFIGS, make_run, measured  # noqa: E402
 
@@ -30,7 +30,7 @@ class Patch:
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
-rank, root, draws = dist.get_rank(), pathlib.Path(sys.argv[1]), data.draws
+rank, root, draws, save = dist.get_rank(), pathlib.Path(sys.argv[1]), latents.draws, resume.save_step
 for arch in ("cogvideox", "hunyuan"):
     folder = root / arch
     if rank == 0:
@@ -44,7 +44,7 @@ for arch in ("cogvideox", "hunyuan"):
         argv = base + ["--stage", stage, "--dtype", "bf16"] + ["--grad-ckpt"] * ckpt + (
             ["--lora-rank", "8", "--disc-hidden", "64"] if stage == "detail" else [])
         got = measured(argv + ["--out", str(folder / f"{stage}{ckpt}")], Patch())
-        data.draws = draws
+        latents.draws, resume.save_step = draws, save
         if rank == 0:
             with contextlib.redirect_stdout(io.StringIO()):
                 p = train.main(argv + ["--dry-run", "--world-size", "2"])["plan"]

@@ -5,19 +5,18 @@ diffusers VAE; videos are read back with ffmpeg."""
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import imageio_ffmpeg as ffmpeg  # the test deps (requirements-dev.txt) include requirements-video.txt's
 
 import data
-from storage import integrity, video_io
+from storage import latents, video_io
+from test_latents import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -195,7 +194,7 @@ def test_encode_cogvideox_dataset(cog_weights, videos, tmp_path):
     out = str(tmp_path / "ds")
     m = data.encode_dataset(videos, os.path.join(videos, "captions.txt"), "tiny-cogvideox", cog_weights, out,
                             frames=9, height=32, width=32, shard_size=2, posterior="mode", progress=False)
-    ds = data.LatentDataset(out)
+    ds = latents.LatentDataset(out)
     assert len(ds) == 3 and m["latent_shape"] == [4, 3, 8, 8] and m["vae_scaling_factor"] == 0.7
     assert ds.tensors["latents"].shape == (3, 4, 3, 8, 8) and ds.tensors["text"].shape == (3, 226, 16)
     assert set(ds.tensors) == {"latents", "text"} and ds.uncond["text"].shape == (1, 226, 16)
@@ -219,7 +218,7 @@ def test_encode_hunyuan_dataset_cli(hy_weights, videos, tmp_path, capsys):
                "tiny-hunyuan", "--weights", hy_weights, "--out", out, "--frames", "9", "--height", "32",
                "--width", "32", "--shard-size", "8", "--save-dtype", "bfloat16"])
     assert "skipped clip3_broken.mp4: cannot be decoded" in capsys.readouterr().out
-    ds = data.LatentDataset(out)
+    ds = latents.LatentDataset(out)
     t = ds.tensors
     assert t["latents"].shape == (3, 4, 3, 8, 8) and t["latents"].dtype == torch.bfloat16
     assert t["text"].shape == (3, 256, 16) and t["text_mask"].shape == (3, 256) and t["pooled"].shape == (3, 16)
@@ -239,8 +238,8 @@ def test_resume_skips_finished_shards(cog_weights, videos, tmp_path, monkeypatch
     args = (videos, os.path.join(videos, "captions.txt"), "tiny-cogvideox", cog_weights, out)
     kw = dict(frames=9, height=32, width=32, shard_size=1, progress=False)
     data.encode_dataset(*args, **kw)
-    first = data.LatentDataset(out).tensors["latents"][:]
-    shard = lambda i: os.path.join(out, data.shard_name(i))  # noqa: E731
+    first = latents.LatentDataset(out).tensors["latents"][:]
+    shard = lambda i: os.path.join(out, latents.shard_name(i))  # noqa: E731
     mtimes = {i: os.stat(shard(i)).st_mtime_ns for i in range(5)}
     os.remove(shard(1))  # as if the run died while encoding video 1
     os.remove(os.path.join(out, "manifest.json"))
@@ -250,35 +249,35 @@ def test_resume_skips_finished_shards(cog_weights, videos, tmp_path, monkeypatch
     m = data.encode_dataset(*args, **kw)
     assert len(calls) == 1 and m["num_samples"] == 3 and len(m["skipped"]) == 2
     assert all(os.stat(shard(i)).st_mtime_ns == mtimes[i] for i in (0, 2, 3, 4))
-    torch.testing.assert_close(data.LatentDataset(out).tensors["latents"][:], first)  # same seeded noise
+    torch.testing.assert_close(latents.LatentDataset(out).tensors["latents"][:], first)  # same seeded noise
     # nothing left to do: no model is loaded at all
     monkeypatch.setattr(video_io, "load_vae", lambda *a, **k: pytest.fail("VAE loaded"))
     monkeypatch.setattr(video_io, "TextEncoder", lambda *a, **k: pytest.fail("text encoder loaded"))
     data.encode_dataset(*args, **kw)
-    with pytest.raises(data.DataError, match="other settings .*frames.*pass --overwrite"):
+    with pytest.raises(latents.DataError, match="other settings .*frames.*pass --overwrite"):
         data.encode_dataset(*args, **{**kw, "frames": 5})
     # a folder holding another dataset (no encode.json of these settings) is refused before any model loads
     other = str(tmp_path / "synthetic")
     data.synthetic_dataset("tiny-cogvideox", other, num=2)
-    with pytest.raises(data.DataError, match=f"{re.escape(other)} already holds a dataset .*pass --overwrite"):
+    with pytest.raises(latents.DataError, match=f"{re.escape(other)} already holds a dataset .*pass --overwrite"):
         data.encode_dataset(*args[:-1], other, **kw)
-    assert sorted(os.listdir(other)) == ["manifest.json", data.shard_name(0), "uncond.safetensors"]
+    assert sorted(os.listdir(other)) == ["manifest.json", latents.shard_name(0), "uncond.safetensors"]
     # --overwrite encodes again from scratch: the old shards go, none survives next to the new ones
     monkeypatch.undo()
     m = data.encode_dataset(*args, **{**kw, "shard_size": 5}, overwrite=True)
     assert [s["num"] for s in m["shards"]] == [3] and len(m["skipped"]) == 2
-    assert sorted(os.listdir(out)) == ["encode.json", "manifest.json", data.shard_name(0), "uncond.safetensors"]
-    torch.testing.assert_close(data.LatentDataset(out).tensors["latents"][:], first)
+    assert sorted(os.listdir(out)) == ["encode.json", "manifest.json", latents.shard_name(0), "uncond.safetensors"]
+    torch.testing.assert_close(latents.LatentDataset(out).tensors["latents"][:], first)
 
 
 def test_bad_inputs_have_clear_errors(cog_weights, hy_weights, videos, tmp_path, capsys):
     caps = tmp_path / "caps.txt"
     caps.write_text("one\ntwo\n")
     args = dict(model="tiny-cogvideox", weights=cog_weights, out=str(tmp_path / "o"), progress=False)
-    with pytest.raises(data.DataError, match="2 captions .* for 5 videos"):
+    with pytest.raises(latents.DataError, match="2 captions .* for 5 videos"):
         data.encode_dataset(videos, str(caps), **args)
     (tmp_path / "caps.json").write_text(json.dumps({"clip0.mp4": "x"}))
-    with pytest.raises(data.DataError, match="no caption for 4 of the videos"):
+    with pytest.raises(latents.DataError, match="no caption for 4 of the videos"):
         data.encode_dataset(videos, str(tmp_path / "caps.json"), **args)
     cap = os.path.join(videos, "captions.txt")
     with pytest.raises(FileNotFoundError, match="weights folder .*nowhere.* does not exist"):
@@ -300,57 +299,16 @@ def test_bad_inputs_have_clear_errors(cog_weights, hy_weights, videos, tmp_path,
     assert e.value.code == 2 and len(err.splitlines()) == 1 and re.match("error: .*does not exist", err), err
 
 
-def synthetic(out, num=4, seed=0):
-    """A tiny-cogvideox synthetic dataset in `out` -> its folder as a string."""
-    data.synthetic_dataset("tiny-cogvideox", str(out), num=num, seed=seed)
-    return str(out)
-
-
-def test_a_file_changed_since_its_manifest_is_refused_by_name(tmp_path):
-    ds = synthetic(tmp_path / "ds")
-    shard, uncond = os.path.join(ds, data.shard_name(0)), os.path.join(ds, "uncond.safetensors")
-    m = data.read_manifest(ds)
-    assert m["shards"][0]["sha256"] == integrity.digest(shard) and m["shards"][0]["bytes"] == os.path.getsize(shard)
-    assert m["uncond_sha256"] == integrity.digest(uncond)
-    for path in (shard, uncond):  # rewritten in place with other tensors of the same shapes
-        keep = open(path, "rb").read()
-        save_file({k: v + 1 if v.is_floating_point() else v for k, v in load_file(path).items()}, path)
-        with pytest.raises(data.DataError, match=re.escape(path) + r" changed since its manifest was written "
-                                                  r"\(sha256 [0-9a-f]{12}\.\.\. != recorded [0-9a-f]{12}\.\.\.\)"):
-            data.LatentDataset(ds)
-        open(path, "wb").write(keep)
-    assert len(data.LatentDataset(ds)) == 4
-
-
-def test_digest_is_the_content_not_the_folder_and_old_manifests_still_load(tmp_path):
-    a = synthetic(tmp_path / "a")
-    digest = data.LatentDataset(a).digest
-    moved = shutil.copytree(a, tmp_path / "moved")
-    assert re.fullmatch("[0-9a-f]{64}", digest) and data.LatentDataset(moved).digest == digest
-    assert data.LatentDataset(synthetic(tmp_path / "b", seed=1)).digest != digest  # other content
-    assert data.LatentDataset(synthetic(tmp_path / "c", num=3)).digest != digest
-    # a manifest written before the digests: loads, its digest computed from the files
-    path = os.path.join(moved, "manifest.json")
-    with open(path) as f:
-        m = json.load(f)
-    m["shards"] = [{"file": s["file"], "num": s["num"]} for s in m["shards"]]
-    del m["uncond_sha256"]
-    with open(path, "w") as f:
-        json.dump(m, f)
-    old = data.LatentDataset(moved)
-    assert old.digest == digest and torch.equal(old.tensors["latents"][:], data.LatentDataset(a).tensors["latents"][:])
-
-
 def test_synthetic_refuses_an_existing_dataset_unless_overwrite(tmp_path):
     out = tmp_path / "ds"
     g = torch.Generator().manual_seed(0)
     t = {"latents": torch.randn(4, 4, 2, 4, 4, generator=g), "text": torch.randn(4, 8, 32, generator=g)}
-    data.write_shard(str(out), 0, t)
-    data.write_shard(str(out), 1, t)
-    data.atomic_save_file(t, str(out / "extra.safetensors"))  # a shard the manifest names, not called shard_*
-    names = (data.shard_name(0), data.shard_name(1), "extra.safetensors")
-    data.write_manifest(str(out), model="tiny-cogvideox", latent_shape=[4, 2, 4, 4], vae_scaling_factor=1.0,
-                        shards=[{"file": n, "num": 4} for n in names], uncond={"text": torch.zeros(1, 8, 32)})
+    latents.write_shard(str(out), 0, t)
+    latents.write_shard(str(out), 1, t)
+    latents.atomic_save_file(t, str(out / "extra.safetensors"))  # a shard the manifest names, not called shard_*
+    names = (latents.shard_name(0), latents.shard_name(1), "extra.safetensors")
+    latents.write_manifest(str(out), model="tiny-cogvideox", latent_shape=[4, 2, 4, 4], vae_scaling_factor=1.0,
+                           shards=[{"file": n, "num": 4} for n in names], uncond={"text": torch.zeros(1, 8, 32)})
     (out / "notes.txt").write_text("not part of the dataset")
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
     argv = ["synthetic", "--model", "tiny-cogvideox", "--out", str(out), "--num", "3"]
@@ -361,17 +319,17 @@ def test_synthetic_refuses_an_existing_dataset_unless_overwrite(tmp_path):
     assert lines[0].startswith(f"error: {out} already holds a dataset") and "--overwrite" in lines[0]
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before  # nothing written
     data.main(argv + ["--overwrite", "--seed", "1"])
-    assert sorted(os.listdir(out)) == ["manifest.json", "notes.txt", data.shard_name(0), "uncond.safetensors"]
-    ds = data.LatentDataset(str(out))
+    assert sorted(os.listdir(out)) == ["manifest.json", "notes.txt", latents.shard_name(0), "uncond.safetensors"]
+    ds = latents.LatentDataset(str(out))
     assert len(ds) == 3 and ds.manifest["synthetic"] and ds.manifest["num_samples"] == 3
-    assert ds.digest == data.LatentDataset(synthetic(tmp_path / "fresh", num=3, seed=1)).digest
+    assert ds.digest == latents.LatentDataset(synthetic(tmp_path / "fresh", num=3, seed=1)).digest
 
 
 def test_encode_prompts_cli(hy_weights, tmp_path):
     (tmp_path / "p.txt").write_text("a cat walks on the grass\n\na red car\n")
     data.main(["encode-prompts", "--prompts", str(tmp_path / "p.txt"), "--model", "tiny-hunyuan",
                "--weights", hy_weights, "--out", str(tmp_path / "c.safetensors")])
-    cond = data.load_cond(str(tmp_path / "c.safetensors"))
+    cond = latents.load_cond(str(tmp_path / "c.safetensors"))
     assert cond["text"].shape == (3, 256, 16) and cond["pooled"].shape == (3, 16)
     assert cond["text_mask"][1].sum() == 1  # the empty line is the unconditional prompt
 
@@ -420,85 +378,9 @@ def test_write_video_mp4_and_gif(tmp_path):
 def test_library_imports_without_optional_packages():
     code = ("import sys\nfor m in ('transformers', 'diffusers', 'imageio_ffmpeg', 'imageio', 'tqdm'):\n"
             "    sys.modules[m] = None\n"
-            "import data\nfrom storage import video_io\n"
+            "import data\nfrom storage import latents, video_io\n"
             "try:\n    video_io.TextEncoder('cogvideox-2b', '.')\nexcept ImportError as e:\n    print(e)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "transformers is not installed" in r.stdout and "pip install -r requirements-video.txt" in r.stdout
-
-
-def test_check_fits_names_every_mismatch():
-    import model
-    cfg, cog = model.PRESETS["tiny-hunyuan"], model.PRESETS["tiny-cogvideox"]
-    D, P = cfg.text_embed_dim, cfg.pooled_projection_dim
-    good = {"text": torch.zeros(2, 5, D), "text_mask": torch.ones(2, 5, dtype=torch.long), "pooled": torch.zeros(2, P),
-            "latents": torch.zeros(2, cfg.in_channels, 2, 4, 4), "label": torch.zeros(2)}  # other keys are ignored
-    uncond = {k: v[:1] for k, v in good.items() if k in data.COND_KEYS}
-    assert data.check_fits(cfg, good, [cfg.in_channels, 2, 4, 4], uncond) == ["pooled", "text", "text_mask"]
-    bad = {"text": torch.zeros(2, 5, D + 1), "text_mask": torch.ones(2, 4, dtype=torch.long), "pooled": torch.zeros(3, P)}
-    with pytest.raises(data.DataError) as e:
-        data.check_fits(cfg, bad, [cfg.in_channels + 1, 2, 3, 4], {"text": uncond["text"]}, where="DIR")
-    msg = str(e.value)
-    for want in ("DIR does not fit model HunyuanVideoConfig", f"latents have {cfg.in_channels + 1} channels",
-                 "divisible by the patch", f"text is [2, 5, {D + 1}]", "text_mask is [2, 4]", "batch sizes differ",
-                 "uncond keys ['text'] differ"):
-        assert want in msg, (want, msg)
-    with pytest.raises(data.DataError, match=r"keys \['text', 'text_mask'\], the model takes \['text'\]"):
-        data.check_fits(cog, {k: good[k] for k in ("text", "text_mask")})  # CogVideoX takes no text mask
-
-
-def test_draws_belong_to_the_sample_not_to_the_batch_split():
-    idx, shape = torch.tensor([5, 1, 7]), (2, 3, 2, 2)
-    eps, u, n = data.draws(idx, 3, 0, shape, gan=True)
-    alone = data.draws(idx[1:2], 3, 0, shape, gan=True)
-    assert all(torch.equal(a[1:2], b) for a, b in zip((eps, u, n), alone))
-    assert not torch.equal(eps[0], eps[2]) and not torch.equal(eps, data.draws(idx, 4, 0, shape, gan=False)[0])
-    no_gan = data.draws(idx, 3, 0, shape, gan=False)
-    assert no_gan[2] is None and torch.equal(no_gan[0], eps) and torch.equal(no_gan[1], u)
-
-
-def test_batches_resume_exactly_mid_epoch():
-    class Numbers(torch.utils.data.Dataset):
-        def __len__(self):
-            return 7
-
-        def __getitem__(self, i):
-            return {"x": torch.tensor(i)}
-
-    def sampler():
-        return torch.utils.data.DistributedSampler(Numbers(), 1, 0, shuffle=True, seed=3, drop_last=True)
-    stream = data.batches(Numbers(), sampler(), 2)
-    straight = [next(stream) for _ in range(7)]  # 3 batches an epoch: wraps twice
-    assert [e for _, e, _ in straight] == [0, 0, 0, 1, 1, 1, 2] and all(torch.equal(b["x"], b["index"]) for b, _, _ in straight)
-    _, epoch, pos = straight[1]
-    resumed = data.batches(Numbers(), sampler(), 2, epoch, pos)
-    for (b, e, p), (b2, e2, p2) in zip(straight[2:], resumed):
-        assert torch.equal(b["index"], b2["index"]) and (e, p) == (e2, p2)
-
-
-def test_dataset_is_memory_mapped_and_indexes_like_a_tensor(tmp_path):
-    """LatentDataset keeps no copy of the shards (issue 28: 8 processes a node each held the whole dataset): opening a
-    64 MiB dataset grows the process by far less than it; its columns index like the concatenated tensor would, across
-    shard boundaries, in any index form."""
-    g = torch.Generator().manual_seed(0)
-    lat = torch.randn(64, 4, 8, 64, 128, generator=g)  # 64 samples x 1 MiB, in 3 shards of unequal size
-    text = torch.randn(64, 3, 16, generator=g)
-    for i, (a, b) in enumerate(((0, 20), (20, 21), (21, 64))):
-        data.write_shard(tmp_path, i, {"latents": lat[a:b], "text": text[a:b]})
-    data.write_manifest(tmp_path, model="custom", latent_shape=list(lat.shape[1:]), vae_scaling_factor=1.0,
-                        shards=[{"file": data.shard_name(i), "num": n} for i, n in enumerate((20, 1, 43))],
-                        uncond={"text": text[:1]})
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    before = rss()
-    ds = data.LatentDataset(str(tmp_path))
-    grown = rss() - before
-    assert grown < lat.numel() * 4 / 8, grown  # < 1/8 of the dataset (a concatenated copy would be all of it)
-    col = ds.tensors["latents"]
-    assert col.shape == lat.shape and col.dtype == torch.float32 and len(col) == 64 and col.dim() == 5
-    for idx in (5, -1, slice(18, 23), slice(None), torch.tensor([63, 0, 20, 21, 19]), [2, 2, 40], (slice(1, 3), 0)):
-        assert torch.equal(col[idx], lat[idx]), idx
-    assert torch.equal(ds[20]["text"], text[20]) and len(ds) == 64

@@ -11,7 +11,7 @@ import torch
 
 import data
 import model as models
-from storage import image_io, video_io
+from storage import image_io, latents, video_io
 from test_data import t5_tokenizer
 
 SIZE = ["--frames", "5", "--height", "32", "--width", "32"]
@@ -67,8 +67,8 @@ def folders(tmp_path_factory):
 def encode(videos, weights, model, out, *extra):
     data.main(["encode", "--videos", videos, "--captions", os.path.join(videos, "captions.txt"), "--model", model,
                "--weights", weights, "--out", out, *SIZE, *extra])
-    ds = data.LatentDataset(out)
-    keys = data.check_fits(models.PRESETS[model], ds.tensors, ds.manifest["latent_shape"], ds.uncond, where=out)
+    ds = latents.LatentDataset(out)
+    keys = latents.check_fits(models.PRESETS[model], ds.tensors, ds.manifest["latent_shape"], ds.uncond, where=out)
     assert keys == ["text"] + [k for k in ("image_latents", "image_embeds") if k in ds.tensors]  # the model's conditioning
     names = [n for s in ds.manifest["shards"] for n in json.loads(data.shard_info(out, int(s["file"][6:11]))[1]["videos"])]
     return ds, [video_io.read_clip(os.path.join(videos, n), 5, 32, 32)[:, 0] for n in names]  # each clip's frame 0
@@ -152,17 +152,17 @@ def test_synthetic_image_keys_fit_the_tiny_presets(tmp_path):
     for name, (want, flag) in cases.items():
         out = str(tmp_path / name)
         data.main(["synthetic", "--model", name, "--out", out, "--num", "3", *flag])
-        ds, cfg = data.LatentDataset(out), models.PRESETS[name]
+        ds, cfg = latents.LatentDataset(out), models.PRESETS[name]
         assert {k: tuple(v.shape) for k, v in ds.tensors.items() if k in image_io.KEYS} == want
         assert ds.tensors["latents"].shape[1] == (48 if "ti2v" in name else 16)
-        data.check_fits(cfg, ds.tensors, ds.manifest["latent_shape"], ds.uncond, where=out)
+        latents.check_fits(cfg, ds.tensors, ds.manifest["latent_shape"], ds.uncond, where=out)
         if want:  # the model takes them
             net = models.build_transformer(cfg).eval()
             b = {k: v[:2] for k, v in ds.tensors.items()}
             with torch.no_grad():
                 v = net(b["latents"], torch.tensor([500.0, 20.0]), **{k: v for k, v in b.items() if k != "latents"})
             assert v.shape == b["latents"].shape
-    il = data.LatentDataset(str(tmp_path / "tiny-wan2.2-i2v")).tensors["image_latents"][:]
+    il = latents.LatentDataset(str(tmp_path / "tiny-wan2.2-i2v")).tensors["image_latents"][:]
     assert (il[:, :4, 0] == 1).all() and (il[:, :4, 1:] == 0).all()  # the pipeline's first-frame mask
 
 
@@ -217,10 +217,11 @@ def test_bad_inputs_have_one_error_line(folders, videos, tmp_path, capsys, monke
     # an image-to-video model on a dataset without the image condition: train.py stops before any model loads
     t2v = str(tmp_path / "t2v")
     data.synthetic_dataset("tiny-wan", t2v, num=4)
-    with pytest.raises(data.DataError, match=rf"{t2v} does not fit model WanConfig: no image_latents or image_embeds: "
-                                             "this image-to-video model needs the image condition"):
-        ds = data.LatentDataset(t2v)
-        data.check_fits(models.PRESETS["tiny-wan-i2v"], ds.tensors, ds.manifest["latent_shape"], ds.uncond, where=t2v)
+    with pytest.raises(latents.DataError, match=rf"{t2v} does not fit model WanConfig: no image_latents or "
+                                                "image_embeds: this image-to-video model needs the image condition"):
+        ds = latents.LatentDataset(t2v)
+        latents.check_fits(models.PRESETS["tiny-wan-i2v"], ds.tensors, ds.manifest["latent_shape"], ds.uncond,
+                           where=t2v)
     import train
     monkeypatch.setattr(sys, "argv", ["train.py", "--stage", "teacher", "--config", "tiny-wan2.2-i2v", "--data", t2v,
                                       "--out", str(tmp_path / "run"), "--device", "cpu", "--max-steps", "1"])
@@ -229,12 +230,13 @@ def test_bad_inputs_have_one_error_line(folders, videos, tmp_path, capsys, monke
     # image keys of another model's shape
     ti2v = str(tmp_path / "ti2v")
     data.synthetic_dataset("tiny-wan2.2-ti2v", ti2v, num=2, image_cond=True)
-    ds = data.LatentDataset(ti2v)
-    with pytest.raises(data.DataError, match=r"image_latents are \[2, 48, 1, 4, 4\], the model takes \[B, 20, 2, 4, 4\]"):
-        data.check_fits(models.PRESETS["tiny-wan2.2-i2v"], {**ds.tensors, "latents": ds.tensors["latents"][:, :16]},
-                        [16, 2, 4, 4], where=ti2v)
-    with pytest.raises(data.DataError, match=r"image_latents \[2, 48, 1, 4, 4\]: the model takes no image condition"):
-        data.check_fits(models.PRESETS["tiny-cogvideox"], {"text": torch.zeros(2, 8, 32), **{
+    ds = latents.LatentDataset(ti2v)
+    with pytest.raises(latents.DataError, match=r"image_latents are \[2, 48, 1, 4, 4\], the model takes \[B, 20, 2, 4, 4\]"):
+        latents.check_fits(models.PRESETS["tiny-wan2.2-i2v"], {**ds.tensors, "latents": ds.tensors["latents"][:, :16]},
+                           [16, 2, 4, 4], where=ti2v)
+    with pytest.raises(latents.DataError,
+                       match=r"image_latents \[2, 48, 1, 4, 4\]: the model takes no image condition"):
+        latents.check_fits(models.PRESETS["tiny-cogvideox"], {"text": torch.zeros(2, 8, 32), **{
             k: ds.tensors[k] for k in ("image_latents",)}}, where=ti2v)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import data
-from storage import video_io
+from storage import latents, video_io
 from test_data import CAPTIONS, LONG, t5_tokenizer, videos  # noqa: F401  (videos: the shared clip fixture)
 
 MEAN, STD = [0.5, -0.25, 1.0, 0.0], [2.0, 0.5, 1.5, 3.0]
@@ -48,7 +48,7 @@ def test_encode_wan_dataset_and_decode(wan_weights, videos, tmp_path):  # noqa: 
     data.main(["encode", "--videos", videos, "--captions", os.path.join(videos, "captions.txt"), "--model",
                "tiny-wan", "--weights", wan_weights, "--out", out, "--frames", "9", "--height", "32", "--width", "32",
                "--posterior", "mode"])
-    ds = data.LatentDataset(out)
+    ds = latents.LatentDataset(out)
     m = ds.manifest
     assert m["latent_shape"] == [4, 3, 8, 8] and ds.tensors["text"].shape == (3, 512, 16)
     assert m["vae_scaling_factor"] == 1.0 and m["vae_latents_mean"] == MEAN and m["vae_latents_std"] == STD
@@ -83,7 +83,7 @@ def test_wan_encode_prompts_cli(wan_weights, tmp_path):
     (tmp_path / "p.txt").write_text("a cat walks on the grass\n\na red car\n")
     data.main(["encode-prompts", "--prompts", str(tmp_path / "p.txt"), "--model", "wan2.1-t2v-1.3b",
                "--weights", wan_weights, "--out", str(tmp_path / "c.safetensors")])
-    cond = data.load_cond(str(tmp_path / "c.safetensors"))
+    cond = latents.load_cond(str(tmp_path / "c.safetensors"))
     assert set(cond) == {"text"} and cond["text"].shape == (3, 512, 16)  # the empty line: the unconditional prompt
     want = video_io.TextEncoder("tiny-wan", wan_weights)(["a cat walks on the grass", "", "a red car"])["text"]
     torch.testing.assert_close(cond["text"], want)

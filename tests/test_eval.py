@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from storage import checkpoint
+from storage import checkpoint, latents
 import data
 import eval as ev
 import model as models
@@ -26,14 +26,14 @@ def student(tmp_path_factory):
     torch.manual_seed(0)
     checkpoint.save_transformer(models.build_transformer(cfg), str(root / "teacher"))
     g, n, L = torch.Generator().manual_seed(0), 4, 6
-    data.write_shard(str(root / "data"), 0, {"latents": torch.randn(n, 4, 2, 4, 4, generator=g),
-                                             "text": torch.randn(n, L, 16, generator=g),
-                                             "text_mask": torch.ones(n, L, dtype=torch.long),
-                                             "pooled": torch.randn(n, 16, generator=g)})
-    data.write_manifest(str(root / "data"), model="hunyuan-video", latent_shape=[4, 2, 4, 4], vae_scaling_factor=1.0,
-                        shards=[{"file": data.shard_name(0), "num": n}],
-                        uncond={"text": torch.zeros(1, L, 16), "text_mask": torch.ones(1, L, dtype=torch.long),
-                                "pooled": torch.zeros(1, 16)})
+    latents.write_shard(str(root / "data"), 0, {"latents": torch.randn(n, 4, 2, 4, 4, generator=g),
+                                                "text": torch.randn(n, L, 16, generator=g),
+                                                "text_mask": torch.ones(n, L, dtype=torch.long),
+                                                "pooled": torch.randn(n, 16, generator=g)})
+    latents.write_manifest(str(root / "data"), model="hunyuan-video", latent_shape=[4, 2, 4, 4], vae_scaling_factor=1.0,
+                           shards=[{"file": latents.shard_name(0), "num": n}],
+                           uncond={"text": torch.zeros(1, L, 16), "text_mask": torch.ones(1, L, dtype=torch.long),
+                                   "pooled": torch.zeros(1, 16)})
     train.main(["--stage", "semantic", "--teacher", str(root / "teacher"), "--data", str(root / "data"), "--out",
                 str(root / "sem"), "--max-steps", "1", "--device", "cpu", "--probe-every", "0"])
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")

@@ -8,7 +8,7 @@ import torch
 from storage import checkpoint
 import model
 import solver
-from data import atomic_save_file
+from storage.latents import atomic_save_file
 from experts import DualExpert
 from lora import LoRALinear
 

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-import data
+from storage import latents
 import export
 import model as models
 import sample
@@ -33,10 +33,11 @@ def student(tmp_path_factory):
     from storage import checkpoint
     checkpoint.save_transformer(models.build_transformer(cfg), str(root / "teacher"))
     g, n, L = torch.Generator().manual_seed(0), 4, 8
-    data.write_shard(str(root / "data"), 0, {"latents": torch.randn(n, 4, 2, 4, 4, generator=g),
-                                             "text": torch.randn(n, L, 16, generator=g)})
-    data.write_manifest(str(root / "data"), model="wan2.1-t2v-1.3b", latent_shape=[4, 2, 4, 4], vae_scaling_factor=1.0,
-                        shards=[{"file": data.shard_name(0), "num": n}], uncond={"text": torch.zeros(1, L, 16)})
+    latents.write_shard(str(root / "data"), 0, {"latents": torch.randn(n, 4, 2, 4, 4, generator=g),
+                                                "text": torch.randn(n, L, 16, generator=g)})
+    latents.write_manifest(str(root / "data"), model="wan2.1-t2v-1.3b", latent_shape=[4, 2, 4, 4],
+                           vae_scaling_factor=1.0, shards=[{"file": latents.shard_name(0), "num": n}],
+                           uncond={"text": torch.zeros(1, L, 16)})
     common = ["--teacher", str(root / "teacher"), "--data", str(root / "data"), "--device", "cpu", "--probe-every", "0",
               "--max-steps", "2", "--lr", "1e-3", "--batch-size", "2"]
     train.main(["--stage", "semantic", *common, "--out", str(root / "sem")])

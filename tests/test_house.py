@@ -7,9 +7,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("backbones", "scale", "storage", "tools", "toy")
-# command lines only (`python X.py` / `torchrun X.py`); data.py and tools/plot.py are library modules that also have
-# one (their functions are imported, their main never is)
-SCRIPTS = {"train", "sample", "eval", "export", "tools.bench", "toy.run"}
+# command lines only (`python X.py` / `torchrun X.py`); tools/plot.py is a library module that also has one (its
+# functions are imported, its main never is)
+SCRIPTS = {"train", "sample", "data", "eval", "export", "tools.bench", "toy.run"}
 
 
 def project_modules():

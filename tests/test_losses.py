@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import data
+from storage import latents
 import losses
 import model
 import solver
@@ -192,7 +192,7 @@ def test_adversarial_terms_send_gradients_to_xhat_only_and_d_loss_is_the_hinge(p
     assert disc.n_taps == len(m.default_taps())
     x_tgt, n = torch.randn(2, cfg.in_channels, 3, 4, 6), torch.randn(2, cfg.in_channels, 3, 4, 6)
     xhat = (x_tgt + 0.3 * torch.randn_like(x_tgt)).requires_grad_(True)
-    cond, tok = {"text": torch.randn(2, 8, data.text_width(cfg))}, (3, 2, 3)  # latent (3, 4, 6) in 2x2 patches
+    cond, tok = {"text": torch.randn(2, 8, latents.text_width(cfg))}, (3, 2, 3)  # latent (3, 4, 6) in 2x2 patches
     k_end, k_adv = torch.tensor([-1, -1]), torch.tensor([3, 7])
     g_loss, fm_loss, (fake_f, real_f) = losses.adversarial_terms(m, disc, x_tgt, xhat, n, k_end, k_adv, grid, cond, tok)
     (g_loss + fm_loss).backward()

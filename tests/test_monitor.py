@@ -60,8 +60,8 @@ def test_validation_sampling_leaves_training_bit_identical(base, tmp_path, stage
     assert x.shape == (3, 16, 4, 4, 4) and x.isfinite().all() and meta["steps"] == "2"
     if stage != "teacher" and not extra:  # the same latents as sample.py's sampler on the saved checkpoint, from the same noise and prompts
         model, info = sampling.load_student(watched["checkpoint"])
-        import data
-        ds = data.LatentDataset(base["data"])
+        from storage import latents
+        ds = latents.LatentDataset(base["data"])
         idx = torch.linspace(0, len(ds) - 1, 3).round().long()
         cond = {k: ds.tensors[k][idx] for k in ("pooled", "text", "text_mask")}
         noise = torch.randn(3, 16, 4, 4, 4, generator=torch.Generator().manual_seed(0 + 7_000_003))

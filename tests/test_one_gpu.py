@@ -10,10 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import data
 import experts
 import losses
-from storage import checkpoint, integrity
+from storage import checkpoint, integrity, latents
 import model
 import sample
 import sampling
@@ -109,7 +108,7 @@ def one_step(arch, shared):
         if name == "det":
             torch.manual_seed(6)
             disc = losses.Discriminator.for_model(student, hidden=32)
-            tok = tuple(s // p for s, p in zip(x0.shape[2:], data.patch_of(cfg)))  # the token grid (F, h, w)
+            tok = tuple(s // p for s, p in zip(x0.shape[2:], latents.patch_of(cfg)))  # the token grid (F, h, w)
             terms["gan_g"], terms["fm"], _ = losses.adversarial_terms(teacher.model, disc, x_tgt, xhat, n, k_end,
                                                                       torch.tensor([10, 20]), grid, scond, tok)
         sum(terms.values()).backward()
@@ -310,7 +309,7 @@ def test_validation_samples_leave_training_alone_and_are_what_sample_py_samples(
     with safe_open(str(tmp_path / "watched" / "samples" / "step_0000001" / "latents_2step.safetensors"), "pt") as f:
         x = f.get_tensor("latents")
     model, info = sampling.load_student(watched["checkpoint"])
-    ds = data.LatentDataset(sem[sem.index("--data") + 1])
+    ds = latents.LatentDataset(sem[sem.index("--data") + 1])
     cond = {"text": ds.tensors["text"][torch.linspace(0, len(ds) - 1, 3).round().long()]}
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0 + 7_000_003))
     ref = sampling.student_sample(model, noise, cond, info["grid"], info["boundaries"], 2, 6.0)

@@ -10,7 +10,7 @@ import pytest
 import data as dataset
 import preempt_trials as trials
 import train
-from storage import checkpoint, integrity, preempt, resume
+from storage import checkpoint, integrity, latents, preempt, resume
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_signals_save_and_resume_exactly(setup, monkeypatch):
     uninterrupted one bit for bit (real train.py processes, start-up included: preempt_trials.py)."""
     root, base, ref = setup
     out = str(root / "run")
-    draws, save_step = dataset.draws, resume.save_step
+    draws, save_step = latents.draws, resume.save_step
 
     def draws_and_signal(index, step, *a, **k):  # the signal lands inside step 13's micro-step
         if step == 12:
@@ -43,7 +43,7 @@ def test_signals_save_and_resume_exactly(setup, monkeypatch):
         if step == 20:
             os.kill(os.getpid(), signal.SIGINT)
         return save_step(out, step, *a, **k)
-    for patch, sig, code, step in ((("data.draws", draws_and_signal), signal.SIGTERM, 143, 13),
+    for patch, sig, code, step in ((("storage.latents.draws", draws_and_signal), signal.SIGTERM, 143, 13),
                                    (("storage.resume.save_step", save_and_signal), signal.SIGINT, 130, 21)):
         monkeypatch.setattr(*patch)
         with pytest.raises(preempt.Interrupted) as e:

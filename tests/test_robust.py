@@ -19,7 +19,7 @@ from tools import bench
 from storage import checkpoint, resume
 from tools import checks
 import data
-from storage import integrity
+from storage import integrity, latents
 import model as models
 import sample
 import train
@@ -345,9 +345,9 @@ def test_bench_bad_input(argv, want, tmp_path):
 
 def test_synthetic_dataset_and_its_bad_input(tmp_path, capsys):
     data.main(["synthetic", "--model", "tiny-cogvideox", "--out", str(tmp_path / "c"), "--num", "3"])
-    ds = data.LatentDataset(str(tmp_path / "c"))
-    assert len(ds) == 3 and data.check_fits(models.PRESETS["tiny-cogvideox"], ds.tensors, ds.manifest["latent_shape"],
-                                            ds.uncond) == ["text"]
+    ds = latents.LatentDataset(str(tmp_path / "c"))
+    assert len(ds) == 3 and latents.check_fits(models.PRESETS["tiny-cogvideox"], ds.tensors,
+                                               ds.manifest["latent_shape"], ds.uncond) == ["text"]
     capsys.readouterr()
     for argv, want in ((["--model", "bogus"], "is not a preset"), (["--model", "tiny-hunyuan", "--num", "0"], ">= 1"),
                        (["--model", "tiny-hunyuan", "--height", "3"], "divisible by the patch"),

@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from storage import checkpoint
-import data
 import experts
-from storage import integrity
+from storage import integrity, latents
 import model as models
 import sample
 import sampling
@@ -34,14 +33,14 @@ SIZE = ["--frames", "2", "--height", "4", "--width", "4"]
 def tiny_dataset(folder, n=4, L=6):
     cfg = models.PRESETS["tiny-hunyuan"]
     g = torch.Generator().manual_seed(0)
-    data.write_shard(folder, 0, {"latents": torch.randn(n, *LAT, generator=g),
-                                 "text": torch.randn(n, L, cfg.text_embed_dim, generator=g),
-                                 "text_mask": torch.ones(n, L, dtype=torch.long),
-                                 "pooled": torch.randn(n, cfg.pooled_projection_dim, generator=g)})
+    latents.write_shard(folder, 0, {"latents": torch.randn(n, *LAT, generator=g),
+                                    "text": torch.randn(n, L, cfg.text_embed_dim, generator=g),
+                                    "text_mask": torch.ones(n, L, dtype=torch.long),
+                                    "pooled": torch.randn(n, cfg.pooled_projection_dim, generator=g)})
     uncond = {"text": torch.zeros(1, L, cfg.text_embed_dim), "text_mask": torch.ones(1, L, dtype=torch.long),
               "pooled": torch.zeros(1, cfg.pooled_projection_dim)}
-    data.write_manifest(folder, model="tiny-hunyuan", latent_shape=LAT, vae_scaling_factor=1.0,
-                        shards=[{"file": data.shard_name(0), "num": n}], uncond=uncond)
+    latents.write_manifest(folder, model="tiny-hunyuan", latent_shape=LAT, vae_scaling_factor=1.0,
+                           shards=[{"file": latents.shard_name(0), "num": n}], uncond=uncond)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +91,7 @@ def manual(models_per_step, ks, x, cond, grid):
 
 
 def uncond_of(runs, n=1):
-    u = data.load_cond(os.path.join(runs["ds"], "uncond.safetensors"))
+    u = latents.load_cond(os.path.join(runs["ds"], "uncond.safetensors"))
     return {k: v.expand(n, *v.shape[1:]) for k, v in u.items()}
 
 
@@ -158,7 +157,7 @@ def test_one_step_is_one_student_forward_and_a_jump_to_the_clean_end(runs, tmp_p
 def test_teacher_mode_equals_teacher_sampling(runs, tmp_path):
     cond = {"text": torch.randn(2, 5, 32), "text_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
             "pooled": torch.randn(2, 16)}
-    data.save_cond(cond, str(tmp_path / "cond.safetensors"))
+    latents.save_cond(cond, str(tmp_path / "cond.safetensors"))
     s = run(tmp_path, "--ckpt", runs["teacher"], "--teacher", "--steps", "6", "--num", "2",
             "--cond", str(tmp_path / "cond.safetensors"))
     assert s["experts"] == ["teacher"] * 6 and s["grid_indices"] == [5, 4, 3, 2, 1, 0]
@@ -173,8 +172,8 @@ def test_teacher_mode_with_cfg(tmp_path):
     m = models.build_transformer("tiny-cogvideox")
     checkpoint.save_transformer(m, str(tmp_path / "cog"))
     cond, uncond = {"text": torch.randn(1, 8, 32)}, {"text": torch.randn(1, 8, 32)}
-    data.save_cond(cond, str(tmp_path / "c.safetensors"))
-    data.save_cond(uncond, str(tmp_path / "u.safetensors"))
+    latents.save_cond(cond, str(tmp_path / "c.safetensors"))
+    latents.save_cond(uncond, str(tmp_path / "u.safetensors"))
     s = sample.main(["--ckpt", str(tmp_path / "cog"), "--teacher", "--steps", "4", "--out", str(tmp_path / "o"),
                      "--cond", str(tmp_path / "c.safetensors"), "--uncond", str(tmp_path / "u.safetensors")])
     assert s["latents"].shape == (1, 4, 3, 6, 8)  # tiny-cogvideox's sample size: 9 frames -> 3 latent, 6 x 8
@@ -201,7 +200,7 @@ def pixel_checkpoint(folder, stage="vcm"):
     run_cfg = {"stage": stage, "boundaries": [], "grid_steps": 50, "shift": 17.0, "guidance": 6.0, "kappa": 37,
                "model_config": models.config_to_dict(cfg), "prediction": "flow", "pixel_space": True,
                "data_manifest": {"model": "toy", "latent_shape": [3, 4, 8, 8]}}
-    data.atomic_write_json(run_cfg, os.path.join(step, "config.json"))
+    latents.atomic_write_json(run_cfg, os.path.join(step, "config.json"))
     return step
 
 
@@ -251,7 +250,7 @@ def test_bad_input_gives_one_clear_line(runs, tmp_path, capsys):
     assert "incomplete checkpoint" in fails(capsys, "--ckpt", str(part / "step_0000001"))
     assert "detail.safetensors" in fails(capsys, "--ckpt", str(part))
     # conditioning of the wrong width, and latents the patch does not divide
-    data.save_cond({"text": torch.zeros(1, 4, 31), "pooled": torch.zeros(1, 16)}, str(tmp_path / "bad.safetensors"))
+    latents.save_cond({"text": torch.zeros(1, 4, 31), "pooled": torch.zeros(1, 16)}, str(tmp_path / "bad.safetensors"))
     line = fails(capsys, "--ckpt", runs["det"], "--cond", str(tmp_path / "bad.safetensors"))
     assert "text is [1, 4, 31]" in line and "[B, L, 32]" in line
     assert "divisible by the patch" in fails(capsys, "--ckpt", runs["det"], "--height", "3")
@@ -281,7 +280,7 @@ def test_run_folder_before_its_first_checkpoint(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     cfg = models.config_to_dict(models.PRESETS["tiny-cogvideox"])
-    data.atomic_write_json({"stage": "teacher", "model_config": cfg, "out": str(run)}, str(run / "config.json"))
+    latents.atomic_write_json({"stage": "teacher", "model_config": cfg, "out": str(run)}, str(run / "config.json"))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(run), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and r.stderr.splitlines() == [
@@ -334,10 +333,10 @@ def test_wan_end_to_end_student_and_cfg_teacher(tmp_path):
     (kappa 34) routes 2 + 2 steps, the latents equal the steps written out; the teacher samples with CFG."""
     cfg, p = models.PRESETS["tiny-wan"], {k: str(tmp_path / k) for k in ("ds", "teacher", "sem", "det")}
     g = torch.Generator().manual_seed(0)
-    data.write_shard(p["ds"], 0, {"latents": torch.randn(4, *LAT, generator=g), "text": torch.randn(4, 6, cfg.text_dim, generator=g)})
+    latents.write_shard(p["ds"], 0, {"latents": torch.randn(4, *LAT, generator=g), "text": torch.randn(4, 6, cfg.text_dim, generator=g)})
     uncond = {"text": torch.randn(1, 6, cfg.text_dim, generator=g)}
-    data.write_manifest(p["ds"], model="tiny-wan", latent_shape=LAT, vae_scaling_factor=1.0,
-                        shards=[{"file": data.shard_name(0), "num": 4}], uncond=uncond)
+    latents.write_manifest(p["ds"], model="tiny-wan", latent_shape=LAT, vae_scaling_factor=1.0,
+                           shards=[{"file": latents.shard_name(0), "num": 4}], uncond=uncond)
     torch.manual_seed(0)
     checkpoint.save_transformer(models.build_transformer("tiny-wan"), p["teacher"])
     common = ["--teacher", p["teacher"], "--data", p["ds"], "--max-steps", "1", "--device", "cpu", "--probe-every", "0"]
@@ -362,10 +361,10 @@ def test_wan_end_to_end_student_and_cfg_teacher(tmp_path):
     assert torch.equal(s["latents"], written_out([expert.backbone] * 2 + [expert.detail] * 2))
     assert (s["latents"] - written_out([expert.backbone] * 4)).abs().max() > 1e-4  # the trained detail path is used
     # the 50-step teacher with CFG 6 against the dataset's unconditional conditioning
-    data.save_cond({"text": torch.randn(1, 6, cfg.text_dim, generator=g)}, str(tmp_path / "c.safetensors"))
+    latents.save_cond({"text": torch.randn(1, 6, cfg.text_dim, generator=g)}, str(tmp_path / "c.safetensors"))
     s = sample.main(["--ckpt", p["teacher"], "--teacher", "--steps", "50", "--out", str(tmp_path / "o"), *SIZE,
                      "--cond", str(tmp_path / "c.safetensors"), "--uncond", os.path.join(p["ds"], "uncond.safetensors")])
     ref = Teacher(checkpoint.load_transformer(p["teacher"]), solver.grid_for(cfg), 6.0, uncond)
     assert ref.mode == "cfg" and len(s["grid_indices"]) == 50
-    want = ref.sample(noise(), data.load_cond(str(tmp_path / "c.safetensors")), progress=False)
+    want = ref.sample(noise(), latents.load_cond(str(tmp_path / "c.safetensors")), progress=False)
     assert torch.equal(s["latents"], want)

@@ -10,7 +10,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from backbones import cogvideox
-import data
+from storage import latents
 import experts
 import losses
 import model as models
@@ -119,18 +119,18 @@ def cd_step(preset, stage, device, dtype=torch.float32, B=2):
     student = experts.DualExpert(backbone, solver.boundary_t(grid, kappa), 4, 8) if stage == "detail" else backbone
     disc = losses.Discriminator.for_model(tmodel, hidden=32).to(device) if stage == "detail" else None
     hv = "hunyuan" in preset
-    cond = {"text": torch.randn(B, 5, data.text_width(cfg))}
+    cond = {"text": torch.randn(B, 5, latents.text_width(cfg))}
     cond |= {"pooled": torch.randn(B, cfg.pooled_projection_dim)} if hv else {}  # no text mask: see docs/speed.md
     cond = {k: v.to(device, dtype) for k, v in cond.items()}
     scond = cond | ({"guidance": torch.full((B,), 6016.0, device=device, dtype=dtype)} if hv else {})
-    uncond = None if hv else {"text": torch.zeros(1, 5, data.text_width(cfg), device=device, dtype=dtype)}
+    uncond = None if hv else {"text": torch.zeros(1, 5, latents.text_width(cfg), device=device, dtype=dtype)}
     teacher = Teacher(tmodel, grid, 6.0, uncond)
     shape, tok = (B, cfg.in_channels, 2, 4, 4), ((2 // getattr(cfg, "patch_size_t", None)) if hv else 2, 2, 2)
     x0, eps, n = (torch.randn(shape).to(device, dtype) for _ in range(3))
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     lo, hi = (0, kappa) if stage == "detail" else (kappa + 1, grid.N - 1)
-    u = torch.tensor([[0.1, 0.7], [0.9, 0.2]], dtype=torch.float64)[:B]  # data.draws' host uniforms
+    u = torch.tensor([[0.1, 0.7], [0.9, 0.2]], dtype=torch.float64)[:B]  # latents.draws' host uniforms
 
     def step(update=True):
         k = solver.k_between(u[:, 0], lo, hi)

@@ -7,7 +7,7 @@ import torch
 from toy import data as toy_data
 from toy import metrics as tm
 
-import data
+from storage import latents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +52,7 @@ def test_labels_round_trip_and_bad_labels_are_rejected():
 def test_write_dataset_reads_back(tmp_path):
     manifest = toy_data.write_dataset(str(tmp_path), n=10, seed=1, shard_size=4)
     assert manifest["num_samples"] == 10 and len(manifest["shards"]) == 3
-    ds = data.LatentDataset(str(tmp_path))
+    ds = latents.LatentDataset(str(tmp_path))
     assert len(ds) == 10
     item = ds[7]
     assert item["latents"].shape == toy_data.ToySpec().latent_shape
@@ -60,7 +60,7 @@ def test_write_dataset_reads_back(tmp_path):
     assert torch.equal(ds.uncond["text"], torch.zeros(1, 4, 32))
     again = toy_data.write_dataset(str(tmp_path / "again"), n=10, seed=1, shard_size=4)
     assert again == manifest
-    assert torch.equal(data.LatentDataset(str(tmp_path / "again")).tensors["latents"][:], ds.tensors["latents"][:])
+    assert torch.equal(latents.LatentDataset(str(tmp_path / "again")).tensors["latents"][:], ds.tensors["latents"][:])
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
 import model
+from storage.latents import shard_name, text_width, write_manifest, write_shard
 import train
 from tools import checks
 
@@ -24,19 +24,19 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
 
 def make_dataset(d, preset, n=8, shape=(4, 4, 4), latents=None, seed=0):
-    """A dataset folder in data.py's format for `preset` (pooled + text mask where the model takes them)."""
+    """A dataset folder in storage/latents.py's format for `preset` (pooled + text mask where the model takes them)."""
     cfg, L = model.PRESETS[preset], 6
     g = torch.Generator().manual_seed(seed)
     t = {"latents": torch.randn(n, cfg.in_channels, *shape, generator=g) if latents is None else latents,
-         "text": torch.randn(n, L, data.text_width(cfg), generator=g)}
-    un = {"text": torch.zeros(1, L, data.text_width(cfg))}
+         "text": torch.randn(n, L, text_width(cfg), generator=g)}
+    un = {"text": torch.zeros(1, L, text_width(cfg))}
     pooled = getattr(cfg, "pooled_projection_dim", None)
     if pooled:
         t |= {"pooled": torch.randn(n, pooled, generator=g), "text_mask": (torch.arange(L) < 4).long().repeat(n, 1)}
         un |= {"pooled": torch.zeros(1, pooled), "text_mask": (torch.arange(L) < 1).long()[None]}
-    data.write_shard(d, 0, t)
-    data.write_manifest(d, model=preset, latent_shape=list(t["latents"].shape[1:]), vae_scaling_factor=1.0,
-                        shards=[{"file": data.shard_name(0), "num": len(t["latents"])}], uncond=un)
+    write_shard(d, 0, t)
+    write_manifest(d, model=preset, latent_shape=list(t["latents"].shape[1:]), vae_scaling_factor=1.0,
+                   shards=[{"file": shard_name(0), "num": len(t["latents"])}], uncond=un)
     return str(d)
 
 
@@ -300,9 +300,9 @@ def test_flow_teacher_without_guidance_input_trains_with_condition_dropout(tmp_p
     b, un = toy_data.make_batch(4, seed=0), toy_data.uncond()
 
     def write(d, cond):
-        data.write_shard(d, 0, {"latents": b["latents"], **cond})
-        data.write_manifest(d, model="toy", latent_shape=list(b["latents"].shape[1:]), vae_scaling_factor=1.0,
-                            shards=[{"file": data.shard_name(0), "num": 4}], uncond=un)
+        write_shard(d, 0, {"latents": b["latents"], **cond})
+        write_manifest(d, model="toy", latent_shape=list(b["latents"].shape[1:]), vae_scaling_factor=1.0,
+                       shards=[{"file": shard_name(0), "num": 4}], uncond=un)
         return str(d)
     real = write(tmp_path / "real", {"text": b["text"], "pooled": b["pooled"]})
     empty = write(tmp_path / "empty", {k: v.expand(4, *v.shape[1:]).clone() for k, v in un.items()})

@@ -14,7 +14,7 @@ import model
 import sample
 import sampling
 import solver
-from storage import checkpoint
+from storage import checkpoint, latents
 from test_one_gpu import randomize
 from test_train import LORA, SMALL, make_dataset, run, tensors
 
@@ -107,7 +107,7 @@ def test_sample_routes_the_semantic_expert_and_the_adapted_low_noise_expert(moe,
     t, alpha, sigma = solver.sample_points(grid, solver.student_schedule(grid, [1], 4))
     assert (t[:-1] > info["boundary_t"]).sum() == 2  # two semantic, two detail steps
     noise = torch.randn((2, 16, 2, 4, 4), generator=torch.Generator().manual_seed(0))
-    cond = {"text": data.load_cond(os.path.join(d, "uncond.safetensors"))["text"].expand(2, -1, -1)}
+    cond = {"text": latents.load_cond(os.path.join(d, "uncond.safetensors"))["text"].expand(2, -1, -1)}
     fn = lambda x, tt: (low if tt[0] <= info["boundary_t"] else semantic)(x, tt, **cond)  # noqa: E731
     with torch.no_grad():
         want = solver.sample(fn, noise, t, alpha, sigma, "flow", progress=False)
@@ -155,8 +155,8 @@ def test_image_to_video_dcm_semantic_detail_resume_sample(preset, boundary, tmp_
     a, b = tensors(full["checkpoint"]), tensors(tmp_path / "res" / "step_0000002")
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
     m, info = sampling.load_student(full["checkpoint"])
-    ds = data.LatentDataset(d)
-    cond = {k: ds.tensors[k][:2] for k in data.check_fits(info["cfg"], ds.tensors)}
+    ds = latents.LatentDataset(d)
+    cond = {k: ds.tensors[k][:2] for k in latents.check_fits(info["cfg"], ds.tensors)}
     assert "image_latents" in cond
     pts = sampling.points(info, 4)[:3]
     noise = torch.randn(2, *ds.manifest["latent_shape"], generator=torch.Generator().manual_seed(0))

@@ -18,12 +18,12 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-import data
 import experts
 import lora
 import losses
 import model as M
 import solver
+from storage import latents
 from teacher import Teacher, embedded_guidance
 
 KAPPA = 37  # the authors' cut on the 50-step grid
@@ -111,7 +111,7 @@ def make_inputs(cfg, shape, device, dtype, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
     x = rnd(B, cfg.in_channels, n_f, H, W)
-    cond = {"text": rnd(B, L, data.text_width(cfg))}
+    cond = {"text": rnd(B, L, latents.text_width(cfg))}
     if isinstance(cfg, M.CogVideoXConfig):
         t = torch.randint(0, 1000, (B,), generator=g).to(device).float()
     elif isinstance(cfg, M.WanConfig):  # umT5 states only (padding rows are zeros in real data, attended to)

@@ -28,10 +28,9 @@ import sys
 
 import torch
 
-import data
 import sampling
 import solver
-from storage import checkpoint
+from storage import checkpoint, latents
 from student import detail_on_teacher
 
 STEPS, NUM = (2, 4, 8), 4  # the authors' and FastVideo's validation step counts; prompts per validation
@@ -141,8 +140,8 @@ class Monitor:
             except ValueError as e:
                 raise ValueError(f"--sample-steps {s}: {e}") from None
         if args.sample_cond:
-            cond = data.load_cond(args.sample_cond)
-            data.check_fits(cfg, cond, where=args.sample_cond)
+            cond = latents.load_cond(args.sample_cond)
+            latents.check_fits(cfg, cond, where=args.sample_cond)
             b, K = cond["text"].shape[0], args.sample_num or cond["text"].shape[0]
             if b not in (1, K):
                 raise ValueError(f"{args.sample_cond}: conditioning batch {b} must be 1 or --sample-num {K}")
@@ -150,7 +149,7 @@ class Monitor:
         else:  # K training samples spread over the dataset, so the K prompts differ
             K = min(args.sample_num or NUM, len(ds))
             self.index = torch.linspace(0, len(ds) - 1, K).round().long()
-            cond = {k: ds.tensors[k][self.index] for k in data.check_fits(cfg, ds.tensors, where=ds.dir)}
+            cond = {k: ds.tensors[k][self.index] for k in latents.check_fits(cfg, ds.tensors, where=ds.dir)}
         self.K, self.cond, self.uncond = K, cond, {k: v for k, v in ds.uncond.items()}
         shape = ds.manifest["latent_shape"]
         self.noise = torch.randn(K, *shape, generator=torch.Generator().manual_seed(args.seed + 7_000_003))
@@ -238,8 +237,8 @@ class Monitor:
                     solver.student_schedule(self.grid, self.boundaries, s)
                 meta = {"step": step, "seed": self.args.seed + 7_000_003, "steps": s, "grid_indices": ks,
                         "model": self.model_name, "pixel_space": self.pixel, "stage": self.args.stage}
-                data.atomic_save_file({"latents": x}, os.path.join(tmp, f"latents_{s}step.safetensors"),
-                                      metadata={k: json.dumps(v) for k, v in meta.items()})
+                latents.atomic_save_file({"latents": x}, os.path.join(tmp, f"latents_{s}step.safetensors"),
+                                         metadata={k: json.dumps(v) for k, v in meta.items()})
                 videos[s] = self._pixels(x, tmp, s)
             if self.pixel and self.real is not None:  # the training clips of the K prompts, once per run
                 videos["data"], self.real = self._pixels(self.real, tmp, "data"), None

@@ -201,9 +201,9 @@ def evaluate_seed(seed, members, use_ema, teacher_ckpt, guidance, clf_path, data
 
 def load_teacher(ckpt, guidance, data_dir):
     """The guided toy teacher of a step folder, its unconditional input from the dataset (a worker's own copy)."""
-    import data
+    from storage import latents
     tmodel, tinfo = sampling.load_student(ckpt)
-    return Teacher(tmodel, tinfo["grid"], guidance, data.LatentDataset(data_dir).uncond)
+    return Teacher(tmodel, tinfo["grid"], guidance, latents.LatentDataset(data_dir).uncond)
 
 
 def merge_seeds(parts):

@@ -9,13 +9,13 @@ conditioning really decides what must be drawn and guidance matters.
 
 The videos are used directly as the latents (no VAE): [C, F, H, W] channels-first, values in
 [-1, 1]. `make_batch` generates in memory; `write_dataset` writes the repo's dataset format
-(data.write_shard / data.write_manifest) with per-sample "label" [n] and "velocity" [n, 2] tensors.
+(latents.write_shard / latents.write_manifest) with per-sample "label" [n] and "velocity" [n, 2] tensors.
 """
 from dataclasses import asdict, dataclass
 
 import torch
 
-import data  # the repo-root dataset format (this file is toy.data; see toy/run.py on sys.path)
+from storage import latents  # the repo's dataset format
 
 SHAPES = ("square", "disc", "cross")
 COLOURS = (("orange", (0.95, 0.35, -0.6)), ("cyan", (-0.6, 0.75, 0.95)))
@@ -151,8 +151,8 @@ def write_dataset(dir, n, seed, spec=ToySpec(), shard_size=1024):
     shards = []
     for i, start in enumerate(range(0, n, shard_size)):
         batch = make_batch(min(shard_size, n - start), seed * 100003 + i, spec)
-        num = data.write_shard(dir, i, batch)
-        shards.append({"file": data.shard_name(i), "num": num})
-    return data.write_manifest(dir, model="toy", latent_shape=spec.latent_shape, vae_scaling_factor=1.0,
-                               shards=shards, uncond=uncond(spec),
-                               extra={"toy_spec": asdict(spec), "num_classes": NUM_CLASSES})
+        num = latents.write_shard(dir, i, batch)
+        shards.append({"file": latents.shard_name(i), "num": num})
+    return latents.write_manifest(dir, model="toy", latent_shape=spec.latent_shape, vae_scaling_factor=1.0,
+                                  shards=shards, uncond=uncond(spec),
+                                  extra={"toy_spec": asdict(spec), "num_classes": NUM_CLASSES})

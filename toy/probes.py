@@ -9,8 +9,8 @@ output). The control trains the same discriminator on the same fake features wit
 """
 import torch
 
-import data
 import losses
+from storage import latents
 from teacher import Teacher
 from toy import bench
 
@@ -22,7 +22,7 @@ def discriminator_control(student, teach: Teacher, grid, kappa, ds, steps, batch
     model = teach.model
     g = torch.Generator().manual_seed(seed)
     lat = ds.tensors["latents"]
-    tok_grid = tuple(n // p for n, p in zip(lat.shape[2:], data.patch_of(model.config)))  # (F, h, w) of the tokens
+    tok_grid = tuple(n // p for n, p in zip(lat.shape[2:], latents.patch_of(model.config)))  # (F, h, w) of the tokens
     out = {}
     for real_side in ("target as real", "data as real"):
         torch.manual_seed(seed)  # the same initial discriminator for both
@@ -58,5 +58,5 @@ def discriminator_control(student, teach: Teacher, grid, kappa, ds, steps, batch
 def discriminator_control_from(dcm_ckpt, teacher_ckpt, guidance, data_dir, kappa, steps, batch, lr, hidden, seed):
     """discriminator_control with everything loaded from files (a worker process's job, toy/jobs.py)."""
     teach = bench.load_teacher(teacher_ckpt, guidance, data_dir)
-    return discriminator_control(bench.load_model(dcm_ckpt)[0], teach, teach.grid, kappa, data.LatentDataset(data_dir),
-                                 steps, batch, lr, hidden, seed)
+    return discriminator_control(bench.load_model(dcm_ckpt)[0], teach, teach.grid, kappa,
+                                 latents.LatentDataset(data_dir), steps, batch, lr, hidden, seed)

@@ -48,7 +48,7 @@ if ROOT not in sys.path:
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
-import data  # noqa: E402
+from storage import latents  # noqa: E402
 from tools import checks  # noqa: E402
 import sampling  # noqa: E402
 import solver  # noqa: E402
@@ -215,7 +215,7 @@ def study(args, S, workers):
         data_dir = os.path.join(out, "data")
         if not os.path.isfile(os.path.join(data_dir, "manifest.json")):
             toy_data.write_dataset(data_dir, S.n_data, args.seed, spec)
-        uncond = data.LatentDataset(data_dir).uncond
+        uncond = latents.LatentDataset(data_dir).uncond
     common = ["--data", data_dir, "--shift", str(S.shift), "--grid-steps", str(S.grid_steps),
               "--save-every", "0"] + (["--resume"] if args.reuse else [])
 
