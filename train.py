@@ -65,7 +65,7 @@ guidance = None                         # 6: CFG scale (CogVideoX) / embedded gu
 cond_drop, target_ema, loss = 0.1, 0.0, "huber"
 lora_rank, disc_hidden = 128, 1024
 seed, probe_every, save_every = 0, 50, 500
-dist_timeout = 60.0                     # minutes: a 13B semantic save moves ~208 GB through rank 0 (scale/plan.py)
+dist_timeout = 60.0                     # minutes: a 13B semantic save moves ~205 GB through rank 0 (--dry-run)
 
 
 class TrainError(checks.InputError):

@@ -306,6 +306,20 @@ def counts_of(args, cfg, build):
             "taps": student.default_taps(), "cfg": uses_cfg(getattr(student, "backbone", student))}
 
 
+SAVE_RATE = 200e6  # bytes/s a save is assumed to move (gather to rank 0 + one writer on shared storage): conservative
+
+
+def save_bytes(args, counts):
+    """Bytes of one checkpoint (storage/resume.py save_step): the student's weights as written (an adapter run: the
+    adapter, plus a DualExpert's frozen semantic backbone unless the run's teacher is its base), AdamW states, the
+    EMA, the discriminator and its AdamW; under FSDP all gathered onto rank 0's host memory, then written by it."""
+    P, T, bf16 = counts["params"], counts["trainable"], args.dtype == "bf16"
+    fe, shared = (2 if bf16 and T < P else 4), shares_teacher(args)
+    weights = 4 * T + fe * (P - T) * (not shared)
+    ema = (4 * T + fe * (P - T) * (not shared)) * (args.target_ema > 0 and args.stage != "teacher")
+    return weights + 8 * T + ema + 12 * counts["disc"]
+
+
 def sp_degrees(cfg, world):
     """SP degrees that divide the head count and the world size, ascending."""
     return [n for n in range(1, world + 1) if cfg.num_attention_heads % n == 0 and world % n == 0]
@@ -359,7 +373,13 @@ def dry_run(args, cfg, build):
         print("smallest SP degree that fits: " + (str(min_sp) if min_sp else f"none up to {max(fits)} (world {world})"))
     dp = world // sp
     print(f"global batch {args.batch_size} x {args.grad_accum} x {dp} = {args.batch_size * args.grad_accum * dp}")
+    save = save_bytes(args, counts)
+    minutes, limit = save / SAVE_RATE / 60, getattr(args, "dist_timeout", None)
+    print(f"a checkpoint: {save / 1e9:.1f} GB{', gathered on rank 0 (host memory) and written by it' if args.fsdp else ''}"
+          f", ~{minutes:.0f} min at {SAVE_RATE / 1e6:.0f} MB/s" + (f" (--dist-timeout {limit:g} min" + (
+              ": raise it, the other ranks wait that long in a collective)" if minutes > limit else ")")
+              if limit and world > 1 else ""))
     mem = {**p["static"], "grads (fp32)": p["grads"]}
     return {"params": counts["params"], "trainable": counts["trainable"], "teacher": counts["teacher"],
             "disc": counts["disc"], "memory": mem, "world": world, "plan": p, "total": p["total"], "fits": ok,
-            "min_sp": min_sp, "counts": counts}
+            "min_sp": min_sp, "counts": counts, "save": save}

@@ -299,3 +299,16 @@ def test_fsdp_units_are_listed_in_the_order_they_run():
             m(x, torch.tensor([500.0]), **cond)
         assert ran == fsdp.blocks(m) and len(ran) == len({id(b) for b in ran}), preset
         assert preset != "tiny-hunyuan" or type(ran[0]).__name__ == "HunyuanRefinerBlock"
+
+
+def test_dry_run_sizes_a_checkpoint_against_the_timeout(capsys):
+    """Issue 28 item 4: the dry run says how much a save gathers on rank 0 and writes (the paper's HunyuanVideo semantic
+    stage with an EMA target: fp32 weights + AdamW + EMA = 16 bytes per parameter, ~205 GB) and whether the other ranks'
+    wait for it fits --dist-timeout at a conservative rate."""
+    base = ["--stage", "semantic", "--config", "hunyuan-video", "--dry-run", "--dtype", "bf16", "--grad-ckpt", "--fsdp",
+            "--world-size", "24", "--frames", "32", "--height", "90", "--width", "160", "--sp", "4", "--target-ema", "0.9"]
+    r = train.main(base)
+    assert r["save"] == 16 * r["params"] and "a checkpoint: 205.1 GB, gathered on rank 0" in capsys.readouterr().out
+    train.main(base + ["--dist-timeout", "10"])
+    assert "--dist-timeout 10 min: raise it" in capsys.readouterr().out
+    assert train.main(base[:-2] + ["--stage", "detail", "--init", "x"])["save"] < r["save"] / 5  # adapter + bf16 base
