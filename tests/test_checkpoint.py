@@ -312,3 +312,35 @@ def test_a_save_reads_none_of_its_files_back(tmp_path, monkeypatch):
         f.seek(200)
         f.write(bytes([b[0] ^ 1]))
     assert integrity.verify(checkpoint.step_dir(tmp_path, 3)) == ["train_state.pt (sha256 mismatch: corrupted)"]
+
+
+def test_an_fsdp_save_holds_the_weights_or_the_optimizer_never_both(tmp_path, monkeypatch):
+    """Issue 28 item 4: under --fsdp rank 0 gathers the full state on its host to write it. The weights are gathered,
+    written and dropped before the AdamW and EMA states are gathered, so rank 0 holds ~12 bytes per parameter at
+    most (AdamW 8 + EMA 4), not 16: when the optimizer state is gathered the weights file is on disk and no gathered
+    weight is alive any more (one process: the gathers are stood in for by copies)."""
+    import glob
+    import weakref
+    import torch.distributed.checkpoint.state_dict as dsd
+    import train
+    from test_train import SMALL, make_dataset
+    torch.manual_seed(0)
+    checkpoint.save_transformer(M.build_transformer("tiny-wan"), tmp_path / "t")
+    d = make_dataset(tmp_path / "d", "tiny-wan")
+    model_sd, opt_sd, seen = dsd.get_model_state_dict, dsd.get_optimizer_state_dict, []
+
+    def gathered_weights(m, options=None):
+        sd = {k: v.clone() for k, v in model_sd(m, options=options).items()}  # as an all-gather makes new tensors
+        seen.append(("weights", [weakref.ref(v) for v in sd.values()]))
+        return sd
+
+    def gathered_optimizer(m, o, options=None):
+        refs = [r for what, rs in seen if what == "weights" for r in rs]
+        files = glob.glob(str(tmp_path / "run" / ".step_*" / "transformer" / checkpoint.WEIGHTS))
+        seen.append(("optimizer", sum(r() is not None for r in refs), len(files)))
+        return opt_sd(m, o, options=options)
+    monkeypatch.setattr(dsd, "get_model_state_dict", gathered_weights)
+    monkeypatch.setattr(dsd, "get_optimizer_state_dict", gathered_optimizer)
+    train.main(["--stage", "semantic", "--teacher", str(tmp_path / "t"), "--data", d, "--out", str(tmp_path / "run"),
+                "--max-steps", "1", "--fsdp", "--target-ema", "0.9", *SMALL])
+    assert seen[0][0] == "weights" and len(seen[0][1]) > 10 and seen[1] == ("optimizer", 0, 1), seen[1]
