@@ -20,7 +20,7 @@ import experts
 import model as models
 import solver
 from backbones import wan
-from storage import checkpoint, latents, released
+from storage import checkpoint, latents, released, resume
 from teacher import Teacher, with_image_frame, embedded_guidance
 from tools import checks
 
@@ -87,7 +87,7 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
                  what="checkpoint", ema=False, exact=False):
     """(model, info); info: mode (teacher|dual|od|vcm|pcm|semantic|released), cfg, run, grid, boundaries, boundary_t, ...
     what: how errors name the path (the flag it came from, e.g. "--ckpt"); ema: a step folder's EMA target weights
-    (train_state.pt) in place of the online ones (the toy evaluates with them); exact: an authors' HunyuanVideo
+    (ema.safetensors) in place of the online ones (the toy evaluates with them); exact: an authors' HunyuanVideo
     student samples with our exact loop instead of theirs (authors_sample)."""
     src = checkpoint.resolve(path, what)  # the one resolver: what the path is, verified once
     if src.kind == "authors":
@@ -105,8 +105,7 @@ def load_student(path, device="cpu", dtype=torch.float32, detail=None, teacher=F
         mode = stage
     else:
         raise SampleError(f"{path} is a plain backbone: pass --teacher (N-step sampling with guidance) or --detail ADAPTER")
-    ema_sd = torch.load(os.path.join(src.folder, "train_state.pt"), map_location="cpu", weights_only=False)["ema"] \
-        if ema else None
+    ema_sd = resume.read_state(src.folder)["ema"] if ema else None
     m = load_backbone(src, dtype, device, merge=mode != "teacher", ema_sd=ema_sd if stage == "semantic" else None)
     if moe is not None and mode == "teacher":  # both experts, switched at the boundary
         info_moe = {"model_2": load_backbone(checkpoint.resolve(moe.low, what), dtype, device),

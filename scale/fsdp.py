@@ -4,7 +4,7 @@ and the host-memory peak it reaches.
 Start-up (`start_up`): the student (a DualExpert in the detail stage), its EMA and the frozen teacher are built on
 the meta device, sharded, given empty local shards on the training device, and each rank then reads only its own
 rows of every parameter: straight from the safetensors files with plain reads (no mmap, whose touched pages would
-count as this process's memory), the EMA on resume from the mmap-loaded train_state.pt. No rank holds a full copy:
+count as this process's memory), the EMA on resume from the memory-mapped ema.safetensors. No rank holds a full copy:
 per rank, host memory is its shards (on the GPU in a real run) plus one tensor's rows in flight. A fresh detail
 adapter draws its LoRA A matrices from the same seeded CPU generator, in the same order, as `DualExpert` does on a
 full model, so the start-up equals the full-copy one bit for bit (tests/test_fsdp.py). `DCM_FSDP_FULL_COPY=1` runs
@@ -106,7 +106,7 @@ class _Folder:
 
 
 class _Tensors:
-    """Tensors (or safetensors slices) by key, read row range by row range: train_state.pt's EMA (mmap-loaded), a
+    """Tensors (or safetensors slices) by key, read row range by row range: the EMA (memory-mapped ema.safetensors), a
     converted original checkpoint, a detail adapter file."""
 
     def __init__(self, sd, shapes=None):

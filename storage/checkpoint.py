@@ -10,7 +10,10 @@ A training step folder `OUT/step_{step:07d}/` (written by storage/resume.py) hol
 layout; the dual expert's frozen semantic backbone), `detail.safetensors` (the LoRA detail expert's adapter),
 `semantic.safetensors` in place of `transformer/` in a --semantic-lora run (the semantic adapter; its base: the run's
 --teacher, recorded in config.json),
-`train_state.pt` (optimizers, RNG, data position) and `config.json` (the run config: stage, model config, grid, ...).
+`train_state.pt` (optimizer settings and step counts, discriminator, RNG, data position), `optimizer.safetensors` (the
+AdamW moments, FQN-keyed), `ema.safetensors` (with --target-ema: the EMA weights) and `config.json` (the run config:
+stage, model config, grid, ...); storage/resume.py read_state puts the train state back together (and reads the older
+folders that held the moments and the EMA inside train_state.pt).
 A detail-stage step on a two-expert teacher (Wan2.2-A14B) holds `detail.safetensors` only: its base is the teacher's
 low-noise expert (the run config's `detail_base`), its semantic expert the run's --init (DESIGN.md section 12).
 """
@@ -351,7 +354,8 @@ def step_missing(folder, need=("config.json",)):
         files, missing = [], missing + ["transformer weights"]
     files += [f for f in need if f.endswith((".safetensors", ".pt")) and f not in missing]
     missing += [f"{f} (unreadable)" for f in files if not _readable(os.path.join(folder, f))]
-    skip = () if "train_state.pt" in need else ("train_state.pt",)  # sampling does not read the train state
+    state = ("train_state.pt", "optimizer.safetensors", "ema.safetensors")
+    skip = () if "train_state.pt" in need else state  # sampling does not read the train state
     return missing or (integrity.verify(folder, skip) if verify_checksums else [])
 
 

@@ -12,9 +12,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from storage import checkpoint, integrity
+from storage import checkpoint, integrity, safetensors_io
 from storage.checkpoint import RESUMABLE, atomic_dir, save_transformer, step_dir, step_folders, step_missing
 from tools import checks
+
+MOMENTS, EMA = "optimizer.safetensors", "ema.safetensors"  # a step folder's AdamW moments and EMA weights
 
 # run settings a resumed run must share with its checkpoint: the state's shape (never overridable) and
 # what the run trains on and towards (--resume-anyway goes on with the new values); the data by its content
@@ -52,7 +54,7 @@ def resume_from(out, settings, anyway=False):
         bad = step_missing(ckpt, RESUMABLE)
         try:  # mmap: ranks read only the pages they use of the full optimizer state
             if not bad:
-                state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False, mmap=True)
+                state = read_state(ckpt)
                 with open(os.path.join(ckpt, "config.json")) as f:
                     old = json.load(f)
         except Exception as e:  # noqa: BLE001 - garbage bytes fail the unpickler in many ways
@@ -93,7 +95,7 @@ def open_run(out, resume, settings, anyway=False, main=True):
     ckpt, problem = decision[0], None
     if ckpt and not main:  # rank 0's choice, read without verifying again (no checksum storm before the first step)
         try:
-            state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False, mmap=True)
+            state = read_state(ckpt)
         except Exception as e:  # noqa: BLE001 - missing, unreadable, half-synced storage: all the same here
             problem = (f"rank {dist.get_rank()} cannot read {ckpt}, the checkpoint rank 0 resumes from ({type(e).__name__}): "
                        f"--out must be one folder that every rank sees")
@@ -104,6 +106,32 @@ def open_run(out, resume, settings, anyway=False, main=True):
     if problem:
         raise ValueError(problem)
     return (ckpt, state) if ckpt else (None, None)
+
+
+def read_state(folder):
+    """A step folder's train state: train_state.pt with the AdamW moments (`opt`, FQN-keyed as
+    get_optimizer_state_dict gives them) and the EMA weights (`ema`) put back from their files, all memory-mapped: a
+    rank reads only the pages it uses (under FSDP the others never touch the optimizer's). Folders from before the
+    moments had their own files hold everything in train_state.pt."""
+    state = torch.load(os.path.join(folder, "train_state.pt"), map_location="cpu", weights_only=False, mmap=True)
+    if state.get("opt", {}).get("moments") == MOMENTS:
+        opt = state["opt"]
+        for k, v in safetensors_io.mapped(os.path.join(folder, opt.pop("moments"))).items():
+            fqn, key = k.rsplit(".", 1)  # "<parameter FQN>.exp_avg"
+            opt["state"].setdefault(fqn, {})[key] = v
+    if state.get("ema") == EMA:
+        state["ema"] = safetensors_io.mapped(os.path.join(folder, EMA))
+    return state
+
+
+def _full(v):
+    """A tensor of a state as one process holds it whole, on the host: an FSDP2 shard all-gathered (a collective)."""
+    return (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+
+
+def _spec(v):
+    """A meta tensor of v's whole shape and dtype (a DTensor's shape is the whole tensor's)."""
+    return torch.empty(v.shape, dtype=v.dtype, device="meta")
 
 
 def rng_state():
@@ -125,9 +153,10 @@ def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False,
     model's states are gathered as full FQN-keyed states, portable across FSDP/DDP and world sizes, with every
     rank's RNG state; rank 0 writes atomically, sharded from build() (an unsharded copy on the meta device).
     state: the rest of train_state.pt; an adapter model (experts: save_parts) writes its adapter files, `meta` in them.
-    The weights are gathered, written and dropped before the optimizer and EMA states are gathered: rank 0's host
-    holds one or the other, never both (13B semantic with EMA: 154 GB at most instead of 205)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    The weights are gathered, written and dropped first; then the AdamW moments and the EMA weights are gathered one
+    tensor at a time, each written by rank 0 as it arrives (MOMENTS, EMA: safetensors files, read back memory-mapped
+    by read_state): rank 0's host holds the weights, then one tensor (13B semantic with EMA: 52 GB, not 205)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # (imported here: ~1 s, a save needs it)
     main = not dist.is_initialized() or dist.get_rank() == 0
     with atomic_dir(step_dir(out, step)) if main else contextlib.nullcontext() as tmp:
@@ -144,14 +173,26 @@ def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False,
                 save_transformer(whole, os.path.join(tmp, "transformer"))
             del whole
         del sd
-        osd = get_optimizer_state_dict(model, opt, options=full)
-        ema_sd = None if ema is None else get_model_state_dict(ema, options=full) if sharded else ema.state_dict()
+        name = {p: n for n, p in model.named_parameters()}  # FQNs, as get_optimizer_state_dict keys them
+        moments = {f"{name[p]}.{k}": v for p, st in opt.state.items() for k, v in st.items() if torch.is_tensor(v) and v.dim()}
+        safetensors_io.save_each({k: _spec(v) for k, v in moments.items()}, lambda k: _full(moments[k]),
+                                 os.path.join(tmp, MOMENTS) if main else None)
+        small = lambda st: {k: _full(v) if torch.is_tensor(v) else v for k, v in st.items()  # noqa: E731 - AdamW's step
+                            if not (torch.is_tensor(v) and v.dim())}
+        osd = {"moments": MOMENTS, "state": {name[p]: small(st) for p, st in opt.state.items()},
+               "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [name[p] for p in g["params"]]}
+                                for g in opt.param_groups]}
+        if ema is not None:
+            esd = ema.state_dict()
+            safetensors_io.save_each({k: _spec(v) for k, v in esd.items()}, lambda k: _full(esd[k]),
+                                     os.path.join(tmp, EMA) if main else None)
         rngs = [rng_state()] * (dist.get_world_size() if dist.is_initialized() else 1)
         if dist.is_initialized():
             dist.all_gather_object(rngs, rngs[0])
         if main:
             with integrity.hashed(os.path.join(tmp, "train_state.pt")) as f:  # its checksum taken as it is written
-                torch.save({**state, "step": step, "opt": osd, "ema": ema_sd, "rng": rngs}, f)
+                torch.save({**state, "step": step, "opt": osd, "ema": EMA if ema is not None else None,
+                            "rng": rngs}, f)
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump({**run_config, "step": step}, f, indent=2)
             integrity.write_checksums(tmp)  # before the folder goes live: every live step folder has them

@@ -38,13 +38,27 @@ def header(tensors, metadata=None):
 def save(tensors, path, metadata=None):
     """Write `tensors` (name -> tensor, any device) to `path` atomically (a temp file, then a rename: a crash never
     leaves half a file), hashed as it is written; the file gets the user's umask like any other."""
-    head, order = header(tensors, metadata)
+    save_each({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}, tensors.__getitem__,
+              path, metadata)
+
+
+def save_each(specs, produce, path, metadata=None):
+    """save() of tensors made one at a time: specs = name -> a meta tensor of its shape and dtype, produce(name) the
+    tensor, asked for in the file's order, so no more than one is held. path None: produce every tensor in that order
+    and write nothing (the other ranks of a gather, whose collectives must match the writing rank's)."""
+    head, order = header(specs, metadata)
+    if path is None:
+        for k, _ in order:
+            produce(k)
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with integrity.hashed(tmp) as f:
             f.write(head)
-            for _, v in order:
-                b = v.detach().to("cpu").contiguous().reshape(-1)  # [numel]: its bytes in C order
+            for k, spec in order:
+                b = produce(k).detach().to("cpu").contiguous().reshape(-1)  # [numel]: its bytes in C order
+                if (b.dtype, b.numel()) != (spec.dtype, spec.numel()):
+                    raise ValueError(f"{k}: made {b.dtype} x {b.numel()}, the header says {spec.dtype} x {spec.numel()}")
                 if b.numel():
                     f.write(memoryview(b.view(torch.uint8).numpy()))
         integrity.as_umask(tmp)
@@ -53,3 +67,20 @@ def save(tensors, path, metadata=None):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def mapped(path):
+    """{name: tensor} of a safetensors file, memory-mapped (private: pages are read when touched, a write stays in
+    memory): a 13B model's AdamW moments cost no memory until they are used, and only on the ranks that use them."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        head = json.loads(f.read(n))
+    st = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
+    out = {}
+    for k, e in head.items():
+        if k == "__metadata__":
+            continue
+        dt, (a, b) = DTYPES[e["dtype"]], e["data_offsets"]
+        t = torch.empty(0, dtype=dt)
+        out[k] = t.set_(st, (8 + n + a) // t.element_size(), e["shape"]) if b > a else torch.empty(e["shape"], dtype=dt)
+    return out

@@ -9,11 +9,11 @@ import json
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sample  # noqa: E402
+from storage import resume  # noqa: E402
 import train  # noqa: E402
 
 
@@ -27,18 +27,18 @@ class NotHere(dict):
 
 
 def opt_on_rank0(argv):
-    load = torch.load
+    read = resume.read_state  # the optimizer moments are memory-mapped: a rank that never touches them reads nothing
 
-    def guarded(*a, **k):
-        out = load(*a, **k)
-        if dist.get_rank() and isinstance(out, dict) and "opt" in out:
-            out["opt"] = NotHere()
-        return out
-    torch.load = guarded
+    def guarded(folder):
+        state = read(folder)
+        if dist.get_rank():
+            state["opt"] = NotHere()
+        return state
+    resume.read_state = guarded
     try:
         return train.main(argv)
     finally:
-        torch.load = load
+        resume.read_state = read
 
 
 with open(sys.argv[1]) as f:

@@ -183,7 +183,8 @@ def test_save_step_latest_step_and_resume(tmp_path, capsys):
         resume.save_step(tmp_path, step, m, opt, {"epoch": 0, "pos": step}, run)
     s2, s4 = (checkpoint.step_dir(tmp_path, s) for s in (2, 4))
     assert checkpoint.step_folders(tmp_path) == ["step_0000002", "step_0000004"]
-    assert sorted(os.listdir(s4)) == ["checksums.json", "config.json", "train_state.pt", "transformer"]
+    assert sorted(os.listdir(s4)) == ["checksums.json", "config.json", "optimizer.safetensors", "train_state.pt",
+                                      "transformer"]
     assert json.loads((tmp_path / "step_0000004" / "config.json").read_text()) == {**run, "step": 4}
     ckpt, state = resume.resume_from(tmp_path, run)
     assert ckpt == s4 and (state["step"], state["pos"], len(state["rng"])) == (4, 4, 1)
@@ -314,11 +315,12 @@ def test_a_save_reads_none_of_its_files_back(tmp_path, monkeypatch):
     assert integrity.verify(checkpoint.step_dir(tmp_path, 3)) == ["train_state.pt (sha256 mismatch: corrupted)"]
 
 
-def test_an_fsdp_save_holds_the_weights_or_the_optimizer_never_both(tmp_path, monkeypatch):
-    """Issue 28 item 4: under --fsdp rank 0 gathers the full state on its host to write it. The weights are gathered,
-    written and dropped before the AdamW and EMA states are gathered, so rank 0 holds ~12 bytes per parameter at
-    most (AdamW 8 + EMA 4), not 16: when the optimizer state is gathered the weights file is on disk and no gathered
-    weight is alive any more (one process: the gathers are stood in for by copies)."""
+def test_an_fsdp_save_holds_one_tensor_of_the_optimizer_and_ema_at_a_time(tmp_path, monkeypatch):
+    """Issue 28 item 4: under --fsdp rank 0 gathers what it writes. The weights are gathered, written and dropped
+    first; then each AdamW moment and EMA tensor is gathered and written as it arrives (optimizer.safetensors,
+    ema.safetensors): when the first is gathered the weights file is on disk and no gathered weight is alive, and no
+    two gathered tensors are ever alive at once (one process: the gathers are stood in for by copies). The state
+    resumed from these files is the one saved (tests/test_train.py: exact resume)."""
     import glob
     import weakref
     import torch.distributed.checkpoint.state_dict as dsd
@@ -327,20 +329,56 @@ def test_an_fsdp_save_holds_the_weights_or_the_optimizer_never_both(tmp_path, mo
     torch.manual_seed(0)
     checkpoint.save_transformer(M.build_transformer("tiny-wan"), tmp_path / "t")
     d = make_dataset(tmp_path / "d", "tiny-wan")
-    model_sd, opt_sd, seen = dsd.get_model_state_dict, dsd.get_optimizer_state_dict, []
+    model_sd, full, weights, gathered, seen = dsd.get_model_state_dict, resume._full, [], [], []
 
     def gathered_weights(m, options=None):
         sd = {k: v.clone() for k, v in model_sd(m, options=options).items()}  # as an all-gather makes new tensors
-        seen.append(("weights", [weakref.ref(v) for v in sd.values()]))
+        weights.extend(weakref.ref(v) for v in sd.values())
         return sd
 
-    def gathered_optimizer(m, o, options=None):
-        refs = [r for what, rs in seen if what == "weights" for r in rs]
-        files = glob.glob(str(tmp_path / "run" / ".step_*" / "transformer" / checkpoint.WEIGHTS))
-        seen.append(("optimizer", sum(r() is not None for r in refs), len(files)))
-        return opt_sd(m, o, options=options)
+    def gathered_one(v):
+        on_disk = glob.glob(str(tmp_path / "run" / ".step_*" / "transformer" / checkpoint.WEIGHTS))
+        seen.append((sum(r() is not None for r in weights), sum(r() is not None for r in gathered), len(on_disk)))
+        out = full(v).clone()
+        if out.dim():  # AdamW's step counts (0-dim) stay in train_state.pt
+            gathered.append(weakref.ref(out))
+        return out
     monkeypatch.setattr(dsd, "get_model_state_dict", gathered_weights)
-    monkeypatch.setattr(dsd, "get_optimizer_state_dict", gathered_optimizer)
+    monkeypatch.setattr(resume, "_full", gathered_one)
     train.main(["--stage", "semantic", "--teacher", str(tmp_path / "t"), "--data", d, "--out", str(tmp_path / "run"),
                 "--max-steps", "1", "--fsdp", "--target-ema", "0.9", *SMALL])
-    assert seen[0][0] == "weights" and len(seen[0][1]) > 10 and seen[1] == ("optimizer", 0, 1), seen[1]
+    P = sum(1 for _ in M.build_transformer("tiny-wan", device="meta").parameters())
+    assert len(weights) >= P and len(seen) >= 3 * P  # every weight; 2 moments + a step per parameter, the EMA
+    assert {w for w, _, _ in seen} == {0} and {n for _, _, n in seen} == {1}  # weights written and dropped first
+    assert max(g for _, g, _ in seen) <= 1, seen  # the one written last, at most
+    assert sorted(os.listdir(checkpoint.step_dir(tmp_path / "run", 1))) == [
+        "checksums.json", "config.json", "ema.safetensors", "optimizer.safetensors", "train_state.pt", "transformer"]
+
+
+def test_a_step_folder_from_before_the_moments_had_their_own_files_still_resumes(tmp_path):
+    """Step folders written before this layout held the AdamW moments and the EMA inside train_state.pt: read_state
+    gives the same train state from either layout, and resume_from goes on from the old one."""
+    import copy
+    from storage import integrity
+    m = tiny("tiny-cogvideox")
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randn(1, 4, 2, 8, 8), torch.tensor([500.0]), text=torch.randn(1, 8, 32)).sum().backward()
+    opt.step()
+    ema, run = copy.deepcopy(m), {"stage": "semantic"}
+    resume.save_step(tmp_path / "new", 2, m, opt, {"epoch": 0, "pos": 2}, run, ema)
+    new = checkpoint.step_dir(tmp_path / "new", 2)
+    assert {resume.MOMENTS, resume.EMA} <= set(os.listdir(new))
+    state = resume.read_state(new)
+    old = checkpoint.step_dir(tmp_path / "old", 2)
+    shutil.copytree(new, old)
+    for f in (resume.MOMENTS, resume.EMA, integrity.CHECKSUMS):
+        os.remove(os.path.join(old, f))
+    materialised = {**state, "opt": copy.deepcopy(state["opt"]), "ema": {k: v.clone() for k, v in state["ema"].items()}}
+    torch.save(materialised, os.path.join(old, "train_state.pt"))
+    integrity.write_checksums(old)
+    ckpt, got = resume.resume_from(tmp_path / "old", run)
+    assert ckpt == old and got["opt"]["param_groups"] == state["opt"]["param_groups"]
+    for fqn, st in state["opt"]["state"].items():
+        assert st.keys() == got["opt"]["state"][fqn].keys() and all(torch.equal(v, got["opt"]["state"][fqn][k]) for k, v in st.items())
+    assert all(torch.equal(v, got["ema"][k]) for k, v in state["ema"].items()) and state["ema"].keys() == got["ema"].keys()
+    assert set(state["opt"]["state"]) == {n for n, _ in m.named_parameters()}  # FQN-keyed, every trained parameter

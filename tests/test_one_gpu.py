@@ -174,7 +174,8 @@ def test_swapped_ema_is_an_ema_copy_of_the_adapters():
 def test_step_folders_hold_adapters_only_and_resume_is_exact(runs, tmp_path):
     root, sem, det = runs
     step = root / "sem" / "step_0000002"
-    assert sorted(os.listdir(step)) == ["checksums.json", "config.json", "semantic.safetensors", "train_state.pt"]
+    assert sorted(os.listdir(step)) == ["checksums.json", "config.json", "optimizer.safetensors", "semantic.safetensors",
+                                        "train_state.pt"]
     assert run(*sem, "--out", tmp_path / "sem", "--max-steps", 1)["step"] == 1  # 1 step, then resumed: the 2-step run
     run(*sem, "--out", tmp_path / "sem", "--max-steps", 2, "--resume")
     a, b = tensors(step), tensors(tmp_path / "sem" / "step_0000002")
@@ -186,7 +187,7 @@ def test_step_folders_hold_adapters_only_and_resume_is_exact(runs, tmp_path):
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
     assert full["losses"]["gan_g"] > 0 and full["losses"]["fm"] > 0
     assert sorted(os.listdir(full["checkpoint"])) == ["checksums.json", "config.json", "detail.safetensors",
-                                                      "semantic.safetensors", "train_state.pt"]
+                                                      "optimizer.safetensors", "semantic.safetensors", "train_state.pt"]
     for stage, argv in (("semantic", [*sem, "--target-ema", 0.5]), ("detail", [*det, "--target-ema", 0.5])):  # EMA
         ref = run(*argv, "--out", tmp_path / f"ema_{stage}", "--max-steps", 2)
         run(*argv, "--out", tmp_path / f"ema_{stage}_res", "--max-steps", 1)

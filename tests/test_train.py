@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import model
+from storage import resume
 from storage.latents import shard_name, text_width, write_manifest, write_shard
 import train
 from tools import checks
@@ -50,7 +51,8 @@ def read_jsonl(path):
 
 
 def tensors(path):
-    """Every tensor in a checkpoint folder: weights files and train_state.pt, flattened by key path."""
+    """Every tensor in a checkpoint folder: weights files and the train state (train_state.pt with the AdamW moments
+    and EMA of their own files put back: resume.read_state), flattened by key path."""
     out = {}
 
     def walk(x, key):
@@ -65,10 +67,12 @@ def tensors(path):
     for root, _, files in os.walk(path):
         for f in files:
             p = os.path.join(root, f)
+            if f in (resume.MOMENTS, resume.EMA) and os.path.normpath(root) == os.path.normpath(path):
+                continue  # in the train state
             if f.endswith(".safetensors"):
                 walk(load_file(p), os.path.relpath(p, path))
             elif f == "train_state.pt":
-                walk(torch.load(p, weights_only=False), f)
+                walk(resume.read_state(root), f)
     return out
 
 
@@ -97,7 +101,8 @@ def test_teacher_and_semantic(base, preset):
     t, s = b["teacher"], b["semantic"]
     assert t["step"] == 3 and sorted(os.listdir(t["out"])) == ["config.json", "log.jsonl", "probes.jsonl",
                                                                "step_0000002", "step_0000003"]
-    assert sorted(os.listdir(t["checkpoint"])) == ["checksums.json", "config.json", "train_state.pt", "transformer"]
+    assert sorted(os.listdir(t["checkpoint"])) == ["checksums.json", "config.json", "optimizer.safetensors",
+                                                   "train_state.pt", "transformer"]
     assert [r["step"] for r in read_jsonl(os.path.join(t["out"], "log.jsonl"))] == [1, 2, 3]
     probes = read_jsonl(os.path.join(t["out"], "probes.jsonl"))
     assert len(probes) == 3 and all(p["high_loss"] > 0 and p["low_grad_norm"] > 0 for p in probes)

@@ -67,7 +67,7 @@ def test_the_detail_stage_is_an_adapter_on_the_low_noise_expert_which_is_its_tea
     root, teacher, d, common, _, det = moe
     full = run(*det, "--out", tmp_path / "det", "--max-steps", 2)
     assert sorted(os.listdir(full["checkpoint"])) == ["checksums.json", "config.json", "detail.safetensors",
-                                                      "train_state.pt"]
+                                                      "optimizer.safetensors", "train_state.pt"]
     low = teacher / "transformer_2"
     ref = run("--stage", "detail", "--init", low, "--teacher", low, "--data", d, "--batch-size", 2, "--lr", 1e-3,
               "--grid-steps", N, "--shift", 12, "--guidance", 3, "--kappa", 1, *SMALL, *LORA, "--out", tmp_path / "ref",

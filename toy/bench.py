@@ -119,7 +119,7 @@ TEACHER = "teacher (no distillation)"
 
 
 def load_model(ckpt, ema=False):
-    """(model, info) of a train.py step folder; ema: the EMA target's weights (train_state.pt) instead of the online."""
+    """(model, info) of a train.py step folder; ema: the EMA target's weights (ema.safetensors) instead of the online."""
     return sampling.load_student(ckpt, ema=ema)
 
 

@@ -247,7 +247,7 @@ def write(out, s, models, gif, run_dirs):
             f"{r['traj_mse']:.4f} / {r['fd']:.0f} / {r['cond_acc']:.2f}" for r in rows) + " |")
     e = s["ema_weights_val"]
     L.append(f"\nChosen: EMA {s['target']['ema']}, lr {s['target']['lr']:g}. The EMA target's own weights (saved in "
-             f"every checkpoint's train_state.pt) at the end of that run: traj. MSE {e['traj_mse']:.4f}, FD "
+             f"every checkpoint's ema.safetensors) at the end of that run: traj. MSE {e['traj_mse']:.4f}, FD "
              f"{e['fd']:.0f}, acc. {e['cond_acc']:.3f} -> the study samples the "
              f"{'EMA' if s['use_ema_weights'] else 'online'} weights.\n")
     L.append(f"TC weight: in a {S['tc_calib_steps']}-step calibration run at w_tc = 1 the TC term's gradient norm at the "
