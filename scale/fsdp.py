@@ -11,11 +11,9 @@ full model, so the start-up equals the full-copy one bit for bit (tests/test_fsd
 the old start-up (every rank loads everything, then shards): the reference. Measured host memory:
 `python tests/fsdp_host_memory.py` (docs/training.md).
 """
-import json
 import math
 import os
 import resource
-import struct
 from copy import deepcopy
 
 import torch
@@ -83,10 +81,9 @@ class _Folder:
         self.entry, self.handle = {}, {}
         for shard in checkpoint._shard_files(folder):
             f = open(os.path.join(folder, shard), "rb")  # noqa: SIM115 - kept open until the reader is dropped
-            n = struct.unpack("<Q", f.read(8))[0]  # safetensors: u64 header size, JSON header, then the data
-            for k, e in json.loads(f.read(n)).items():
-                if k != "__metadata__":
-                    self.entry[k], self.handle[k] = (e["dtype"], e["shape"], 8 + n + e["data_offsets"][0]), f
+            head, start = safetensors_io.read_header(f)
+            for k, e in head.items():
+                self.entry[k], self.handle[k] = (e["dtype"], e["shape"], start + e["data_offsets"][0]), f
 
     def read(self, key, rows):
         """Rows rows[0] of tensor key (FSDP2 shards dim 0; the other dims whole), read straight from the file."""

@@ -69,18 +69,22 @@ def save_each(specs, produce, path, metadata=None):
         raise
 
 
+def read_header(f):
+    """(the header's tensor entries {name: {"dtype", "shape", "data_offsets"}}, the byte where the data starts) of an
+    open safetensors file, read from its start."""
+    n = struct.unpack("<Q", f.read(8))[0]
+    return {k: e for k, e in json.loads(f.read(n)).items() if k != "__metadata__"}, 8 + n
+
+
 def mapped(path):
     """{name: tensor} of a safetensors file, memory-mapped (private: pages are read when touched, a write stays in
     memory): a 13B model's AdamW moments cost no memory until they are used, and only on the ranks that use them."""
     with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        head = json.loads(f.read(n))
+        head, start = read_header(f)
     st = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
     out = {}
     for k, e in head.items():
-        if k == "__metadata__":
-            continue
         dt, (a, b) = DTYPES[e["dtype"]], e["data_offsets"]
         t = torch.empty(0, dtype=dt)
-        out[k] = t.set_(st, (8 + n + a) // t.element_size(), e["shape"]) if b > a else torch.empty(e["shape"], dtype=dt)
+        out[k] = t.set_(st, (start + a) // t.element_size(), e["shape"]) if b > a else torch.empty(e["shape"], dtype=dt)
     return out
