@@ -56,11 +56,13 @@ def hashed(path):
 
 
 def digest(path):
-    """sha256 hex digest of a file, read in 4 MiB chunks."""
-    h = hashlib.new(ALGORITHM)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    """sha256 hex digest of a file, read 4 MiB at a time into one buffer (a new bytes object per read can leave
+    allocator pages resident after the hashing: a memory-mapped dataset then looked like it had been copied)."""
+    h, buf = hashlib.new(ALGORITHM), bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 

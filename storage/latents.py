@@ -223,8 +223,8 @@ class LatentDataset(torch.utils.data.Dataset):
 
 
 def _open_checked(dir, name, recorded, what):
-    """(safe_open handle, sha256) of a dataset shard: its bytes hashed in 16 MiB reads (never held whole), then the
-    file memory-mapped; bytes other than the `recorded` sha256 -> DataError naming the file."""
+    """(safe_open handle, sha256) of a dataset shard: its bytes hashed a buffer at a time (integrity.digest: never held
+    whole), the file memory-mapped; bytes other than the `recorded` sha256 -> DataError naming the file."""
     path = os.path.join(dir, name)
     if not os.path.isfile(path):
         raise DataError(f"{what} {path} named in manifest.json does not exist")
@@ -232,11 +232,7 @@ def _open_checked(dir, name, recorded, what):
         handle = safe_open(path, framework="pt")
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for every kind of damage
         raise DataError(f"{what} {path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    sha = h.hexdigest()
+    sha = integrity.digest(path)
     if recorded is not None and sha != recorded:
         raise DataError(f"{path} changed since its manifest was written (sha256 {sha[:12]}... != recorded "
                         f"{recorded[:12]}...); write the dataset again or restore the file")
