@@ -312,13 +312,13 @@ SAVE_RATE = 200e6  # bytes/s a save is assumed to move (gather to rank 0 + one w
 def save_bytes(args, counts):
     """(bytes of one checkpoint, the most rank 0's host holds at once under FSDP) (storage/resume.py save_step): the
     student's weights as written (an adapter run: the adapter, plus a DualExpert's frozen semantic backbone unless the
-    run's teacher is its base), then AdamW states, the EMA, the discriminator and its AdamW; rank 0 holds the gathered
-    weights, drops them, then gathers and writes the rest one tensor at a time."""
+    run's teacher is its base), AdamW states, the EMA, the discriminator and its AdamW; under FSDP rank 0 writes each
+    tensor as it is gathered, except an adapter run's weights (gathered whole: the second number)."""
     P, T, bf16 = counts["params"], counts["trainable"], args.dtype == "bf16"
     fe, shared = (2 if bf16 and T < P else 4), shares_teacher(args)
     weights = 4 * T + fe * (P - T) * (not shared)
     ema = (4 * T + fe * (P - T) * (not shared)) * (args.target_ema > 0 and args.stage != "teacher")
-    return weights + 8 * T + ema + 12 * counts["disc"], weights
+    return weights + 8 * T + ema + 12 * counts["disc"], weights * (T < P)
 
 
 def sp_degrees(cfg, world):
@@ -376,8 +376,8 @@ def dry_run(args, cfg, build):
     print(f"global batch {args.batch_size} x {args.grad_accum} x {dp} = {args.batch_size * args.grad_accum * dp}")
     save, host = save_bytes(args, counts)
     minutes, limit = save / SAVE_RATE / 60, getattr(args, "dist_timeout", None)
-    print(f"a checkpoint: {save / 1e9:.1f} GB" + (f", gathered on rank 0 and written by it (its host holds {host / 1e9:.1f} "
-                                                  "GB, then one tensor at a time)" if args.fsdp else "") +
+    print(f"a checkpoint: {save / 1e9:.1f} GB" + (", gathered on rank 0 and written by it one tensor at a time" + (
+        f" (the adapter run's {host / 1e9:.1f} GB of weights at once)" if host else "") if args.fsdp else "") +
           f", ~{minutes:.0f} min at {SAVE_RATE / 1e6:.0f} MB/s" + (f" (--dist-timeout {limit:g} min" + (
               ": raise it, the other ranks wait that long in a collective)" if minutes > limit else ")")
               if limit and world > 1 else ""))

@@ -262,23 +262,30 @@ def _shards(sd, limit):
     return shards + [cur] if cur else shards
 
 
-def save_transformer(model, folder, max_shard_size="5GB"):
-    """Write `model` as a diffusers transformer folder (config.json, shards, index when > 1 shard)."""
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    shards = _shards(sd, parse_size(max_shard_size))
+def save_transformer(model, folder, max_shard_size="5GB", whole=None):
+    """Write `model` as a diffusers transformer folder (config.json, shards, index when > 1 shard). whole(tensor): a
+    state tensor as written (storage/resume.py: an FSDP2 shard gathered, one at a time as the files are written);
+    folder None: every tensor made in the same order, nothing written (the ranks that only take part in gathers)."""
+    sd = model.state_dict()
+    specs = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()}  # a DTensor's: whole
+    shards = _shards(specs, parse_size(max_shard_size))
+    names = [WEIGHTS] if len(shards) == 1 else [f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                 for i in range(len(shards))]
+    make = lambda k: (whole or torch.Tensor.detach)(sd[k])  # noqa: E731
+    if folder is None:
+        for shard in shards:
+            safetensors_io.save_each(shard, make, None)
+        return
     config = {**M.config_to_dict(model.config), "_diffusers_version": DIFFUSERS_VERSION}
     with atomic_dir(folder) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
+        for name, shard in zip(names, shards):
+            safetensors_io.save_each(shard, make, os.path.join(tmp, name), metadata={"format": "pt"})
         if len(shards) == 1:
-            safetensors_io.save(shards[0], os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
             return
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            safetensors_io.save(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in sd.values())
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(v.numel() * v.element_size() for v in specs.values())
         with open(os.path.join(tmp, INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 

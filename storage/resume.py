@@ -153,26 +153,31 @@ def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False,
     model's states are gathered as full FQN-keyed states, portable across FSDP/DDP and world sizes, with every
     rank's RNG state; rank 0 writes atomically, sharded from build() (an unsharded copy on the meta device).
     state: the rest of train_state.pt; an adapter model (experts: save_parts) writes its adapter files, `meta` in them.
-    The weights are gathered, written and dropped first; then the AdamW moments and the EMA weights are gathered one
-    tensor at a time, each written by rank 0 as it arrives (MOMENTS, EMA: safetensors files, read back memory-mapped
-    by read_state): rank 0's host holds the weights, then one tensor (13B semantic with EMA: 52 GB, not 205)."""
+    Under FSDP every tensor is gathered when its turn to be written comes and written by rank 0 as it arrives: a whole
+    model's weights, then the AdamW moments and the EMA weights (MOMENTS, EMA: safetensors files, read back
+    memory-mapped by read_state), so rank 0's host holds one tensor, not the state (13B semantic with EMA: 205 GB). An
+    adapter model's files (the adapter, a DualExpert's frozen semantic backbone) still come from one gathered copy."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # (imported here: ~1 s, a save needs it)
     main = not dist.is_initialized() or dist.get_rank() == 0
     with atomic_dir(step_dir(out, step)) if main else contextlib.nullcontext() as tmp:
-        sd = get_model_state_dict(model, options=full) if sharded else None  # collectives under FSDP: every rank
         if main:
             time.sleep(float(os.environ.get("DCM_TEST_SAVE_SLEEP", 0)))  # test hook: a slow save to signal inside
-            whole = model
-            if sd is not None:
-                whole = build()
-                whole.load_state_dict(sd, assign=True)
-            if hasattr(whole, "save_parts"):  # experts.DualExpert / SemanticLoRA: adapter files (+ transformer/)
-                whole.save_parts(tmp, meta)
-            else:
-                save_transformer(whole, os.path.join(tmp, "transformer"))
-            del whole
-        del sd
+        if sharded and not hasattr(model, "save_parts"):  # a whole model: gathered one tensor at a time as it is written
+            save_transformer(model, os.path.join(tmp, "transformer") if main else None, whole=_full)
+        else:  # one process, or an adapter model (experts: save_parts): its files from a gathered copy on the meta build
+            sd = get_model_state_dict(model, options=full) if sharded else None  # collectives: every rank takes part
+            if main:
+                whole = model
+                if sd is not None:
+                    whole = build()
+                    whole.load_state_dict(sd, assign=True)
+                if hasattr(whole, "save_parts"):  # experts.DualExpert / SemanticLoRA: adapter files (+ transformer/)
+                    whole.save_parts(tmp, meta)
+                else:
+                    save_transformer(whole, os.path.join(tmp, "transformer"))
+                del whole
+            del sd
         name = {p: n for n, p in model.named_parameters()}  # FQNs, as get_optimizer_state_dict keys them
         moments = {f"{name[p]}.{k}": v for p, st in opt.state.items() for k, v in st.items() if torch.is_tensor(v) and v.dim()}
         safetensors_io.save_each({k: _spec(v) for k, v in moments.items()}, lambda k: _full(moments[k]),
