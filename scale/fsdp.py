@@ -40,12 +40,14 @@ def shard(m, mesh, bf16=False):
     fully_shard(m, mesh=mesh, mp_policy=mp)
 
 
-def blocks(m):
+def blocks(m, lists=False):
     """The transformer blocks of m in the order they run (each its own FSDP unit; every other parameter is in the
-    root's group): HunyuanVideo's text refiner blocks, then its double and single blocks; Wan's `blocks`."""
+    root's group): HunyuanVideo's text refiner blocks, then its double and single blocks; Wan's `blocks`. lists:
+    (the name of the list holding it, block) pairs."""
     names = ("transformer_blocks", "single_transformer_blocks", "blocks", "refiner_blocks")
-    listed = {id(b) for mod in m.modules() for name in names for b in (getattr(mod, name, None) or ())}
-    return [b for b in m.modules() if id(b) in listed]  # modules() is registration order: the forward's here
+    listed = {id(b): name for mod in m.modules() for name in names for b in (getattr(mod, name, None) or ())}
+    return [(listed[id(b)], b) if lists else b for b in m.modules() if id(b) in listed]  # modules(): registration
+    # order, which is the forward's here
 
 
 def device_mesh(args, world, device):

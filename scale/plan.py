@@ -112,8 +112,8 @@ def fsdp_backward(kinds, per_block, inputs, ckpt, work, step, g, sh):
     still hold their saved tensors (or inputs), the blocks after it have left their grads reduce-scattered (fp32,
     sharded over sh), and i itself holds its saved tensors (recomputed) with its gathered weights, the previous
     block's (FSDP2's backward prefetch) and its unsharded grads; once done, its activations and weights are freed
-    and its grads reduce-scattered from an fp32 buffer. Exact for any mix of block sizes: a bound by the largest
-    block and the whole model's grads over-counts a model of few, unequal blocks (tiny presets) by ~30%."""
+    and its grads reduce-scattered from an fp32 buffer. Block by block, so it holds for any mix of block sizes: a
+    bound by the largest block and the whole model's grads over-counted tiny presets (3 unequal blocks) by ~30%."""
     peak = 0
     for i, (kind, params, trainable) in enumerate(kinds):
         held = sum(inputs[k] if ckpt else per_block[k] for k, _, _ in kinds[:i])
@@ -293,14 +293,12 @@ def counts_of(args, cfg, build):
     with torch.device("meta"):
         disc = count(losses.Discriminator.for_model(student, args.disc_hidden)) if gan else 0
     blocks = fsdp.blocks(student)
-    base = getattr(student, "backbone", student)
-    kind = {id(b): ("double" if n == "transformer_blocks" and hasattr(base, "single_transformer_blocks") else
-                    {"single_transformer_blocks": "single", "refiner_blocks": "refiner"}.get(n, "block"))
-            for mod in base.modules() for n in ("transformer_blocks", "single_transformer_blocks", "blocks", "refiner_blocks")
-            for b in (getattr(mod, n, None) or ())}
+    hunyuan = hasattr(getattr(student, "backbone", student), "single_transformer_blocks")  # block_units' kind names
+    kind = {"transformer_blocks": "double" if hunyuan else "block", "single_transformer_blocks": "single",
+            "refiner_blocks": "refiner", "blocks": "block"}
     root = lambda m, train=False: count(m, train) - sum(count(b, train) for b in fsdp.blocks(m))  # noqa: E731
     return {"params": count(student), "trainable": count(student, True), "teacher": count(tmodel) if tmodel else 0, "disc": disc,
-            "block": max(count(b) for b in blocks), "kinds": [(kind[id(b)], count(b), count(b, True)) for b in blocks],
+            "block": max(count(b) for b in blocks), "kinds": [(kind[n], count(b), count(b, True)) for n, b in fsdp.blocks(student, lists=True)],
             "root": root(student), "root_trainable": root(student, True),  # scale/fsdp.py: what is not in a block
             "teacher_root": root(tmodel) if tmodel else 0,
             "taps": student.default_taps(), "cfg": uses_cfg(getattr(student, "backbone", student))}
@@ -318,7 +316,7 @@ def save_bytes(args, counts):
     fe, shared = (2 if bf16 and T < P else 4), shares_teacher(args)
     weights = 4 * T + fe * (P - T) * (not shared)
     ema = (4 * T + fe * (P - T) * (not shared)) * (args.target_ema > 0 and args.stage != "teacher")
-    return weights + 8 * T + ema + 12 * counts["disc"], weights * (T < P)
+    return weights + 8 * T + ema + 12 * counts["disc"], (4 * T + fe * (P - T)) * (T < P)  # the gathered copy: all of it
 
 
 def sp_degrees(cfg, world):
