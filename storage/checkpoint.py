@@ -267,7 +267,7 @@ def save_transformer(model, folder, max_shard_size="5GB", whole=None):
     state tensor as written (storage/resume.py: an FSDP2 shard gathered, one at a time as the files are written);
     folder None: every tensor made in the same order, nothing written (the ranks that only take part in gathers)."""
     sd = model.state_dict()
-    specs = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()}  # a DTensor's: whole
+    specs = {k: safetensors_io.spec(v) for k, v in sd.items()}
     shards = _shards(specs, parse_size(max_shard_size))
     names = [WEIGHTS] if len(shards) == 1 else [f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                  for i in range(len(shards))]
@@ -317,6 +317,7 @@ def atomic_dir(final):
 # ---- train.py step folders ---------------------------------------------------------------------
 STEP = re.compile(r"step_\d{7}")
 RESUMABLE = ("config.json", "train_state.pt")  # what a step folder needs to go on from, beyond the weights
+MOMENTS, EMA = "optimizer.safetensors", "ema.safetensors"  # its AdamW moments and EMA weights (storage/resume.py)
 verify_checksums = True  # step folders are checked against their integrity.CHECKSUMS (--verify none: False)
 
 
@@ -361,8 +362,7 @@ def step_missing(folder, need=("config.json",)):
         files, missing = [], missing + ["transformer weights"]
     files += [f for f in need if f.endswith((".safetensors", ".pt")) and f not in missing]
     missing += [f"{f} (unreadable)" for f in files if not _readable(os.path.join(folder, f))]
-    state = ("train_state.pt", "optimizer.safetensors", "ema.safetensors")
-    skip = () if "train_state.pt" in need else state  # sampling does not read the train state
+    skip = () if "train_state.pt" in need else ("train_state.pt", MOMENTS, EMA)  # sampling reads no train state
     return missing or (integrity.verify(folder, skip) if verify_checksums else [])
 
 

@@ -13,10 +13,8 @@ import torch
 import torch.distributed as dist
 
 from storage import checkpoint, integrity, safetensors_io
-from storage.checkpoint import RESUMABLE, atomic_dir, save_transformer, step_dir, step_folders, step_missing
+from storage.checkpoint import EMA, MOMENTS, RESUMABLE, atomic_dir, save_transformer, step_dir, step_folders, step_missing
 from tools import checks
-
-MOMENTS, EMA = "optimizer.safetensors", "ema.safetensors"  # a step folder's AdamW moments and EMA weights
 
 # run settings a resumed run must share with its checkpoint: the state's shape (never overridable) and
 # what the run trains on and towards (--resume-anyway goes on with the new values); the data by its content
@@ -129,11 +127,6 @@ def _full(v):
     return (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
 
 
-def _spec(v):
-    """A meta tensor of v's whole shape and dtype (a DTensor's shape is the whole tensor's)."""
-    return torch.empty(v.shape, dtype=v.dtype, device="meta")
-
-
 def rng_state():
     """Every RNG a training process draws from (python, numpy, torch, CUDA), for train_state.pt."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -180,7 +173,7 @@ def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False,
             del sd
         name = {p: n for n, p in model.named_parameters()}  # FQNs, as get_optimizer_state_dict keys them
         moments = {f"{name[p]}.{k}": v for p, st in opt.state.items() for k, v in st.items() if torch.is_tensor(v) and v.dim()}
-        safetensors_io.save_each({k: _spec(v) for k, v in moments.items()}, lambda k: _full(moments[k]),
+        safetensors_io.save_each({k: safetensors_io.spec(v) for k, v in moments.items()}, lambda k: _full(moments[k]),
                                  os.path.join(tmp, MOMENTS) if main else None)
         small = lambda st: {k: _full(v) if torch.is_tensor(v) else v for k, v in st.items()  # noqa: E731 - AdamW's step
                             if not (torch.is_tensor(v) and v.dim())}
@@ -189,7 +182,7 @@ def save_step(out, step, model, opt, state, run_config, ema=None, sharded=False,
                                 for g in opt.param_groups]}
         if ema is not None:
             esd = ema.state_dict()
-            safetensors_io.save_each({k: _spec(v) for k, v in esd.items()}, lambda k: _full(esd[k]),
+            safetensors_io.save_each({k: safetensors_io.spec(v) for k, v in esd.items()}, lambda k: _full(esd[k]),
                                      os.path.join(tmp, EMA) if main else None)
         rngs = [rng_state()] * (dist.get_world_size() if dist.is_initialized() else 1)
         if dist.is_initialized():

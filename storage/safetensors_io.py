@@ -35,11 +35,16 @@ def header(tensors, metadata=None):
     return struct.pack("<Q", len(js)) + js, order
 
 
+def spec(v):
+    """A meta tensor of v's shape and dtype: what save_each needs to know of a tensor before it is made (a DTensor's
+    shape is the whole tensor's)."""
+    return torch.empty(v.shape, dtype=v.dtype, device="meta")
+
+
 def save(tensors, path, metadata=None):
     """Write `tensors` (name -> tensor, any device) to `path` atomically (a temp file, then a rename: a crash never
     leaves half a file), hashed as it is written; the file gets the user's umask like any other."""
-    save_each({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}, tensors.__getitem__,
-              path, metadata)
+    save_each({k: spec(v) for k, v in tensors.items()}, tensors.__getitem__, path, metadata)
 
 
 def save_each(specs, produce, path, metadata=None):

@@ -364,11 +364,11 @@ def test_a_step_folder_from_before_the_moments_had_their_own_files_still_resumes
     ema, run = copy.deepcopy(m), {"stage": "semantic"}
     resume.save_step(tmp_path / "new", 2, m, opt, {"epoch": 0, "pos": 2}, run, ema)
     new = checkpoint.step_dir(tmp_path / "new", 2)
-    assert {resume.MOMENTS, resume.EMA} <= set(os.listdir(new))
+    assert {checkpoint.MOMENTS, checkpoint.EMA} <= set(os.listdir(new))
     state = resume.read_state(new)
     old = checkpoint.step_dir(tmp_path / "old", 2)
     shutil.copytree(new, old)
-    for f in (resume.MOMENTS, resume.EMA, integrity.CHECKSUMS):
+    for f in (checkpoint.MOMENTS, checkpoint.EMA, integrity.CHECKSUMS):
         os.remove(os.path.join(old, f))
     materialised = {**state, "opt": copy.deepcopy(state["opt"]), "ema": {k: v.clone() for k, v in state["ema"].items()}}
     torch.save(materialised, os.path.join(old, "train_state.pt"))

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import model
-from storage import resume
+from storage import checkpoint, resume
 from storage.latents import shard_name, text_width, write_manifest, write_shard
 import train
 from tools import checks
@@ -67,7 +67,7 @@ def tensors(path):
     for root, _, files in os.walk(path):
         for f in files:
             p = os.path.join(root, f)
-            if f in (resume.MOMENTS, resume.EMA) and os.path.normpath(root) == os.path.normpath(path):
+            if f in (checkpoint.MOMENTS, checkpoint.EMA) and os.path.normpath(root) == os.path.normpath(path):
                 continue  # in the train state
             if f.endswith(".safetensors"):
                 walk(load_file(p), os.path.relpath(p, path))
